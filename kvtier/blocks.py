@@ -1,0 +1,114 @@
+"""Block identity and bookkeeping: BlockId (chained content hash), BlockMeta, BlockTable.
+
+Holds metadata only; never a tensor. Ids use sha256, never Python's hash(), so they are equal
+across processes and restarts.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+ID_BYTES = 16  # sha256 truncated to 128 bits, hex-encoded
+
+
+class Tier(enum.IntEnum):
+    """Where a copy of a block can live, fastest first."""
+
+    GPU = 0
+    HOST = 1
+    DISK = 2
+
+
+def block_id(parent_id: str | None, token_ids: Sequence[int] | bytes, fingerprint: str) -> str:
+    """Chained content id of a sealed block: sha256(parent ‖ token ids ‖ model fingerprint)[:128 bits].
+
+    `token_ids` are all the block's token ids, row-major over the batch (little-endian int64), or
+    raw bytes for an anonymous block (tokens unknown). Equal ids mean equal prefixes.
+    """
+    h = hashlib.sha256()
+    h.update((parent_id or "root").encode())
+    h.update(b"\x00")
+    if isinstance(token_ids, bytes):
+        h.update(b"raw:")
+        h.update(token_ids)
+    else:
+        h.update(b"".join(int(t).to_bytes(8, "little", signed=True) for t in token_ids))
+    h.update(b"\x00")
+    h.update(fingerprint.encode())
+    return h.hexdigest()[: 2 * ID_BYTES]
+
+
+@dataclass(slots=True)
+class BlockMeta:
+    """One block: `block_tokens` positions of the sequence (all batch rows, all tiered layers).
+
+    `slots` maps a tier to the slot holding a copy there (the disk's slot is always 0: the disk
+    addresses blocks by id). A sealed block has an id; the open (last, partly filled) one has none.
+    """
+
+    index: int
+    tokens: int = 0
+    block_id: str | None = None
+    # token ids per batch row for the filled positions; None when the caller gave no ids
+    token_ids: list[list[int]] | None = field(default_factory=list)
+    slots: dict[Tier, int] = field(default_factory=dict)
+    last_access: int = 0
+    access_count: int = 0
+    pins: int = 0
+    # set while a write-through copy to host is in flight; the GPU copy must stay until it lands
+    pending_host: bool = False
+
+    @property
+    def sealed(self) -> bool:
+        return self.block_id is not None
+
+    @property
+    def tiers(self) -> frozenset[Tier]:
+        return frozenset(self.slots)
+
+    def fastest_tier(self) -> Tier:
+        return min(self.slots)
+
+
+class BlockTable:
+    """The sequence's blocks in position order; block i holds positions [i*bt, (i+1)*bt)."""
+
+    def __init__(self, block_tokens: int) -> None:
+        self.block_tokens = block_tokens
+        self._blocks: list[BlockMeta] = []
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __iter__(self) -> Iterator[BlockMeta]:
+        return iter(self._blocks)
+
+    def __getitem__(self, index: int) -> BlockMeta:
+        return self._blocks[index]
+
+    @property
+    def seq_tokens(self) -> int:
+        """Tokens held, over every tier."""
+        if not self._blocks:
+            return 0
+        return (len(self._blocks) - 1) * self.block_tokens + self._blocks[-1].tokens
+
+    def open_block(self) -> BlockMeta:
+        """The last block if it has room, else a new empty one appended to the table."""
+        if self._blocks and self._blocks[-1].tokens < self.block_tokens:
+            return self._blocks[-1]
+        block = BlockMeta(index=len(self._blocks))
+        self._blocks.append(block)
+        return block
+
+    def truncate(self, num_blocks: int) -> list[BlockMeta]:
+        """Drop blocks from `num_blocks` on; returns the dropped ones (their slots still set)."""
+        dropped = self._blocks[num_blocks:]
+        del self._blocks[num_blocks:]
+        return dropped
+
+    def in_tier(self, tier: Tier) -> list[BlockMeta]:
+        return [b for b in self._blocks if tier in b.slots]

@@ -1,0 +1,1 @@
+"""Hugging Face integration: TieredCache, the prefetch hooks and model introspection."""

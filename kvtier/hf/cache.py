@@ -1,0 +1,222 @@
+"""TieredCache: a transformers Cache whose full-attention layers live in kvtier's tiers.
+
+Sliding-window layers keep HF's own bounded layer on the device; every other layer is a
+TieredLayer that hands its K/V to the TierController. Pass the cache to `generate()` (or a
+plain forward loop) as `past_key_values`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+
+from ..blocks import Tier
+from ..config import Config, load_config
+from ..controller import KVShape, TierController
+from ..errors import KVTierError
+from .hooks import HookSet
+from .models import describe
+
+log = logging.getLogger(__name__)
+
+
+class TieredLayer(CacheLayerMixin):
+    """One full-attention layer; its state lives in the cache's controller."""
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, cache: TieredCache, tiered_index: int) -> None:
+        super().__init__()
+        self._cache = cache
+        self.tiered_index = tiered_index
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        controller = self._cache._controller_for(key_states)
+        return controller.append(self.tiered_index, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        controller = self._cache.controller
+        return 0 if controller is None else controller.tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def batch_size(self) -> int:
+        controller = self._cache.controller
+        return -1 if controller is None else controller.shape.batch
+
+    # crop / reorder / reset act on the whole controller once, from TieredCache
+    def crop(self, tokens_to_remove: int) -> None:
+        pass
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def offload(self) -> None:
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+
+class TieredCache(Cache):
+    """A `transformers.Cache` that keeps full-attention KV in GPU, pinned host and disk tiers.
+
+    Creating it installs hooks on `model` (layer-ahead prefetch, chunked prefill, token ids for
+    block ids); `close()` removes them. Use one cache per sequence batch.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: Config | None = None) -> None:
+        self.spec = describe(model)
+        self.cfg = config if config is not None else load_config()
+        layers: list[CacheLayerMixin] = []
+        for window in self.spec.sliding_windows:
+            if window is None:
+                layers.append(TieredLayer(self, len([x for x in layers if isinstance(x, TieredLayer)])))
+            else:
+                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
+        super().__init__(layers=layers)
+        self.controller: TierController | None = None
+        self.in_forward = False
+        self._tiered_count = len(self.spec.tiered_layers)
+        self._hooks: HookSet | None = HookSet(model, self)
+
+    # -- HF Cache surface ----------------------------------------------------------------------
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop({tokens_to_remove}): pass a negative number of tokens to remove, as "
+                "transformers 5 caches expect"
+            )
+        if self.controller is not None and tokens_to_remove < 0:
+            self.controller.crop(self.controller.tokens + tokens_to_remove)
+        for layer in self.layers:
+            if not isinstance(layer, TieredLayer):
+                layer.crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.controller is not None and self.controller.tokens:
+            self.controller.reorder(beam_idx)
+        for layer in self.layers:
+            if not isinstance(layer, TieredLayer):
+                layer.reorder_cache(beam_idx)
+
+    def reset(self) -> None:
+        if self.controller is not None:
+            self.controller.close()
+            self.controller = None
+        for layer in self.layers:
+            if not isinstance(layer, TieredLayer):
+                layer.reset()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length():
+            raise KVTierError(
+                "TieredCache cannot repeat a filled cache across the batch; pass an empty "
+                "TieredCache to generate (it expands inputs before prefill)"
+            )
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise KVTierError("TieredCache does not support selecting batch rows of a filled cache")
+
+    # -- kvtier surface ------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Per-tier bytes and blocks, transfer counters and timings (JSON-serialisable)."""
+        if self.controller is None:
+            empty = {"bytes_used": 0, "blocks": 0, "bytes_written": 0, "bytes_read": 0}
+            return {"gpu": dict(empty), "host": dict(empty), "disk": dict(empty), "tokens": 0}
+        return self.controller.stats()
+
+    def close(self) -> None:
+        """Remove the model hooks and free every tier (persisted disk blocks stay)."""
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        if self.controller is not None:
+            self.controller.close()
+            self.controller = None
+
+    @contextlib.contextmanager
+    def forward_step(self, input_ids: torch.Tensor | None, new_tokens: int) -> Iterator[None]:
+        """Bracket one model call: token ids for block ids, slots reserved, first prefetches."""
+        self.in_forward = True
+        try:
+            if self.controller is not None:
+                self.controller.note_tokens(input_ids)
+                self.controller.begin_step(new_tokens)
+                self.prefetch_from(0)
+            else:
+                self._pending_ids = input_ids
+            yield
+        finally:
+            self.in_forward = False
+            if self.controller is not None and self.controller._step is not None:
+                # the forward failed midway: drop the half-written step
+                self.controller.abort_step()
+
+    def prefetch_from(self, tiered_index: int) -> None:
+        """Start gathering tiered layers tiered_index .. tiered_index + prefetch_depth."""
+        controller = self.controller
+        if controller is None:
+            return
+        last = min(tiered_index + controller.depth, self._tiered_count - 1)
+        for index in range(tiered_index, last + 1):
+            controller.prefetch(index)
+
+    def _controller_for(self, key_states: torch.Tensor) -> TierController:
+        if self.controller is None:
+            shape = KVShape(
+                layer_ids=self.spec.tiered_layers,
+                layer_devices=tuple(self.spec.layer_devices[i] for i in self.spec.tiered_layers),
+                batch=key_states.shape[0],
+                kv_heads=key_states.shape[1],
+                head_dim=key_states.shape[3],
+                dtype=key_states.dtype,
+            )
+            # the first tiered layer's device comes from the tensor itself (accelerate offload)
+            devices = list(shape.layer_devices)
+            devices[0] = key_states.device
+            shape = KVShape(**{**_asdict(shape), "layer_devices": tuple(devices)})
+            self.controller = TierController(self.cfg, shape, fingerprint=self.spec.fingerprint)
+            ids = getattr(self, "_pending_ids", None)
+            self._pending_ids = None
+            self.controller.note_tokens(ids)
+        return self.controller
+
+    def tier_blocks(self) -> dict[str, int]:
+        if self.controller is None:
+            return {t.name.lower(): 0 for t in Tier}
+        return {t.name.lower(): len(self.controller.table.in_tier(t)) for t in Tier}
+
+
+def _asdict(shape: KVShape) -> dict:
+    return {name: getattr(shape, name) for name in KVShape.__slots__}
+
+
+@contextlib.contextmanager
+def offload(model: torch.nn.Module, config: Config | None = None) -> Iterator[TieredCache]:
+    """Install kvtier on `model` for the block; yields the TieredCache, removes all on exit."""
+    cache = TieredCache(model, config)
+    try:
+        yield cache
+    finally:
+        cache.close()

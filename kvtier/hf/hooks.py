@@ -1,0 +1,119 @@
+"""Hooks on a HF model: step start (token ids, chunked prefill), layer-ahead prefetch.
+
+The model's forward is wrapped so kvtier sees each call's input ids and can split a long
+prompt into `prefill_chunk_tokens` chunks; forward pre-hooks on the decoder layers start the
+prefetch of the next `prefetch_depth` tiered layers; the last layer's post-hook starts layer 0
+of the next step. Hooks hold the cache weakly and do nothing for any other cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .cache import TieredCache
+
+_SEQ_KWARGS = ("input_ids", "inputs_embeds", "position_ids", "cache_position", "token_type_ids")
+
+
+class HookSet:
+    """Installed hooks of one cache on one model; `remove()` restores the model."""
+
+    def __init__(self, model: torch.nn.Module, cache: TieredCache) -> None:
+        self.model = model
+        ref = weakref.ref(cache)
+        self._handles = []
+        spec = cache.spec
+        # for each decoder layer: the first tiered index at or after it
+        tiered = spec.tiered_layers
+        next_tiered = []
+        for i in range(len(spec.decoder_layers)):
+            next_tiered.append(sum(1 for t in tiered if t < i))
+        for i, layer in enumerate(spec.decoder_layers):
+            handle = layer.register_forward_pre_hook(
+                functools.partial(_layer_pre_hook, ref, next_tiered[i])
+            )
+            self._handles.append(handle)
+        last = spec.decoder_layers[-1]
+        self._handles.append(last.register_forward_hook(functools.partial(_last_post_hook, ref)))
+        self._had_forward = "forward" in model.__dict__
+        self._original_forward = model.forward
+        model.forward = functools.wraps(self._original_forward)(
+            functools.partial(_model_forward, ref, self._original_forward)
+        )
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._original_forward is not None:
+            if self._had_forward:
+                self.model.forward = self._original_forward
+            else:
+                self.model.__dict__.pop("forward", None)
+            self._original_forward = None
+
+
+def _layer_pre_hook(ref: weakref.ref, tiered_index: int, module, args) -> None:
+    cache = ref()
+    if cache is None or not cache.in_forward:
+        return
+    cache.prefetch_from(tiered_index)
+
+
+def _last_post_hook(ref: weakref.ref, module, args, output) -> None:
+    cache = ref()
+    if cache is None or not cache.in_forward:
+        return
+    cache.prefetch_from(0)
+
+
+def _model_forward(ref: weakref.ref, original, *args: Any, **kwargs: Any):
+    cache = ref()
+    if cache is None or kwargs.get("past_key_values") is not cache or len(args) > 1:
+        return original(*args, **kwargs)
+    if args:
+        kwargs["input_ids"] = args[0]
+    source = kwargs.get("input_ids")
+    if source is None:
+        source = kwargs.get("inputs_embeds")
+    if source is None:
+        return original(*args, **kwargs)
+    total = source.shape[1]
+    chunk = cache.cfg.prefill_chunk_tokens
+    mask = kwargs.get("attention_mask")
+    if total <= chunk or (mask is not None and mask.dim() != 2):
+        with cache.forward_step(kwargs.get("input_ids"), total):
+            return original(**kwargs)
+    return _chunked(cache, original, kwargs, total, chunk)
+
+
+def _chunked(cache: TieredCache, original, kwargs: dict, total: int, chunk: int):
+    """Run a long input as consecutive chunks through the same cache; logits are concatenated
+    when the caller asked for all of them."""
+    keep = kwargs.get("logits_to_keep", 0)
+    mask = kwargs.get("attention_mask")
+    outputs, logits = None, []
+    for start in range(0, total, chunk):
+        end = min(start + chunk, total)
+        part = dict(kwargs)
+        for name in _SEQ_KWARGS:
+            value = kwargs.get(name)
+            if isinstance(value, torch.Tensor):
+                part[name] = value[..., start:end] if name != "inputs_embeds" else value[:, start:end]
+        if mask is not None:
+            part["attention_mask"] = mask[:, : mask.shape[1] - total + end]
+        last = end == total
+        if not last and keep != 0:
+            part["logits_to_keep"] = 1
+        with cache.forward_step(part.get("input_ids"), end - start):
+            outputs = original(**part)
+        if keep == 0 and getattr(outputs, "logits", None) is not None:
+            logits.append(outputs.logits)
+    if keep == 0 and logits:
+        outputs.logits = torch.cat(logits, dim=1)
+    return outputs
