@@ -131,6 +131,7 @@ class TierController:
         self._plan: tuple[tuple, list[tuple[Tier, int, int, int, int]]] | None = None
         self._write_through: dict[int, Ticket] = {}  # block index -> in-flight D2H
         self._disk_writes: list[tuple[BlockMeta, object]] = []  # (block, future)
+        self._step_writes: list[Ticket] = []  # this step's tokens going straight to host
         self.counters = _Counters()
         self._check_minimum()
 
@@ -155,9 +156,15 @@ class TierController:
         pos = self.tokens
         while pos < end:
             block = self.table.open_block()
-            if Tier.GPU not in block.slots:
+            if not block.slots:
+                # a new block: GPU if room can be made, else straight to host (a long prefill
+                # chunk demotes as it fills)
                 try:
-                    block.slots[Tier.GPU] = self._allocate_gpu(reserve=len(blocks))
+                    slot = self._allocate_gpu(reserve=len(blocks), required=False)
+                    if slot is not None:
+                        block.slots[Tier.GPU] = slot
+                    else:
+                        block.slots[Tier.HOST] = self._allocate_host()
                 except KVTierError:
                     if not block.slots:
                         self.table.truncate(block.index)
@@ -183,6 +190,9 @@ class TierController:
         if step is None:
             return
         self._step = None
+        for ticket in self._step_writes:
+            self.mover.finish(ticket)
+        self._step_writes.clear()
         bt = self.block_tokens
         for block in step.blocks:
             block.tokens = max(0, min(bt, step.start - block.index * bt))
@@ -246,12 +256,21 @@ class TierController:
         end = step.start + step.new
         stage[step.start : end].copy_(new_kv)
         pos = step.start
+        to_host: list[Copy] = []
         for block in step.blocks:
             first = pos - block.index * self.block_tokens
             take = min(block.tokens - first, end - pos)
-            view = self.gpu.layer_view(block.slots[Tier.GPU], layer)
-            view[first : first + take].copy_(stage[pos : pos + take])
+            if Tier.GPU in block.slots:
+                view = self.gpu.layer_view(block.slots[Tier.GPU], layer)
+                view[first : first + take].copy_(stage[pos : pos + take])
+            else:
+                view = self.host.layer_view(block.slots[Tier.HOST], layer)
+                to_host.append((stage[pos : pos + take], view[first : first + take]))
+                self.counters.tiers[Tier.HOST].bytes_written += take * self.layout.token_bytes
             pos += take
+        if to_host:
+            ticket = self.mover.write_through(self.shape.layer_devices[layer], to_host)
+            self._step_writes.append(ticket)
         self.counters.tiers[Tier.GPU].bytes_written += new_kv.numel() * new_kv.element_size()
         step.layers_done += 1
         if step.layers_done == len(self.shape.layer_ids):
@@ -275,12 +294,13 @@ class TierController:
         self.tokens = tokens
         if keep_blocks and tokens % bt:
             block = self.table[keep_blocks - 1]
-            if Tier.GPU not in block.slots:
-                slot = self._allocate_gpu(reserve=0)
-                self._copy_block(block, Tier.GPU, slot)
-            for tier in (Tier.HOST, Tier.DISK):
-                if tier in block.slots:
-                    self._free_copy(block, tier)
+            if Tier.GPU not in block.slots and Tier.HOST not in block.slots:
+                self._copy_block(block, Tier.HOST, self._allocate_host())
+            # the block becomes the open one again: keep exactly one writable copy
+            if Tier.GPU in block.slots and Tier.HOST in block.slots:
+                self._free_copy(block, Tier.HOST)
+            if Tier.DISK in block.slots:
+                self._free_copy(block, Tier.DISK)
             if block.token_ids:
                 block.token_ids = [row[: tokens % bt] for row in block.token_ids]
             block.tokens = tokens % bt
@@ -458,7 +478,7 @@ class TierController:
         if self.staging.ensure(tokens):
             self._invalidate()
 
-    def _allocate_gpu(self, reserve: int) -> int:
+    def _allocate_gpu(self, reserve: int, *, required: bool = True) -> int | None:
         slot = self.gpu.allocate()
         while slot is None:
             protected = {b.index for b in self._step.blocks} if self._step else set()
@@ -468,6 +488,8 @@ class TierController:
                 if Tier.GPU in b.slots and b.sealed and b.index not in protected
             ]
             victims = self.policy.victims(candidates, 1, self.tokens)
+            if not victims and not required:
+                return None
             if not victims:
                 raise BudgetError(
                     f"gpu budget {self.gpu_budget_bytes} bytes holds only "
@@ -515,6 +537,7 @@ class TierController:
 
     def _host_victim(self) -> BlockMeta | None:
         # a host copy of a GPU-resident block is free to drop; otherwise it must go to disk
+        self._reap_write_through()
         pending = {id(b) for b, _ in self._disk_writes}
         on_host = [
             b
@@ -523,7 +546,8 @@ class TierController:
         ]
         redundant = [b for b in on_host if Tier.GPU in b.slots or Tier.DISK in b.slots]
         if redundant:
-            return self.policy.victims(redundant, 1, self.tokens)[0]
+            # GPU pins say nothing about host copies: plain policy order here
+            return min(redundant, key=self.policy.sort_key)
         if self.disk is None:
             return None
         sealed = [b for b in on_host if b.sealed]
@@ -579,6 +603,9 @@ class TierController:
         step = self._step
         assert step is not None
         self._step = None
+        for ticket in self._step_writes:
+            self.mover.finish(ticket)
+        self._step_writes.clear()
         self.tokens = step.start + step.new
         self.step_count += 1
         for block in self.table:
@@ -598,6 +625,8 @@ class TierController:
     def _seal(self, blocks: list[BlockMeta]) -> None:
         """Write freshly sealed blocks through to host (D2H stream), so demotion is free later."""
         for block in blocks:
+            if Tier.HOST in block.slots or Tier.GPU not in block.slots:
+                continue  # written straight to host while it filled
             slot = self._allocate_host()
             block.slots[Tier.HOST] = slot
             by_device: dict[torch.device, list[Copy]] = {}
@@ -613,10 +642,12 @@ class TierController:
                     self.mover.finish(previous)
                 self._write_through[block.index] = ticket
             self.counters.tiers[Tier.HOST].bytes_written += self.layout.slot_bytes
-        done = [i for i, t in self._write_through.items() if t.done()]
-        for index in done:
-            del self._write_through[index]
+        self._reap_write_through()
         self._invalidate_plan()
+
+    def _reap_write_through(self) -> None:
+        for index in [i for i, t in self._write_through.items() if t.done()]:
+            del self._write_through[index]
 
     def _promote(self) -> None:
         """Move streamed blocks into free GPU room (and disk-only blocks into free host room)."""
@@ -695,6 +726,8 @@ class TierController:
                 raise StoreCorruptError(f"disk block {old_id} is missing or corrupt (quarantined)")
             tensors[f"l{lid}.kv"] = buf.index_select(2, beam_idx.to("cpu"))
         parent = self.table[block.index - 1].block_id if block.index else None
+        if block.block_id == old_id:
+            return  # rows unchanged by this reorder
         self.disk.write_block(block.block_id, tensors, parent_id=parent)
         if not self.cfg.disk.persist:
             self.disk.delete(old_id)

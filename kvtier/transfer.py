@@ -73,6 +73,9 @@ class Mover:
             return ticket
         stream = self._stream(self._copy_streams, device)
         stream.wait_stream(torch.cuda.current_stream(device))
+        # staging buffers are also read by D2H writes of fresh tokens: do not overwrite them early
+        if device in self._d2h_streams:
+            stream.wait_stream(self._d2h_streams[device])
         with torch.cuda.stream(stream):
             for src, dst in copies:
                 dst.copy_(src, non_blocking=True)

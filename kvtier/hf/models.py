@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import UnsupportedModelError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
 _MLA_KEYS = ("kv_lora_rank", "q_lora_rank")
@@ -74,9 +77,12 @@ def describe(model: torch.nn.Module) -> ModelSpec:
             f"{len(windows)} cache layers (KV sharing?); kvtier does not tier this layout"
         )
     if all(w is not None for w in windows):
-        raise UnsupportedModelError(
-            f"model type {model_type!r} has only sliding-window layers; its cache is already "
-            "bounded, so there is nothing for kvtier to tier"
+        # a bounded cache: every layer stays on the device as HF keeps it; nothing to tier
+        log.warning(
+            "model type %r has only sliding-window layers (window %s); its KV is bounded and "
+            "stays on the device, so kvtier tiers nothing",
+            model_type,
+            windows[0],
         )
     devices = tuple(_device_of(layer) for layer in layers)
     return ModelSpec(model_type, tuple(layers), tuple(windows), devices, fingerprint(model))

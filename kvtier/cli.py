@@ -1,0 +1,253 @@
+"""The `kvtier` command line: info, config show|validate, demo.
+
+The only module that prints or configures logging handlers. A KVTierError becomes one line on
+stderr and exit code 2; any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import click
+
+from kvtier import __version__
+from kvtier.config import DEFAULTS, Config, format_size, load_config, nearest_existing
+from kvtier.errors import KVTierError
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_BUDGET_KEYS = frozenset({"gpu.budget", "host.budget", "disk.budget"})
+
+
+class _KVTierGroup(click.Group):
+    """A click group that turns a KVTierError from any subcommand into one line and exit 2."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KVTierError as exc:
+            click.echo(f"kvtier: error: {_one_line(exc)}", err=True)
+            ctx.exit(2)
+
+
+class _CliHandler(logging.StreamHandler):
+    """The handler main() installs on the `kvtier` logger; replaced, not stacked, per invocation."""
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _configure_logging(level: str) -> None:
+    logger = logging.getLogger("kvtier")
+    for handler in [h for h in logger.handlers if isinstance(h, _CliHandler)]:
+        logger.removeHandler(handler)
+    handler = _CliHandler(sys.stderr)  # looked up now: click's test runner swaps sys.stderr
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+@click.group(cls=_KVTierGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="kvtier")
+@click.option(
+    "--log-level",
+    default="WARNING",
+    show_default=True,
+    envvar="KVTIER_LOG_LEVEL",
+    type=click.Choice(_LOG_LEVELS, case_sensitive=False),
+    help="Level of kvtier's log messages on stderr (env KVTIER_LOG_LEVEL).",
+)
+def main(log_level: str) -> None:
+    """Tiered KV-cache offload for Hugging Face models: GPU -> pinned host RAM -> disk."""
+    _configure_logging(log_level.upper())
+
+
+@main.command()
+@click.option(
+    "--config", "config_path", default=None, help="TOML config whose budgets and store to show."
+)
+def info(config_path: str | None) -> None:
+    """Versions, GPUs, host RAM, and the budgets and disk space kvtier would use."""
+    click.echo(f"kvtier {__version__}")
+    click.echo(f"python {platform.python_version()}")
+    for package in ("torch", "transformers", "safetensors", "lz4"):
+        click.echo(f"{package} {_package_version(package)}")
+    for line in _gpu_lines():
+        click.echo(line)
+    click.echo(f"CUDA available (torch): {_cuda_summary()}")
+    import psutil
+
+    memory = psutil.virtual_memory()
+    total, available = format_size(memory.total), format_size(memory.available)
+    click.echo(f"host RAM: {total} total, {available} available")
+    try:
+        cfg = load_config(config_path)
+    except KVTierError as exc:  # still report the machine; the store falls back to the default
+        click.echo(f"config: error: {_one_line(exc)}")
+        store = Path(str(DEFAULTS["disk.path"])).expanduser()
+    else:
+        budgets = (cfg.gpu.budget_bytes, cfg.host.budget_bytes, cfg.disk.budget_bytes)
+        gpu, host, disk = (format_size(b) for b in budgets)
+        click.echo(f"budgets: gpu {gpu}, host {host}, disk {disk}")
+        store = cfg.disk.path
+    existing = nearest_existing(store)
+    where = "" if existing == store else f" (not created yet; measured at {existing})"
+    click.echo(f"disk: {format_size(shutil.disk_usage(existing).free)} free for {store}{where}")
+
+
+def _package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cuda_summary() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "no (torch not installed)"
+    if not torch.cuda.is_available():
+        return "no"
+    return f"yes (CUDA {torch.version.cuda}, {torch.cuda.device_count()} devices)"
+
+
+def _gpu_lines() -> list[str]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as exc:  # no library, no driver, no permission: a CPU machine, not a bug
+        return [f"GPUs: none ({_one_line(exc)})"]
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        lines = [f"GPUs: {count}" if count else "GPUs: none"]
+        for index in range(count):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            name = pynvml.nvmlDeviceGetName(handle)
+            name = name.decode() if isinstance(name, bytes) else name
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            total, free = format_size(memory.total), format_size(memory.free)
+            lines.append(f"  GPU {index}: {name}, {total} total, {free} free")
+        return lines
+    except Exception as exc:  # a half-working driver should not hide the rest of the report
+        return [f"GPUs: none (NVML query failed: {_one_line(exc)})"]
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+@main.group(name="config")
+def config_group() -> None:
+    """Show or check a configuration (defaults -> FILE -> KVTIER_* environment)."""
+
+
+@config_group.command(name="show")
+@click.argument("file", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of one line per key.")
+def config_show(file: str | None, as_json: bool) -> None:
+    """Print the resolved config: each value, what was written, and where it came from."""
+    cfg = load_config(file)
+    if as_json:
+        click.echo(json.dumps(cfg.to_dict(), indent=2))
+        return
+    for line in _config_lines(cfg):
+        click.echo(line)
+
+
+@config_group.command(name="validate")
+@click.argument("file")
+def config_validate(file: str) -> None:
+    """Exit 0 if FILE (with the KVTIER_* environment on top) resolves; else print why, exit 2."""
+    load_config(file)
+    click.echo(f"ok: {file}")
+
+
+def _config_lines(cfg: Config) -> list[str]:
+    """One line per key: `key = resolved   # "as written" from source`."""
+    rows = []
+    for key, value in cfg.resolved().items():
+        shown = _toml_value(value)
+        if key in _BUDGET_KEYS:
+            off = "; no disk tier" if value == 0 else ""
+            shown = f"{format_size(value)} ({value} bytes{off})"
+        source = cfg.sources.get(key, "default")
+        written = _toml_value(cfg.specs[key]) if key in cfg.specs else shown
+        note = f"{written} from {source}" if key in _BUDGET_KEYS or written != shown else ""
+        rows.append((f"{key} = {shown}", note or f"from {source}"))
+    width = max(len(left) for left, _ in rows)
+    return [f"{left:<{width}}   # {note}" for left, note in rows]
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    return str(value)
+
+
+@main.command()
+@click.option(
+    "--tokens",
+    "prompt_tokens",
+    type=click.IntRange(min=1),
+    default=3000,
+    show_default=True,
+    help="Prompt length in tokens.",
+)
+@click.option(
+    "--new-tokens",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Tokens to generate.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed for the random model and prompt."
+)
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Disk store directory [default: a temporary one, removed afterwards].",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the stats as JSON to this file.",
+)
+@click.pass_context
+def demo(
+    ctx: click.Context,
+    prompt_tokens: int,
+    new_tokens: int,
+    seed: int,
+    store: Path | None,
+    json_path: Path | None,
+) -> None:
+    """Generate with a tiny random model through all three tiers and check it against all-GPU.
+
+    Prints a table of blocks, bytes and tok/s per tier; exits 1 if the tokens differ.
+    """
+    from kvtier.demo import format_demo, run_demo
+
+    result = run_demo(
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        seed=seed,
+        store=store,  # None: run_demo uses a temporary store and removes it
+        json_path=json_path,
+    )
+    click.echo(format_demo(result))
+    ctx.exit(0 if result.tokens_match else 1)

@@ -1,0 +1,220 @@
+"""Byte codecs for disk blocks: raw passthrough, lz4, byte-shuffle + lz4, and raw-byte checksums.
+
+Pure functions on contiguous CPU tensors and byte buffers; no files, no threads, no policy
+beyond `choose_codec`'s one cost rule.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import math
+import struct
+import time
+from collections.abc import Callable
+
+import lz4.block
+import numpy as np
+import torch
+
+from kvtier.errors import KVTierError, StoreCorruptError
+
+log = logging.getLogger(__name__)
+
+# Raw bytes per independently compressed lz4 chunk: chunks can be (de)compressed in parallel and
+# bound the temporary buffers one call needs.
+CHUNK_BYTES = 4 << 20
+
+# Compressed payload layout (little-endian): u32 chunk_bytes, u32 n_chunks,
+# u32 compressed size of each chunk, then the chunks back to back. The total raw length is not in
+# the payload: the caller keeps it (the disk store's metadata) and passes `out` of that size.
+_PAYLOAD_HEAD = struct.Struct("<II")
+
+
+class Codec(enum.Enum):
+    """How a tensor's bytes are stored: as is, lz4, or byte-shuffled then lz4."""
+
+    RAW = "raw"
+    LZ4 = "lz4"
+    SHUFFLE_LZ4 = "shuffle+lz4"
+
+
+def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 tensor sharing its memory (no copy)."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise KVTierError(
+            f"codec needs a contiguous CPU tensor, got device={tensor.device} "
+            f"contiguous={tensor.is_contiguous()}; pass `tensor.contiguous().cpu()`"
+        )
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+def encode(tensor: torch.Tensor, codec: Codec) -> bytes | memoryview:
+    """Encode a contiguous CPU tensor's bytes with `codec`; returns the payload.
+
+    For RAW the payload is a memoryview of the tensor's own memory (no copy): use it before the
+    tensor is changed or freed. The raw length (`tensor.nbytes`) is not in the payload. lz4 runs
+    on independent CHUNK_BYTES chunks of the (shuffled) bytes.
+    """
+    raw = _byte_view(tensor).numpy()  # [nbytes] uint8, shares memory
+    if codec is Codec.RAW:
+        return memoryview(raw)
+    itemsize = tensor.element_size()
+    if codec is Codec.SHUFFLE_LZ4 and itemsize > 1 and raw.size:
+        # [n, itemsize] -> [itemsize, n]: byte k of every element lands together, so the slowly
+        # varying sign/exponent bytes of bf16/fp16 form long compressible runs.
+        raw = np.ascontiguousarray(raw.reshape(-1, itemsize).T).reshape(-1)
+    source = memoryview(raw)
+    chunks = [
+        lz4.block.compress(source[start : start + CHUNK_BYTES], store_size=False)
+        for start in range(0, len(source), CHUNK_BYTES)
+    ]
+    head = _PAYLOAD_HEAD.pack(CHUNK_BYTES, len(chunks))
+    sizes = struct.pack(f"<{len(chunks)}I", *(len(chunk) for chunk in chunks))
+    return b"".join([head, sizes, *chunks])
+
+
+def _split_chunks(payload: memoryview, raw_bytes: int) -> list[tuple[memoryview, int]]:
+    """(compressed chunk, raw size) pairs of a compressed payload; StoreCorruptError if malformed."""
+    if len(payload) < _PAYLOAD_HEAD.size:
+        raise StoreCorruptError(f"lz4 payload of {len(payload)} bytes is shorter than its header")
+    chunk_bytes, n_chunks = _PAYLOAD_HEAD.unpack_from(payload)
+    expected = math.ceil(raw_bytes / chunk_bytes) if chunk_bytes else -1
+    if (raw_bytes and chunk_bytes == 0) or n_chunks != max(expected, 0):
+        raise StoreCorruptError(
+            f"lz4 payload has {n_chunks} chunks of {chunk_bytes} bytes; "
+            f"{raw_bytes} raw bytes need {expected}"
+        )
+    table_end = _PAYLOAD_HEAD.size + 4 * n_chunks
+    if len(payload) < table_end:
+        raise StoreCorruptError("lz4 payload is shorter than its chunk table")
+    sizes = struct.unpack_from(f"<{n_chunks}I", payload, _PAYLOAD_HEAD.size)
+    if table_end + sum(sizes) != len(payload):
+        raise StoreCorruptError(
+            f"lz4 chunk sizes add up to {table_end + sum(sizes)} bytes, payload has {len(payload)}"
+        )
+    result = []
+    offset = table_end
+    for index, size in enumerate(sizes):
+        raw_size = min(chunk_bytes, raw_bytes - index * chunk_bytes)
+        result.append((payload[offset : offset + size], raw_size))
+        offset += size
+    return result
+
+
+def _decompress(chunk: memoryview, raw_size: int) -> np.ndarray:
+    """One lz4 chunk as a flat read-only uint8 array of exactly `raw_size` bytes."""
+    try:
+        data = lz4.block.decompress(chunk, uncompressed_size=raw_size)
+    except lz4.block.LZ4BlockError as error:
+        raise StoreCorruptError(f"lz4 chunk does not decompress: {error}") from error
+    if len(data) != raw_size:
+        raise StoreCorruptError(f"lz4 chunk decompressed to {len(data)} bytes, expected {raw_size}")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def decode_into(payload: bytes | memoryview, codec: Codec, out: torch.Tensor) -> None:
+    """Decode `payload` straight into `out`, a preallocated contiguous CPU tensor (may be pinned).
+
+    `out.nbytes` must be the raw length the payload was encoded from. Raises StoreCorruptError
+    when the payload is malformed; a well-formed payload of wrong bytes is caught by `checksum`.
+    Copies go through numpy, single-threaded: torch's intra-op threads, called from many I/O
+    threads at once, oversubscribe the cores (a 512 KiB torch copy took 8 ms instead of 15 us on
+    the busy 2-core dev container).
+    """
+    target = _byte_view(out).numpy()  # [nbytes] uint8 view of out
+    payload = memoryview(payload).cast("B")
+    if codec is Codec.RAW:
+        if len(payload) != target.size:
+            raise StoreCorruptError(
+                f"raw payload has {len(payload)} bytes, the tensor needs {target.size}"
+            )
+        target[:] = np.frombuffer(payload, dtype=np.uint8)
+        return
+    itemsize = out.element_size()
+    count = out.numel()
+    shuffled = codec is Codec.SHUFFLE_LZ4 and itemsize > 1
+    planes = target.reshape(count, itemsize) if count else target  # [n, itemsize]
+    position = 0  # offset in the (shuffled) raw byte stream
+    for chunk, raw_size in _split_chunks(payload, target.size):
+        data = _decompress(chunk, raw_size)
+        if not shuffled:
+            target[position : position + raw_size] = data
+        else:
+            # The shuffled stream is `itemsize` planes of `count` bytes; a chunk may span planes.
+            # A column copy per plane: ~3 GB/s; one [itemsize, n] transpose: ~0.4 (2-core dev box).
+            done = 0
+            while done < raw_size:
+                plane, index = divmod(position + done, count)
+                take = min(count - index, raw_size - done)
+                planes[index : index + take, plane] = data[done : done + take]
+                done += take
+        position += raw_size
+
+
+def checksum(buffer: torch.Tensor | bytes | bytearray | memoryview | np.ndarray) -> str:
+    """blake2b-128 hex digest of raw bytes; a tensor is hashed in place, without a copy."""
+    if isinstance(buffer, torch.Tensor):
+        buffer = _byte_view(buffer).numpy()
+    return hashlib.blake2b(buffer, digest_size=16).hexdigest()
+
+
+def _best_seconds(action: Callable[[], object], repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        best = min(best, time.perf_counter() - start)
+    return max(best, 1e-9)
+
+
+def measure_codec(sample: torch.Tensor, *, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Compression ratio and encode/decode GB/s of every codec on `sample` (a contiguous CPU tensor).
+
+    Returns `{codec.value: {"ratio": raw/payload, "encode_gbps": .., "decode_gbps": ..}}`, speeds
+    in raw bytes (1e9) per second on one thread, best of `repeats`.
+    """
+    raw_bytes = max(sample.nbytes, 1)
+    out = torch.empty_like(sample)
+    result = {}
+    for codec in Codec:
+        payload = encode(sample, codec)
+        encode_s = _best_seconds(lambda codec=codec: encode(sample, codec), repeats)
+        decode_s = _best_seconds(
+            lambda codec=codec, payload=payload: decode_into(payload, codec, out), repeats
+        )
+        result[codec.value] = {
+            "ratio": raw_bytes / max(len(payload), 1),
+            "encode_gbps": raw_bytes / encode_s / 1e9,
+            "decode_gbps": raw_bytes / decode_s / 1e9,
+        }
+    return result
+
+
+def choose_codec(sample: torch.Tensor, *, disk_write_gbps: float, disk_read_gbps: float) -> Codec:
+    """Pick the codec with the least end-to-end seconds per raw byte for one write plus one read.
+
+    Codec work and disk I/O overlap across blocks, so each direction costs the slower of the two:
+    `max(1 / codec_gbps, 1 / (disk_gbps * ratio))`, summed over write (encode) and read (decode).
+    RAW's codec time is ~0 (encode is a view, decode one memcpy), so it costs about
+    `1/disk_write_gbps + 1/disk_read_gbps`; a compressing codec wins only where its throughput
+    beats the disk's and its ratio is above 1. Ties go to RAW.
+    """
+    if disk_write_gbps <= 0 or disk_read_gbps <= 0:
+        raise KVTierError(
+            f"disk speeds must be positive, got write {disk_write_gbps} GB/s and read "
+            f"{disk_read_gbps} GB/s; measure them with `kvtier bench`"
+        )
+    measured = measure_codec(sample)
+    best, best_cost = Codec.RAW, math.inf
+    for codec in Codec:  # RAW first: it keeps ties
+        numbers = measured[codec.value]
+        ratio = numbers["ratio"]
+        cost = max(1 / numbers["encode_gbps"], 1 / (disk_write_gbps * ratio)) + max(
+            1 / numbers["decode_gbps"], 1 / (disk_read_gbps * ratio)
+        )
+        log.debug("codec %s: ratio %.3f, %.3f ns per raw byte", codec.value, ratio, cost)
+        if cost < best_cost:
+            best, best_cost = codec, cost
+    return best

@@ -1,0 +1,595 @@
+"""Tests for kvtier.config: layers, sizes, budgets, precedence and every error message."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from kvtier import config
+from kvtier.config import load_config, parse_size
+from kvtier.errors import ConfigError
+
+GIB = 2**30
+GPU_FREE = 10 * GIB
+HOST_FREE = 20 * GIB
+DISK_FREE = 100 * GIB
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def machine(monkeypatch, tmp_path):
+    """A fixed machine: 10 GiB free on one CUDA GPU, 20 GiB RAM available, 100 GiB disk free."""
+    for name in list(os.environ):
+        if name.startswith("KVTIER_"):
+            monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    disk_queries: list[Path] = []
+
+    def disk_usage(path):
+        disk_queries.append(Path(path))
+        return shutil._ntuple_diskusage(2 * DISK_FREE, DISK_FREE, DISK_FREE)
+
+    memory = types.SimpleNamespace(total=32 * GIB, available=HOST_FREE)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory)
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (GPU_FREE, 80 * GIB))
+    return types.SimpleNamespace(home=home, disk_queries=disk_queries)
+
+
+def write(tmp_path: Path, text: str, name: str = "cfg.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def config_error(*args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(*args, **kwargs)
+    return str(info.value)
+
+
+# --- defaults and the shipped file ----------------------------------------------------------------
+
+
+def test_defaults(machine):
+    cfg = load_config()
+    assert cfg.block_tokens == 256
+    assert cfg.prefill_chunk_tokens == 4096
+    assert cfg.gpu.budget_bytes == int(GPU_FREE * 0.4)
+    assert cfg.host.budget_bytes == HOST_FREE // 2
+    assert cfg.disk.path == machine.home / ".cache" / "kvtier"
+    assert cfg.disk.budget_bytes == int(DISK_FREE * 0.8)
+    assert (cfg.disk.codec, cfg.disk.persist) == ("auto", False)
+    assert cfg.policy == config.PolicyConfig("sink_recent", 64, 1024, 1)
+    assert set(cfg.sources.values()) == {"default"}
+    assert list(cfg.sources) == list(config.DEFAULTS)
+    assert cfg.specs["gpu.budget"] == "auto"
+    assert cfg.specs["disk.path"] == "~/.cache/kvtier"
+
+
+def test_default_toml_loads_to_the_defaults():
+    path = REPO / "configs" / "default.toml"
+    cfg = load_config(path)
+    assert cfg == load_config()
+    assert dict(cfg.specs) == dict(config.DEFAULTS)
+    assert set(cfg.sources.values()) == {f"file {path}"}
+
+
+def test_config_is_frozen_and_hashable():
+    cfg = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.block_tokens = 16
+    assert hash(cfg) == hash(load_config())
+
+
+def test_every_key_read_from_toml(tmp_path):
+    store = tmp_path / "store"
+    path = write(
+        tmp_path,
+        f"""
+        block_tokens = 128
+        prefill_chunk_tokens = 1000
+        [gpu]
+        budget = "1GiB"
+        [host]
+        budget = 123456
+        [disk]
+        path = "{store}"
+        budget = "2 GB"
+        codec = "shuffle+lz4"
+        persist = true
+        [policy]
+        name = "lru"
+        sink_tokens = 0
+        recent_tokens = 512
+        prefetch_depth = 8
+        """,
+    )
+    cfg = load_config(path)
+    assert cfg.block_tokens == 128
+    assert cfg.prefill_chunk_tokens == 1000
+    assert cfg.gpu.budget_bytes == GIB
+    assert cfg.host.budget_bytes == 123456
+    assert cfg.disk == config.DiskConfig(store, 2 * 10**9, "shuffle+lz4", True)
+    assert cfg.policy == config.PolicyConfig("lru", 0, 512, 8)
+    assert set(cfg.sources.values()) == {f"file {path}"}
+    assert cfg.specs["host.budget"] == 123456
+    assert not store.exists()  # loading a config never creates the store
+
+
+def test_dotted_keys_in_toml_work(tmp_path):
+    cfg = load_config(write(tmp_path, 'gpu.budget = "3MiB"\npolicy.name = "lfu"\n'))
+    assert cfg.gpu.budget_bytes == 3 * 2**20
+    assert cfg.policy.name == "lfu"
+
+
+# --- sizes ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (0, 0),
+        (1000, 1000),
+        ("1000", 1000),
+        ("0", 0),
+        ("1000B", 1000),
+        ("1 b", 1),
+        ("1KB", 10**3),
+        ("1MB", 10**6),
+        ("1GB", 10**9),
+        ("1TB", 10**12),
+        ("64KiB", 64 * 2**10),
+        ("512MiB", 512 * 2**20),
+        ("2GiB", 2 * 2**30),
+        ("1TiB", 2**40),
+        ("1.5 GiB", 3 * 2**29),
+        ("0.5KB", 500),
+        (".25 MiB", 2**18),
+        ("2.", 2),
+        ("  2 gib  ", 2 * 2**30),
+        ("\t512mb\n", 512 * 10**6),
+        ("64KIB", 64 * 2**10),
+        ("3gB", 3 * 10**9),
+    ],
+)
+def test_parse_size_forms(text, expected):
+    assert parse_size(text, key="x") == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("40%", "x = '40%' is not a size; use bytes or a size like '2GiB'"),
+        ("auto", "x = 'auto' is not a size"),
+        ("", "x = '' is not a size"),
+        ("GiB", "x = 'GiB' is not a size"),
+        ("2 parsecs", "units are B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB"),
+        ("2G", "units are B, KB"),
+        ("1e9", "x = '1e9' is not a size"),
+        ("1,000", "x = '1,000' is not a size"),
+        ("-1", "x = '-1' is negative"),
+        ("-2GiB", "x = '-2GiB' is negative"),
+        (-5, "x = -5 is negative"),
+        (1.5, "x = 1.5 is not a size"),
+        (True, "x = True is not a size"),
+        (None, "x = None is not a size"),
+    ],
+)
+def test_parse_size_rejects(text, fragment):
+    with pytest.raises(ConfigError) as info:
+        parse_size(text, key="x")
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["2GiB", 12345, "64 kib"])
+def test_budget_sizes_from_toml(tmp_path, text):
+    value = json.dumps(text)
+    cfg = load_config(write(tmp_path, f"[host]\nbudget = {value}\n[disk]\nbudget = {value}\n"))
+    assert cfg.host.budget_bytes == cfg.disk.budget_bytes == parse_size(text, key="x")
+
+
+# --- percentages and auto -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "fraction"),
+    [("40%", 0.4), ("100%", 1.0), ("12.5%", 0.125), (" 25 % ", 0.25), ("0.5%", 0.005)],
+)
+def test_percent_budgets_of_each_tier(spec, fraction):
+    cfg = load_config(gpu_budget=spec, host_budget=spec, disk_budget=spec)
+    assert cfg.gpu.budget_bytes == int(GPU_FREE * fraction)
+    assert cfg.host.budget_bytes == int(HOST_FREE * fraction)
+    assert cfg.disk.budget_bytes == int(DISK_FREE * fraction)
+
+
+def test_auto_budgets_of_each_tier():
+    cfg = load_config(gpu_budget="auto", host_budget="AUTO", disk_budget=" Auto ")
+    assert cfg.gpu.budget_bytes == int(GPU_FREE * 0.4)
+    assert cfg.host.budget_bytes == HOST_FREE // 2
+    assert cfg.disk.budget_bytes == int(DISK_FREE * 0.8)
+    assert cfg.specs["host.budget"] == "AUTO"
+
+
+def test_gpu_percent_uses_nvml_when_torch_has_no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    import pynvml
+
+    handle = object()
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 1)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda index: handle)
+    memory = types.SimpleNamespace(free=6 * GIB, total=8 * GIB)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda h: memory)
+    assert config.free_gpu_bytes() == 6 * GIB
+    assert load_config(gpu_budget="50%").gpu.budget_bytes == 3 * GIB
+
+
+def test_gpu_percent_is_of_host_ram_without_any_gpu(monkeypatch):
+    import pynvml
+
+    def no_library():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(pynvml, "nvmlInit", no_library)
+    assert config.free_gpu_bytes() == HOST_FREE
+    assert load_config().gpu.budget_bytes == int(HOST_FREE * 0.4)
+
+
+def test_disk_percent_is_measured_at_nearest_existing_parent(tmp_path, machine):
+    store = tmp_path / "a" / "b" / "store"
+    cfg = load_config(disk_path=store, disk_budget="10%")
+    assert cfg.disk.budget_bytes == DISK_FREE // 10
+    assert machine.disk_queries == [tmp_path]
+    assert not (tmp_path / "a").exists()
+    assert config.nearest_existing(store) == tmp_path
+
+
+def test_disk_budget_zero_means_no_disk_tier():
+    assert load_config(disk_budget=0).disk.budget_bytes == 0
+    assert load_config(disk_budget="0 GiB").disk.budget_bytes == 0
+
+
+def test_percent_resolving_to_zero_disk_warns(monkeypatch, caplog):
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 0))
+    assert load_config(disk_budget="50%").disk.budget_bytes == 0
+    assert "running without a disk tier" in caplog.text
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "fragments"),
+    [
+        (
+            "[gpu]\nbudgte = 1\n",
+            ["unknown key 'gpu.budgte'", "did you mean 'budget'?", "takes: budget"],
+        ),
+        ("blok_tokens = 256\n", ["unknown key 'blok_tokens'", "did you mean 'block_tokens'?"]),
+        ("[gpus]\nbudget = 1\n", ["unknown table 'gpus'", "did you mean 'gpu'?", "[policy]"]),
+        ("gpu = 5\n", ["gpu = 5 is not a table; write [gpu] with keys budget"]),
+        (
+            'block_tokens = "x"\n',
+            ["block_tokens = 'x' is not a positive multiple of 16 (e.g. 256)"],
+        ),
+        ("block_tokens = 100\n", ["block_tokens = 100 is not a positive multiple of 16"]),
+        ("block_tokens = 0\n", ["block_tokens = 0 is not a positive multiple of 16"]),
+        ("block_tokens = -16\n", ["block_tokens = -16 is not a positive multiple of 16"]),
+        ("block_tokens = 256.0\n", ["block_tokens = 256.0 is not a positive multiple of 16"]),
+        ("block_tokens = true\n", ["block_tokens = True is not a positive multiple of 16"]),
+        ("prefill_chunk_tokens = 0\n", ["prefill_chunk_tokens = 0 is not a positive integer"]),
+        ("[disk]\npersist = 3\n", ["disk.persist = 3 is not a boolean; use true or false"]),
+        ('[disk]\npersist = "yes"\n', ["disk.persist = 'yes' is not a boolean"]),
+        (
+            '[host]\nbudget = "3 parsecs"\n',
+            ["host.budget = '3 parsecs' is not a size; use bytes, '2GiB', '40%' or 'auto'"],
+        ),
+        ("[host]\nbudget = 1.5e9\n", ["host.budget = 1500000000.0 is not a size"]),
+        ("[host]\nbudget = -1\n", ["host.budget = -1 is negative"]),
+        ('[disk]\nbudget = "-1GiB"\n', ["disk.budget = '-1GiB' is negative"]),
+        ('[host]\nbudget = "0%"\n', ["host.budget = '0%' is not a percentage above 0%"]),
+        ('[gpu]\nbudget = "101%"\n', ["gpu.budget = '101%' is not a percentage", "at most 100%"]),
+        ('[gpu]\nbudget = "-5%"\n', ["gpu.budget = '-5%' is not a percentage"]),
+        ('[gpu]\nbudget = "%"\n', ["gpu.budget = '%' is not a size"]),
+        ('[disk]\nbudget = "0%"\n', ["disk.budget = 0 turns the disk tier off"]),
+        (
+            "[gpu]\nbudget = 0\n",
+            ["gpu.budget = 0 resolves to 0 bytes", "only disk.budget may be 0"],
+        ),
+        ('[host]\nbudget = "0 GiB"\n', ["host.budget = '0 GiB' resolves to 0 bytes", "'2GiB'"]),
+        (
+            '[disk]\ncodec = "zstd"\n',
+            ["disk.codec = 'zstd' is not a codec", "raw, lz4, shuffle+lz4"],
+        ),
+        ("[disk]\npath = 3\n", ["disk.path = 3 is not a path"]),
+        ('[disk]\npath = ""\n', ["disk.path = '' is not a path"]),
+        (
+            '[policy]\nname = "fifo"\n',
+            [
+                "policy.name = 'fifo' is not a registered policy; registered:",
+                "sink_recent",
+                "register yours with kvtier.register_policy(name) before load_config",
+            ],
+        ),
+        ("[policy]\nsink_tokens = -1\n", ["policy.sink_tokens = -1 is not an integer >= 0"]),
+        ("[policy]\nrecent_tokens = -1\n", ["policy.recent_tokens = -1 is not an integer >= 0"]),
+        (
+            "[policy]\nprefetch_depth = 9\n",
+            ["policy.prefetch_depth = 9 is not an integer from 0 to 8"],
+        ),
+        ("[policy]\nprefetch_depth = -1\n", ["policy.prefetch_depth = -1 is not an integer"]),
+        ("[policy.extra]\nx = 1\n", ["unknown key 'policy.extra'"]),
+        ("[block_tokens]\nx = 1\n", ["block_tokens = {'x': 1} is not a positive multiple of 16"]),
+    ],
+)
+def test_bad_toml_values(tmp_path, toml, fragments):
+    path = write(tmp_path, toml)
+    message = config_error(path)
+    for fragment in fragments:
+        assert fragment in message
+    assert message.endswith(f"(from file {path})")
+
+
+def test_gpu_percent_of_nothing_free_says_so(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 80 * GIB))
+    message = config_error()
+    assert "gpu.budget = 'auto' resolves to 0 bytes (40% of 0 bytes free)" in message
+    assert "(from" not in message  # a default has no source to name
+
+
+def test_disk_path_that_is_a_file(tmp_path):
+    file = write(tmp_path, "", name="not-a-dir")
+    assert f"disk.path = '{file}' is a file; use a directory (from override)" in config_error(
+        disk_path=file
+    )
+    assert load_config(disk_path=file, disk_budget=0).disk.budget_bytes == 0
+
+
+def test_missing_file(tmp_path):
+    message = config_error(tmp_path / "nope.toml")
+    assert f"config file {tmp_path / 'nope.toml'} does not exist" in message
+    assert "configs/default.toml" in message
+
+
+def test_directory_instead_of_file(tmp_path):
+    assert f"cannot read config file {tmp_path}" in config_error(tmp_path)
+
+
+def test_toml_syntax_error(tmp_path):
+    path = write(tmp_path, "block_tokens = = 3\n")
+    message = config_error(path)
+    assert f"config file {path} is not valid TOML" in message
+    assert "line 1" in message
+
+
+def test_unknown_policy_falls_back_to_builtins_before_policy_module_lands(monkeypatch):
+    monkeypatch.setitem(sys.modules, "kvtier.policy", None)  # import fails like a missing file
+    assert config.registered_policies() == ["lru", "lfu", "sink_recent"]
+    message = config_error(policy_name="fifo")
+    assert "registered: lfu, lru, sink_recent;" in message
+
+
+def test_registered_policy_from_registry_is_accepted(monkeypatch):
+    fake = types.ModuleType("kvtier.policy")
+    fake.registered_policies = lambda: ["lru", "mine"]
+    monkeypatch.setitem(sys.modules, "kvtier.policy", fake)
+    assert load_config(policy_name="mine").policy.name == "mine"
+    assert "registered: lru, mine;" in config_error(policy_name="sink_recent")
+
+
+# --- environment ----------------------------------------------------------------------------------
+
+
+def test_every_env_var(monkeypatch, tmp_path):
+    values = {
+        "KVTIER_BLOCK_TOKENS": "64",
+        "KVTIER_PREFILL_CHUNK_TOKENS": " 2048 ",
+        "KVTIER_GPU_BUDGET": "1GiB",
+        "KVTIER_HOST_BUDGET": "1000",
+        "KVTIER_DISK_PATH": str(tmp_path / "s"),
+        "KVTIER_DISK_BUDGET": "10%",
+        "KVTIER_DISK_CODEC": "lz4",
+        "KVTIER_DISK_PERSIST": "yes",
+        "KVTIER_POLICY_NAME": "lfu",
+        "KVTIER_POLICY_SINK_TOKENS": "0",
+        "KVTIER_POLICY_RECENT_TOKENS": "16",
+        "KVTIER_POLICY_PREFETCH_DEPTH": "2",
+        "KVTIER_LOG_LEVEL": "DEBUG",  # the CLI's, not a config key: ignored here
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    cfg = load_config()
+    assert (cfg.block_tokens, cfg.prefill_chunk_tokens) == (64, 2048)
+    assert (cfg.gpu.budget_bytes, cfg.host.budget_bytes) == (GIB, 1000)
+    assert cfg.disk == config.DiskConfig(tmp_path / "s", DISK_FREE // 10, "lz4", True)
+    assert cfg.policy == config.PolicyConfig("lfu", 0, 16, 2)
+    assert cfg.sources["disk.persist"] == "env KVTIER_DISK_PERSIST"
+    assert cfg.specs["block_tokens"] == "64"
+    assert set(config.ENV_VARS) == set(values) - {"KVTIER_LOG_LEVEL"}
+
+
+@pytest.mark.parametrize(
+    ("word", "expected"),
+    [("true", True), ("1", True), ("YES", True), ("false", False), ("0", False), ("No", False)],
+)
+def test_env_booleans(monkeypatch, word, expected):
+    monkeypatch.setenv("KVTIER_DISK_PERSIST", word)
+    assert load_config().disk.persist is expected
+
+
+def test_empty_env_var_counts_as_unset(monkeypatch):
+    monkeypatch.setenv("KVTIER_BLOCK_TOKENS", "")
+    cfg = load_config()
+    assert (cfg.block_tokens, cfg.sources["block_tokens"]) == (256, "default")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("KVTIER_BLOCK_TOKENS", "x", "block_tokens = 'x' is not a positive multiple of 16"),
+        ("KVTIER_DISK_PERSIST", "maybe", "use true/false, 1/0 or yes/no"),
+        ("KVTIER_HOST_BUDGET", "3 parsecs", "host.budget = '3 parsecs' is not a size"),
+        ("KVTIER_POLICY_PREFETCH_DEPTH", "1.5", "policy.prefetch_depth = '1.5' is not an integer"),
+    ],
+)
+def test_bad_env_values_name_the_variable(monkeypatch, name, value, fragment):
+    monkeypatch.setenv(name, value)
+    message = config_error()
+    assert fragment in message
+    assert message.endswith(f"(from env {name})")
+
+
+def test_unknown_env_var(monkeypatch):
+    monkeypatch.setenv("KVTIER_GPU_BUDGE", "1GiB")
+    message = config_error()
+    assert "unknown environment variable KVTIER_GPU_BUDGE" in message
+    assert "did you mean 'KVTIER_GPU_BUDGET'?" in message
+
+
+# --- overrides ------------------------------------------------------------------------------------
+
+
+def test_every_flat_override(tmp_path):
+    cfg = load_config(
+        block_tokens=32,
+        prefill_chunk_tokens=7,
+        gpu_budget="1MiB",
+        host_budget=2**21,
+        disk_path=tmp_path,
+        disk_budget="1KB",
+        disk_codec="raw",
+        disk_persist=True,
+        policy_name="lru",
+        policy_sink_tokens=1,
+        policy_recent_tokens=2,
+        policy_prefetch_depth=0,
+    )
+    assert (cfg.block_tokens, cfg.prefill_chunk_tokens) == (32, 7)
+    assert (cfg.gpu.budget_bytes, cfg.host.budget_bytes) == (2**20, 2**21)
+    assert cfg.disk == config.DiskConfig(tmp_path, 1000, "raw", True)
+    assert cfg.policy == config.PolicyConfig("lru", 1, 2, 0)
+    assert set(cfg.sources.values()) == {"override"}
+    assert cfg.specs["disk.path"] == str(tmp_path)
+
+
+def test_unknown_override():
+    message = config_error(gpu_budge="1GiB")
+    assert "unknown override 'gpu_budge'; did you mean 'gpu_budget'?" in message
+    assert "policy_prefetch_depth" in message
+
+
+def test_table_overrides_and_none():
+    cfg = load_config(
+        gpu={"budget": "1GiB"}, policy={"name": "lfu", "sink_tokens": None}, seed=None
+    )
+    assert (cfg.gpu.budget_bytes, cfg.policy.name, cfg.policy.sink_tokens) == (GIB, "lfu", 64)
+    assert cfg.sources["policy.sink_tokens"] == "default"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"gpu": {"budgte": 1}}, "unknown key 'gpu.budgte'"),
+        ({"gpu": "1GiB"}, "gpu = '1GiB' is not a table"),
+        ({"block_tokens": "256"}, "block_tokens = '256' is not a positive multiple of 16"),
+        ({"disk_persist": "true"}, "disk.persist = 'true' is not a boolean; use true or false"),
+    ],
+)
+def test_bad_overrides(overrides, fragment):
+    message = config_error(**overrides)
+    assert fragment in message
+    assert message.endswith("(from override)")
+
+
+# --- precedence, with_overrides, to_dict ----------------------------------------------------------
+
+
+def test_precedence_default_file_env_override(monkeypatch, tmp_path):
+    path = write(
+        tmp_path, '[gpu]\nbudget = "1GiB"\n[host]\nbudget = "1GiB"\n[disk]\nbudget = "1GiB"\n'
+    )
+    monkeypatch.setenv("KVTIER_HOST_BUDGET", "2GiB")
+    monkeypatch.setenv("KVTIER_DISK_BUDGET", "2GiB")
+    cfg = load_config(path, disk_budget="3GiB")
+    assert cfg.block_tokens == 256 and cfg.sources["block_tokens"] == "default"
+    assert cfg.gpu.budget_bytes == GIB and cfg.sources["gpu.budget"] == f"file {path}"
+    assert cfg.host.budget_bytes == 2 * GIB
+    assert cfg.sources["host.budget"] == "env KVTIER_HOST_BUDGET"
+    assert cfg.disk.budget_bytes == 3 * GIB and cfg.sources["disk.budget"] == "override"
+    assert cfg.specs["disk.budget"] == "3GiB"
+
+
+def test_with_overrides_keeps_sources_and_remeasures(monkeypatch, tmp_path):
+    path = write(tmp_path, '[host]\nbudget = "10%"\n')
+    monkeypatch.setenv("KVTIER_BLOCK_TOKENS", "64")
+    cfg = load_config(path)
+    monkeypatch.setenv("KVTIER_BLOCK_TOKENS", "32")  # not read again: env was a layer of cfg
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=GIB))
+    again = cfg.with_overrides(gpu_budget="5MiB")
+    assert again.gpu.budget_bytes == 5 * 2**20 and again.sources["gpu.budget"] == "override"
+    assert again.host.budget_bytes == GIB // 10 and again.sources["host.budget"] == f"file {path}"
+    assert again.block_tokens == 64 and again.sources["block_tokens"] == "env KVTIER_BLOCK_TOKENS"
+    assert cfg.gpu.budget_bytes == int(GPU_FREE * 0.4)  # the original is unchanged
+    with pytest.raises(ConfigError, match="unknown override 'nope'"):
+        cfg.with_overrides(nope=1)
+
+
+def test_with_overrides_on_a_hand_built_config(tmp_path):
+    cfg = config.Config(
+        16,
+        16,
+        config.GpuConfig(1),
+        config.HostConfig(2),
+        config.DiskConfig(tmp_path, 0, "raw", False),
+        config.PolicyConfig("lru", 0, 0, 0),
+    )
+    assert cfg.with_overrides(block_tokens=32) == dataclasses.replace(cfg, block_tokens=32)
+
+
+def test_relative_disk_path_is_relative_to_the_file_or_cwd(monkeypatch, tmp_path):
+    sub = tmp_path / "configs"
+    sub.mkdir()
+    path = write(sub, '[disk]\npath = "../store"\n')
+    assert load_config(path).disk.path == tmp_path / "store"
+    monkeypatch.chdir(sub)
+    assert load_config(disk_path="store").disk.path == sub / "store"
+
+
+def test_to_dict_is_json_ready():
+    data = json.loads(json.dumps(load_config(host_budget=1000).to_dict()))
+    assert data["host"] == {"budget_bytes": 1000}
+    assert data["disk"]["path"].endswith("/.cache/kvtier")
+    assert data["sources"]["host.budget"] == "override"
+    assert data["specs"]["gpu.budget"] == "auto"
+    assert set(data) == {
+        "block_tokens",
+        "prefill_chunk_tokens",
+        "gpu",
+        "host",
+        "disk",
+        "policy",
+    } | {
+        "sources",
+        "specs",
+    }
+
+
+def test_format_size():
+    assert config.format_size(512) == "512 B"
+    assert config.format_size(3435973836) == "3.20 GiB"
+    assert config.format_size(2**40) == "1.00 TiB"
