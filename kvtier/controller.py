@@ -8,6 +8,7 @@ assembles each layer's full, position-ordered K/V in a staging buffer ("prefetch
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class _Step:
     new: int  # tokens this step appends
     blocks: list[BlockMeta]  # blocks receiving the new tokens, in order
     layers_done: int = 0
+    new_kv: list[torch.Tensor] = field(default_factory=list)  # per layer, when batched
 
 
 @dataclass
@@ -133,6 +135,10 @@ class TierController:
         self._disk_writes: list[tuple[BlockMeta, object]] = []  # (block, future)
         self._step_writes: list[Ticket] = []  # this step's tokens going straight to host
         self.counters = _Counters()
+        self._placement = 0  # bumped on every slot change; keys the cached gather views
+        self._views: dict[int, tuple] = {}
+        self._batched_writes = False
+        self._open_views: dict[int, tuple] = {}
         self._check_minimum()
 
     # -- public API: the step cycle ------------------------------------------------------------
@@ -183,6 +189,9 @@ class TierController:
             blocks.append(block)
             pos += take
         self._step = _Step(start=self.tokens, new=new_tokens, blocks=blocks)
+        self._batched_writes = self.gpu.single_device and all(
+            Tier.GPU in b.slots for b in blocks
+        )
 
     def abort_step(self) -> None:
         """Undo a step whose forward failed midway: no half-written tokens stay behind."""
@@ -251,32 +260,27 @@ class TierController:
                 "recomputed inside this cache. Re-run the prompt (the corrupt file is quarantined)"
             )
         stage = self.staging.buffer(layer)
-        # [q, batch, kv_heads, head_dim] token-major, K and V side by side like the slots
-        new_kv = torch.stack((keys, values), dim=0).permute(3, 0, 1, 2, 4)
         end = step.start + step.new
+        # [q, batch, kv_heads, head_dim] token-major, K and V side by side like the slots
+        new_kv = torch.stack((keys, values)).permute(3, 0, 1, 2, 4)
         stage[step.start : end].copy_(new_kv)
-        pos = step.start
-        to_host: list[Copy] = []
-        for block in step.blocks:
-            first = pos - block.index * self.block_tokens
-            take = min(block.tokens - first, end - pos)
-            if Tier.GPU in block.slots:
-                view = self.gpu.layer_view(block.slots[Tier.GPU], layer)
-                view[first : first + take].copy_(stage[pos : pos + take])
-            else:
-                view = self.host.layer_view(block.slots[Tier.HOST], layer)
-                to_host.append((stage[pos : pos + take], view[first : first + take]))
-                self.counters.tiers[Tier.HOST].bytes_written += take * self.layout.token_bytes
-            pos += take
-        if to_host:
-            ticket = self.mover.write_through(self.shape.layer_devices[layer], to_host)
-            self._step_writes.append(ticket)
-        self.counters.tiers[Tier.GPU].bytes_written += new_kv.numel() * new_kv.element_size()
+        if self._batched_writes:
+            # GPU slots get every layer's new tokens in one copy at the end of the step
+            step.new_kv.append(new_kv)
+        else:
+            self._write_new_tokens(step, layer, stage)
+        self.counters.tiers[Tier.GPU].bytes_written += step.new * self.layout.token_bytes
         step.layers_done += 1
         if step.layers_done == len(self.shape.layer_ids):
             self._end_step()
-        kv = stage[:end]
-        return kv[:, 0].permute(1, 2, 0, 3), kv[:, 1].permute(1, 2, 0, 3)
+        # [batch, kv_heads, tokens, head_dim] strided views of the token-major buffer
+        b, h, d = self.shape.batch, self.shape.kv_heads, self.shape.head_dim
+        size, stride = (b, h, end, d), (h * d, d, 2 * b * h * d, 1)
+        offset = stage.storage_offset()
+        return (
+            torch.as_strided(stage, size, stride, offset),
+            torch.as_strided(stage, size, stride, offset + b * h * d),
+        )
 
     # -- public API: edits ---------------------------------------------------------------------
     def crop(self, tokens: int) -> None:
@@ -460,10 +464,20 @@ class TierController:
         self.host.require(1, "one block")
 
     def _fit_staging(self, tokens: int) -> None:
-        """Grow staging to `tokens` positions, shrinking the slot pool to keep within budget."""
+        """Grow staging to `tokens` positions, shrinking the slot pool to keep within budget.
+
+        Grows with 1/8 headroom when that costs no resident block, so decode does not
+        reallocate staging (and drop its prefetches) at every block boundary.
+        """
+        if tokens <= self.staging.capacity_tokens:
+            return
+        step_blocks = len(self._step.blocks) if self._step else 1
+        resident = self.gpu.used_slots * self.layout.slot_bytes
+        roomy = tokens + tokens // 8
+        if self.gpu_budget_bytes - self.staging.bytes_for(roomy) >= resident:
+            tokens = roomy
         staging = self.staging.bytes_for(tokens)
         pool_budget = self.gpu_budget_bytes - staging
-        step_blocks = len(self._step.blocks) if self._step else 1
         if pool_budget < step_blocks * self.layout.slot_bytes:
             need = staging + step_blocks * self.layout.slot_bytes
             raise BudgetError(
@@ -599,10 +613,45 @@ class TierController:
         while self._disk_writes:
             self._reap_disk_writes(wait=True)
 
+    def _write_new_tokens(self, step: _Step, layer: int, stage: torch.Tensor) -> None:
+        """Copy one layer's new tokens from staging into their blocks' GPU or host slots."""
+        end = step.start + step.new
+        pos = step.start
+        to_host: list[Copy] = []
+        for block in step.blocks:
+            first = pos - block.index * self.block_tokens
+            take = min(block.tokens - first, end - pos)
+            if Tier.GPU in block.slots:
+                view = self.gpu.layer_view(block.slots[Tier.GPU], layer)
+                view[first : first + take].copy_(stage[pos : pos + take])
+            else:
+                view = self.host.layer_view(block.slots[Tier.HOST], layer)
+                to_host.append((stage[pos : pos + take], view[first : first + take]))
+                self.counters.tiers[Tier.HOST].bytes_written += take * self.layout.token_bytes
+            pos += take
+        if to_host:
+            ticket = self.mover.write_through(self.shape.layer_devices[layer], to_host)
+            self._step_writes.append(ticket)
+
+    def _write_batched(self, step: _Step) -> None:
+        """All layers' new tokens `[layers, q, 2, batch, kv_heads, head_dim]` into GPU slots."""
+        new_kv = torch.stack(step.new_kv)
+        pos = step.start
+        for block in step.blocks:
+            first = pos - block.index * self.block_tokens
+            take = min(block.tokens - first, step.start + step.new - pos)
+            at = pos - step.start
+            self.gpu.slot_view(block.slots[Tier.GPU])[:, first : first + take].copy_(
+                new_kv[:, at : at + take]
+            )
+            pos += take
+
     def _end_step(self) -> None:
         step = self._step
         assert step is not None
         self._step = None
+        if step.new_kv:
+            self._write_batched(step)
         for ticket in self._step_writes:
             self.mover.finish(ticket)
         self._step_writes.clear()
@@ -743,10 +792,12 @@ class TierController:
     # -- gather --------------------------------------------------------------------------------
     def _invalidate_plan(self) -> None:
         self._plan = None
+        self._placement += 1
 
     def _invalidate(self) -> None:
         self.epoch += 1
         self._plan = None
+        self._placement += 1
         self._prefetched.clear()
 
     def _runs(self) -> list[tuple[Tier, int, int, int, int]]:
@@ -770,6 +821,7 @@ class TierController:
             last = runs[-1] if runs else None
             if (
                 last is not None
+                and tokens == bt  # the open block always gets its own run (its copy changes)
                 and last[0] is tier
                 and last[4] == last[2] * bt
                 and pool.contiguous(last[1] + last[2] - 1, slot)
@@ -783,18 +835,48 @@ class TierController:
         return plan
 
     def _gather(self, layer: int) -> Ticket:
+        """Queue the copies that assemble `layer`'s committed K/V in its staging buffer.
+
+        The views of whole-block runs are built once per placement and reused every step;
+        only the open (partly filled) block's copy is made anew.
+        """
         stage = self.staging.buffer(layer)
-        copies: list[Copy] = []
-        reads: list[DiskRead] = []
-        for tier, first, count, pos, tokens in self._runs():
-            dst = stage[pos : pos + tokens]
-            if tier is Tier.DISK:
-                bid = self.table[first].block_id
-                reads.append((lambda out, bid=bid: self._disk_read(bid, layer, out), dst))
-                continue
-            pool = self.gpu if tier is Tier.GPU else self.host
-            copies.append((pool.run_view(first, count, layer)[:tokens], dst))
-            nbytes = tokens * self.layout.token_bytes
-            self.counters.tiers[tier].bytes_read += nbytes
+        runs = self._runs()
+        open_run = runs[-1] if runs and runs[-1][4] < runs[-1][2] * self.block_tokens else None
+        full = runs[:-1] if open_run is not None else runs
+        key = (self._placement, self.tokens // self.block_tokens, id(stage))
+        cached = self._views.get(layer)
+        if cached is None or cached[0] != key:
+            copies: list[Copy] = []
+            disk: list[tuple[str, int, int]] = []
+            nbytes = {Tier.GPU: 0, Tier.HOST: 0, Tier.DISK: 0}
+            for tier, first, count, pos, tokens in full:
+                nbytes[tier] += tokens * self.layout.token_bytes
+                if tier is Tier.DISK:
+                    disk.append((self.table[first].block_id, pos, tokens))
+                    continue
+                pool = self.gpu if tier is Tier.GPU else self.host
+                copies.append((pool.run_view(first, count, layer), stage[pos : pos + tokens]))
+            cached = (key, copies, disk, nbytes)
+            self._views[layer] = cached
+        _, copies, disk, nbytes = cached
+        reads: list[DiskRead] = [
+            (functools.partial(self._disk_read, bid, layer), stage[pos : pos + tokens])
+            for bid, pos, tokens in disk
+        ]
+        if open_run is not None:
+            tier, first, _, pos, tokens = open_run
+            open_key = (self._placement, tier, first)
+            cached_open = self._open_views.get(layer)
+            if cached_open is None or cached_open[0] != open_key:
+                pool = self.gpu if tier is Tier.GPU else self.host
+                cached_open = (open_key, pool.run_view(first, 1, layer))
+                self._open_views[layer] = cached_open
+            src = cached_open[1]
+            copies = [*copies, (src[:tokens], stage[pos : pos + tokens])]
+            self.counters.tiers[tier].bytes_read += tokens * self.layout.token_bytes
+        for tier, count in nbytes.items():
+            if tier is not Tier.DISK:
+                self.counters.tiers[tier].bytes_read += count
         self.counters.gathers += 1
-        return self.mover.gather(self.shape.layer_devices[layer], copies, reads)
+        return self.mover.gather(self.shape.layer_devices[layer], copies, reads, target=stage)

@@ -1,4 +1,4 @@
-"""`kvtier demo`: a tiny random Llama generates through GPU, host and disk, checked against DynamicCache.
+"""`kvtier demo`: a tiny random Llama generates through GPU, host and disk; DynamicCache checks it.
 
 Builds everything locally (no downloads) and returns a DemoResult; it never prints (cli.py does).
 """
@@ -71,7 +71,7 @@ def three_tier_budgets(
     gpu_blocks: int,
     host_blocks: int,
 ) -> dict[str, int]:
-    """Budgets (bytes) that leave `gpu_blocks` resident on the GPU, `host_blocks` on host, the rest on disk.
+    """Budgets (bytes) leaving `gpu_blocks` on the GPU, `host_blocks` on host, the rest on disk.
 
     `per_layer_token_bytes` = 2 (K and V) * batch * kv_heads * head_dim * itemsize; `tiered_layers`
     counts full-attention layers only (sliding-window layers stay on the device, untiered). The GPU
@@ -201,7 +201,7 @@ def run_demo(
 
 
 def format_demo(result: DemoResult) -> str:
-    """A short table: blocks and bytes per tier, tok/s of both runs, and whether the tokens match."""
+    """A short table: blocks and bytes per tier, speed of both runs, whether the tokens match."""
     lines = [
         f"kvtier demo: tiny random Llama, {result.prompt_tokens}-token prompt, "
         f"{result.new_tokens} new tokens, {result.seconds:.1f} s",
@@ -271,7 +271,7 @@ class _StepClock(LogitsProcessor):
 def _generate(
     model: PreTrainedModel, prompt: torch.Tensor, cache: Cache, new_tokens: int
 ) -> tuple[torch.Tensor, float, float]:
-    """Greedy generate() through `cache`; returns the sequences, prefill seconds and decode tok/s."""
+    """Greedy generate() through `cache`: the sequences, prefill seconds and decode tok/s."""
     clock = _StepClock()
     started = time.perf_counter()
     sequences = model.generate(

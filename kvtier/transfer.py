@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,16 +49,27 @@ class Mover:
         self.d2h_bytes = 0
         self.d2d_bytes = 0
         self.wait_s = 0.0
+        self._d2h_dirty: dict[torch.device, bool] = {}
+        # buffers whose stream use is recorded, held weakly so a dropped buffer is freed
+        self._recorded: weakref.WeakValueDictionary[int, torch.Tensor] = (
+            weakref.WeakValueDictionary()
+        )
 
     # -- staging -------------------------------------------------------------------------------
     def gather(
-        self, device: torch.device, copies: Sequence[Copy], reads: Sequence[DiskRead] = ()
+        self,
+        device: torch.device,
+        copies: Sequence[Copy],
+        reads: Sequence[DiskRead] = (),
+        *,
+        target: torch.Tensor | None = None,
     ) -> Ticket:
         """Start filling staging: `copies` from GPU/host slots, `reads` from disk.
 
         Returns at once on CUDA (copies queued on the copy stream behind the compute stream's
         current work, so a buffer that attention is still reading is not overwritten). Disk reads
         start in the thread pool; on CUDA they land in pinned bounce buffers and go up in `wait`.
+        `target` is the buffer all destinations are views of (marked in use by the stream once).
         """
         ticket = Ticket(device)
         for read, dst in reads:
@@ -69,20 +81,23 @@ class Mover:
         if device.type != "cuda":
             for src, dst in copies:
                 dst.copy_(src)
-                self._count(src, dst)
+            self._count_all(copies)
             return ticket
         stream = self._stream(self._copy_streams, device)
         stream.wait_stream(torch.cuda.current_stream(device))
         # staging buffers are also read by D2H writes of fresh tokens: do not overwrite them early
-        if device in self._d2h_streams:
+        if self._d2h_dirty.pop(device, False):
             stream.wait_stream(self._d2h_streams[device])
+        if target is not None and id(target) not in self._recorded:
+            # once per buffer: its memory is not reused while this stream may still write it
+            target.record_stream(stream)
+            self._recorded[id(target)] = target
         with torch.cuda.stream(stream):
             for src, dst in copies:
                 dst.copy_(src, non_blocking=True)
-                dst.record_stream(stream)
-                self._count(src, dst)
             ticket.event = torch.cuda.Event()
             ticket.event.record(stream)
+        self._count_all(copies)
         return ticket
 
     def wait(self, ticket: Ticket) -> bool:
@@ -126,6 +141,7 @@ class Mover:
                 self._count(src, dst)
             ticket.event = torch.cuda.Event()
             ticket.event.record(stream)
+        self._d2h_dirty[device] = True
         return ticket
 
     def copy_now(self, copies: Sequence[Copy]) -> None:
@@ -166,6 +182,10 @@ class Mover:
         if device not in streams:
             streams[device] = torch.cuda.Stream(device)
         return streams[device]
+
+    def _count_all(self, copies: Sequence[Copy]) -> None:
+        for src, dst in copies:
+            self._count(src, dst)
 
     def _count(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         nbytes = src.numel() * src.element_size()

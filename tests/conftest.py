@@ -1,6 +1,7 @@
-"""Shared test pieces: tiny random HF models built from configs, three-tier budgets, the DynamicCache oracle.
+"""Shared test pieces: tiny random HF models, three-tier budgets, the DynamicCache oracle.
 
-Helpers are plain functions (`from conftest import ...`); fixtures are `tiny_model` and the `gpu` skip.
+Helpers are plain functions (`from conftest import ...`); the fixture is `tiny_model`; tests
+marked `gpu` skip without CUDA.
 """
 
 from __future__ import annotations
@@ -54,9 +55,8 @@ def tiny_config(kind: str, **overrides: Any) -> PreTrainedConfig:
     if kind == "llama":
         config = LlamaConfig(**{**common, **overrides})
     elif kind == "qwen3":
-        config = Qwen3Config(
-            **{**common, "head_dim": 32, **overrides}
-        )  # head_dim != hidden / heads
+        # head_dim 32 != hidden / heads: the shapes must come from head_dim, not hidden_size
+        config = Qwen3Config(**{**common, "head_dim": 32, **overrides})
     elif kind == "mistral":
         config = MistralConfig(**{**common, "sliding_window": None, **overrides})
     elif kind == "mistral_sliding":
@@ -185,8 +185,8 @@ def tier_budgets(
     """`gpu_budget`, `host_budget`, `disk_budget` (bytes) that leave `gpu_blocks` resident on the
     GPU, `host_blocks` on host and the rest of ceil(total_tokens / block_tokens) blocks on disk.
 
-    `batch_size` is rows x num_beams; `dtype` that of the KV (the model's). A model with no full-attention layer tiers nothing; it gets
-    small non-zero budgets so the config stays valid.
+    `batch_size` is rows x num_beams; `dtype` is the KV's (the model's). A model with no
+    full-attention layer tiers nothing; it gets small non-zero budgets so the config stays valid.
     """
     layers = tiered_layer_count(config)
     budgets = three_tier_budgets(
@@ -360,10 +360,12 @@ def assert_same_generation(expected: Any, got: Any, *, atol: float = ATOL) -> No
 
 
 def assert_all_tiers_used(stats: dict[str, Any]) -> None:
-    """GPU, host and disk each hold at least one block, and something was written to disk."""
+    """GPU, host and disk each hold at least one block, and disk blocks were written and read
+    back (so the K/V compared really came through the disk tier)."""
     blocks = {tier: stats[tier]["blocks"] for tier in ("gpu", "host", "disk")}
     assert all(count > 0 for count in blocks.values()), f"a tier holds no block: {blocks}"
     assert stats["disk"]["bytes_written"] > 0, f"nothing written to disk: {stats['disk']}"
+    assert stats["disk"]["bytes_read"] > 0, f"nothing read back from disk: {stats['disk']}"
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -22,6 +22,10 @@ def test_tiny_matrix_on_gpu(tiny_model, tmp_path, kind, dtype):
     ids = random_prompt(300).cuda()
     expected = reference_generate(model, ids, max_new_tokens=16)
     cfg = tiered_config(config, tmp_path, 316, gpu_blocks=6, host_blocks=8)
+    if dtype == torch.bfloat16:  # budgets were sized for fp32 blocks
+        cfg = cfg.with_overrides(
+            gpu_budget=cfg.gpu.budget_bytes // 2, host_budget=cfg.host.budget_bytes // 2
+        )
     got, stats = tiered_generate(model, cfg, ids, max_new_tokens=16)
     assert torch.equal(expected.sequences, got.sequences)
     atol = 1e-4 if dtype == torch.float32 else 0.05
@@ -29,8 +33,9 @@ def test_tiny_matrix_on_gpu(tiny_model, tmp_path, kind, dtype):
         (a.float() - b.float()).abs().max().item() for a, b in zip(expected.logits, got.logits)
     )
     assert diff <= atol, f"max logit diff {diff}"
-    for tier in ("gpu", "host", "disk"):
-        assert stats[tier]["blocks"] > 0, stats
+    if kind != "mistral_sliding":  # every layer sliding: a bounded cache, nothing tiered
+        for tier in ("gpu", "host", "disk"):
+            assert stats[tier]["blocks"] > 0, stats
 
 
 def test_host_slabs_are_pinned_exactly(tiny_model, tmp_path):

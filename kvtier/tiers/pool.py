@@ -71,7 +71,8 @@ class SlabPool:
         self.layout = layout
         self.budget_bytes = budget_bytes
         if slab_slots is None:
-            target = min(max_slab_bytes, max(budget_bytes // 8, layout.slot_bytes))
+            # few slabs keep slot runs long (one copy each); a quarter of the budget, up to 1 GiB
+            target = min(max_slab_bytes, max(budget_bytes // 4, layout.slot_bytes))
             slab_slots = max(1, target // layout.slot_bytes)
         self.slab_slots = slab_slots
         # device -> (positions of this pool's layers on it); layer -> (device, local index)
@@ -137,6 +138,16 @@ class SlabPool:
         group, local = self._local[layer]
         view = self._slabs[slab_index][group][local, first : first + count]
         return view.reshape(count * self.layout.block_tokens, *self.layout.token_shape)
+
+    @property
+    def single_device(self) -> bool:
+        return len(self._devices) == 1
+
+    def slot_view(self, slot: int) -> torch.Tensor:
+        """`[layers, block_tokens, 2, batch, kv_heads, head_dim]` of one slot (one device only)."""
+        assert self.single_device
+        index, offset = divmod(slot, self.slab_slots)
+        return self._slabs[index][0][:, offset]
 
     def contiguous(self, a: int, b: int) -> bool:
         """True if slot b directly follows slot a inside one slab (one copy can move both)."""
