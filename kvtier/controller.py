@@ -768,6 +768,8 @@ class TierController:
             self._free_copy(block, tier)
 
     def _rewrite_disk(self, block: BlockMeta, old_id: str, beam_idx: torch.Tensor) -> None:
+        if block.block_id == old_id:
+            return  # rows unchanged by this reorder (e.g. the prompt all beams share)
         tensors = {}
         for i, lid in enumerate(self.shape.layer_ids):
             buf = torch.empty((self.block_tokens, *self.layout.token_shape), dtype=self.shape.dtype)
@@ -775,8 +777,6 @@ class TierController:
                 raise StoreCorruptError(f"disk block {old_id} is missing or corrupt (quarantined)")
             tensors[f"l{lid}.kv"] = buf.index_select(2, beam_idx.to("cpu"))
         parent = self.table[block.index - 1].block_id if block.index else None
-        if block.block_id == old_id:
-            return  # rows unchanged by this reorder
         self.disk.write_block(block.block_id, tensors, parent_id=parent)
         if not self.cfg.disk.persist:
             self.disk.delete(old_id)

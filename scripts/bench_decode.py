@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor
 
 import kvtier
+from kvtier.transfer import Mover
 
 GiB = 1 << 30
 
@@ -135,6 +136,8 @@ def bench(args, out_dir: Path) -> list[dict]:
         if device.type == "cuda":  # HF's offloaded cache needs CUDA streams
             kinds.append(("DynamicCache(offloading=True)", None))
         kinds += [(f"kvtier {int(r * 100)}% resident", r) for r in args.resident]
+        if args.d2d_variant and device.type == "cuda":
+            kinds.append(("kvtier 100% resident, D2D on copy stream", 1.0))
         reference = None
         for name, resident in kinds:
             result = None
@@ -142,7 +145,10 @@ def bench(args, out_dir: Path) -> list[dict]:
                 if resident is None:
                     cache = DynamicCache(offloading="offloading" in name)
                 else:
-                    cache = kvtier.TieredCache(model, kvtier_config(args, model, context, resident, store))
+                    Mover.d2d_on_compute = "copy stream" not in name
+                    cache = kvtier.TieredCache(
+                        model, kvtier_config(args, model, context, resident, store)
+                    )
                 out, result = run_generate(model, ids, cache, args.new_tokens, args.chunk)
                 if resident is not None:
                     stats = cache.stats()
@@ -247,6 +253,31 @@ def deterministic_fp32(args, out_dir: Path) -> dict:
     return result
 
 
+def profile_decode(args, out_dir: Path) -> None:
+    """cProfile of one kvtier generate (host time per function), for finding per-layer overhead."""
+    import cProfile
+    import io
+    import pstats
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(args, dtype)
+    context = args.contexts[-1]
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+    store = tempfile.mkdtemp(prefix="kvtier-prof-")
+    for attempt in range(2):
+        cache = kvtier.TieredCache(model, kvtier_config(args, model, context, 0.25, store))
+        profiler = cProfile.Profile()
+        if attempt:
+            profiler.enable()
+        run_generate(model, ids, cache, args.new_tokens, args.chunk)
+        profiler.disable()
+        cache.close()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+    (out_dir / "profile.txt").write_text(text.getvalue())
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| context | cache | decode ms/step | tok/s | TTFT s | peak GiB | GPU-resident blocks | "
@@ -275,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--fidelity-context", type=int, default=8192)
     p.add_argument("--fp32-layers", type=int, default=8)
-    p.add_argument("--skip", default="", help="comma list of: bench,teacher,fp32")
+    p.add_argument("--skip", default="", help="comma list of: bench,teacher,fp32,profile")
+    p.add_argument("--d2d-variant", action="store_true", help="also time D2D on the copy stream")
     p.add_argument("--out", default="bench-out")
     args = p.parse_args(argv)
     out_dir = Path(args.out)
@@ -290,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown(rows)
         (out_dir / "bench.md").write_text(table + "\n")
         print(table)
+    if "profile" not in skip:
+        profile_decode(args, out_dir)
     return 0
 
 

@@ -102,6 +102,7 @@ class TieredCache(Cache):
 
     # -- HF Cache surface ----------------------------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:
+        tokens_to_remove = int(tokens_to_remove)  # transformers 5.17 passes a 0-d tensor
         if tokens_to_remove > 0:
             raise ValueError(
                 f"crop({tokens_to_remove}): pass a negative number of tokens to remove, as "
