@@ -183,15 +183,13 @@ class TierController:
                     chunk = ids[:, pos - self.tokens : pos - self.tokens + take].tolist()
                     if not block.token_ids:
                         block.token_ids = [[] for _ in range(self.shape.batch)]
-                    for row, extra in zip(block.token_ids, chunk):
+                    for row, extra in zip(block.token_ids, chunk, strict=True):
                         row.extend(extra)
             block.tokens += take
             blocks.append(block)
             pos += take
         self._step = _Step(start=self.tokens, new=new_tokens, blocks=blocks)
-        self._batched_writes = self.gpu.single_device and all(
-            Tier.GPU in b.slots for b in blocks
-        )
+        self._batched_writes = self.gpu.single_device and all(Tier.GPU in b.slots for b in blocks)
 
     def abort_step(self) -> None:
         """Undo a step whose forward failed midway: no half-written tokens stay behind."""
@@ -771,7 +769,7 @@ class TierController:
         if block.block_id == old_id:
             return  # rows unchanged by this reorder (e.g. the prompt all beams share)
         tensors = {}
-        for i, lid in enumerate(self.shape.layer_ids):
+        for lid in self.shape.layer_ids:
             buf = torch.empty((self.block_tokens, *self.layout.token_shape), dtype=self.shape.dtype)
             if not self.disk.read_tensor_into(old_id, f"l{lid}.kv", buf):
                 raise StoreCorruptError(f"disk block {old_id} is missing or corrupt (quarantined)")

@@ -44,15 +44,25 @@ class StepClock(LogitsProcessor):
 def build_model(args, dtype: torch.dtype, layers: int | None = None) -> LlamaForCausalLM:
     if args.tiny:
         cfg = LlamaConfig(
-            hidden_size=128, intermediate_size=256, num_hidden_layers=layers or 4,
-            num_attention_heads=8, num_key_value_heads=2, vocab_size=1024,
-            max_position_embeddings=65536, initializer_range=0.2,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=layers or 4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=1024,
+            max_position_embeddings=65536,
+            initializer_range=0.2,
         )
     else:  # Llama-3-8B shape
         cfg = LlamaConfig(
-            hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers or 32,
-            num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-            max_position_embeddings=262144, rope_theta=500000.0,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=layers or 32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=262144,
+            rope_theta=500000.0,
         )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -106,12 +116,17 @@ def run_generate(model, ids, cache, new_tokens: int, chunk: int):
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
-            ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, logits_processor=[clock], prefill_chunk_size=chunk,
+            ids,
+            past_key_values=cache,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=[clock],
+            prefill_chunk_size=chunk,
             pad_token_id=0,
         )
     total = time.perf_counter() - start
-    steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    steps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
     peak = torch.cuda.max_memory_allocated() / GiB if ids.device.type == "cuda" else 0.0
     return out, {
         "ttft_s": clock.times[0] - start,
@@ -141,7 +156,7 @@ def bench(args, out_dir: Path) -> list[dict]:
         reference = None
         for name, resident in kinds:
             result = None
-            for attempt in ("warm-up", "measured"):
+            for _attempt in ("warm-up", "measured"):
                 if resident is None:
                     cache = DynamicCache(offloading="offloading" in name)
                 else:
@@ -155,8 +170,8 @@ def bench(args, out_dir: Path) -> list[dict]:
                     result["gpu_blocks"] = stats["gpu"]["blocks"]
                     result["blocks"] = stats["blocks"]
                     result["streamed_bytes_per_step"] = (
-                        (stats["blocks"] - stats["gpu"]["blocks"]) * stats["block_bytes"]
-                    )
+                        stats["blocks"] - stats["gpu"]["blocks"]
+                    ) * stats["block_bytes"]
                     result["floor_ms"] = 1e3 * result["streamed_bytes_per_step"] / 55e9
                     result["kv_gpu_gib"] = stats["gpu"]["bytes_used"] / GiB
                     cache.close()
@@ -167,10 +182,13 @@ def bench(args, out_dir: Path) -> list[dict]:
             if reference is None:
                 reference = tokens
             result.update(
-                context=context, cache=name, weights_gib=weights_gib,
+                context=context,
+                cache=name,
+                weights_gib=weights_gib,
                 tokens_match_dynamic=tokens == reference,
                 first_divergence=next(
-                    (i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), None
+                    (i for i, (a, b) in enumerate(zip(tokens, reference, strict=False)) if a != b),
+                    None,
                 ),
             )
             rows.append(result)
@@ -216,9 +234,10 @@ def teacher_forced(args, out_dir: Path) -> dict:
         "kvtier_gpu_blocks": stats["gpu"]["blocks"],
         "kvtier_blocks": stats["blocks"],
     }
-    result["pass"] = result["kvtier_vs_dynamic_max_abs"] <= max(
-        result["dynamic_vs_dynamic_max_abs"], 0.0
-    ) or result["kvtier_vs_dynamic_max_abs"] <= (dc1 - dc2).abs().max().item()
+    result["pass"] = (
+        result["kvtier_vs_dynamic_max_abs"] <= max(result["dynamic_vs_dynamic_max_abs"], 0.0)
+        or result["kvtier_vs_dynamic_max_abs"] <= (dc1 - dc2).abs().max().item()
+    )
     print(json.dumps(result), flush=True)
     (out_dir / "teacher_forced.json").write_text(json.dumps(result, indent=1))
     return result
@@ -299,8 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
-    p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768])
-    p.add_argument("--resident", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 0.25, 0.0])
+    p.add_argument(
+        "--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768]
+    )
+    p.add_argument(
+        "--resident", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 0.25, 0.0]
+    )
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--block-tokens", type=int, default=256)
     p.add_argument("--chunk", type=int, default=2048)

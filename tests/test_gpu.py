@@ -30,7 +30,8 @@ def test_tiny_matrix_on_gpu(tiny_model, tmp_path, kind, dtype):
     assert torch.equal(expected.sequences, got.sequences)
     atol = 1e-4 if dtype == torch.float32 else 0.05
     diff = max(
-        (a.float() - b.float()).abs().max().item() for a, b in zip(expected.logits, got.logits)
+        (a.float() - b.float()).abs().max().item()
+        for a, b in zip(expected.logits, got.logits, strict=True)
     )
     assert diff <= atol, f"max logit diff {diff}"
     if kind != "mistral_sliding":  # every layer sliding: a bounded cache, nothing tiered

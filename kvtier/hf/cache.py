@@ -91,7 +91,9 @@ class TieredCache(Cache):
         layers: list[CacheLayerMixin] = []
         for window in self.spec.sliding_windows:
             if window is None:
-                layers.append(TieredLayer(self, len([x for x in layers if isinstance(x, TieredLayer)])))
+                layers.append(
+                    TieredLayer(self, len([x for x in layers if isinstance(x, TieredLayer)]))
+                )
             else:
                 layers.append(DynamicSlidingWindowLayer(sliding_window=window))
         super().__init__(layers=layers)

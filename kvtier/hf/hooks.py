@@ -104,7 +104,9 @@ def _chunked(cache: TieredCache, original, kwargs: dict, total: int, chunk: int)
         for name in _SEQ_KWARGS:
             value = kwargs.get(name)
             if isinstance(value, torch.Tensor):
-                part[name] = value[..., start:end] if name != "inputs_embeds" else value[:, start:end]
+                part[name] = (
+                    value[..., start:end] if name != "inputs_embeds" else value[:, start:end]
+                )
         if mask is not None:
             part["attention_mask"] = mask[:, : mask.shape[1] - total + end]
         last = end == total
