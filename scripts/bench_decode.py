@@ -218,26 +218,34 @@ def teacher_forced(args, out_dir: Path) -> dict:
                 logits.append(out.logits[0, -1].float())
         return torch.stack(logits)
 
-    dc1 = run(DynamicCache())
-    dc2 = run(DynamicCache())
+    dynamic = [run(DynamicCache()) for _ in range(3)]
     cache = kvtier.TieredCache(model, kvtier_config(args, model, context, 0.25, store))
     kv = run(cache)
     stats = cache.stats()
     cache.close()
+
+    def spread(a: torch.Tensor, b: torch.Tensor) -> dict:
+        diff = (a - b).abs()
+        return {"max_abs": diff.max().item(), "mean_abs": diff.mean().item()}
+
+    pairs = [(i, j) for i in range(3) for j in range(i + 1, 3)]
+    dyn = [spread(dynamic[i], dynamic[j]) for i, j in pairs]
+    ours = [spread(kv, d) for d in dynamic]
     result = {
         "context": context,
         "steps": args.new_tokens,
         "dtype": str(dtype),
-        "dynamic_vs_dynamic_max_abs": (dc1 - dc2).abs().max().item(),
-        "kvtier_vs_dynamic_max_abs": (kv - dc1).abs().max().item(),
-        "kvtier_vs_dynamic2_max_abs": (kv - dc2).abs().max().item(),
+        "dynamic_vs_dynamic": dyn,
+        "kvtier_vs_dynamic": ours,
         "kvtier_gpu_blocks": stats["gpu"]["blocks"],
         "kvtier_blocks": stats["blocks"],
     }
-    result["pass"] = (
-        result["kvtier_vs_dynamic_max_abs"] <= max(result["dynamic_vs_dynamic_max_abs"], 0.0)
-        or result["kvtier_vs_dynamic_max_abs"] <= (dc1 - dc2).abs().max().item()
-    )
+    # kvtier is as close to DynamicCache as DynamicCache is to itself, on average over runs
+    mean_dyn = sum(d["max_abs"] for d in dyn) / len(dyn)
+    mean_ours = sum(d["max_abs"] for d in ours) / len(ours)
+    result["mean_max_abs_dynamic_vs_dynamic"] = mean_dyn
+    result["mean_max_abs_kvtier_vs_dynamic"] = mean_ours
+    result["pass"] = mean_ours <= mean_dyn
     print(json.dumps(result), flush=True)
     (out_dir / "teacher_forced.json").write_text(json.dumps(result, indent=1))
     return result
