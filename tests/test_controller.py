@@ -35,7 +35,7 @@ LAYERS = 3
 KV_HEADS = 2
 HEAD_DIM = 8
 DEPTH = 1  # policy.prefetch_depth: staging holds DEPTH + 1 layers of the whole sequence
-MAX_TOKENS = 160  # the machine's longest sequence: 10 blocks
+MAX_TOKENS = 224  # the machine's longest sequence: 14 blocks
 FILE_OVERHEAD = 2048  # more than a raw block file's header (about 900 bytes for 3 layers)
 
 # Known bugs, each shown by a strict xfail test at the end of this file. The machine steers clear
