@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
 import torch
@@ -85,9 +86,18 @@ class TieredCache(Cache):
     block ids); `close()` removes them. Use one cache per sequence batch.
     """
 
-    def __init__(self, model: torch.nn.Module, config: Config | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, config: Config | str | os.PathLike | None = None
+    ) -> None:
         self.spec = describe(model)
-        self.cfg = config if config is not None else load_config()
+        if config is None or isinstance(config, (str, os.PathLike)):
+            config = load_config(config)
+        elif not isinstance(config, Config):
+            raise KVTierError(
+                f"config must be a kvtier.Config or a TOML path, not {type(config).__name__}; "
+                "use kvtier.load_config(...)"
+            )
+        self.cfg = config
         layers: list[CacheLayerMixin] = []
         for window in self.spec.sliding_windows:
             if window is None:
