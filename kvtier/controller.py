@@ -216,6 +216,8 @@ class TierController:
         current = self._prefetched.get(layer)
         if current is not None and current.key == key:
             return
+        if current is not None:
+            self.mover.finish(current.ticket)
         if self.tokens + 1 > self.staging.capacity_tokens:
             self._fit_staging(self.tokens + 1)
             key = (self.epoch, self.tokens)
@@ -247,7 +249,10 @@ class TierController:
             )
         key = (self.epoch, self.tokens)
         prefetched = self._prefetched.pop(layer, None)
-        if prefetched is None or prefetched.key != key:
+        if prefetched is not None and prefetched.key != key:
+            self.mover.finish(prefetched.ticket)
+            prefetched = None
+        if prefetched is None:
             self.counters.sync_gathers += 1
             start = time.perf_counter()
             prefetched = _Prefetch(self._gather(layer), key)
@@ -333,17 +338,17 @@ class TierController:
         self._invalidate()
 
     def set_budget(self, tier: Tier, budget_bytes: int) -> None:
-        """Change a tier's budget at run time, demoting whatever no longer fits."""
+        """Change a tier's budget at run time, demoting whatever no longer fits.
+
+        A budget that cannot work raises BudgetError and leaves the old budget in force.
+        """
+        if self._step is not None:
+            raise KVTierError("set_budget called in the middle of a forward pass")
+        self._finish_writes()
         if tier is Tier.GPU:
-            self.gpu_budget_bytes = budget_bytes
-            self._check_minimum()
-            self._fit_staging(max(self.tokens, 1))
+            self._set_gpu_budget(budget_bytes)
         elif tier is Tier.HOST:
-            self.host.require(1, "one block")
-            for slot in self.host.set_budget(budget_bytes):
-                block = next(b for b in self.table if b.slots.get(Tier.HOST) == slot)
-                self._evict_host(block, wait=True)
-            self.host.release()
+            self._set_host_budget(budget_bytes)
         else:
             if self.disk is None:
                 raise BudgetError("no disk tier: set disk.budget > 0 when creating the cache")
@@ -354,6 +359,51 @@ class TierController:
                 )
             self.disk.budget_bytes = self.disk_budget_bytes = budget_bytes
         self._invalidate()
+
+    def _set_gpu_budget(self, budget_bytes: int) -> None:
+        old = self.gpu_budget_bytes
+        self.gpu_budget_bytes = budget_bytes
+        try:
+            self._check_minimum()
+            pool_budget = budget_bytes - self.staging.bytes_used
+            if pool_budget < self.layout.slot_bytes:
+                need = self.staging.bytes_used + self.layout.slot_bytes
+                raise BudgetError(
+                    f"gpu budget {budget_bytes} bytes cannot hold the {self.tokens} tokens held "
+                    f"now: staging takes {self.staging.bytes_used} bytes; need at least {need}"
+                )
+        except BudgetError:
+            self.gpu_budget_bytes = old
+            raise
+        old_pool = self.gpu.budget_bytes
+        try:
+            for slot in self.gpu.set_budget(pool_budget):
+                block = next(b for b in self.table if b.slots.get(Tier.GPU) == slot)
+                self._demote_gpu(block)
+        except KVTierError:
+            # blocks demoted so far stay demoted (consistently); the old budget stays in force
+            self.gpu_budget_bytes = old
+            self.gpu.set_budget(old_pool)
+            raise
+        self.gpu.release()
+
+    def _set_host_budget(self, budget_bytes: int) -> None:
+        if budget_bytes < self.host.layout.slot_bytes:
+            raise BudgetError(
+                f"host budget {budget_bytes} bytes is below one block "
+                f"({self.host.layout.slot_bytes} bytes); the host tier needs at least that"
+            )
+        old = self.host.budget_bytes
+        try:
+            for slot in self.host.set_budget(budget_bytes):
+                block = next(b for b in self.table if b.slots.get(Tier.HOST) == slot)
+                self._evict_host(block, wait=False)
+            self._finish_writes()
+        except KVTierError:
+            self._finish_writes()
+            self.host.set_budget(old)
+            raise
+        self.host.release()
 
     def reset(self) -> None:
         """Drop every block in every tier (the store keeps files only when persist = true)."""
@@ -796,6 +846,9 @@ class TierController:
         self.epoch += 1
         self._plan = None
         self._placement += 1
+        # a dropped prefetch may still be writing its staging buffer (disk reads run in threads)
+        for prefetched in self._prefetched.values():
+            self.mover.finish(prefetched.ticket)
         self._prefetched.clear()
 
     def _runs(self) -> list[tuple[Tier, int, int, int, int]]:

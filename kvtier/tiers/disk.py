@@ -543,6 +543,15 @@ class DiskStore:
                 pass  # not empty: other stores' blocks or a writer's temp file
 
     @property
+    def budget_bytes(self) -> int:
+        return self._budget_bytes
+
+    @budget_bytes.setter
+    def budget_bytes(self, value: int) -> None:
+        with self._lock:
+            self._budget_bytes = value
+
+    @property
     def bytes_used(self) -> int:
         """Bytes of the block files this store wrote or adopted and has not deleted."""
         with self._lock:
