@@ -642,17 +642,27 @@ class TierController:
         return written
 
     def _reap_disk_writes(self, wait: bool = False) -> None:
-        keep = []
+        """Settle finished disk writes (and the oldest one, if `wait`): their host slots free up.
+
+        A failed write (disk full, I/O error) is dropped from the queue and raised; its block
+        keeps its host copy, so nothing is lost.
+        """
+        keep, failure = [], None
         for i, (block, future) in enumerate(self._disk_writes):
-            if (wait and i == 0) or future.done():
-                # a failed write raises here; the block keeps its host copy
-                self.counters.tiers[Tier.DISK].bytes_written += future.result()
-                block.slots[Tier.DISK] = 0
-                self._free_copy(block, Tier.HOST)
-                self._invalidate_plan()
-            else:
+            if not ((wait and i == 0) or future.done()):
                 keep.append((block, future))
+                continue
+            try:
+                written = future.result()
+            except KVTierError as error:
+                failure = failure or error
+                continue
+            self.counters.tiers[Tier.DISK].bytes_written += written
+            block.slots[Tier.DISK] = 0
+            self._free_copy(block, Tier.HOST)
         self._disk_writes = keep
+        if failure is not None:
+            raise failure
 
     def _finish_writes(self) -> None:
         for ticket in self._write_through.values():
