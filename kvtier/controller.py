@@ -734,7 +734,13 @@ class TierController:
         for block in blocks:
             if Tier.HOST in block.slots or Tier.GPU not in block.slots:
                 continue  # written straight to host while it filled
-            slot = self._allocate_host()
+            try:
+                slot = self._allocate_host()
+            except BudgetError:
+                # write-through only makes a later demotion free; without host room the block
+                # stays on the GPU alone and is copied down if it is ever demoted
+                log.debug("no host room to write block %d through", block.index)
+                continue
             block.slots[Tier.HOST] = slot
             by_device: dict[torch.device, list[Copy]] = {}
             for i, device in enumerate(self.shape.layer_devices):
@@ -769,6 +775,9 @@ class TierController:
             if slot is None:
                 break
             self._copy_block(block, Tier.GPU, slot)
+            if not block.sealed:
+                # the open block takes new tokens in one place only: drop its host copy
+                self._free_copy(block, Tier.HOST)
             free_gpu -= 1
             moved += 1
         self.counters.promotions += moved

@@ -194,11 +194,11 @@ class SlabPool:
 
     def _grow(self) -> bool:
         if self._slabs and self._slab_counts[-1] < self.slab_slots:
-            # a short last slab (cut by the budget) blocks growth until it can be replaced
+            # a short last slab (cut by the budget) is replaced when empty; when in use, the next
+            # slab starts at the next slab boundary and the short one keeps a gap of slot numbers
             last = len(self._slabs) - 1
-            if any(s // self.slab_slots == last for s in self._used):
-                return False
-            self._pop_slab()
+            if not any(s // self.slab_slots == last for s in self._used):
+                self._pop_slab()
         room = (self.budget_bytes - self.bytes_used) // self.layout.slot_bytes
         if room <= 0:
             return False
