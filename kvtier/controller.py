@@ -620,10 +620,16 @@ class TierController:
         if Tier.GPU in block.slots or Tier.DISK in block.slots:
             self._free_copy(block, Tier.HOST)
             return
-        if self.disk is None or not block.sealed:
+        if self.disk is None:
             raise BudgetError(
                 "host tier must shrink but a block has nowhere to go: enable the disk tier "
                 "(disk.budget > 0) or keep host.budget larger"
+            )
+        if not block.sealed:
+            raise BudgetError(
+                f"host tier must shrink but block {block.index} is still filling (only full "
+                "blocks can go to disk); keep host.budget at least "
+                f"{self.host.bytes_used} bytes until it fills, or lower it later"
             )
         tensors = {
             f"l{lid}.kv": self.host.layer_view(block.slots[Tier.HOST], i)
@@ -763,7 +769,7 @@ class TierController:
             del self._write_through[index]
 
     def _promote(self) -> None:
-        """Move streamed blocks into free GPU room (and disk-only blocks into free host room)."""
+        """Move streamed blocks (host or disk) into free GPU room, a few per step."""
         free_gpu = self.gpu.capacity_slots() - self.gpu.used_slots - PROMOTE_RESERVE_SLOTS
         moved = 0
         for block in self.table:

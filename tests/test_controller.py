@@ -831,3 +831,15 @@ def test_raised_gpu_budget_brings_blocks_back(make_controller):
     for _ in range(4):
         run.step(1)
     assert all(Tier.GPU in b.slots for b in run.ctl.table), _tiers(run.ctl)
+
+
+def test_blocked_host_shrink_gives_a_fix_that_applies(make_controller):
+    """Scenario: disk tier on, the open block host-only in a slab the shrink drops: the BudgetError
+    must not ask for a disk tier that exists (the block cannot go there because it has no id)."""
+    run = Run(make_controller(gpu_blocks=3, host_blocks=6, max_tokens=80))
+    for q in (16, 10, 40):
+        run.step(q)
+    _require(run.ctl.disk is not None and run.ctl.table[-1].tiers == {Tier.HOST}, _tiers(run.ctl))
+    with pytest.raises(kvtier.BudgetError) as info:
+        run.ctl.set_budget(Tier.HOST, run.ctl.layout.slot_bytes)
+    assert "enable the disk tier" not in str(info.value), str(info.value)
