@@ -15,7 +15,6 @@ from collections.abc import Iterator
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
-from ..blocks import Tier
 from ..config import Config, load_config
 from ..controller import KVShape, TierController
 from ..errors import KVTierError
@@ -109,6 +108,7 @@ class TieredCache(Cache):
         super().__init__(layers=layers)
         self.controller: TierController | None = None
         self.in_forward = False
+        self._pending_ids: torch.Tensor | None = None  # token ids seen before the controller
         self._tiered_count = len(self.spec.tiered_layers)
         self._hooks: HookSet | None = HookSet(model, self)
 
@@ -197,32 +197,21 @@ class TieredCache(Cache):
 
     def _controller_for(self, key_states: torch.Tensor) -> TierController:
         if self.controller is None:
+            devices = [self.spec.layer_devices[i] for i in self.spec.tiered_layers]
+            # the first tiered layer's device comes from the tensor itself (accelerate offload)
+            devices[0] = key_states.device
             shape = KVShape(
                 layer_ids=self.spec.tiered_layers,
-                layer_devices=tuple(self.spec.layer_devices[i] for i in self.spec.tiered_layers),
+                layer_devices=tuple(devices),
                 batch=key_states.shape[0],
                 kv_heads=key_states.shape[1],
                 head_dim=key_states.shape[3],
                 dtype=key_states.dtype,
             )
-            # the first tiered layer's device comes from the tensor itself (accelerate offload)
-            devices = list(shape.layer_devices)
-            devices[0] = key_states.device
-            shape = KVShape(**{**_asdict(shape), "layer_devices": tuple(devices)})
             self.controller = TierController(self.cfg, shape, fingerprint=self.spec.fingerprint)
-            ids = getattr(self, "_pending_ids", None)
+            self.controller.note_tokens(self._pending_ids)
             self._pending_ids = None
-            self.controller.note_tokens(ids)
         return self.controller
-
-    def tier_blocks(self) -> dict[str, int]:
-        if self.controller is None:
-            return {t.name.lower(): 0 for t in Tier}
-        return {t.name.lower(): len(self.controller.table.in_tier(t)) for t in Tier}
-
-
-def _asdict(shape: KVShape) -> dict:
-    return {name: getattr(shape, name) for name in KVShape.__slots__}
 
 
 @contextlib.contextmanager

@@ -76,11 +76,9 @@ class SlabPool:
             slab_slots = max(1, target // layout.slot_bytes)
         self.slab_slots = slab_slots
         # device -> (positions of this pool's layers on it); layer -> (device, local index)
-        self._devices: list[torch.device] = []
+        self._devices = distinct_devices(layout.layer_devices)
         self._local: list[tuple[int, int]] = []
         for device in layout.layer_devices:
-            if device not in self._devices:
-                self._devices.append(device)
             group = self._devices.index(device)
             local = sum(1 for d in self._local if d[0] == group)
             self._local.append((group, local))
