@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from .cache import TieredCache
 
 _SEQ_KWARGS = ("input_ids", "inputs_embeds", "position_ids", "cache_position", "token_type_ids")
+# transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name still works)
+_CACHE_KWARGS = ("cache", "past_key_values")
 
 
 class HookSet:
@@ -74,7 +76,8 @@ def _last_post_hook(ref: weakref.ref, module, args, output) -> None:
 
 def _model_forward(ref: weakref.ref, original, *args: Any, **kwargs: Any):
     cache = ref()
-    if cache is None or kwargs.get("past_key_values") is not cache or len(args) > 1:
+    passed = any(kwargs.get(name) is cache for name in _CACHE_KWARGS)
+    if cache is None or not passed or len(args) > 1:
         return original(*args, **kwargs)
     if args:
         kwargs["input_ids"] = args[0]
