@@ -1,6 +1,7 @@
 """kvtier: a tiered KV cache (GPU -> pinned host RAM -> compressed disk) for Hugging Face models.
 
-Importing it stays cheap: the cache, controller and policy modules load on first attribute use.
+The user's surface only. Importing it stays cheap: the cache and policy modules load on first
+attribute use.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING
 
+from kvtier._version import __version__
 from kvtier.config import Config, load_config
 from kvtier.errors import (
     BudgetError,
@@ -19,19 +21,18 @@ from kvtier.errors import (
 )
 
 if TYPE_CHECKING:
-    from kvtier.controller import TierController
     from kvtier.hf.cache import TieredCache, offload
-    from kvtier.policy import register_policy
+    from kvtier.policy import Policy
+    from kvtier.registry import register_policy
 
-__version__ = "0.1.0"
 
 __all__ = [
     "BudgetError",
     "Config",
     "ConfigError",
     "KVTierError",
+    "Policy",
     "StoreCorruptError",
-    "TierController",
     "TieredCache",
     "UnsupportedModelError",
     "__version__",
@@ -44,8 +45,8 @@ __all__ = [
 _LAZY = {
     "TieredCache": "kvtier.hf.cache",
     "offload": "kvtier.hf.cache",
-    "TierController": "kvtier.controller",
-    "register_policy": "kvtier.policy",
+    "Policy": "kvtier.policy",
+    "register_policy": "kvtier.registry",
 }
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 ID_BYTES = 16  # sha256 truncated to 128 bits, hex-encoded
+# Version of what a block id and a stored block mean (the id recipe and the block-file layout).
+# The model fingerprint includes it, so blocks of another version are never mistaken for ours.
+FORMAT_VERSION = "1"
 
 
 class Tier(enum.IntEnum):
@@ -45,8 +49,9 @@ def block_id(parent_id: str | None, token_ids: Sequence[int] | bytes, fingerprin
 class BlockMeta:
     """One block: `block_tokens` positions of the sequence (all batch rows, all tiered layers).
 
-    `slots` maps a tier to the slot holding a copy there (the disk's slot is always 0: the disk
-    addresses blocks by id). A sealed block has an id; the open (last, partly filled) one has none.
+    `slots` maps a tier to the handle of its copy there, as that tier's store handed it out
+    (a slot number in memory tiers, a key in the disk store). A sealed block has an id; the open
+    (last, partly filled) one has none.
     """
 
     index: int
@@ -54,12 +59,10 @@ class BlockMeta:
     block_id: str | None = None
     # token ids per batch row for the filled positions; None when the caller gave no ids
     token_ids: list[list[int]] | None = field(default_factory=list)
-    slots: dict[Tier, int] = field(default_factory=dict)
+    slots: dict[Tier, int | str] = field(default_factory=dict)
     last_access: int = 0
     access_count: int = 0
     pins: int = 0
-    # set while a write-through copy to host is in flight; the GPU copy must stay until it lands
-    pending_host: bool = False
 
     @property
     def sealed(self) -> bool:
@@ -111,4 +114,22 @@ class BlockTable:
         return dropped
 
     def in_tier(self, tier: Tier) -> list[BlockMeta]:
+        """The blocks holding a copy in `tier`, in position order."""
         return [b for b in self._blocks if tier in b.slots]
+
+    def parent_id(self, block: BlockMeta) -> str | None:
+        """Id of the block before `block` (None for the first)."""
+        return self._blocks[block.index - 1].block_id if block.index else None
+
+    def seal(self, block: BlockMeta, fingerprint: str) -> str:
+        """Give a full block its content id, chained to its parent's; returns the id.
+
+        Tokens unknown (inputs_embeds, a reorder) give a random id: unique, never reused.
+        """
+        parent = self.parent_id(block)
+        if block.token_ids:
+            flat = [t for row in block.token_ids for t in row]
+            block.block_id = block_id(parent, flat, fingerprint)
+        else:
+            block.block_id = block_id(parent, b"anon:" + secrets.token_bytes(16), fingerprint)
+        return block.block_id

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import click
 
-from kvtier import __version__
-from kvtier.config import DEFAULTS, Config, format_size, load_config, nearest_existing
+from kvtier._version import __version__
+from kvtier.config import DEFAULTS, Config, load_config
 from kvtier.errors import KVTierError
+from kvtier.machine import gpu_lines, nearest_existing
+from kvtier.sizes import format_size
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _BUDGET_KEYS = frozenset({"gpu.budget", "host.budget", "disk.budget"})
@@ -78,7 +80,7 @@ def info(config_path: str | None) -> None:
     click.echo(f"python {platform.python_version()}")
     for package in ("torch", "transformers", "safetensors", "lz4"):
         click.echo(f"{package} {_package_version(package)}")
-    for line in _gpu_lines():
+    for line in gpu_lines():
         click.echo(line)
     click.echo(f"CUDA available (torch): {_cuda_summary()}")
     import psutil
@@ -116,33 +118,6 @@ def _cuda_summary() -> str:
     if not torch.cuda.is_available():
         return "no"
     return f"yes (CUDA {torch.version.cuda}, {torch.cuda.device_count()} devices)"
-
-
-def _gpu_lines() -> list[str]:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception as exc:  # no library, no driver, no permission: a CPU machine, not a bug
-        return [f"GPUs: none ({_one_line(exc)})"]
-    try:
-        count = pynvml.nvmlDeviceGetCount()
-        lines = [f"GPUs: {count}" if count else "GPUs: none"]
-        for index in range(count):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            name = name.decode() if isinstance(name, bytes) else name
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            total, free = format_size(memory.total), format_size(memory.free)
-            lines.append(f"  GPU {index}: {name}, {total} total, {free} free")
-        return lines
-    except Exception as exc:  # a half-working driver should not hide the rest of the report
-        return [f"GPUs: none (NVML query failed: {_one_line(exc)})"]
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
 
 
 @main.group(name="config")

@@ -1,7 +1,8 @@
 """Configuration: defaults -> TOML file -> KVTIER_* environment -> keyword overrides, later wins.
 
-Budgets written as bytes, "2GiB", "40%" or "auto" become ints here, once; nothing else parses them.
-It measures free RAM, GPU memory and disk space, but never allocates or creates anything.
+The schema (one frozen dataclass per TOML table), where each value came from, and validation.
+Budgets written as bytes, "2GiB", "40%" or "auto" become ints here, once (parsing in sizes.py,
+free memory from machine.py); it never allocates or creates anything.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import re
-import shutil
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,9 @@ from types import MappingProxyType
 from typing import NoReturn
 
 from kvtier.errors import ConfigError
+from kvtier.machine import free_disk_bytes, free_gpu_bytes, free_host_bytes
+from kvtier.registry import registered_policies
+from kvtier.sizes import parse_percent, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,6 @@ TABLES: Mapping[str, tuple[str, ...]] = MappingProxyType(
 )
 TOP_LEVEL_KEYS = tuple(key for key in DEFAULTS if "." not in key)
 CODECS = ("auto", "raw", "lz4", "shuffle+lz4")
-BUILTIN_POLICIES = ("lru", "lfu", "sink_recent")
 AUTO_BUDGETS: Mapping[str, str] = MappingProxyType({"gpu": "40%", "host": "50%", "disk": "80%"})
 MAX_PREFETCH_DEPTH = 8
 ENV_VARS: Mapping[str, str] = MappingProxyType(
@@ -57,13 +58,7 @@ ENV_VARS: Mapping[str, str] = MappingProxyType(
 ENV_NOT_CONFIG = frozenset({"KVTIER_LOG_LEVEL"})  # read by the CLI, not a config key
 OVERRIDE_NAMES: Mapping[str, str] = MappingProxyType({k.replace(".", "_"): k for k in DEFAULTS})
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_UNIT_NAMES = "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)"
-_SIZE_RE = re.compile(r"(-?)\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)")
-_PERCENT_RE = re.compile(r"(-?)\s*(\d+(?:\.\d*)?|\.\d+)\s*%")
 _BUDGET_HINT = "use bytes, '2GiB', '40%' or 'auto'"
-_SIZE_HINT = "use bytes or a size like '2GiB' or '512MB'"
 _ENV_TRUE = frozenset({"true", "1", "yes"})
 _ENV_FALSE = frozenset({"false", "0", "no"})
 
@@ -170,85 +165,12 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: object)
     return _resolve(layers)
 
 
-def parse_size(value: int | str, *, key: str) -> int:
-    """Bytes from an int or a size string ("2GiB", "512MB", "1.5 GiB", "1000"); no "%" or "auto".
-
-    KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024; units are case-insensitive.
-    `key` names the setting in the ConfigError raised for a bad value.
-    """
-    return _size(key, value, "default", _SIZE_HINT)
-
-
-def format_size(num_bytes: int) -> str:
-    """A short human form in powers of 1024, e.g. "3.20 GiB"; below 1 KiB, "512 B"."""
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if num_bytes >= scale:
-            return f"{num_bytes / scale:.2f} {unit}"
-    return f"{num_bytes} B"
-
-
-def free_host_bytes() -> int:
-    """RAM available to new allocations now (psutil's `available`)."""
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def free_gpu_bytes() -> int:
-    """Free memory of GPU 0; with no GPU at all, free host RAM, since the GPU tier is then RAM."""
-    import torch
-
-    if torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info(0)[0])
-    # NVML numbers devices physically, ignoring CUDA_VISIBLE_DEVICES; only used without CUDA torch.
-    nvml_free = _nvml_free_bytes()
-    return free_host_bytes() if nvml_free is None else nvml_free
-
-
-def free_disk_bytes(path: str | os.PathLike[str]) -> int:
-    """Free space on the file system that holds `path` (or its nearest existing ancestor)."""
-    return int(shutil.disk_usage(nearest_existing(path)).free)
-
-
-def nearest_existing(path: str | os.PathLike[str]) -> Path:
-    """`path` (absolute, ~ expanded) if it exists, else its closest existing ancestor."""
-    current = Path(path).expanduser().absolute()
-    while not current.exists() and current != current.parent:
-        current = current.parent
-    return current
-
-
-def registered_policies() -> list[str]:
-    """Names load_config accepts for policy.name: kvtier.policy's registry, or the built-ins
-    while that module is absent."""
-    try:
-        from kvtier.policy import registered_policies as from_registry
-    except ImportError as exc:
-        if exc.name != "kvtier.policy":
-            raise
-        return list(BUILTIN_POLICIES)
-    return list(from_registry())
-
-
-def _nvml_free_bytes() -> int | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # no library, no driver, no permission: there is no GPU to measure
-        return None
-    try:
-        if pynvml.nvmlDeviceGetCount() == 0:
-            return None
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).free)
-    except pynvml.NVMLError:
-        return None
-    finally:
-        pynvml.nvmlShutdown()
-
-
 def _fail(message: str, source: str) -> NoReturn:
-    raise ConfigError(message if source == "default" else f"{message} (from {source})")
+    raise ConfigError(_with_source(message, source))
+
+
+def _with_source(message: str, source: str) -> str:
+    return message if source == "default" else f"{message} (from {source})"
 
 
 def _did_you_mean(name: str, choices: list[str]) -> str:
@@ -440,10 +362,7 @@ def _budget(layers: _Layers, key: str, free: Callable[[], int]) -> int:
     if isinstance(value, str) and value.strip().lower() == "auto":
         spec = AUTO_BUDGETS[tier]
     if isinstance(spec, str) and spec.strip().endswith("%"):
-        match = _PERCENT_RE.fullmatch(spec.strip())
-        if match is None:
-            _fail(f"{key} = {value!r} is not a size; {_BUDGET_HINT}", source)
-        percent = Decimal(match.group(2)) * (-1 if match.group(1) else 1)
+        percent = _sized(parse_percent, spec, key=key, hint=_BUDGET_HINT, source=source)
         if not 0 < percent <= 100:
             off = " (disk.budget = 0 turns the disk tier off)" if tier == "disk" else ""
             _fail(f"{key} = {value!r} is not a percentage above 0% and at most 100%{off}", source)
@@ -451,7 +370,7 @@ def _budget(layers: _Layers, key: str, free: Callable[[], int]) -> int:
         budget = int(Decimal(available) * percent / 100)
         how = f" ({percent}% of {available} bytes free)"
     else:
-        budget = _size(key, value, source, _BUDGET_HINT)
+        budget = _sized(parse_size, value, key=key, hint=_BUDGET_HINT, source=source)
         how = ""
     if budget == 0 and tier != "disk":
         _fail(
@@ -467,19 +386,9 @@ def _budget(layers: _Layers, key: str, free: Callable[[], int]) -> int:
     return budget
 
 
-def _size(key: str, value: object, source: str, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        _fail(f"{key} = {value!r} is not a size; {hint}", source)
-    if isinstance(value, int):
-        if value < 0:
-            _fail(f"{key} = {value!r} is negative; {hint}", source)
-        return value
-    match = _SIZE_RE.fullmatch(value.strip().lower())
-    if match is None:
-        _fail(f"{key} = {value!r} is not a size; {hint}", source)
-    sign, number, unit = match.groups()
-    if unit not in _UNITS:
-        _fail(f"{key} = {value!r} is not a size; {hint}; units are {_UNIT_NAMES}", source)
-    if sign:
-        _fail(f"{key} = {value!r} is negative; {hint}", source)
-    return int(Decimal(number) * _UNITS[unit])
+def _sized(parse: Callable[..., object], value: object, *, key: str, hint: str, source: str):
+    """`parse(value, key=, hint=)` with the value's source added to a ConfigError."""
+    try:
+        return parse(value, key=key, hint=hint)
+    except ConfigError as error:
+        raise ConfigError(_with_source(str(error), source)) from None

@@ -26,8 +26,10 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .config import format_size
-from .errors import ConfigError
+from kvtier.config import Config, load_config
+from kvtier.errors import ConfigError
+from kvtier.layout import KVGeometry, min_gpu_blocks, tier_budgets
+from kvtier.sizes import format_size
 
 log = logging.getLogger(__name__)
 
@@ -53,43 +55,6 @@ class DemoResult:
     stats: dict[str, Any]
 
 
-def min_gpu_blocks(*, block_tokens: int, prefill_chunk_tokens: int, pinned_tokens: int = 0) -> int:
-    """GPU block slots one step may need besides staging: a prefill chunk that starts mid-block
-    spans ceil(chunk / block_tokens) + 1 blocks, and blocks a policy pins (sink_recent:
-    sink_tokens + recent_tokens) cannot make room for them."""
-    pinned = math.ceil(pinned_tokens / block_tokens) + 1 if pinned_tokens else 0
-    return math.ceil(prefill_chunk_tokens / block_tokens) + 1 + pinned
-
-
-def three_tier_budgets(
-    *,
-    total_tokens: int,
-    per_layer_token_bytes: int,
-    tiered_layers: int,
-    block_tokens: int,
-    prefetch_depth: int,
-    gpu_blocks: int,
-    host_blocks: int,
-) -> dict[str, int]:
-    """Budgets (bytes) leaving `gpu_blocks` on the GPU, `host_blocks` on host, the rest on disk.
-
-    `per_layer_token_bytes` = 2 (K and V) * batch * kv_heads * head_dim * itemsize; `tiered_layers`
-    counts full-attention layers only (sliding-window layers stay on the device, untiered). The GPU
-    tier also holds the staging buffers: (prefetch_depth + 1) layers of the whole sequence; give it
-    at least `min_gpu_blocks`. Give the host more blocks than one prefill chunk seals.
-    Returns the keyword arguments `gpu_budget`, `host_budget`, `disk_budget` of `load_config`.
-    """
-    block_count = math.ceil(total_tokens / block_tokens)
-    block_bytes = block_tokens * tiered_layers * per_layer_token_bytes
-    staging_bytes = (prefetch_depth + 1) * block_count * block_tokens * per_layer_token_bytes
-    return {
-        "gpu_budget": staging_bytes + gpu_blocks * block_bytes,
-        "host_budget": host_blocks * block_bytes,
-        # Room for every block twice over plus file headers: the disk tier is never the limit.
-        "disk_budget": 2 * block_count * block_bytes + (64 << 20),
-    }
-
-
 def run_demo(
     *,
     prompt_tokens: int = 3000,
@@ -104,27 +69,9 @@ def run_demo(
     given, receives the result (stats included) as JSON. Raises ConfigError for sizes too small to
     reach the disk tier.
     """
-    if new_tokens < 2:
-        raise ConfigError(
-            f"demo new_tokens = {new_tokens}; use at least 2 (one prefill, one decode)"
-        )
+    gpu_blocks, host_blocks = _block_split(prompt_tokens, new_tokens)
     total_tokens = prompt_tokens + new_tokens
-    block_count = math.ceil(total_tokens / BLOCK_TOKENS)
-    fewest_gpu_blocks = min_gpu_blocks(
-        block_tokens=BLOCK_TOKENS, prefill_chunk_tokens=PREFILL_CHUNK_TOKENS
-    )
-    fewest_host_blocks = fewest_gpu_blocks + 1
-    gpu_blocks = max(fewest_gpu_blocks, block_count // 8)
-    host_blocks = max(fewest_host_blocks, block_count // 4)
-    if block_count <= gpu_blocks + host_blocks:
-        shortest = (fewest_gpu_blocks + fewest_host_blocks) * BLOCK_TOKENS + 1 - new_tokens
-        raise ConfigError(
-            f"demo prompt_tokens = {prompt_tokens} is too short to reach the disk tier; "
-            f"use at least {shortest}"
-        )
-
-    # Imported here, not at the top: kvtier/__init__ may import this module.
-    from . import TieredCache, load_config
+    from kvtier.hf.cache import TieredCache
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kvtier-demo-") as scratch:
@@ -143,30 +90,12 @@ def run_demo(
             model, prompt, DynamicCache(config=model.config), new_tokens
         )
 
-        text = model.config
-        per_layer_token_bytes = 2 * text.num_key_value_heads * text.head_dim * 4  # fp32, batch 1
-        budgets = three_tier_budgets(
-            total_tokens=total_tokens,
-            per_layer_token_bytes=per_layer_token_bytes,
-            tiered_layers=text.num_hidden_layers,
-            block_tokens=BLOCK_TOKENS,
-            prefetch_depth=PREFETCH_DEPTH,
-            gpu_blocks=gpu_blocks,
-            host_blocks=host_blocks,
-        )
         disk_path = Path(store) if store is not None else Path(scratch) / "store"
-        cfg = load_config(
-            None,
-            block_tokens=BLOCK_TOKENS,
-            disk_path=str(disk_path),
-            policy_name="lru",  # pins nothing, so min_gpu_blocks needs no pinned term
-            policy_prefetch_depth=PREFETCH_DEPTH,
-            prefill_chunk_tokens=PREFILL_CHUNK_TOKENS,
-            **budgets,
-        )
+        budgets = _budgets(model, total_tokens, gpu_blocks, host_blocks)
+        cfg = _config(budgets, disk_path)
         log.info(
             "kvtier run: %d blocks, about %d on GPU, %d on host, the rest on disk at %s",
-            block_count,
+            math.ceil(total_tokens / BLOCK_TOKENS),
             gpu_blocks,
             host_blocks,
             disk_path,
@@ -178,12 +107,9 @@ def run_demo(
         finally:
             cache.close()
 
-    first_mismatch = _first_mismatch(
-        reference[0, prompt_tokens:].tolist(), tiered[0, prompt_tokens:].tolist()
-    )
-    result = DemoResult(
-        tokens_match=first_mismatch is None,
-        first_mismatch=first_mismatch,
+    result = _result(
+        reference[0, prompt_tokens:].tolist(),
+        tiered[0, prompt_tokens:].tolist(),
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,
         reference_prefill_s=reference_prefill_s,
@@ -198,6 +124,70 @@ def run_demo(
     if json_path is not None:
         Path(json_path).write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
     return result
+
+
+def _result(expected: list[int], got: list[int], **measured: Any) -> DemoResult:
+    first_mismatch = _first_mismatch(expected, got)
+    return DemoResult(
+        tokens_match=first_mismatch is None, first_mismatch=first_mismatch, **measured
+    )
+
+
+def _block_split(prompt_tokens: int, new_tokens: int) -> tuple[int, int]:
+    """GPU and host blocks that leave the rest of the demo's blocks on disk; ConfigError if the
+    run is too short to reach the disk."""
+    if new_tokens < 2:
+        raise ConfigError(
+            f"demo new_tokens = {new_tokens}; use at least 2 (one prefill, one decode)"
+        )
+    block_count = math.ceil((prompt_tokens + new_tokens) / BLOCK_TOKENS)
+    fewest_gpu_blocks = min_gpu_blocks(
+        block_tokens=BLOCK_TOKENS, prefill_chunk_tokens=PREFILL_CHUNK_TOKENS, pinned_blocks=0
+    )
+    fewest_host_blocks = fewest_gpu_blocks + 1
+    gpu_blocks = max(fewest_gpu_blocks, block_count // 8)
+    host_blocks = max(fewest_host_blocks, block_count // 4)
+    if block_count <= gpu_blocks + host_blocks:
+        shortest = (fewest_gpu_blocks + fewest_host_blocks) * BLOCK_TOKENS + 1 - new_tokens
+        raise ConfigError(
+            f"demo prompt_tokens = {prompt_tokens} is too short to reach the disk tier; "
+            f"use at least {shortest}"
+        )
+    return gpu_blocks, host_blocks
+
+
+def _config(budgets: dict[str, int], disk_path: Path) -> Config:
+    return load_config(
+        None,
+        block_tokens=BLOCK_TOKENS,
+        disk_path=str(disk_path),
+        policy_name="lru",  # pins nothing, so the minimum GPU budget has no pinned term
+        policy_prefetch_depth=PREFETCH_DEPTH,
+        prefill_chunk_tokens=PREFILL_CHUNK_TOKENS,
+        **budgets,
+    )
+
+
+def _budgets(
+    model: PreTrainedModel, total_tokens: int, gpu_blocks: int, host_blocks: int
+) -> dict[str, int]:
+    text = model.config
+    geometry = KVGeometry(
+        layer_ids=tuple(range(text.num_hidden_layers)),
+        layer_devices=(torch.device("cpu"),) * text.num_hidden_layers,
+        batch=1,
+        kv_heads=text.num_key_value_heads,
+        head_dim=text.head_dim,
+        dtype=torch.float32,
+        block_tokens=BLOCK_TOKENS,
+    )
+    return tier_budgets(
+        geometry,
+        total_tokens,
+        gpu_blocks=gpu_blocks,
+        host_blocks=host_blocks,
+        buffers=PREFETCH_DEPTH + 1,
+    )
 
 
 def format_demo(result: DemoResult) -> str:

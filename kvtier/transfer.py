@@ -1,180 +1,143 @@
 """Mover: every copy between tiers, and the only module that touches CUDA streams and events.
 
-Copies into the staging ring go on a per-device copy stream after the compute stream's current
-point; write-through to host goes on a D2H stream; disk reads and writes run in one bounded
-thread pool. The compute stream waits on events, never on a device-wide synchronize. Without
-CUDA the same calls copy synchronously. The mover moves; it never decides what to move.
+One pair of verbs: `submit(copies, lane=...) -> Ticket`, then `wait(ticket)` (the compute stream
+waits, the host only on I/O) or `finish(ticket)` (the host waits, before a source is freed). A
+copy is (source, destination); each side is a tensor view, a block's per-layer views, or a
+`Stored` block in a serialized store, whose `load_into` / `save` run in the one I/O thread pool.
+Without CUDA the same calls copy synchronously. The mover moves; it never decides what to move.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from kvtier.tiers.base import Endpoint, Stored
+
 log = logging.getLogger(__name__)
 
-Copy = tuple[torch.Tensor, torch.Tensor]  # (source, destination), equal shapes
-# a disk read: fills the given CPU tensor, returns False if the block could not be read
-DiskRead = tuple[Callable[[torch.Tensor], bool], torch.Tensor]
+Copy = tuple[Endpoint, Endpoint]  # (source, destination), equal shapes
+
+
+class Lane(enum.Enum):
+    """Where a submission's tensor copies run."""
+
+    PREFETCH = "prefetch"  # copy stream, after the compute stream's current work (staging)
+    WRITE_BACK = "write_back"  # D2H stream: write-through of GPU data to host slots
+    NOW = "now"  # in compute-stream order: promotions, demotions, slot writes
 
 
 @dataclass
 class Ticket:
-    """Completion handle of one submitted group of copies (and disk reads feeding them)."""
+    """Completion handle of one submission."""
 
-    device: torch.device
-    event: torch.cuda.Event | None = None
-    reads: list[tuple[Future, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
-    # device-to-device copies run on the compute stream when it waits (SM copy kernels)
-    local: list[Copy] = field(default_factory=list)
+    events: list[torch.cuda.Event] = field(default_factory=list)  # one per CUDA device used
+    # loads: (future -> bool, the CPU tensor it fills, where that goes on the GPU or None)
+    loads: list[tuple[Future, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    saves: list[Future] = field(default_factory=list)  # future -> bytes written
+    uploaded: bool = False
+
+    @property
+    def background(self) -> bool:
+        """True when it saves to a serialized store: settle it later with `done` / `finish`."""
+        return bool(self.saves)
 
     def done(self) -> bool:
-        return (self.event is None or self.event.query()) and all(f.done() for f, *_ in self.reads)
+        return (
+            all(event.query() for event in self.events)
+            and all(f.done() for f, *_ in self.loads)
+            and all(f.done() for f in self.saves)
+        )
 
 
 class Mover:
-    """Moves bytes: staging gathers, write-through, promotions, and disk I/O in a thread pool."""
-
-    # where GPU-resident blocks are copied into staging: the copy stream (default) or the compute
-    # stream. Measured on the lent H100, Llama-3-8B shape, all KV resident (docs/benchmarks.md):
-    # copy stream 39.4 ms/step at 32K vs 45.1 on the compute stream
-    d2d_on_compute = False
+    """Moves bytes: staging gathers, write-through, promotions, and serialized-store I/O."""
 
     def __init__(self, *, workers: int = 4) -> None:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvtier-io")
-        self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._d2h_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._streams: dict[tuple[Lane, torch.device], torch.cuda.Stream] = {}
         self.copies = 0
         self.h2d_bytes = 0
         self.d2h_bytes = 0
         self.d2d_bytes = 0
         self.wait_s = 0.0
-        self._d2h_dirty: dict[torch.device, bool] = {}
+        self._d2h_dirty: set[torch.device] = set()
         # buffers whose stream use is recorded, held weakly so a dropped buffer is freed
         self._recorded: weakref.WeakValueDictionary[int, torch.Tensor] = (
             weakref.WeakValueDictionary()
         )
 
-    # -- staging -------------------------------------------------------------------------------
-    def gather(
-        self,
-        device: torch.device,
-        copies: Sequence[Copy],
-        reads: Sequence[DiskRead] = (),
-        *,
-        target: torch.Tensor | None = None,
+    # -- the two verbs -------------------------------------------------------------------------
+    def submit(
+        self, copies: Sequence[Copy], *, lane: Lane, target: torch.Tensor | None = None
     ) -> Ticket:
-        """Start filling staging: `copies` from GPU/host slots, `reads` from disk.
+        """Start `copies`; returns at once on CUDA.
 
-        Returns at once on CUDA (copies queued on the copy stream behind the compute stream's
-        current work, so a buffer that attention is still reading is not overwritten). Disk reads
-        start in the thread pool; on CUDA they land in pinned bounce buffers and go up in `wait`.
-        `target` is the buffer all destinations are views of (marked in use by the stream once).
+        PREFETCH copies queue on each device's copy stream behind its compute stream's current
+        work, so a buffer attention still reads is not overwritten; `target` is the buffer they
+        write (marked in use by that stream once). WRITE_BACK copies go on the D2H stream; NOW
+        copies in compute-stream order. Loads from a serialized store run in the I/O pool (on
+        CUDA into pinned bounce buffers, uploaded in `wait`); saves run there too.
         """
-        ticket = Ticket(device)
-        for read, dst in reads:
-            if device.type == "cuda":
-                bounce = torch.empty(dst.shape, dtype=dst.dtype, pin_memory=True)
-                ticket.reads.append((self.pool.submit(read, bounce), bounce, dst))
+        ticket = Ticket()
+        by_device: dict[torch.device | None, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for source, destination in copies:
+            for src, dst in _per_layer(source, destination):
+                if isinstance(dst, Stored):
+                    ticket.saves.append(self.pool.submit(_save, dst, src))
+                elif isinstance(src, Stored):
+                    self._load(ticket, src, dst, now=lane is Lane.NOW)
+                else:
+                    by_device.setdefault(_cuda_device(src, dst), []).append((src, dst))
+        for device, tensor_copies in by_device.items():
+            if device is None:  # CPU only: synchronous
+                for src, dst in tensor_copies:
+                    dst.copy_(src)
+                    self._count(src, dst)
+            elif lane is Lane.NOW:
+                for src, dst in tensor_copies:
+                    dst.copy_(src, non_blocking=dst.is_cuda and not src.is_cuda)
+                    self._count(src, dst)
             else:
-                ticket.reads.append((self.pool.submit(read, dst), dst, None))
-        if device.type != "cuda":
-            for src, dst in copies:
-                dst.copy_(src)
-            self._count_all(copies)
-            return ticket
-        if self.d2d_on_compute:
-            ticket.local = [(s, d) for s, d in copies if s.is_cuda]
-            copies = [(s, d) for s, d in copies if not s.is_cuda]
-        stream = self._stream(self._copy_streams, device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        # staging buffers are also read by D2H writes of fresh tokens: do not overwrite them early
-        if self._d2h_dirty.pop(device, False):
-            stream.wait_stream(self._d2h_streams[device])
-        if target is not None and id(target) not in self._recorded:
-            # once per buffer: its memory is not reused while this stream may still write it
-            target.record_stream(stream)
-            self._recorded[id(target)] = target
-        with torch.cuda.stream(stream):
-            for src, dst in copies:
-                dst.copy_(src, non_blocking=True)
-            ticket.event = torch.cuda.Event()
-            ticket.event.record(stream)
-        self._count_all(copies)
-        self._count_all(ticket.local)
+                ticket.events.append(self._on_stream(lane, device, tensor_copies, target))
+        if lane is Lane.NOW:
+            self._upload(ticket)
         return ticket
 
     def wait(self, ticket: Ticket) -> bool:
-        """Make the compute stream wait for the ticket; False if a disk read failed.
-
-        Blocks the host only on disk reads still running; GPU copies are waited on by event.
-        """
+        """Make the compute stream wait for the ticket; False if a load found its block missing
+        or corrupt. Blocks the host only on I/O still running; GPU copies are waited by event."""
         start = time.perf_counter()
-        ok = True
-        pending_up: list[Copy] = []
-        for future, landed, dst in ticket.reads:
-            ok = future.result() and ok
-            if dst is not None:
-                pending_up.append((landed, dst))
-        device = ticket.device
-        if device.type == "cuda":
-            compute = torch.cuda.current_stream(device)
-            if ticket.event is not None:
-                compute.wait_event(ticket.event)
-            for src, dst in pending_up:
-                dst.copy_(src, non_blocking=True)
-                self._count(src, dst)
-            for src, dst in ticket.local:
-                dst.copy_(src)
+        ok = all([future.result() for future, *_ in ticket.loads])
+        for event in ticket.events:
+            torch.cuda.current_stream(event.device).wait_event(event)
+        self._upload(ticket)
+        for future in ticket.saves:
+            future.result()
         self.wait_s += time.perf_counter() - start
         return ok
 
-    # -- write-through and promotions ----------------------------------------------------------
-    def write_through(self, device: torch.device, copies: Sequence[Copy]) -> Ticket:
-        """Copy freshly sealed GPU blocks to host slots on the D2H stream."""
-        ticket = Ticket(device)
-        if device.type != "cuda":
-            for src, dst in copies:
-                dst.copy_(src)
-                self._count(src, dst)
-            return ticket
-        stream = self._stream(self._d2h_streams, device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for src, dst in copies:
-                dst.copy_(src, non_blocking=True)
-                src.record_stream(stream)
-                self._count(src, dst)
-            ticket.event = torch.cuda.Event()
-            ticket.event.record(stream)
-        self._d2h_dirty[device] = True
-        return ticket
+    def finish(self, ticket: Ticket) -> bool:
+        """Block the host until the ticket's copies are done (before freeing their source).
 
-    def copy_now(self, copies: Sequence[Copy]) -> None:
-        """Copy in the compute stream's order (promotions, reorders): rare, off the decode path."""
-        for src, dst in copies:
-            dst.copy_(src, non_blocking=dst.is_cuda and not src.is_cuda)
-            self._count(src, dst)
-
-    def finish(self, ticket: Ticket) -> None:
-        """Block the host until the ticket's copies are done (before freeing their source)."""
-        if ticket.event is not None:
-            start = time.perf_counter()
-            ticket.event.synchronize()
-            self.wait_s += time.perf_counter() - start
-        for future, *_ in ticket.reads:
+        Returns False if a load failed; raises the KVTierError of a failed save.
+        """
+        start = time.perf_counter()
+        ok = all([future.result() for future, *_ in ticket.loads])
+        self._upload(ticket)
+        for event in ticket.events:
+            event.synchronize()
+        for future in ticket.saves:
             future.result()
-
-    # -- disk ----------------------------------------------------------------------------------
-    def submit(self, fn: Callable, *args, **kwargs) -> Future:
-        """Run disk I/O in the mover's thread pool."""
-        return self.pool.submit(fn, *args, **kwargs)
+        self.wait_s += time.perf_counter() - start
+        return ok
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -189,15 +152,61 @@ class Mover:
         }
 
     # -- internals -----------------------------------------------------------------------------
-    @staticmethod
-    def _stream(streams: dict, device: torch.device) -> torch.cuda.Stream:
-        if device not in streams:
-            streams[device] = torch.cuda.Stream(device)
-        return streams[device]
+    def _on_stream(
+        self,
+        lane: Lane,
+        device: torch.device,
+        copies: list[tuple[torch.Tensor, torch.Tensor]],
+        target: torch.Tensor | None,
+    ) -> torch.cuda.Event:
+        stream = self._stream(lane, device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        if lane is Lane.PREFETCH and device in self._d2h_dirty:
+            # staging buffers are also read by D2H writes of fresh tokens: do not overwrite early
+            self._d2h_dirty.discard(device)
+            stream.wait_stream(self._stream(Lane.WRITE_BACK, device))
+        if target is not None and target.device == device and id(target) not in self._recorded:
+            # once per buffer: its memory is not reused while this stream may still write it
+            target.record_stream(stream)
+            self._recorded[id(target)] = target
+        with torch.cuda.stream(stream):
+            for src, dst in copies:
+                dst.copy_(src, non_blocking=True)
+                if lane is Lane.WRITE_BACK:
+                    src.record_stream(stream)
+                self._count(src, dst)
+            event = torch.cuda.Event()
+            event.record(stream)
+        if lane is Lane.WRITE_BACK:
+            self._d2h_dirty.add(device)
+        return event
 
-    def _count_all(self, copies: Sequence[Copy]) -> None:
-        for src, dst in copies:
-            self._count(src, dst)
+    def _load(self, ticket: Ticket, src: Stored, dst: torch.Tensor, *, now: bool) -> None:
+        if dst.device.type == "cpu" and dst.is_contiguous():
+            landing, up = dst, None
+        else:
+            pin = dst.device.type == "cuda"
+            landing, up = torch.empty(dst.shape, dtype=dst.dtype, pin_memory=pin), dst
+        future = self.pool.submit(src.store.load_into, src.key, src.tiered_index, landing)
+        if now:
+            future.result()  # the caller's next compute-ordered op may read it
+        ticket.loads.append((future, landing, up))
+
+    def _upload(self, ticket: Ticket) -> None:
+        """Issue the bounce -> destination copies of finished loads (compute-stream order)."""
+        if ticket.uploaded:
+            return
+        ticket.uploaded = True
+        for future, landed, dst in ticket.loads:
+            if dst is not None and future.result():
+                dst.copy_(landed, non_blocking=dst.is_cuda)
+                self._count(landed, dst)
+
+    def _stream(self, lane: Lane, device: torch.device) -> torch.cuda.Stream:
+        key = (lane, device)
+        if key not in self._streams:
+            self._streams[key] = torch.cuda.Stream(device)
+        return self._streams[key]
 
     def _count(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         nbytes = src.numel() * src.element_size()
@@ -208,3 +217,29 @@ class Mover:
             self.d2h_bytes += nbytes
         else:
             self.h2d_bytes += nbytes
+
+
+def _cuda_device(src: torch.Tensor, dst: torch.Tensor) -> torch.device | None:
+    """The CUDA device a copy runs on (the destination's first), or None for a CPU copy."""
+    for tensor in (dst, src):
+        if tensor.is_cuda:
+            return tensor.device
+    return None
+
+
+def _per_layer(source: Endpoint, destination: Endpoint) -> list[tuple[Endpoint, Endpoint]]:
+    """Split a whole-block copy into one copy per layer (a save stays whole: one file)."""
+    if isinstance(destination, Stored) and destination.tiered_index is None:
+        return [(source, destination)]
+    if isinstance(source, Stored) and source.tiered_index is None:
+        assert isinstance(destination, tuple)
+        return [(Stored(source.store, source.key, i), dst) for i, dst in enumerate(destination)]
+    if isinstance(source, tuple):
+        assert isinstance(destination, tuple) and len(source) == len(destination)
+        return list(zip(source, destination, strict=True))
+    return [(source, destination)]
+
+
+def _save(destination: Stored, layers: tuple[torch.Tensor, ...]) -> int:
+    assert all(t.device.type == "cpu" and t.is_contiguous() for t in layers), "save from host"
+    return destination.store.save(destination.key, layers, parent_id=destination.parent_id)

@@ -22,7 +22,6 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor
 
 import kvtier
-from kvtier.transfer import Mover
 
 GiB = 1 << 30
 
@@ -151,8 +150,6 @@ def bench(args, out_dir: Path) -> list[dict]:
         if device.type == "cuda":  # HF's offloaded cache needs CUDA streams
             kinds.append(("DynamicCache(offloading=True)", None))
         kinds += [(f"kvtier {int(r * 100)}% resident", r) for r in args.resident]
-        if args.d2d_variant and device.type == "cuda":
-            kinds.append(("kvtier 100% resident, D2D on copy stream", 1.0))
         reference = None
         for name, resident in kinds:
             result = None
@@ -160,7 +157,6 @@ def bench(args, out_dir: Path) -> list[dict]:
                 if resident is None:
                     cache = DynamicCache(offloading="offloading" in name)
                 else:
-                    Mover.d2d_on_compute = "copy stream" not in name
                     cache = kvtier.TieredCache(
                         model, kvtier_config(args, model, context, resident, store)
                     )
@@ -338,7 +334,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fidelity-context", type=int, default=8192)
     p.add_argument("--fp32-layers", type=int, default=8)
     p.add_argument("--skip", default="", help="comma list of: bench,teacher,fp32,profile")
-    p.add_argument("--d2d-variant", action="store_true", help="also time D2D on the copy stream")
     p.add_argument("--out", default="bench-out")
     args = p.parse_args(argv)
     out_dir = Path(args.out)

@@ -24,7 +24,9 @@ from transformers import (
 )
 
 import kvtier
-from kvtier.demo import min_gpu_blocks, three_tier_budgets
+from kvtier.layout import KVGeometry, min_gpu_blocks
+from kvtier.layout import tier_budgets as layout_tier_budgets
+from kvtier.policy import make_policy
 
 KINDS = ("llama", "qwen3", "mistral", "mistral_sliding", "gemma3")
 BLOCK_TOKENS = 16
@@ -163,12 +165,25 @@ def tiered_layer_count(config: PreTrainedConfig) -> int:
     return config.num_hidden_layers
 
 
-def per_layer_token_bytes(
-    config: PreTrainedConfig, *, batch_size: int = 1, dtype: torch.dtype = torch.float32
-) -> int:
-    """Bytes of K and V for one token of one layer: 2 * batch * kv_heads * head_dim * itemsize."""
+def geometry(
+    config: PreTrainedConfig,
+    *,
+    batch_size: int = 1,
+    dtype: torch.dtype = torch.float32,
+    block_tokens: int = BLOCK_TOKENS,
+) -> KVGeometry:
+    """The KV geometry kvtier sees for a tiny model: its full-attention layers, on the CPU."""
+    layers = tiered_layer_count(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * batch_size * config.num_key_value_heads * head_dim * dtype.itemsize
+    return KVGeometry(
+        layer_ids=tuple(range(layers)),
+        layer_devices=(torch.device("cpu"),) * layers,
+        batch=batch_size,
+        kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        block_tokens=block_tokens,
+    )
 
 
 def tier_budgets(
@@ -188,17 +203,15 @@ def tier_budgets(
     `batch_size` is rows x num_beams; `dtype` is the KV's (the model's). A model with no
     full-attention layer tiers nothing; it gets small non-zero budgets so the config stays valid.
     """
-    layers = tiered_layer_count(config)
-    budgets = three_tier_budgets(
-        total_tokens=total_tokens,
-        per_layer_token_bytes=per_layer_token_bytes(config, batch_size=batch_size, dtype=dtype),
-        tiered_layers=layers,
-        block_tokens=block_tokens,
-        prefetch_depth=prefetch_depth,
+    kv = geometry(config, batch_size=batch_size, dtype=dtype, block_tokens=block_tokens)
+    budgets = layout_tier_budgets(
+        kv,
+        total_tokens,
         gpu_blocks=gpu_blocks,
         host_blocks=host_blocks,
+        buffers=prefetch_depth + 1,
     )
-    if layers == 0:
+    if kv.tiered_layers == 0:
         budgets = {name: max(size, 1 << 20) for name, size in budgets.items()}
     return budgets
 
@@ -216,8 +229,8 @@ def tiered_config(
 ) -> kvtier.Config:
     """A kvtier config whose budgets push the KV of `total_tokens` through GPU, host and disk.
 
-    `gpu_blocks` defaults to the fewest one step can need (`kvtier.demo.min_gpu_blocks`: the
-    prefill chunk's blocks, plus the pinned ones under sink_recent). `overrides` are further
+    `gpu_blocks` defaults to the fewest one step can need (`kvtier.layout.min_gpu_blocks`: the
+    prefill chunk's blocks, plus the ones the policy pins). `overrides` are further
     `load_config` keywords (policy_name, disk_codec, prefill_chunk_tokens, ...).
     """
     options: dict[str, Any] = {
@@ -232,11 +245,11 @@ def tiered_config(
         **overrides,
     }
     if gpu_blocks is None:
-        pinned_tokens = options["policy_sink_tokens"] + options["policy_recent_tokens"]
+        policy = make_policy(kvtier.load_config(None, **options).policy, options["block_tokens"])
         gpu_blocks = min_gpu_blocks(
             block_tokens=options["block_tokens"],
             prefill_chunk_tokens=options["prefill_chunk_tokens"],
-            pinned_tokens=pinned_tokens if options["policy_name"] == "sink_recent" else 0,
+            pinned_blocks=policy.max_pinned_blocks(),
         )
     budgets = tier_budgets(
         config,

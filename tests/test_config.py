@@ -14,9 +14,11 @@ import psutil
 import pytest
 import torch
 
-from kvtier import config
-from kvtier.config import load_config, parse_size
+from kvtier import config, registry, sizes
+from kvtier import machine as machine_probes
+from kvtier.config import load_config
 from kvtier.errors import ConfigError
+from kvtier.sizes import parse_size
 
 GIB = 2**30
 GPU_FREE = 10 * GIB
@@ -234,7 +236,7 @@ def test_gpu_percent_uses_nvml_when_torch_has_no_cuda(monkeypatch):
     monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda index: handle)
     memory = types.SimpleNamespace(free=6 * GIB, total=8 * GIB)
     monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda h: memory)
-    assert config.free_gpu_bytes() == 6 * GIB
+    assert machine_probes.free_gpu_bytes() == 6 * GIB
     assert load_config(gpu_budget="50%").gpu.budget_bytes == 3 * GIB
 
 
@@ -246,7 +248,7 @@ def test_gpu_percent_is_of_host_ram_without_any_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(pynvml, "nvmlInit", no_library)
-    assert config.free_gpu_bytes() == HOST_FREE
+    assert machine_probes.free_gpu_bytes() == HOST_FREE
     assert load_config().gpu.budget_bytes == int(HOST_FREE * 0.4)
 
 
@@ -256,7 +258,7 @@ def test_disk_percent_is_measured_at_nearest_existing_parent(tmp_path, machine):
     assert cfg.disk.budget_bytes == DISK_FREE // 10
     assert machine.disk_queries == [tmp_path]
     assert not (tmp_path / "a").exists()
-    assert config.nearest_existing(store) == tmp_path
+    assert machine_probes.nearest_existing(store) == tmp_path
 
 
 def test_disk_budget_zero_means_no_disk_tier():
@@ -377,19 +379,20 @@ def test_toml_syntax_error(tmp_path):
     assert "line 1" in message
 
 
-def test_unknown_policy_falls_back_to_builtins_before_policy_module_lands(monkeypatch):
-    monkeypatch.setitem(sys.modules, "kvtier.policy", None)  # import fails like a missing file
-    assert config.registered_policies() == ["lru", "lfu", "sink_recent"]
+def test_builtin_policies_validate_without_importing_the_policy_package(monkeypatch):
+    """Scenario: config sits below the policies; it knows the built-in names from the registry."""
+    monkeypatch.setitem(sys.modules, "kvtier.policy", None)  # any import of it would fail
+    assert registry.registered_policies() == ["lfu", "lru", "sink_recent"]
+    assert load_config(policy_name="lfu").policy.name == "lfu"
     message = config_error(policy_name="fifo")
     assert "registered: lfu, lru, sink_recent;" in message
 
 
 def test_registered_policy_from_registry_is_accepted(monkeypatch):
-    fake = types.ModuleType("kvtier.policy")
-    fake.registered_policies = lambda: ["lru", "mine"]
-    monkeypatch.setitem(sys.modules, "kvtier.policy", fake)
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    registry.register_policy("mine")(object)
     assert load_config(policy_name="mine").policy.name == "mine"
-    assert "registered: lru, mine;" in config_error(policy_name="sink_recent")
+    assert "registered: lfu, lru, mine, sink_recent;" in config_error(policy_name="fifo")
 
 
 # --- environment ----------------------------------------------------------------------------------
@@ -590,6 +593,6 @@ def test_to_dict_is_json_ready():
 
 
 def test_format_size():
-    assert config.format_size(512) == "512 B"
-    assert config.format_size(3435973836) == "3.20 GiB"
-    assert config.format_size(2**40) == "1.00 TiB"
+    assert sizes.format_size(512) == "512 B"
+    assert sizes.format_size(3435973836) == "3.20 GiB"
+    assert sizes.format_size(2**40) == "1.00 TiB"

@@ -26,7 +26,9 @@ from hypothesis.stateful import (
 
 import kvtier
 from kvtier.blocks import Tier, block_id
-from kvtier.controller import KVShape, TierController
+from kvtier.controller import TierController
+from kvtier.layout import KVGeometry, min_gpu_blocks, staging_bytes
+from kvtier.policy import make_policy
 from kvtier.tiers.disk import DiskStore
 
 BLOCK_TOKENS = 16
@@ -47,14 +49,15 @@ FIXED = {
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _shape(batch: int = 1, dtype: torch.dtype = torch.float32) -> KVShape:
-    return KVShape(
+def _shape(batch: int = 1, dtype: torch.dtype = torch.float32) -> KVGeometry:
+    return KVGeometry(
         layer_ids=tuple(range(LAYERS)),
         layer_devices=(torch.device("cpu"),) * LAYERS,
         batch=batch,
         kv_heads=KV_HEADS,
         head_dim=HEAD_DIM,
         dtype=dtype,
+        block_tokens=BLOCK_TOKENS,
     )
 
 
@@ -68,14 +71,22 @@ def _slot_bytes(batch: int, dtype: torch.dtype) -> int:
 
 
 def _staging_bytes(tokens: int, batch: int, dtype: torch.dtype) -> int:
-    capacity = -(-tokens // BLOCK_TOKENS) * BLOCK_TOKENS
-    return (DEPTH + 1) * capacity * _token_bytes(batch, dtype)
+    return staging_bytes(_shape(batch, dtype), tokens, buffers=DEPTH + 1)
 
 
 def _min_gpu_blocks(policy: str) -> int:
-    """Slots `_check_minimum` asks for besides staging: one chunk, plus sink and recent pins."""
-    blocks = -(-CHUNK_TOKENS // BLOCK_TOKENS) + 1
-    return blocks + (2 if policy == "sink_recent" else 0)
+    """Slots the controller's minimum asks for besides staging: one chunk, plus the pins."""
+    cfg = kvtier.load_config(
+        None,
+        block_tokens=BLOCK_TOKENS,
+        policy_name=policy,
+        policy_sink_tokens=16,
+        policy_recent_tokens=16,
+    )
+    pinned = make_policy(cfg.policy, BLOCK_TOKENS).max_pinned_blocks()
+    return min_gpu_blocks(
+        block_tokens=BLOCK_TOKENS, prefill_chunk_tokens=CHUNK_TOKENS, pinned_blocks=pinned
+    )
 
 
 def _disk_need(batch: int, dtype: torch.dtype) -> int:
@@ -367,7 +378,7 @@ class ControllerMachine(RuleBasedStateMachine):
             # genuinely too small only when the host must shrink past the open block, which has
             # no id yet and so cannot go to disk
             stuck = [b for b in self.ctl.table if b.tiers == {Tier.HOST} and not b.sealed]
-            assert tier is Tier.HOST and stuck and budget < self.ctl.host.bytes_used
+            assert tier is Tier.HOST and stuck and budget < self.ctl.stores[Tier.HOST].bytes_used
             assert self.ctl.stats()[name]["budget_bytes"] == before
             return
         assert self.ctl.stats()[name]["budget_bytes"] == budget
@@ -477,7 +488,7 @@ class Run:
 
     def __init__(self, ctl: TierController, *, seed: int = 0) -> None:
         self.ctl = ctl
-        self.batch, self.dtype = ctl.shape.batch, ctl.shape.dtype
+        self.batch, self.dtype = ctl.geometry.batch, ctl.geometry.dtype
         self.shadow = Shadow(self.batch, self.dtype)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -519,7 +530,7 @@ def test_bytes_round_trip_gpu_host_disk_host_gpu(make_controller, dtype):
     for _ in range(12):
         run.step(BLOCK_TOKENS)
         assert Tier.GPU in run.ctl.table[-1].slots  # every block starts on the GPU
-    run.ctl.set_budget(Tier.HOST, run.ctl.layout.slot_bytes)  # host -> disk
+    run.ctl.set_budget(Tier.HOST, run.ctl.geometry.block_bytes)  # host -> disk
     run.check()
     on_disk = [b.index for b in run.ctl.table if b.tiers == {Tier.DISK} and 1 <= b.index <= 3]
     assert on_disk, _tiers(run.ctl)
@@ -527,13 +538,13 @@ def test_bytes_round_trip_gpu_host_disk_host_gpu(make_controller, dtype):
     run.crop(index * BLOCK_TOKENS + BLOCK_TOKENS // 2)  # disk -> host: the block is open again
     assert run.ctl.table[index].tiers == {Tier.HOST}
     run.check()
-    budget = run.ctl.stats()["gpu"]["budget_bytes"] + 8 * run.ctl.layout.slot_bytes
+    budget = run.ctl.stats()["gpu"]["budget_bytes"] + 8 * run.ctl.geometry.block_bytes
     run.ctl.set_budget(Tier.GPU, budget)
     run.step(BLOCK_TOKENS // 2)  # fills and seals the block; promotion brings it to the GPU
     assert run.ctl.table[index].fastest_tier() is Tier.GPU, _tiers(run.ctl)
     run.check()
     # and back down: demotion drops GPU copies, reads come from host and disk again
-    run.ctl.set_budget(Tier.GPU, _staging_bytes(192, 1, dtype) + 3 * run.ctl.layout.slot_bytes)
+    run.ctl.set_budget(Tier.GPU, _staging_bytes(192, 1, dtype) + 3 * run.ctl.geometry.block_bytes)
     run.step(1)
     run.check()
 
@@ -622,7 +633,7 @@ def test_full_host_without_disk_names_the_block_size(make_controller):
     controller stays consistent and every committed token reads back."""
     run = Run(make_controller(gpu_blocks=3, host_blocks=1, disk_budget=0))
     assert run.ctl.disk is None
-    slot = run.ctl.layout.slot_bytes
+    slot = run.ctl.geometry.block_bytes
     with pytest.raises(kvtier.BudgetError, match=f"no disk tier.*{slot} bytes"):
         for _ in range(MAX_TOKENS // BLOCK_TOKENS):
             run.step(BLOCK_TOKENS)
@@ -664,7 +675,7 @@ def test_lower_gpu_budget_demotes_resident_blocks(make_controller):
     for _ in range(3):
         run.step(30)
     stats = run.ctl.stats()["gpu"]
-    lower = stats["staging_bytes"] + 4 * run.ctl.layout.slot_bytes
+    lower = stats["staging_bytes"] + 4 * run.ctl.geometry.block_bytes
     assert lower < stats["bytes_used"]
     run.ctl.set_budget(Tier.GPU, lower)
     assert run.ctl.stats()["gpu"]["bytes_used"] <= lower
@@ -683,8 +694,10 @@ def test_rejected_gpu_budget_keeps_the_old_one(make_controller):
     with pytest.raises(kvtier.BudgetError, match="at least"):
         run.ctl.set_budget(Tier.GPU, 1000)
     staging = run.ctl.staging.bytes_used
-    with pytest.raises(kvtier.BudgetError, match=f"at least {staging + run.ctl.layout.slot_bytes}"):
-        run.ctl.set_budget(Tier.GPU, staging + run.ctl.layout.slot_bytes - 1)
+    with pytest.raises(
+        kvtier.BudgetError, match=f"at least {staging + run.ctl.geometry.block_bytes}"
+    ):
+        run.ctl.set_budget(Tier.GPU, staging + run.ctl.geometry.block_bytes - 1)
     assert run.ctl.stats()["gpu"]["budget_bytes"] == before
     run.check()
     run.step(3)
@@ -701,7 +714,7 @@ def test_failed_host_shrink_keeps_the_host_tier_consistent(make_controller):
     assert stuck.slots[Tier.HOST] > 0  # not in the first slab, which the shrink keeps
     before = run.ctl.stats()["host"]["budget_bytes"]
     with pytest.raises(kvtier.BudgetError):
-        run.ctl.set_budget(Tier.HOST, run.ctl.layout.slot_bytes)
+        run.ctl.set_budget(Tier.HOST, run.ctl.geometry.block_bytes)
     assert run.ctl.stats()["host"]["budget_bytes"] == before
     run.check()
     run.step(5)
@@ -715,14 +728,14 @@ def test_disk_budget_change_reaches_the_store(make_controller):
     run = Run(make_controller(gpu_blocks=3, host_blocks=2, disk_budget=2 * (slot + FILE_OVERHEAD)))
     run.step(16)
     run.ctl.set_budget(Tier.DISK, _disk_need(1, torch.float32))
-    assert run.ctl.disk.budget_bytes == _disk_need(1, torch.float32)
+    assert run.ctl.disk.limit_bytes == _disk_need(1, torch.float32)
     for _ in range(6):
         run.step(CHUNK_TOKENS)
     assert run.ctl.disk.bytes_used > 2 * (slot + FILE_OVERHEAD), _tiers(run.ctl)
     run.check()
     with pytest.raises(kvtier.BudgetError):
         run.ctl.set_budget(Tier.DISK, run.ctl.disk.bytes_used - 1)
-    assert run.ctl.disk.budget_bytes == _disk_need(1, torch.float32)
+    assert run.ctl.disk.limit_bytes == _disk_need(1, torch.float32)
 
 
 def test_prefetch_in_flight_at_crop_cannot_overwrite_staging(make_controller, monkeypatch):
@@ -826,7 +839,7 @@ def test_raised_gpu_budget_brings_blocks_back(make_controller):
     for _ in range(8):
         run.step(BLOCK_TOKENS)
     _require(any(Tier.GPU not in b.slots for b in run.ctl.table), _tiers(run.ctl))
-    budget = run.ctl.stats()["gpu"]["budget_bytes"] + 20 * run.ctl.layout.slot_bytes
+    budget = run.ctl.stats()["gpu"]["budget_bytes"] + 20 * run.ctl.geometry.block_bytes
     run.ctl.set_budget(Tier.GPU, budget)
     for _ in range(4):
         run.step(1)
@@ -841,5 +854,5 @@ def test_blocked_host_shrink_gives_a_fix_that_applies(make_controller):
         run.step(q)
     _require(run.ctl.disk is not None and run.ctl.table[-1].tiers == {Tier.HOST}, _tiers(run.ctl))
     with pytest.raises(kvtier.BudgetError) as info:
-        run.ctl.set_budget(Tier.HOST, run.ctl.layout.slot_bytes)
+        run.ctl.set_budget(Tier.HOST, run.ctl.geometry.block_bytes)
     assert "enable the disk tier" not in str(info.value), str(info.value)

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from kvtier.errors import BudgetError, KVTierError
-from kvtier.tiers import disk as disk_module
 from kvtier.tiers.codec import Codec
 from kvtier.tiers.disk import DiskStore
+from kvtier.tiers.disk import files as disk_files
 
 FINGERPRINT = "fp-test"
 BLOCK_ID = "ab" + "0" * 30
@@ -143,7 +143,7 @@ def test_flipped_data_byte_is_quarantined(
     store.write_block(BLOCK_ID, _block(), parent_id=None)
     path = _path(tmp_path)
     _flip(path, _header_bytes(path) + 40)
-    with caplog.at_level(logging.WARNING, logger="kvtier.tiers.disk"):
+    with caplog.at_level(logging.WARNING, logger="kvtier.tiers"):
         assert store.read_block(BLOCK_ID) is None
     assert not path.exists()
     assert len(list((tmp_path / "quarantine").iterdir())) == 1
@@ -169,7 +169,7 @@ def test_warns_once_per_cause(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
         store.write_block(block_id, _block(), parent_id=None)
         path = _path(tmp_path, block_id)
         _flip(path, path.stat().st_size - 1)
-    with caplog.at_level(logging.WARNING, logger="kvtier.tiers.disk"):
+    with caplog.at_level(logging.WARNING, logger="kvtier.tiers"):
         assert all(store.read_block(block_id) is None for block_id in ids)
     assert len(caplog.records) == 1
     assert store.stats()["quarantined"] == 3
@@ -284,7 +284,7 @@ def test_enospc_is_a_clear_error_and_leaves_no_temp(
         return real_write(fd, memoryview(data)[:10])
 
     real_write = os.write
-    monkeypatch.setattr(disk_module.os, "write", full_disk)
+    monkeypatch.setattr(disk_files.os, "write", full_disk)
     with pytest.raises(KVTierError, match=r"is full \(No space left on device\).*disk.budget"):
         store.write_block(BLOCK_ID, _block(), parent_id=None)
     monkeypatch.undo()
@@ -301,7 +301,7 @@ def test_other_os_error_is_a_kvtier_error(tmp_path: Path, monkeypatch: pytest.Mo
     def refuse(*args: object) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(disk_module.os, "fsync", refuse)
+    monkeypatch.setattr(disk_files.os, "fsync", refuse)
     with pytest.raises(KVTierError, match="could not write"):
         store.write_block(BLOCK_ID, _block(), parent_id=None)
     monkeypatch.undo()
@@ -380,7 +380,7 @@ def test_auto_codec_is_fixed_at_first_write(
 ) -> None:
     store = _store(tmp_path, "auto")
     assert store.stats()["codec"] == "auto"
-    with caplog.at_level(logging.INFO, logger="kvtier.tiers.disk"):
+    with caplog.at_level(logging.INFO, logger="kvtier.tiers"):
         store.write_block(BLOCK_ID, _block(), parent_id=None)
     chosen = store.stats()["codec"]
     assert chosen in {member.value for member in Codec}

@@ -7,20 +7,22 @@ import torch
 
 import kvtier
 from kvtier.blocks import Tier
-from kvtier.controller import KVShape, TierController
+from kvtier.controller import TierController
+from kvtier.layout import KVGeometry
 
 BT = 16
 LAYERS = 2
 
 
 def _controller(tmp_path, *, host_blocks: int) -> TierController:
-    shape = KVShape(
+    shape = KVGeometry(
         layer_ids=(0, 1),
         layer_devices=(torch.device("cpu"),) * LAYERS,
         batch=1,
         kv_heads=2,
         head_dim=8,
         dtype=torch.float32,
+        block_tokens=BT,
     )
     token_bytes = 2 * 2 * 8 * 4
     slot = BT * LAYERS * token_bytes
@@ -56,7 +58,7 @@ def test_failed_disk_write_keeps_the_block_on_host(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise kvtier.KVTierError("disk store is full (No space left on device)")
 
-    monkeypatch.setattr(ctl.disk, "write_block", broken)
+    monkeypatch.setattr(ctl.disk.store, "write_block", broken)
     with pytest.raises(kvtier.KVTierError, match="No space left"):
         for seed in range(4, 12):
             written.append(_step(ctl, BT, seed))

@@ -9,6 +9,7 @@ import torch
 from conftest import random_prompt, reference_generate, tiered_config, tiered_generate
 
 import kvtier
+from kvtier.blocks import Tier
 
 pytestmark = pytest.mark.gpu
 
@@ -46,7 +47,7 @@ def test_host_slabs_are_pinned_exactly(tiny_model, tmp_path):
     cfg = tiered_config(config, tmp_path, 316, gpu_blocks=6, host_blocks=7)
     with kvtier.offload(model, cfg) as cache:
         model.generate(random_prompt(300).cuda(), past_key_values=cache, max_new_tokens=16)
-        host = cache.controller.host
+        host = cache.controller.stores[Tier.HOST]
         assert host.pinned_bytes == host.bytes_used > 0
         assert host.bytes_used <= cfg.host.budget_bytes
         cache.controller.check_invariants()

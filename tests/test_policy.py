@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import kvtier
-from kvtier import policy as policy_module
+from kvtier import registry
 from kvtier.blocks import BlockMeta, Tier
 from kvtier.config import PolicyConfig
-from kvtier.controller import KVShape, TierController
+from kvtier.controller import TierController
+from kvtier.layout import KVGeometry
 from kvtier.policy import LFUPolicy, Policy, SinkRecentPolicy, make_policy, registered_policies
 
 BT = 16
@@ -20,7 +21,7 @@ BT = 16
 @pytest.fixture(autouse=True)
 def private_registry(monkeypatch):
     """Policies a test registers vanish after it (the registry is the one global state)."""
-    monkeypatch.setattr(policy_module, "_REGISTRY", dict(policy_module._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
 
 def _cfg(name: str, **kw):
@@ -172,7 +173,8 @@ def _run(toml: Path, blocks: int = 6) -> TierController:
         host_budget=16 * SLOT,
         disk_budget=0,
     )
-    shape = KVShape(tuple(range(LAYERS)), (torch.device("cpu"),) * LAYERS, 1, 2, 8, torch.float32)
+    cpu = (torch.device("cpu"),) * LAYERS
+    shape = KVGeometry(tuple(range(LAYERS)), cpu, 1, 2, 8, torch.float32, cfg.block_tokens)
     ctl = TierController(cfg, shape, fingerprint="p")
     for _ in range(blocks):
         for layer in range(LAYERS):
@@ -198,7 +200,7 @@ def test_user_policy_from_toml(tmp_path):
     toml = tmp_path / "cfg.toml"
     toml.write_text('[policy]\nname = "newest_first"\nprefetch_depth = 0\n')
     ctl = _run(toml)
-    assert type(ctl.policy) is NewestFirst
+    assert type(ctl.placement.policy) is NewestFirst
     assert {0, 1} <= _on_gpu(ctl)  # the newest sealed blocks were demoted first
     ctl.close()
 

@@ -9,12 +9,21 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import kvtier
+from kvtier.blocks import Tier
+from kvtier.layout import KVGeometry
 from kvtier.tiers.gpu import GpuPool, StagingRing
 from kvtier.tiers.host import HostPool
-from kvtier.tiers.pool import SlabPool, SlotLayout
+from kvtier.tiers.pool import SlabPool
 
-LAYOUT = SlotLayout((torch.device("cpu"),) * 3, 16, 1, 2, 8, torch.float32)
-SLOT = LAYOUT.slot_bytes
+
+def _geometry(devices, block_tokens, batch, kv_heads, head_dim, dtype) -> KVGeometry:
+    """The geometry of `len(devices)` tiered layers, the layer on `devices[i]`."""
+    layer_ids = tuple(range(len(devices)))
+    return KVGeometry(layer_ids, tuple(devices), batch, kv_heads, head_dim, dtype, block_tokens)
+
+
+LAYOUT = _geometry((torch.device("cpu"),) * 3, 16, 1, 2, 8, torch.float32)
+SLOT = LAYOUT.block_bytes
 
 
 def _slab_bytes(pool: SlabPool) -> int:
@@ -26,28 +35,28 @@ def _fill_all(pool: SlabPool) -> list[int]:
     slots = []
     while (slot := pool.allocate()) is not None:
         slots.append(slot)
-        assert pool.bytes_used <= pool.budget_bytes
+        assert pool.bytes_used <= pool.limit_bytes
     return slots
 
 
 def test_slot_bytes():
     """Scenario: one slot is every layer's K and V of block_tokens positions."""
     assert LAYOUT.token_bytes == 2 * 1 * 2 * 8 * 4
-    assert LAYOUT.layer_slot_bytes == 16 * LAYOUT.token_bytes
-    assert LAYOUT.slot_bytes == 3 * 16 * LAYOUT.token_bytes
-    assert LAYOUT.token_shape == (2, 1, 2, 8) and LAYOUT.layers == 3
-    half = SlotLayout((torch.device("cpu"),) * 2, 32, 4, 8, 64, torch.bfloat16)
-    assert half.slot_bytes == 2 * 32 * 2 * 4 * 8 * 64 * 2
+    assert LAYOUT.layer_block_bytes == 16 * LAYOUT.token_bytes
+    assert LAYOUT.block_bytes == 3 * 16 * LAYOUT.token_bytes
+    assert LAYOUT.token_shape == (2, 1, 2, 8) and LAYOUT.tiered_layers == 3
+    half = _geometry((torch.device("cpu"),) * 2, 32, 4, 8, 64, torch.bfloat16)
+    assert half.block_bytes == 2 * 32 * 2 * 4 * 8 * 64 * 2
 
 
 def test_allocate_until_full_stays_within_budget():
     """Scenario: bytes_used is the slabs' real size and never exceeds the budget."""
     budget = 10 * SLOT + 100
-    pool = HostPool(LAYOUT, budget_bytes=budget, pin=False)
+    pool = HostPool(LAYOUT, limit_bytes=budget, pin=False)
     slots = _fill_all(pool)
     assert slots == list(range(10))  # lowest free slot first
     assert pool.bytes_used == 10 * SLOT == _slab_bytes(pool)
-    assert pool.used_slots == 10 and pool.capacity_slots() == 10
+    assert pool.used_slots == 10 and pool.capacity_blocks() == 10
     pool.free(3)
     pool.free(1)
     assert pool.used_slots == 8
@@ -61,7 +70,7 @@ def test_allocate_until_full_stays_within_budget():
 def test_growth_is_lazy_and_slab_by_slab(slab_slots):
     """Scenario: slabs are allocated only when a slot is needed, one at a time, the last one cut
     to the budget."""
-    pool = GpuPool(LAYOUT, budget_bytes=10 * SLOT, slab_slots=slab_slots)
+    pool = GpuPool(LAYOUT, limit_bytes=10 * SLOT, slab_slots=slab_slots)
     assert pool.bytes_used == 0 == _slab_bytes(pool)
     for count in range(1, 11):
         assert pool.allocate() == count - 1
@@ -71,16 +80,16 @@ def test_growth_is_lazy_and_slab_by_slab(slab_slots):
 
 
 def test_default_slab_size_is_a_quarter_of_the_budget():
-    pool = GpuPool(LAYOUT, budget_bytes=40 * SLOT)
+    pool = GpuPool(LAYOUT, limit_bytes=40 * SLOT)
     assert pool.slab_slots == 10
-    small = GpuPool(LAYOUT, budget_bytes=SLOT)  # at least one slot per slab
+    small = GpuPool(LAYOUT, limit_bytes=SLOT)  # at least one slot per slab
     assert small.slab_slots == 1
-    capped = GpuPool(LAYOUT, budget_bytes=400 * SLOT, max_slab_bytes=5 * SLOT)
+    capped = GpuPool(LAYOUT, limit_bytes=400 * SLOT, max_slab_bytes=5 * SLOT)
     assert capped.slab_slots == 5
 
 
 def test_require_names_the_minimum():
-    pool = HostPool(LAYOUT, budget_bytes=2 * SLOT - 1, pin=False)
+    pool = HostPool(LAYOUT, limit_bytes=2 * SLOT - 1, pin=False)
     pool.require(1, "one block")
     with pytest.raises(kvtier.BudgetError, match=f"need at least {2 * SLOT} bytes"):
         pool.require(2, "two blocks")
@@ -88,55 +97,55 @@ def test_require_names_the_minimum():
 
 def test_run_view_is_one_contiguous_range():
     """Scenario: consecutive slots of one layer form one contiguous tensor (one copy moves it)."""
-    pool = GpuPool(LAYOUT, budget_bytes=8 * SLOT, slab_slots=4)
+    pool = GpuPool(LAYOUT, limit_bytes=8 * SLOT, slab_slots=4)
     for _ in range(8):
         pool.allocate()
-    run = pool.run_view(0, 3, 1)
+    run = pool.source(0, 1, 3)
     assert run.shape == (48, 2, 1, 2, 8) and run.is_contiguous()
     assert pool.contiguous(2, 3) and not pool.contiguous(3, 4)  # slab boundary
     assert not pool.contiguous(1, 3) and not pool.contiguous(3, 2)
-    pool.layer_view(1, 1).fill_(7.0)
+    pool.source(1, 1).fill_(7.0)
     assert torch.all(run[16:32] == 7.0)
     with pytest.raises(AssertionError):
-        pool.run_view(3, 2, 0)
+        pool.source(3, 0, 2)
 
 
 def test_views_of_slots_and_layers_never_overlap():
     """Scenario: every (slot, layer) view is its own memory; slot_view stacks a slot's layers."""
-    pool = GpuPool(LAYOUT, budget_bytes=6 * SLOT, slab_slots=4)
+    pool = GpuPool(LAYOUT, limit_bytes=6 * SLOT, slab_slots=4)
     slots = _fill_all(pool)
     for slot in slots:
-        for layer in range(LAYOUT.layers):
-            view = pool.layer_view(slot, layer)
+        for layer in range(LAYOUT.tiered_layers):
+            view = pool.source(slot, layer)
             assert view.shape == (16, *LAYOUT.token_shape) and view.is_contiguous()
             view.fill_(slot * 10 + layer)
     for slot in slots:
         stacked = pool.slot_view(slot)
-        assert stacked.shape == (LAYOUT.layers, 16, *LAYOUT.token_shape)
-        for layer in range(LAYOUT.layers):
-            assert torch.all(pool.layer_view(slot, layer) == slot * 10 + layer)
-            assert torch.equal(stacked[layer], pool.layer_view(slot, layer))
+        assert stacked.shape == (LAYOUT.tiered_layers, 16, *LAYOUT.token_shape)
+        for layer in range(LAYOUT.tiered_layers):
+            assert torch.all(pool.source(slot, layer) == slot * 10 + layer)
+            assert torch.equal(stacked[layer], pool.source(slot, layer))
 
 
 def test_layers_on_several_devices():
     """Scenario: a device_map layout keeps one tensor per device in a slab, each layer on its own
     device; bytes_used still counts every layer."""
     devices = (torch.device("cpu"), torch.device("meta"), torch.device("cpu"))
-    layout = SlotLayout(devices, 16, 1, 2, 8, torch.float32)
-    pool = GpuPool(layout, budget_bytes=4 * layout.slot_bytes, slab_slots=2)
-    assert not pool.single_device
+    layout = _geometry(devices, 16, 1, 2, 8, torch.float32)
+    pool = GpuPool(layout, limit_bytes=4 * layout.block_bytes, slab_slots=2)
+    assert not pool.geometry.single_device
     _fill_all(pool)
-    assert pool.bytes_used == 4 * layout.slot_bytes
-    assert [pool.layer_view(3, i).device for i in range(3)] == list(devices)
-    assert pool.run_view(2, 2, 2).shape == (32, 2, 1, 2, 8)
+    assert pool.bytes_used == 4 * layout.block_bytes
+    assert [pool.source(3, i).device for i in range(3)] == list(devices)
+    assert pool.source(2, 2, 2).shape == (32, 2, 1, 2, 8)
 
 
 def test_set_budget_names_slots_to_evacuate_then_releases():
     """Scenario: lowering the budget frees whole slabs from the top once they are emptied."""
-    pool = GpuPool(LAYOUT, budget_bytes=8 * SLOT, slab_slots=4)
+    pool = GpuPool(LAYOUT, limit_bytes=8 * SLOT, slab_slots=4)
     for _ in range(6):
         pool.allocate()
-    evacuate = pool.set_budget(4 * SLOT)
+    evacuate = pool.set_limit(4 * SLOT)
     assert evacuate == [4, 5]
     for slot in evacuate:
         pool.free(slot)
@@ -146,11 +155,11 @@ def test_set_budget_names_slots_to_evacuate_then_releases():
 
 
 def test_set_budget_keeps_the_data_of_kept_slabs():
-    pool = GpuPool(LAYOUT, budget_bytes=12 * SLOT, slab_slots=4)
+    pool = GpuPool(LAYOUT, limit_bytes=12 * SLOT, slab_slots=4)
     slots = _fill_all(pool)
     for slot in slots:
         pool.slot_view(slot).fill_(slot)
-    evacuate = pool.set_budget(5 * SLOT)  # slab 1 still over: 8 slots > 5
+    evacuate = pool.set_limit(5 * SLOT)  # slab 1 still over: 8 slots > 5
     assert evacuate == list(range(4, 12))
     for slot in evacuate:
         pool.free(slot)
@@ -164,10 +173,10 @@ def test_set_budget_keeps_the_data_of_kept_slabs():
 
 
 def test_raising_the_budget_lets_the_pool_grow_again():
-    pool = GpuPool(LAYOUT, budget_bytes=4 * SLOT, slab_slots=4)
+    pool = GpuPool(LAYOUT, limit_bytes=4 * SLOT, slab_slots=4)
     assert len(_fill_all(pool)) == 4
-    assert pool.set_budget(8 * SLOT) == []
-    assert pool.capacity_slots() == 8
+    assert pool.set_limit(8 * SLOT) == []
+    assert pool.capacity_blocks() == 8
     assert _fill_all(pool) == [4, 5, 6, 7]
     assert pool.bytes_used == 8 * SLOT
 
@@ -175,10 +184,10 @@ def test_raising_the_budget_lets_the_pool_grow_again():
 def test_short_slab_in_use_does_not_block_growth():
     """Scenario: a slab cut short by the budget holds blocks; a raised budget still grows the
     pool: the next slab starts at the next slab boundary."""
-    pool = GpuPool(LAYOUT, budget_bytes=6 * SLOT, slab_slots=4)
+    pool = GpuPool(LAYOUT, limit_bytes=6 * SLOT, slab_slots=4)
     assert _fill_all(pool) == list(range(6))  # slab 1 holds only 2 slots
-    pool.set_budget(8 * SLOT)
-    assert pool.capacity_slots() == 8
+    pool.set_limit(8 * SLOT)
+    assert pool.capacity_blocks() == 8
     assert pool.allocate() == 8
     assert pool.bytes_used <= 8 * SLOT
 
@@ -187,21 +196,21 @@ def test_raised_budget_is_usable_once_the_short_slab_empties():
     """Scenario: budget 6 slots (slabs of 4: one full, one short of 2), raised to 8, the short
     slab emptied: filling used to stop at 6 slots (allocate() reused the short slab's own free
     slots first, then _grow refused while that slab was in use)."""
-    pool = GpuPool(LAYOUT, budget_bytes=6 * SLOT, slab_slots=4)
+    pool = GpuPool(LAYOUT, limit_bytes=6 * SLOT, slab_slots=4)
     _fill_all(pool)
-    pool.set_budget(8 * SLOT)
+    pool.set_limit(8 * SLOT)
     pool.free(4)
     pool.free(5)
     _fill_all(pool)
-    assert pool.used_slots == pool.capacity_slots() == 8
+    assert pool.used_slots == pool.capacity_blocks() == 8
 
 
 def test_freed_slots_of_released_slabs_are_forgotten():
-    pool = GpuPool(LAYOUT, budget_bytes=8 * SLOT, slab_slots=4)
+    pool = GpuPool(LAYOUT, limit_bytes=8 * SLOT, slab_slots=4)
     _fill_all(pool)
     for slot in range(8):
         pool.free(slot)
-    assert pool.set_budget(4 * SLOT) == []
+    assert pool.set_limit(4 * SLOT) == []
     pool.release()
     assert _fill_all(pool) == [0, 1, 2, 3]
 
@@ -211,7 +220,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.pool = GpuPool(LAYOUT, budget_bytes=6 * SLOT, slab_slots=3)
+        self.pool = GpuPool(LAYOUT, limit_bytes=6 * SLOT, slab_slots=3)
         self.used: dict[int, float] = {}  # slot -> the value written into it
 
     @rule()
@@ -222,7 +231,7 @@ class PoolMachine(RuleBasedStateMachine):
             for s in range(i * self.pool.slab_slots, i * self.pool.slab_slots + count)
             if s not in self.used
         ]
-        room = self.pool.budget_bytes - self.pool.bytes_used >= SLOT
+        room = self.pool.limit_bytes - self.pool.bytes_used >= SLOT
         slot = self.pool.allocate()
         if free_in_slabs:
             assert slot == min(free_in_slabs)  # lowest free slot first
@@ -244,7 +253,7 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(slots=st.integers(0, 12))
     def set_budget(self, slots: int) -> None:
         budget = slots * SLOT + (SLOT // 2 if slots % 2 else 0)
-        evacuate = self.pool.set_budget(budget)
+        evacuate = self.pool.set_limit(budget)
         assert evacuate == sorted(evacuate) and set(evacuate) <= set(self.used)
         for slot in evacuate:  # the controller moves these blocks elsewhere first
             del self.used[slot]
@@ -254,7 +263,7 @@ class PoolMachine(RuleBasedStateMachine):
     @invariant()
     def accounting(self) -> None:
         assert self.pool.bytes_used == _slab_bytes(self.pool)
-        assert self.pool.bytes_used <= self.pool.budget_bytes
+        assert self.pool.bytes_used <= self.pool.limit_bytes
         assert self.pool.used_slots == len(self.used)
         for slot, value in self.used.items():  # live data never moves or gets overwritten
             assert torch.all(self.pool.slot_view(slot) == value)
@@ -267,12 +276,12 @@ TestPool = PoolMachine.TestCase
 # -- host pool -------------------------------------------------------------------------------------
 def test_host_pool_unpinned_on_cpu():
     """Scenario: without CUDA the host pool is plain RAM and counts no pinned bytes."""
-    pool = HostPool(LAYOUT, budget_bytes=3 * SLOT, pin=False)
+    pool = HostPool(LAYOUT, limit_bytes=3 * SLOT, pin=False)
     assert _fill_all(pool) == [0, 1, 2]
-    assert pool.pinned_bytes == 0 and not pool.layer_view(0, 0).is_pinned()
-    assert pool.tier_name == "host"
+    assert pool.pinned_bytes == 0 and not pool.source(0, 0).is_pinned()
+    assert pool.tier is Tier.HOST
     if not torch.cuda.is_available():
-        assert HostPool(LAYOUT, budget_bytes=SLOT).pin is False  # pin=None follows CUDA
+        assert HostPool(LAYOUT, limit_bytes=SLOT).pin is False  # pin=None follows CUDA
     pool.close()
 
 
@@ -280,12 +289,12 @@ def test_host_pool_unpinned_on_cpu():
 def test_pinned_host_pool_counts_real_pinned_bytes():
     """Scenario: pinned slabs are registered exactly (no power-of-two rounding)."""
     budget = 5 * SLOT + 12345
-    pool = HostPool(LAYOUT, budget_bytes=budget, pin=True)
+    pool = HostPool(LAYOUT, limit_bytes=budget, pin=True)
     while pool.allocate() is not None:
         pass
     assert pool.pinned_bytes == pool.bytes_used <= budget
-    assert pool.layer_view(0, 0).is_pinned()
-    assert pool.set_budget(2 * SLOT) != []
+    assert pool.source(0, 0).is_pinned()
+    assert pool.set_limit(2 * SLOT) != []
     for slot in range(pool.used_slots):
         pool.free(slot)
     pool.release()
@@ -313,7 +322,7 @@ def test_staging_ring_grows_in_blocks():
 @pytest.mark.parametrize("buffers", [1, 2, 3, 4])
 def test_staging_ring_layers_take_turns(buffers):
     """Scenario: layer j uses buffer j % buffers, so depth + 1 layers can be in flight at once."""
-    layout = SlotLayout((torch.device("cpu"),) * 5, 16, 2, 2, 8, torch.float16)
+    layout = _geometry((torch.device("cpu"),) * 5, 16, 2, 2, 8, torch.float16)
     ring = StagingRing(layout, buffers=buffers)
     ring.ensure(5)
     distinct = {id(ring.buffer(j)) for j in range(5)}
@@ -325,7 +334,7 @@ def test_staging_ring_layers_take_turns(buffers):
 
 def test_staging_ring_counts_each_device():
     devices = (torch.device("cpu"), torch.device("meta"))
-    layout = SlotLayout(devices, 16, 1, 2, 8, torch.float32)
+    layout = _geometry(devices, 16, 1, 2, 8, torch.float32)
     ring = StagingRing(layout, buffers=2)
     assert ring.bytes_for(16) == 2 * 2 * 16 * layout.token_bytes
     ring.ensure(16)

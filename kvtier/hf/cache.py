@@ -15,11 +15,12 @@ from collections.abc import Iterator
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
-from ..config import Config, load_config
-from ..controller import KVShape, TierController
-from ..errors import KVTierError
-from .hooks import HookSet
-from .models import describe
+from kvtier.config import Config, load_config
+from kvtier.controller import TierController
+from kvtier.errors import KVTierError
+from kvtier.hf.hooks import HookSet
+from kvtier.hf.models import describe
+from kvtier.layout import KVGeometry
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class TieredLayer(CacheLayerMixin):
     @property
     def batch_size(self) -> int:
         controller = self._cache.controller
-        return -1 if controller is None else controller.shape.batch
+        return -1 if controller is None else controller.geometry.batch
 
     # crop / reorder / reset act on the whole controller once, from TieredCache
     def crop(self, tokens_to_remove: int) -> None:
@@ -110,7 +111,16 @@ class TieredCache(Cache):
         self.in_forward = False
         self._pending_ids: torch.Tensor | None = None  # token ids seen before the controller
         self._tiered_count = len(self.spec.tiered_layers)
-        self._hooks: HookSet | None = HookSet(model, self)
+        self._hooks: HookSet | None = HookSet(
+            model,
+            self,
+            decoder_layers=self.spec.decoder_layers,
+            tiered_layers=self.spec.tiered_layers,
+        )
+
+    @property
+    def prefill_chunk_tokens(self) -> int:
+        return self.cfg.prefill_chunk_tokens
 
     # -- HF Cache surface ----------------------------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:
@@ -182,7 +192,7 @@ class TieredCache(Cache):
             yield
         finally:
             self.in_forward = False
-            if self.controller is not None and self.controller._step is not None:
+            if self.controller is not None and self.controller.in_step:
                 # the forward failed midway: drop the half-written step
                 self.controller.abort_step()
 
@@ -200,15 +210,16 @@ class TieredCache(Cache):
             devices = [self.spec.layer_devices[i] for i in self.spec.tiered_layers]
             # the first tiered layer's device comes from the tensor itself (accelerate offload)
             devices[0] = key_states.device
-            shape = KVShape(
+            geometry = KVGeometry(
                 layer_ids=self.spec.tiered_layers,
                 layer_devices=tuple(devices),
                 batch=key_states.shape[0],
                 kv_heads=key_states.shape[1],
                 head_dim=key_states.shape[3],
                 dtype=key_states.dtype,
+                block_tokens=self.cfg.block_tokens,
             )
-            self.controller = TierController(self.cfg, shape, fingerprint=self.spec.fingerprint)
+            self.controller = TierController(self.cfg, geometry, fingerprint=self.spec.fingerprint)
             self.controller.note_tokens(self._pending_ids)
             self._pending_ids = None
         return self.controller

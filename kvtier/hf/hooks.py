@@ -8,39 +8,57 @@ of the next step. Hooks hold the cache weakly and do nothing for any other cache
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from .cache import TieredCache
 
 _SEQ_KWARGS = ("input_ids", "inputs_embeds", "position_ids", "cache_position", "token_type_ids")
 # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name still works)
 _CACHE_KWARGS = ("cache", "past_key_values")
 
 
-class HookSet:
-    """Installed hooks of one cache on one model; `remove()` restores the model."""
+class StepDriver(Protocol):
+    """What the hooks drive: the cache they were installed for (TieredCache implements it)."""
 
-    def __init__(self, model: torch.nn.Module, cache: TieredCache) -> None:
+    in_forward: bool
+    prefill_chunk_tokens: int
+
+    def forward_step(
+        self, input_ids: torch.Tensor | None, new_tokens: int
+    ) -> contextlib.AbstractContextManager[None]:
+        """Bracket one model call of `new_tokens` positions."""
+        ...
+
+    def prefetch_from(self, tiered_index: int) -> None:
+        """Start gathering tiered layers from `tiered_index` on."""
+        ...
+
+
+class HookSet:
+    """Installed hooks of one driver on one model; `remove()` restores the model."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        driver: StepDriver,
+        *,
+        decoder_layers: tuple[torch.nn.Module, ...],
+        tiered_layers: tuple[int, ...],
+    ) -> None:
         self.model = model
-        ref = weakref.ref(cache)
+        ref = weakref.ref(driver)
         self._handles = []
-        spec = cache.spec
         # for each decoder layer: the first tiered index at or after it
-        tiered = spec.tiered_layers
-        next_tiered = []
-        for i in range(len(spec.decoder_layers)):
-            next_tiered.append(sum(1 for t in tiered if t < i))
-        for i, layer in enumerate(spec.decoder_layers):
+        next_tiered = [sum(1 for t in tiered_layers if t < i) for i in range(len(decoder_layers))]
+        for i, layer in enumerate(decoder_layers):
             handle = layer.register_forward_pre_hook(
                 functools.partial(_layer_pre_hook, ref, next_tiered[i])
             )
             self._handles.append(handle)
-        last = spec.decoder_layers[-1]
+        last = decoder_layers[-1]
         self._handles.append(last.register_forward_hook(functools.partial(_last_post_hook, ref)))
         self._had_forward = "forward" in model.__dict__
         self._original_forward = model.forward
@@ -87,7 +105,7 @@ def _model_forward(ref: weakref.ref, original, *args: Any, **kwargs: Any):
     if source is None:
         return original(*args, **kwargs)
     total = source.shape[1]
-    chunk = cache.cfg.prefill_chunk_tokens
+    chunk = cache.prefill_chunk_tokens
     mask = kwargs.get("attention_mask")
     if total <= chunk or (mask is not None and mask.dim() != 2):
         with cache.forward_step(kwargs.get("input_ids"), total):
@@ -95,7 +113,7 @@ def _model_forward(ref: weakref.ref, original, *args: Any, **kwargs: Any):
     return _chunked(cache, original, kwargs, total, chunk)
 
 
-def _chunked(cache: TieredCache, original, kwargs: dict, total: int, chunk: int):
+def _chunked(cache: StepDriver, original, kwargs: dict, total: int, chunk: int):
     """Run a long input as consecutive chunks through the same cache; logits are concatenated
     when the caller asked for all of them."""
     keep = kwargs.get("logits_to_keep", 0)

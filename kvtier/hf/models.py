@@ -15,11 +15,11 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from ..errors import UnsupportedModelError
+from kvtier.blocks import FORMAT_VERSION
+from kvtier.errors import UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"
 _MLA_KEYS = ("kv_lora_rank", "q_lora_rank")
 
 

@@ -1,1 +1,44 @@
-"""Storage tiers: GPU and host slab pools, the disk store and its codec. Tiers store; they never choose."""
+"""The tiers: one TierStore per level (base.py), built from a config by `build_stores`.
+
+GPU and host are slab pools of memory (pool.py, gpu.py, host.py); the disk is a store of block
+files (disk/). A new tier is one more TierStore and one more line in `build_stores`.
+"""
+
+from __future__ import annotations
+
+from kvtier.blocks import Tier
+from kvtier.config import Config
+from kvtier.layout import KVGeometry
+from kvtier.tiers.base import TierStore
+from kvtier.tiers.disk import DiskStore, DiskTier
+from kvtier.tiers.gpu import GpuPool
+from kvtier.tiers.host import HostPool
+
+
+def build_stores(
+    cfg: Config, geometry: KVGeometry, *, fingerprint: str, disk_store: DiskStore | None = None
+) -> dict[Tier, TierStore]:
+    """The tier stores a config asks for, fastest first (the disk only with disk.budget > 0)."""
+    stores: dict[Tier, TierStore] = {
+        Tier.GPU: GpuPool(geometry, limit_bytes=cfg.gpu.budget_bytes),
+        Tier.HOST: HostPool(geometry, limit_bytes=cfg.host.budget_bytes),
+    }
+    if disk_store is None and cfg.disk.budget_bytes > 0:
+        disk_store = DiskStore(
+            cfg.disk.path,
+            budget_bytes=cfg.disk.budget_bytes,
+            codec=cfg.disk.codec,
+            fingerprint=fingerprint,
+        )
+    if disk_store is not None:
+        stores[Tier.DISK] = DiskTier(disk_store, geometry, keep_files=cfg.disk.persist)
+    return stores
+
+
+def configured_budgets(cfg: Config) -> dict[Tier, int]:
+    """The KV budget the config gives each tier, in bytes (the GPU's includes staging)."""
+    return {
+        Tier.GPU: cfg.gpu.budget_bytes,
+        Tier.HOST: cfg.host.budget_bytes,
+        Tier.DISK: cfg.disk.budget_bytes,
+    }

@@ -1,7 +1,7 @@
-"""Byte codecs for disk blocks: raw passthrough, lz4, byte-shuffle + lz4, and raw-byte checksums.
+"""Byte codecs for disk blocks: raw passthrough, lz4, byte-shuffle + lz4, raw-byte checksums,
+and the choice between them (`choose_codec`'s one cost rule, made once per store by CodecChoice).
 
-Pure functions on contiguous CPU tensors and byte buffers; no files, no threads, no policy
-beyond `choose_codec`'s one cost rule.
+Pure functions on contiguous CPU tensors and byte buffers; no files.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import hashlib
 import logging
 import math
 import struct
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import lz4.block
 import numpy as np
@@ -21,6 +22,12 @@ import torch
 from kvtier.errors import KVTierError, StoreCorruptError
 
 log = logging.getLogger(__name__)
+
+# Disk speeds `codec="auto"` weighs the codecs against unless told otherwise: write+fsync and cold
+# read measured on the lent H100 host's virtio disk (DESIGN.md section 8).
+DEFAULT_WRITE_GBPS = 1.3
+DEFAULT_READ_GBPS = 1.9
+SAMPLE_BYTES = 4 << 20  # bytes of the first tensor that `auto` measures the codecs on
 
 # Raw bytes per independently compressed lz4 chunk: chunks can be (de)compressed in parallel and
 # bound the temporary buffers one call needs.
@@ -218,3 +225,49 @@ def choose_codec(sample: torch.Tensor, *, disk_write_gbps: float, disk_read_gbps
         if cost < best_cost:
             best, best_cost = codec, cost
     return best
+
+
+class CodecChoice:
+    """A store's codec: fixed, or for "auto" chosen on the first tensors written and then kept.
+
+    Thread-safe: many writer threads measure once between them.
+    """
+
+    def __init__(
+        self,
+        spec: str | Codec,
+        *,
+        disk_write_gbps: float = DEFAULT_WRITE_GBPS,
+        disk_read_gbps: float = DEFAULT_READ_GBPS,
+    ) -> None:
+        self._codec: Codec | None = None if spec == "auto" else Codec(spec)
+        self._disk_gbps = (disk_write_gbps, disk_read_gbps)
+        self._lock = threading.Lock()
+
+    @property
+    def value(self) -> str:
+        """The codec's name, or "auto" until the first write chooses one."""
+        return self._codec.value if self._codec is not None else "auto"
+
+    def resolve(self, tensors: Mapping[str, torch.Tensor], *, where: object) -> Codec:
+        """The codec to write `tensors` with; on the first call of an auto choice, measures."""
+        if self._codec is not None:
+            return self._codec
+        with self._lock:
+            if self._codec is None:
+                first = next(
+                    (t for t in tensors.values() if t.numel()), next(iter(tensors.values()))
+                )
+                sample = first.detach().reshape(-1)[: SAMPLE_BYTES // first.element_size()]
+                write_gbps, read_gbps = self._disk_gbps
+                self._codec = choose_codec(
+                    sample, disk_write_gbps=write_gbps, disk_read_gbps=read_gbps
+                )
+                log.info(
+                    "disk store %s: codec auto chose %s (assuming disk %.2f GB/s write, %.2f GB/s read)",
+                    where,
+                    self._codec.value,
+                    write_gbps,
+                    read_gbps,
+                )
+            return self._codec

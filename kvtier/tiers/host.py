@@ -11,18 +11,23 @@ import logging
 
 import torch
 
-from .pool import SlabPool, SlotLayout
+from kvtier.blocks import Tier
+from kvtier.layout import KVGeometry
+from kvtier.tiers.pool import SlabPool
 
 log = logging.getLogger(__name__)
 
 
 class HostPool(SlabPool):
-    tier_name = "host"
+    tier = Tier.HOST
 
-    def __init__(self, layout: SlotLayout, *, budget_bytes: int, pin: bool | None = None) -> None:
-        super().__init__(layout, budget_bytes=budget_bytes)
+    def __init__(self, geometry: KVGeometry, *, limit_bytes: int, pin: bool | None = None) -> None:
+        super().__init__(geometry.on_host(), limit_bytes=limit_bytes)
         self.pin = torch.cuda.is_available() if pin is None else pin
         self.pinned_bytes = 0
+
+    def stats(self) -> dict[str, object]:
+        return {"pinned_bytes": self.pinned_bytes}
 
     def _allocate_slab(self, device: torch.device, count: int) -> torch.Tensor:
         slab = super()._allocate_slab(device, count)

@@ -1,0 +1,409 @@
+"""TierController: the step cycle and the edits of one sequence batch's tiered KV.
+
+Per step it reserves room for the new positions, gathers each layer's committed K/V into staging
+(prefetch, then wait), writes the new tokens, and commits: blocks that fill are sealed and
+placement settles. Crop, reorder, budget changes, reset and close are edits between steps.
+Placement decides where blocks live, Gather plans copies, the Mover copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.blocks import BlockMeta, BlockTable, Tier
+from kvtier.config import Config
+from kvtier.controller.gather import Gather
+from kvtier.controller.placement import Placement
+from kvtier.controller.stats import Counters, build_stats
+from kvtier.controller.step import Step, batched_copies, token_copies
+from kvtier.errors import BudgetError, KVTierError, StoreCorruptError
+from kvtier.layout import KVGeometry
+from kvtier.policy import make_policy
+from kvtier.tiers import build_stores
+from kvtier.tiers.base import TierStore
+from kvtier.tiers.disk import DiskStore
+from kvtier.tiers.gpu import StagingRing, write_tokens
+from kvtier.transfer import Lane, Mover, Ticket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Prefetch:
+    ticket: Ticket
+    key: tuple[int, int]  # (epoch, committed tokens) it was planned for
+
+
+class TierController:
+    """Owns the block table, the tier stores and the mover for one sequence (all batch rows)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        geometry: KVGeometry,
+        *,
+        fingerprint: str,
+        mover: Mover | None = None,
+        store: DiskStore | None = None,
+    ) -> None:
+        if geometry.block_tokens != cfg.block_tokens:
+            raise KVTierError(
+                f"geometry has {geometry.block_tokens}-token blocks but the config "
+                f"{cfg.block_tokens}; build the geometry from the same config"
+            )
+        self.cfg = cfg
+        self.geometry = geometry
+        self.fingerprint = fingerprint
+        self.depth = cfg.policy.prefetch_depth
+        self.mover = mover or Mover()
+        self.staging = StagingRing(geometry, buffers=self.depth + 1)
+        self.stores = stores = build_stores(
+            cfg, geometry, fingerprint=fingerprint, disk_store=store
+        )
+        self.table = BlockTable(geometry.block_tokens)
+        self.counters = Counters()
+        self.placement = Placement(
+            cfg,
+            geometry,
+            stores,
+            policy=make_policy(cfg.policy, geometry.block_tokens),
+            table=self.table,
+            mover=self.mover,
+            staging=self.staging,
+            counters=self.counters,
+        )
+        self.gather = Gather(geometry, stores, self.table, self.counters)
+        self.tokens = 0  # committed tokens, every tier
+        self.epoch = 0  # bumped by every edit: prefetches of an older epoch are stale
+        self._step: Step | None = None
+        self._pending_ids: torch.Tensor | None = None
+        self._prefetched: dict[int, _Prefetch] = {}
+        self.placement.check_minimum()
+
+    # -- the step cycle ------------------------------------------------------------------------
+    def note_tokens(self, token_ids: torch.Tensor | None) -> None:
+        """Token ids `[batch, q]` of the next append (from the model's pre-hook); they key ids."""
+        self._pending_ids = None if token_ids is None else token_ids.detach().to("cpu")
+
+    @property
+    def in_step(self) -> bool:
+        return self._step is not None
+
+    def begin_step(self, new_tokens: int) -> None:
+        """Reserve room for `new_tokens` positions; done before the first tiered layer runs."""
+        if self._step is not None:
+            raise KVTierError("begin_step called twice without the step finishing")
+        if new_tokens <= 0:
+            raise KVTierError(f"a step must append at least one token, got {new_tokens}")
+        ids = self._pending_ids
+        self._pending_ids = None
+        if ids is not None and ids.shape != (self.geometry.batch, new_tokens):
+            ids = None  # e.g. chunked inputs the hook could not see; fall back to anonymous ids
+        end = self.tokens + new_tokens
+        self._fit_staging(end)
+        blocks: list[BlockMeta] = []
+        pos = self.tokens
+        while pos < end:
+            block = self.table.open_block()
+            if not block.slots:
+                self._place_new_block(block, protected=frozenset(b.index for b in blocks))
+            take = min(self.geometry.block_tokens - block.tokens, end - pos)
+            _extend_ids(block, ids, pos - self.tokens, take, self.geometry.batch)
+            block.tokens += take
+            blocks.append(block)
+            pos += take
+        top = self.placement.top
+        batched = self.geometry.single_device and all(top in b.slots for b in blocks)
+        self._step = Step(start=self.tokens, new=new_tokens, blocks=blocks, batched=batched)
+
+    def _place_new_block(self, block: BlockMeta, *, protected: frozenset[int]) -> None:
+        """A new block goes to the GPU if room can be made, else straight to the next tier (a
+        long prefill chunk demotes as it fills)."""
+        placement = self.placement
+        try:
+            handle = placement.allocate(
+                placement.top, block, protected=protected, seq_tokens=self.tokens, required=False
+            )
+            tier = placement.top
+            if handle is None:
+                tier = placement.below(placement.top)
+                if tier is None:
+                    raise BudgetError(placement._full_message(placement.top, len(protected)))
+                handle = placement.allocate(tier, block)
+            block.slots[tier] = handle
+        except KVTierError:
+            if not block.slots:
+                self.table.truncate(block.index)
+            raise
+
+    def abort_step(self) -> None:
+        """Undo a step whose forward failed midway: no half-written tokens stay behind."""
+        step = self._step
+        if step is None:
+            return
+        self._step = None
+        self.placement.writes.finish_step()
+        bt = self.geometry.block_tokens
+        for block in step.blocks:
+            block.tokens = max(0, min(bt, step.start - block.index * bt))
+            if block.token_ids:
+                block.token_ids = [row[: block.tokens] for row in block.token_ids]
+        for block in self.table.truncate(-(-step.start // bt)):
+            self.placement.drop(block)
+        self._invalidate()
+
+    def prefetch(self, tiered_index: int) -> None:
+        """Start assembling tiered layer `tiered_index`'s committed K/V in its staging buffer."""
+        key = (self.epoch, self.tokens)
+        current = self._prefetched.get(tiered_index)
+        if current is not None and current.key == key:
+            return
+        if current is not None:
+            self.mover.finish(current.ticket)
+        if self.tokens + 1 > self.staging.capacity_tokens:
+            self._fit_staging(self.tokens + 1)
+            key = (self.epoch, self.tokens)
+        self._prefetched[tiered_index] = _Prefetch(self._submit_gather(tiered_index), key)
+
+    def _submit_gather(self, tiered_index: int) -> Ticket:
+        start = time.perf_counter()
+        stage = self.staging.buffer(tiered_index)
+        copies = self.gather.copies(tiered_index, stage, self.tokens, self.placement.version)
+        ticket = self.mover.submit(copies, lane=Lane.PREFETCH, target=stage)
+        self.counters.gather_s += time.perf_counter() - start
+        return ticket
+
+    def append(
+        self, tiered_index: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add this step's K/V `[batch, kv_heads, q, head_dim]` for tiered layer `tiered_index`.
+
+        Returns the layer's full K and V `[batch, kv_heads, tokens, head_dim]` as strided views
+        of its staging buffer: valid until the layer d+1 places later reuses that buffer.
+        """
+        if tiered_index == 0 and self._step is None:
+            self.begin_step(keys.shape[-2])
+        step = self._step
+        if step is None or keys.shape[-2] != step.new:
+            raise KVTierError(
+                f"tiered layer {tiered_index} appended {keys.shape[-2]} tokens but the step expects "
+                f"{None if step is None else step.new}; layers must be called in order"
+            )
+        if keys.shape[0] != self.geometry.batch:
+            raise KVTierError(
+                f"batch size changed from {self.geometry.batch} to {keys.shape[0]}; "
+                "use a new TieredCache (or cache.reset()) for a new batch"
+            )
+        prefetched = self._prefetched.pop(tiered_index, None)
+        if prefetched is not None and prefetched.key != (self.epoch, self.tokens):
+            self.mover.finish(prefetched.ticket)
+            prefetched = None
+        if prefetched is None:
+            self.counters.sync_gathers += 1
+            prefetched = _Prefetch(self._submit_gather(tiered_index), (self.epoch, self.tokens))
+        if not self.mover.wait(prefetched.ticket):
+            raise StoreCorruptError(
+                "a disk block failed its checksum while streaming; its tokens cannot be "
+                "recomputed inside this cache. Re-run the prompt (the corrupt file is quarantined)"
+            )
+        stage = self.staging.buffer(tiered_index)
+        new_kv, k_view, v_view = write_tokens(stage, step.start, keys, values)
+        if step.batched:
+            step.new_kv.append(new_kv)  # GPU slots get every layer's tokens in one copy per block
+        else:
+            self._write_new_tokens(step, tiered_index, stage)
+        self.counters.tiers[self.placement.top].bytes_written += (
+            step.new * self.geometry.token_bytes
+        )
+        step.layers_done += 1
+        if step.layers_done == self.geometry.tiered_layers:
+            self._end_step()
+        return k_view, v_view
+
+    def _write_new_tokens(self, step: Step, tiered_index: int, stage: torch.Tensor) -> None:
+        """Copy one layer's new tokens from staging into their blocks' slots: the fastest tier
+        in compute order, a lower tier on the D2H stream."""
+        top = self.placement.top
+        into_top, lower = [], []
+        for tier, copy in token_copies(step, tiered_index, stage, self.stores, top):
+            (into_top if tier is top else lower).append(copy)
+            if tier is not top:
+                self.counters.tiers[tier].bytes_written += copy[1].nbytes
+        if into_top:
+            self.mover.submit(into_top, lane=Lane.NOW)
+        if lower:
+            self.placement.writes.add_step(self.mover.submit(lower, lane=Lane.WRITE_BACK))
+
+    def _end_step(self) -> None:
+        step = self._step
+        assert step is not None
+        self._step = None
+        if step.new_kv:
+            top = self.placement.top
+            self.mover.submit(batched_copies(step, self.stores[top], top), lane=Lane.NOW)
+        self.placement.writes.finish_step()
+        self.tokens = step.start + step.new
+        self.counters.steps += 1
+        for block in self.table:
+            block.last_access = self.counters.steps
+            block.access_count += 1
+        sealed = [b for b in step.blocks if b.tokens == self.geometry.block_tokens]
+        for block in sealed:
+            self.table.seal(block, self.fingerprint)
+        if sealed:
+            self.placement.seal(sealed)
+        self.placement.promote()
+
+    def _fit_staging(self, tokens: int) -> None:
+        if self.placement.fit_staging(tokens):
+            self._invalidate()
+
+    # -- edits ---------------------------------------------------------------------------------
+    def crop(self, tokens: int) -> None:
+        """Keep the first `tokens` positions; a sealed block cut into becomes the open block."""
+        if self._step is not None:
+            raise KVTierError("crop called in the middle of a forward pass")
+        tokens = max(0, min(tokens, self.tokens))
+        if tokens == self.tokens:
+            return
+        placement = self.placement
+        placement.finish_writes()
+        bt = self.geometry.block_tokens
+        keep = -(-tokens // bt)
+        for block in self.table.truncate(keep):
+            placement.drop(block)
+        self.tokens = tokens
+        if keep and tokens % bt:
+            self._reopen(self.table[keep - 1], tokens % bt)
+        self._invalidate()
+
+    def _reopen(self, block: BlockMeta, tokens: int) -> None:
+        """Make a sealed block the open one again, holding its first `tokens` positions in
+        exactly one writable copy (in a tier that holds open blocks)."""
+        placement = self.placement
+        writable = [t for t in block.slots if self.stores[t].holds_open_blocks]
+        if not writable:
+            lower = placement.below(placement.top)
+            placement.copy_into(block, lower, placement.allocate(lower, block))
+            writable = [lower]
+        keep = min(writable)
+        for tier in [t for t in block.slots if t is not keep]:
+            placement.free_copy(block, tier)
+        if block.token_ids:
+            block.token_ids = [row[:tokens] for row in block.token_ids]
+        block.tokens = tokens
+        block.block_id = None
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Reorder the batch rows of every block in every tier (beam search)."""
+        placement = self.placement
+        placement.finish_writes()
+        for block in self.table:
+            old_id = block.block_id
+            if block.token_ids:
+                order = beam_idx.tolist()
+                block.token_ids = [list(block.token_ids[i]) for i in order]
+            if block.sealed:
+                self.table.seal(block, self.fingerprint)
+            for tier, handle in list(block.slots.items()):
+                block.slots[tier] = self.stores[tier].reorder_rows(
+                    handle,
+                    beam_idx,
+                    old_key=old_id,
+                    new_key=block.block_id,
+                    parent_id=self.table.parent_id(block),
+                )
+        self._invalidate()
+
+    def set_budget(self, tier: Tier, budget_bytes: int) -> None:
+        """Change a tier's budget at run time, moving down whatever no longer fits.
+
+        A budget that cannot work raises BudgetError and leaves the old budget in force.
+        """
+        if self._step is not None:
+            raise KVTierError("set_budget called in the middle of a forward pass")
+        try:
+            self.placement.set_budget(tier, budget_bytes)
+        finally:
+            self._invalidate()
+
+    def reset(self) -> None:
+        """Drop every block in every tier (the store keeps files only when persist = true)."""
+        self.placement.finish_writes()
+        for block in self.table.truncate(0):
+            self.placement.drop(block)
+        self.tokens = 0
+        self._step = None
+        self._invalidate()
+
+    def close(self) -> None:
+        self.reset()
+        for store in self.stores.values():
+            store.close()
+        self.staging.close()
+        self.mover.close()
+
+    def _invalidate(self) -> None:
+        self.epoch += 1
+        self.placement.version += 1
+        # a dropped prefetch may still be writing its staging buffer (disk reads run in threads)
+        for prefetched in self._prefetched.values():
+            self.mover.finish(prefetched.ticket)
+        self._prefetched.clear()
+
+    # -- reading -------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        return build_stats(
+            counters=self.counters,
+            stores=self.stores,
+            budgets=self.placement.budgets,
+            staging_bytes=self.staging.bytes_used,
+            table=self.table,
+            tokens=self.tokens,
+            block_bytes=self.geometry.block_bytes,
+            transfer=self.mover.stats(),
+        )
+
+    def check_invariants(self) -> None:
+        """Assert the bookkeeping is consistent (tests; cheap enough for debugging runs)."""
+        self.placement.check_invariants()
+
+    def read_block(self, index: int, tiered_index: int) -> torch.Tensor:
+        """Copy of one block's committed `[tokens, 2, batch, kv_heads, head_dim]` for one layer."""
+        block = self.table[index]
+        g = self.geometry
+        out = torch.empty((g.block_tokens, *g.token_shape), dtype=g.dtype)
+        tier = block.fastest_tier()
+        ticket = self.mover.submit(
+            [(self.stores[tier].source(block.slots[tier], tiered_index), out)], lane=Lane.NOW
+        )
+        if not self.mover.finish(ticket):
+            raise StoreCorruptError(
+                f"disk block {block.block_id} is missing or corrupt (quarantined); its "
+                "tokens cannot be recomputed inside this cache: re-run the prompt"
+            )
+        return out[: min(g.block_tokens, self.tokens - index * g.block_tokens)]
+
+    @property
+    def disk(self) -> TierStore | None:
+        return self.stores.get(Tier.DISK)
+
+
+def _extend_ids(
+    block: BlockMeta, ids: torch.Tensor | None, offset: int, take: int, batch: int
+) -> None:
+    """Append the step's token ids of `take` positions from `offset` to the block's rows."""
+    if block.token_ids is None:
+        return
+    if ids is None:
+        block.token_ids = None  # tokens unknown from here on: the block gets an anonymous id
+        return
+    chunk = ids[:, offset : offset + take].tolist()
+    if not block.token_ids:
+        block.token_ids = [[] for _ in range(batch)]
+    for row, extra in zip(block.token_ids, chunk, strict=True):
+        row.extend(extra)

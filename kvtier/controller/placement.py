@@ -1,0 +1,423 @@
+"""Placement: which tier holds each block, within every tier's budget.
+
+Tiers are ordered fastest first (GPU, host, disk). Placement makes room by moving policy victims
+down one tier, writes sealed blocks through to the next tier, promotes into free room of the
+fastest tier, settles saves in flight, and changes budgets. It decides; stores store and the
+mover copies. It never looks at which tier a store is, only at its place in the order.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kvtier.blocks import BlockMeta, BlockTable, Tier
+from kvtier.config import Config
+from kvtier.controller.stats import Counters
+from kvtier.controller.writes import PendingSave, WritesInFlight
+from kvtier.errors import BudgetError, KVTierError, StoreCorruptError
+from kvtier.layout import KVGeometry, min_gpu_bytes
+from kvtier.policy import Policy
+from kvtier.tiers import configured_budgets
+from kvtier.tiers.base import Handle, TierStore
+from kvtier.tiers.gpu import StagingRing
+from kvtier.transfer import Lane, Mover
+
+log = logging.getLogger(__name__)
+
+# keep this many free slots of the fastest tier for new blocks before promoting streamed blocks
+# into it, so a promotion is not undone by the next block to seal
+PROMOTE_RESERVE_SLOTS = 2
+PROMOTE_PER_STEP = 4
+
+
+class Placement:
+    """Block copies across the tiers of one sequence; `version` changes with every slot change."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        geometry: KVGeometry,
+        stores: dict[Tier, TierStore],
+        *,
+        policy: Policy,
+        table: BlockTable,
+        mover: Mover,
+        staging: StagingRing,
+        counters: Counters,
+    ) -> None:
+        self.cfg = cfg
+        self.geometry = geometry
+        self.stores = stores
+        self.order = sorted(stores)  # fastest first
+        self.top = self.order[0]
+        self.policy = policy
+        self.table = table
+        self.mover = mover
+        self.staging = staging
+        self.counters = counters
+        self.writes = WritesInFlight(mover)
+        configured = configured_budgets(cfg)
+        self.budgets = {tier: configured[tier] for tier in self.order}
+        self.version = 0
+
+    def below(self, tier: Tier) -> Tier | None:
+        """The next slower tier, or None for the slowest."""
+        index = self.order.index(tier) + 1
+        return self.order[index] if index < len(self.order) else None
+
+    # -- room ----------------------------------------------------------------------------------
+    def allocate(
+        self,
+        tier: Tier,
+        block: BlockMeta,
+        *,
+        protected: frozenset[int] = frozenset(),
+        seq_tokens: int = 0,
+        required: bool = True,
+    ) -> Handle | None:
+        """Room for a copy of `block` in `tier`, moving victims down to make it.
+
+        `protected` block indices are never victims; `seq_tokens` is the committed length the
+        policy pins against. When nothing can move: None if not `required`, else BudgetError.
+        """
+        store = self.stores[tier]
+        self.settle()
+        handle = store.allocate(block)
+        while handle is None:
+            if self.writes.saves_from(tier):  # room is on its way: a save frees its source
+                self.settle(wait_oldest=True)
+                handle = store.allocate(block)
+                continue
+            victim = self._victim(tier, protected, seq_tokens)
+            if victim is None:
+                if not required:
+                    return None
+                raise BudgetError(self._full_message(tier, len(protected)))
+            self.evict(victim, tier)
+            handle = store.allocate(block)
+        self.version += 1
+        return handle
+
+    def _victim(self, tier: Tier, protected: frozenset[int], seq_tokens: int) -> BlockMeta | None:
+        if tier is self.top:
+            # the policy's own order; pinned blocks stay and the open block keeps its slot
+            candidates = [
+                b for b in self.table.in_tier(tier) if b.sealed and b.index not in protected
+            ]
+            victims = self.policy.victims(candidates, 1, seq_tokens)
+            return victims[0] if victims else None
+        self.writes.reap_through()
+        held = [b for b in self.table.in_tier(tier) if not self.writes.busy(b)]
+        # a copy another tier also holds is free to drop; pins say nothing about lower tiers
+        redundant = [b for b in held if len(b.slots) > 1]
+        if redundant:
+            return min(redundant, key=self.policy.sort_key)
+        below = self.below(tier)
+        if below is None:
+            return None
+        movable = [b for b in held if b.sealed or self.stores[below].holds_open_blocks]
+        return min(movable, key=self.policy.sort_key) if movable else None
+
+    def _full_message(self, tier: Tier, step_blocks: int) -> str:
+        block_bytes = self.geometry.block_bytes
+        name, budget = tier.name.lower(), self.budgets[tier]
+        if tier is self.top:
+            return (
+                f"{name} budget {budget} bytes holds only {self.stores[tier].used_slots} blocks "
+                f"here, all pinned or in use by this step; need room for {step_blocks + 1} more "
+                f"blocks of {block_bytes} bytes: raise gpu.budget or lower "
+                "policy.recent_tokens / sink_tokens"
+            )
+        below = self.below(tier)
+        why = "blocks are unsealed"
+        if below is None:
+            below = next((t for t in Tier if t > tier), None)  # a slower kind not configured
+            if below is None:
+                return (
+                    f"the {name} store is full: its {budget}-byte budget holds "
+                    f"{self.stores[tier].bytes_used} bytes of blocks kept only there; raise "
+                    f"{name}.budget or use a smaller context"
+                )
+            why = f"no {below.name.lower()} tier"
+        return (
+            f"{name} budget {budget} bytes is full and no block can move to {below.name.lower()} "
+            f"({why}); raise {name}.budget (each block is {block_bytes} bytes) "
+            f"or {below.name.lower()}.budget"
+        )
+
+    def evict(self, block: BlockMeta, tier: Tier) -> None:
+        """Drop `block`'s copy in `tier`, first making sure another tier holds it."""
+        if len(block.slots) == 1:
+            below = self.below(tier)
+            if below is None:
+                raise BudgetError(
+                    f"{tier.name.lower()} tier must shrink but a block has nowhere to go: "
+                    "enable the disk tier (disk.budget > 0) or keep the budget larger"
+                )
+            if not block.sealed and not self.stores[below].holds_open_blocks:
+                raise BudgetError(
+                    f"{tier.name.lower()} tier must shrink but block {block.index} is still "
+                    f"filling (only full blocks can go to {below.name.lower()}); keep "
+                    f"{tier.name.lower()}.budget at least {self.stores[tier].bytes_used} bytes "
+                    "until it fills, or lower it later"
+                )
+            if not self.move(block, tier, below):
+                return  # a save in flight: the copy in `tier` is freed when it settles
+        else:
+            self.free_copy(block, tier)
+        if tier is self.top:
+            self.counters.demotions += 1
+
+    def move(self, block: BlockMeta, source: Tier, destination: Tier) -> bool:
+        """Copy `block` from `source` into new room in `destination` and drop the source copy.
+
+        Returns False when the copy completes in the background (a save): the source copy is
+        freed when `settle` sees it land.
+        """
+        handle = self.allocate(destination, block)
+        ticket = self.mover.submit([self._copy(block, source, destination, handle)], lane=Lane.NOW)
+        if ticket.background:
+            self.writes.add_save(PendingSave(block, source, destination, handle, ticket))
+            return False
+        self._landed(block, destination, handle)
+        self._count(source, destination)
+        self.free_copy(block, source)
+        return True
+
+    def copy_into(self, block: BlockMeta, tier: Tier, handle: Handle) -> None:
+        """Copy every layer of `block` from its fastest tier into `handle` of `tier`, in compute
+        order; StoreCorruptError when the only copy is lost."""
+        source = block.fastest_tier()
+        ticket = self.mover.submit([self._copy(block, source, tier, handle)], lane=Lane.NOW)
+        if not self.mover.wait(ticket):
+            self.stores[tier].free(handle)
+            raise StoreCorruptError(
+                f"disk block {block.block_id} is missing or corrupt (quarantined); its "
+                "tokens cannot be recomputed inside this cache: re-run the prompt"
+            )
+        self._landed(block, tier, handle)
+        self._count(source, tier)
+
+    def _copy(self, block: BlockMeta, source: Tier, destination: Tier, handle: Handle):
+        parent = self.table.parent_id(block)
+        return (
+            self.stores[source].block_source(block.slots[source]),
+            self.stores[destination].block_target(handle, parent_id=parent),
+        )
+
+    def _landed(self, block: BlockMeta, tier: Tier, handle: Handle) -> None:
+        block.slots[tier] = handle
+        self.version += 1
+
+    def _count(self, source: Tier | None, destination: Tier) -> None:
+        if source is not None:
+            self.counters.tiers[source].bytes_read += self.geometry.block_bytes
+        self.counters.tiers[destination].bytes_written += self.geometry.block_bytes
+
+    def free_copy(self, block: BlockMeta, tier: Tier) -> None:
+        self.writes.finish_block(block)  # no copy in flight may still read or write this one
+        self.stores[tier].free(block.slots.pop(tier))
+        self.version += 1
+
+    def drop(self, block: BlockMeta) -> None:
+        """Free every copy of a block leaving the sequence."""
+        for tier in list(block.slots):
+            self.free_copy(block, tier)
+
+    # -- sealing and promotion -----------------------------------------------------------------
+    def seal(self, blocks: list[BlockMeta]) -> None:
+        """Write freshly sealed blocks through to the next tier, so a demotion is free later."""
+        lower = self.below(self.top)
+        if lower is None:
+            return
+        for block in blocks:
+            if lower in block.slots or self.top not in block.slots:
+                continue  # written straight to the lower tier while it filled
+            try:
+                handle = self.allocate(lower, block)
+            except BudgetError:
+                # write-through only makes a later demotion free; without room the block stays
+                # on the fastest tier alone and is copied down if it is ever demoted
+                log.debug("no %s room to write block %d through", lower.name, block.index)
+                continue
+            block.slots[lower] = handle
+            copy = self._copy(block, self.top, lower, handle)
+            self.writes.add_through(block, self.mover.submit([copy], lane=Lane.WRITE_BACK))
+            self._count(None, lower)
+        self.writes.reap_through()
+        self.version += 1
+
+    def promote(self) -> None:
+        """Move streamed blocks into free room of the fastest tier, a few per step."""
+        store = self.stores[self.top]
+        room = store.room_blocks() - PROMOTE_RESERVE_SLOTS
+        moved = 0
+        for block in self.table:
+            if moved >= PROMOTE_PER_STEP or room <= 0:
+                break
+            if self.top in block.slots:
+                continue
+            handle = store.allocate(block)
+            if handle is None:
+                break
+            self.copy_into(block, self.top, handle)
+            if not block.sealed:
+                # the open block takes new tokens in one place only: drop its other copies
+                for tier in [t for t in block.slots if t is not self.top]:
+                    self.free_copy(block, tier)
+            room -= 1
+            moved += 1
+        self.counters.promotions += moved
+
+    # -- writes in flight ----------------------------------------------------------------------
+    def settle(self, *, wait_oldest: bool = False) -> None:
+        """Record finished saves (their source copies free up); a failed save is dropped and
+        raised once, its block keeping its source copy, so nothing is lost."""
+        settled = self.writes.settle(wait_oldest=wait_oldest)
+        for save in settled.saved:
+            self._landed(save.block, save.destination, save.handle)
+            self._count(None, save.destination)
+            self.free_copy(save.block, save.source)
+        for save in settled.failed:
+            self.stores[save.destination].free(save.handle)
+        if settled.error is not None:
+            raise settled.error
+
+    def finish_writes(self) -> None:
+        """Wait for every copy in flight (before edits that rewrite or free copies)."""
+        self.writes.finish_through_all()
+        while self.writes.saves_pending:
+            self.settle(wait_oldest=True)
+
+    # -- budgets -------------------------------------------------------------------------------
+    def check_minimum(self, gpu_budget: int | None = None) -> None:
+        """BudgetError unless the fastest tier's budget can make progress (and the next can hold
+        a block)."""
+        budget = self.budgets[self.top] if gpu_budget is None else gpu_budget
+        need = min_gpu_bytes(
+            self.geometry,
+            prefill_chunk_tokens=self.cfg.prefill_chunk_tokens,
+            pinned_blocks=self.policy.max_pinned_blocks(),
+            buffers=self.staging.buffers,
+        )
+        if budget < need:
+            raise BudgetError(
+                f"gpu budget {budget} bytes is too small: staging plus one "
+                f"prefill chunk of {self.cfg.prefill_chunk_tokens} tokens and the pinned sink/"
+                f"recent blocks need at least {need} bytes; raise gpu.budget or lower "
+                "prefill_chunk_tokens / block_tokens / policy.recent_tokens"
+            )
+        lower = self.below(self.top)
+        if lower is not None and self.stores[lower].capacity_blocks() < 1:
+            block_bytes = self.geometry.block_bytes
+            raise BudgetError(
+                f"{lower.name.lower()} budget {self.budgets[lower]} bytes cannot hold one block: "
+                f"need at least {block_bytes} bytes (1 blocks of {block_bytes} bytes)"
+            )
+
+    def fit_staging(self, tokens: int) -> bool:
+        """Grow staging to `tokens` positions, shrinking the fastest tier's room to keep within
+        budget; True if the staging buffers were reallocated.
+
+        Grows with 1/8 headroom when that costs no resident block, so decode does not
+        reallocate staging (and drop its prefetches) at every block boundary.
+        """
+        if tokens <= self.staging.capacity_tokens:
+            return False
+        budget = self.budgets[self.top]
+        store = self.stores[self.top]
+        roomy = tokens + tokens // 8
+        if budget - self.staging.bytes_for(roomy) >= store.used_slots * self.geometry.block_bytes:
+            tokens = roomy
+        staging = self.staging.bytes_for(tokens)
+        room = budget - staging
+        # one block of room is enough: new blocks that find none go straight to the next tier
+        if room < self.geometry.block_bytes:
+            need = staging + self.geometry.block_bytes
+            raise BudgetError(
+                f"gpu budget {budget} bytes cannot hold {tokens} tokens: staging "
+                f"alone takes {staging} bytes; need at least {need} bytes (raise gpu.budget, "
+                "lower policy.prefetch_depth, or use a smaller context)"
+            )
+        self._shrink(self.top, room)
+        return self.staging.ensure(tokens)
+
+    def _shrink(self, tier: Tier, limit_bytes: int) -> None:
+        """Set a store's limit, moving out the blocks whose room goes away."""
+        store = self.stores[tier]
+        for handle in store.set_limit(limit_bytes):
+            block = next(b for b in self.table if b.slots.get(tier) == handle)
+            self.evict(block, tier)
+        self.finish_writes()
+        store.release()
+
+    def set_budget(self, tier: Tier, budget_bytes: int) -> None:
+        """Change a tier's budget, moving down whatever no longer fits.
+
+        A budget that cannot work raises BudgetError and leaves the old budget in force (blocks
+        moved so far stay moved, consistently).
+        """
+        if tier not in self.stores:
+            raise BudgetError(
+                f"no {tier.name.lower()} tier: set {tier.name.lower()}.budget > 0 when "
+                "creating the cache"
+            )
+        self.finish_writes()
+        store = self.stores[tier]
+        old_budget, old_limit = self.budgets[tier], store.limit_bytes
+        limit = self._limit_for(tier, budget_bytes)
+        self.budgets[tier] = budget_bytes
+        try:
+            self._shrink(tier, limit)
+        except KVTierError:
+            self.budgets[tier] = old_budget
+            self.finish_writes()
+            store.set_limit(old_limit)
+            raise
+
+    def _limit_for(self, tier: Tier, budget_bytes: int) -> int:
+        """The store limit a budget gives, or BudgetError if the budget cannot work."""
+        store = self.stores[tier]
+        if tier is self.top:
+            self.check_minimum(budget_bytes)
+            limit = budget_bytes - self.staging.bytes_used
+            if limit < self.geometry.block_bytes:
+                need = self.staging.bytes_used + self.geometry.block_bytes
+                raise BudgetError(
+                    f"gpu budget {budget_bytes} bytes cannot hold the {self.table.seq_tokens} "
+                    f"tokens held now: staging takes {self.staging.bytes_used} bytes; need at "
+                    f"least {need}"
+                )
+            return limit
+        if self.below(tier) is None:
+            if budget_bytes < store.bytes_used:
+                raise BudgetError(
+                    f"{tier.name.lower()} budget {budget_bytes} bytes is below the "
+                    f"{store.bytes_used} bytes of blocks stored only there; raise it or lower "
+                    "the context"
+                )
+            return budget_bytes
+        if budget_bytes < self.geometry.block_bytes:
+            raise BudgetError(
+                f"{tier.name.lower()} budget {budget_bytes} bytes is below one block "
+                f"({self.geometry.block_bytes} bytes); the {tier.name.lower()} tier needs at "
+                "least that"
+            )
+        return budget_bytes
+
+    # -- checks (tests; cheap enough for debugging runs) ---------------------------------------
+    def check_invariants(self) -> None:
+        for block in self.table:
+            assert block.slots, f"block {block.index} is in no tier"
+            for tier, handle in block.slots.items():
+                if not self.stores[tier].holds_open_blocks:
+                    assert block.sealed and self.stores[tier].contains(handle), block
+        top = self.stores[self.top]
+        assert top.bytes_used + self.staging.bytes_used <= self.budgets[self.top]
+        for tier in self.order[1:]:
+            assert self.stores[tier].bytes_used <= self.budgets[tier], tier
+        for tier in self.order:
+            store = self.stores[tier]
+            if store.holds_open_blocks:
+                slots = [b.slots[tier] for b in self.table if tier in b.slots]
+                assert len(slots) == len(set(slots)) == store.used_slots, f"{tier.name} slot leak"

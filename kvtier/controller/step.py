@@ -1,0 +1,64 @@
+"""One step of appends: the blocks receiving its new tokens, and the copies that put them there.
+
+Plans copies only (staging -> block slots); the controller submits them to the mover.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtier.blocks import BlockMeta, Tier
+from kvtier.tiers.base import TierStore
+from kvtier.transfer import Copy
+
+
+@dataclass
+class Step:
+    """The step in progress: `new` positions from `start`, spread over `blocks`."""
+
+    start: int  # committed tokens when the step began
+    new: int  # tokens this step appends
+    blocks: list[BlockMeta]  # blocks receiving the new tokens, in order
+    batched: bool  # every block has a GPU slot: one slot write per step, after the last layer
+    layers_done: int = 0
+    new_kv: list[torch.Tensor] = field(default_factory=list)  # per layer, when batched
+
+    @property
+    def end(self) -> int:
+        return self.start + self.new
+
+    def pieces(self, block_tokens: int) -> Iterator[tuple[BlockMeta, int, int, int]]:
+        """(block, first position inside it, tokens, offset in the step) of each block."""
+        pos = self.start
+        for block in self.blocks:
+            first = pos - block.index * block_tokens
+            take = min(block.tokens - first, self.end - pos)
+            yield block, first, take, pos - self.start
+            pos += take
+
+
+def token_copies(
+    step: Step, tiered_index: int, stage: torch.Tensor, stores: dict[Tier, TierStore], top: Tier
+) -> list[tuple[Tier, Copy]]:
+    """One layer's new tokens from staging into each block's writable copy (the fastest tier
+    holding it), with that copy's tier."""
+    copies: list[tuple[Tier, Copy]] = []
+    for block, first, take, at in step.pieces(stores[top].geometry.block_tokens):
+        tier = top if top in block.slots else block.fastest_tier()
+        view = stores[tier].source(block.slots[tier], tiered_index)
+        pos = step.start + at
+        copies.append((tier, (stage[pos : pos + take], view[first : first + take])))
+    return copies
+
+
+def batched_copies(step: Step, store: TierStore, top: Tier) -> list[Copy]:
+    """Every layer's new tokens `[layers, q, 2, batch, kv_heads, head_dim]` into GPU slots."""
+    new_kv = torch.stack(step.new_kv)
+    copies: list[Copy] = []
+    for block, first, take, at in step.pieces(store.geometry.block_tokens):
+        slot = store.slot_view(block.slots[top])  # [layers, block_tokens, 2, b, h, d]
+        copies.append((new_kv[:, at : at + take], slot[:, first : first + take]))
+    return copies

@@ -1,0 +1,134 @@
+"""KV geometry and the budget planner: the one home of every byte count kvtier derives.
+
+`KVGeometry` says what one position of one tiered layer weighs; the functions below turn it into
+staging bytes, the smallest GPU budget that can make progress, and per-tier budgets. The
+controller, the demo, the tests and `kvtier plan` all call these; nothing else repeats them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True, slots=True)
+class KVGeometry:
+    """The tiered KV of one sequence batch. `tiered_index` i is model layer `layer_ids[i]`."""
+
+    layer_ids: tuple[int, ...]  # model layer id of each tiered layer, by tiered index
+    layer_devices: tuple[torch.device, ...]  # where each tiered layer's GPU-tier copy lives
+    batch: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    block_tokens: int
+
+    @property
+    def tiered_layers(self) -> int:
+        return len(self.layer_ids)
+
+    @property
+    def devices(self) -> tuple[torch.device, ...]:
+        """The distinct devices of the tiered layers, in first-use order."""
+        return tuple(dict.fromkeys(self.layer_devices))
+
+    @property
+    def single_device(self) -> bool:
+        return len(self.devices) == 1
+
+    @property
+    def token_shape(self) -> tuple[int, int, int, int]:
+        # one position of one layer, K and V side by side: [2, batch, kv_heads, head_dim]
+        return (2, self.batch, self.kv_heads, self.head_dim)
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one position of one tiered layer (K and V)."""
+        return 2 * self.batch * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+    @property
+    def layer_block_bytes(self) -> int:
+        """Bytes of one layer of one block."""
+        return self.block_tokens * self.token_bytes
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one whole block: every tiered layer, K and V."""
+        return self.tiered_layers * self.layer_block_bytes
+
+    def kv_bytes(self, tokens: int) -> int:
+        """Bytes of the KV of `tokens` positions over every tiered layer."""
+        return tokens * self.tiered_layers * self.token_bytes
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_tokens)
+
+    def on_host(self) -> KVGeometry:
+        """The same geometry with every layer on the CPU (the host tier's copy)."""
+        return dataclasses.replace(self, layer_devices=(CPU,) * self.tiered_layers)
+
+
+def staging_tokens(geometry: KVGeometry, tokens: int) -> int:
+    """Positions a staging buffer holds to assemble `tokens` positions: whole blocks."""
+    return geometry.blocks_for(tokens) * geometry.block_tokens
+
+
+def staging_bytes(geometry: KVGeometry, tokens: int, *, buffers: int) -> int:
+    """GPU bytes of the staging ring assembling `tokens` positions: `buffers` position-ordered
+    buffers of one layer per device (buffers = prefetch_depth + 1)."""
+    per_buffer = staging_tokens(geometry, tokens) * geometry.token_bytes
+    return len(geometry.devices) * buffers * per_buffer
+
+
+def step_blocks(tokens: int, block_tokens: int) -> int:
+    """Blocks one step of `tokens` new positions can touch: it may start mid-block."""
+    return math.ceil(tokens / block_tokens) + 1
+
+
+def min_gpu_blocks(*, block_tokens: int, prefill_chunk_tokens: int, pinned_blocks: int) -> int:
+    """GPU block slots one step may need besides staging: the blocks a prefill chunk touches,
+    plus the blocks the policy pins (they cannot make room)."""
+    return step_blocks(prefill_chunk_tokens, block_tokens) + pinned_blocks
+
+
+def min_gpu_bytes(
+    geometry: KVGeometry,
+    *,
+    prefill_chunk_tokens: int,
+    pinned_blocks: int,
+    buffers: int,
+    tokens: int = 0,
+) -> int:
+    """The smallest GPU budget that can hold a context of `tokens` (at least one block): staging
+    plus `min_gpu_blocks` slots."""
+    slots = min_gpu_blocks(
+        block_tokens=geometry.block_tokens,
+        prefill_chunk_tokens=prefill_chunk_tokens,
+        pinned_blocks=pinned_blocks,
+    )
+    tokens = max(tokens, geometry.block_tokens)
+    return staging_bytes(geometry, tokens, buffers=buffers) + slots * geometry.block_bytes
+
+
+def tier_budgets(
+    geometry: KVGeometry, total_tokens: int, *, gpu_blocks: int, host_blocks: int, buffers: int
+) -> dict[str, int]:
+    """Budgets (bytes) leaving `gpu_blocks` on the GPU, `host_blocks` on host, the rest on disk.
+
+    The GPU budget also holds the staging ring for `total_tokens`; give it at least
+    `min_gpu_blocks` slots, and the host more blocks than one prefill chunk seals. The disk gets
+    room for every block twice over plus file headers, so it is never the limit.
+    Returns the keyword arguments `gpu_budget`, `host_budget`, `disk_budget` of `load_config`.
+    """
+    blocks = geometry.blocks_for(total_tokens)
+    return {
+        "gpu_budget": staging_bytes(geometry, total_tokens, buffers=buffers)
+        + gpu_blocks * geometry.block_bytes,
+        "host_budget": host_blocks * geometry.block_bytes,
+        "disk_budget": 2 * blocks * geometry.block_bytes + (64 << 20),
+    }

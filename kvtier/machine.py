@@ -1,0 +1,89 @@
+"""What this machine has free right now: RAM, GPU memory, disk space at a path.
+
+Probes only; never allocates. `load_config` resolves percentages with them and `kvtier info`
+reports them, so both see the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def free_host_bytes() -> int:
+    """RAM available to new allocations now (psutil's `available`)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def free_gpu_bytes() -> int:
+    """Free memory of GPU 0; with no GPU at all, free host RAM, since the GPU tier is then RAM."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(0)[0])
+    # NVML numbers devices physically, ignoring CUDA_VISIBLE_DEVICES; only used without CUDA torch.
+    nvml_free = _nvml_free_bytes()
+    return free_host_bytes() if nvml_free is None else nvml_free
+
+
+def free_disk_bytes(path: str | os.PathLike[str]) -> int:
+    """Free space on the file system that holds `path` (or its nearest existing ancestor)."""
+    return int(shutil.disk_usage(nearest_existing(path)).free)
+
+
+def nearest_existing(path: str | os.PathLike[str]) -> Path:
+    """`path` (absolute, ~ expanded) if it exists, else its closest existing ancestor."""
+    current = Path(path).expanduser().absolute()
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    return current
+
+
+def gpu_lines() -> list[str]:
+    """One line per GPU NVML sees (name, total, free), or one line saying why there are none."""
+    from kvtier.sizes import format_size
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as exc:  # no library, no driver, no permission: a CPU machine, not a bug
+        return [f"GPUs: none ({' '.join(str(exc).split()) or type(exc).__name__})"]
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        lines = [f"GPUs: {count}" if count else "GPUs: none"]
+        for index in range(count):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            name = pynvml.nvmlDeviceGetName(handle)
+            name = name.decode() if isinstance(name, bytes) else name
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            total, free = format_size(memory.total), format_size(memory.free)
+            lines.append(f"  GPU {index}: {name}, {total} total, {free} free")
+        return lines
+    except Exception as exc:  # a half-working driver should not hide the rest of the report
+        return [f"GPUs: none (NVML query failed: {' '.join(str(exc).split())})"]
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def _nvml_free_bytes() -> int | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no library, no driver, no permission: there is no GPU to measure
+        return None
+    try:
+        if pynvml.nvmlDeviceGetCount() == 0:
+            return None
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).free)
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()

@@ -1,0 +1,42 @@
+"""The Policy contract every placement policy implements; the base itself is `lru`.
+
+A policy ranks blocks and says which are pinned to the GPU; it never touches a tensor or a slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvtier.blocks import BlockMeta
+from kvtier.config import PolicyConfig
+
+
+class Policy:
+    """Base policy: least recently used, ties broken by position (older positions go first).
+
+    Contract: `pinned` blocks never leave the GPU tier; `victims` orders unpinned candidates,
+    first to be demoted first, and returns at most `count` of them; `max_pinned_blocks` bounds
+    how many blocks `pinned` can hold at once (the minimum GPU budget counts them).
+    """
+
+    name = "lru"
+
+    def __init__(self, cfg: PolicyConfig, block_tokens: int) -> None:
+        self.cfg = cfg
+        self.block_tokens = block_tokens
+
+    def pinned(self, block: BlockMeta, seq_tokens: int) -> bool:
+        return block.pins > 0
+
+    def max_pinned_blocks(self) -> int:
+        """Blocks this policy pins by position at most (explicit `pins` are the caller's)."""
+        return 0
+
+    def sort_key(self, block: BlockMeta) -> tuple:
+        return (block.last_access, block.index)
+
+    def victims(
+        self, candidates: Sequence[BlockMeta], count: int, seq_tokens: int
+    ) -> list[BlockMeta]:
+        free = [b for b in candidates if not self.pinned(b, seq_tokens)]
+        return sorted(free, key=self.sort_key)[:count]

@@ -1,0 +1,193 @@
+"""The block-file format: the spec of one block's file, in code (header build and parse, dtypes).
+
+A file is plain safetensors: u64 little-endian header length, the JSON header padded with spaces
+to 8 bytes, then the payloads back to back in the writer's tensor order. A tensor's header entry
+has its real dtype and shape when raw, else "U8" [payload bytes]. `__metadata__` (all str):
+format_version, block_id, fingerprint, parent_id ("" for none), tensors (JSON: name -> dtype,
+shape, codec, raw_bytes, checksum of the raw bytes) and metadata_checksum (of the other five
+values, so that no flipped header byte goes unnoticed). No file I/O beyond reading a header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import torch
+
+from kvtier.blocks import FORMAT_VERSION
+from kvtier.errors import StoreCorruptError
+from kvtier.tiers.codec import Codec, checksum
+from kvtier.tiers.disk.files import read_exact_into
+
+MAX_HEADER_BYTES = 100 << 20  # a longer header length field is corruption, not a block
+DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint64: "U64",
+    torch.uint32: "U32",
+    torch.uint16: "U16",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_DTYPE_BY_NAME = {name: dtype for dtype, name in DTYPES.items()}
+_CHECKED_METADATA = ("format_version", "block_id", "fingerprint", "parent_id", "tensors")
+
+
+class Corrupt(StoreCorruptError):
+    """A block file that fails verification; `cause` keys the warn-once log."""
+
+    def __init__(self, cause: str, detail: str) -> None:
+        super().__init__(f"{cause}: {detail}")
+        self.cause = cause
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One tensor as its block file describes it; offsets are absolute in the file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    codec: Codec
+    raw_bytes: int
+    checksum: str
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """One tensor ready to write: its encoded bytes and the checksum of its raw bytes."""
+
+    name: str
+    tensor: torch.Tensor
+    codec: Codec
+    data: bytes | memoryview
+    checksum: str
+
+
+def build_header(
+    block_id: str, fingerprint: str, parent_id: str | None, payloads: list[Payload]
+) -> bytes:
+    """The length field and JSON header of a block file whose payloads follow in this order."""
+    header: dict[str, object] = {}
+    described = {}
+    offset = 0
+    for item in payloads:
+        size = len(item.data)
+        stored = {"dtype": DTYPES[item.tensor.dtype], "shape": list(item.tensor.shape)}
+        if item.codec is not Codec.RAW:
+            stored = {"dtype": "U8", "shape": [size]}
+        header[item.name] = {**stored, "data_offsets": [offset, offset + size]}
+        described[item.name] = {
+            "dtype": DTYPES[item.tensor.dtype],
+            "shape": list(item.tensor.shape),
+            "codec": item.codec.value,
+            "raw_bytes": item.tensor.nbytes,
+            "checksum": item.checksum,
+        }
+        offset += size
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "block_id": block_id,
+        "fingerprint": fingerprint,
+        "parent_id": parent_id or "",
+        "tensors": json.dumps(described, separators=(",", ":")),
+    }
+    header["__metadata__"] = {**meta, "metadata_checksum": _metadata_checksum(meta)}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
+    return struct.pack("<Q", len(text)) + text
+
+
+def read_header(
+    file: BinaryIO, file_bytes: int, block_id: str, fingerprint: str
+) -> dict[str, Entry]:
+    """Read and check the header of an open block file; `Corrupt` if it is not a valid block
+    `block_id` of model `fingerprint` exactly `file_bytes` long."""
+    if file_bytes < 8:
+        raise Corrupt("truncated file", f"{file_bytes} bytes")
+    length_field = bytearray(8)
+    _read(file, 0, length_field)
+    (header_bytes,) = struct.unpack("<Q", length_field)
+    if header_bytes > min(MAX_HEADER_BYTES, file_bytes - 8):
+        raise Corrupt("truncated file", f"header of {header_bytes} bytes in {file_bytes}")
+    text = bytearray(header_bytes)
+    _read(file, 8, text)
+    try:
+        header = json.loads(text)
+        return parse_header(header, 8 + header_bytes, file_bytes, block_id, fingerprint)
+    except Corrupt:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise Corrupt("unparsable header", repr(error)) from error
+
+
+def parse_header(
+    header: dict, data_start: int, file_bytes: int, block_id: str, fingerprint: str
+) -> dict[str, Entry]:
+    """Check a block file's header against itself, its name and the file size; `Corrupt` if not."""
+    meta = header.pop("__metadata__")
+    if meta["metadata_checksum"] != _metadata_checksum(meta):
+        raise Corrupt("metadata checksum mismatch", "the header's metadata changed after writing")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise Corrupt("unsupported format", f"format_version {meta['format_version']!r}")
+    if meta["block_id"] != block_id or meta["fingerprint"] != fingerprint:
+        raise Corrupt("foreign block", "block id or model fingerprint differ from the file name")
+    described = json.loads(meta["tensors"])
+    if list(described) != list(header):
+        raise ValueError(f"metadata names {list(described)} differ from tensors {list(header)}")
+    entries = {}
+    position = 0  # the data section is the payloads back to back in name order, nothing else
+    for name, info in described.items():
+        stored = header[name]
+        begin, end = stored["data_offsets"]
+        dtype = _DTYPE_BY_NAME[info["dtype"]]
+        shape, codec = _shape(info["shape"]), Codec(info["codec"])
+        raw_bytes = math.prod(shape) * dtype.itemsize
+        if begin != position or type(end) is not int or end < begin:
+            raise ValueError(f"{name}: data_offsets {stored['data_offsets']!r} at {position}")
+        expected = (info["dtype"], list(shape)) if codec is Codec.RAW else ("U8", [end - begin])
+        if (stored["dtype"], stored["shape"]) != expected or info["raw_bytes"] != raw_bytes:
+            raise ValueError(f"{name}: stored {stored}, described {info}")
+        if codec is Codec.RAW and end - begin != raw_bytes:
+            raise ValueError(f"{name}: {end - begin} raw bytes stored, {raw_bytes} described")
+        if not isinstance(info["checksum"], str):
+            raise ValueError(f"{name}: checksum {info['checksum']!r}")
+        entries[name] = Entry(
+            dtype, shape, codec, raw_bytes, info["checksum"], data_start + begin, data_start + end
+        )
+        position = end
+    if data_start + position != file_bytes:
+        raise Corrupt("truncated file", f"{file_bytes} bytes, header needs {data_start + position}")
+    return entries
+
+
+def _metadata_checksum(meta: Mapping[str, str]) -> str:
+    """Checksum of every other metadata value (tensor checksums included)."""
+    return checksum(json.dumps([meta[key] for key in _CHECKED_METADATA]).encode())
+
+
+def _shape(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(type(dim) is int and dim >= 0 for dim in value):
+        raise ValueError(f"shape {value!r} is not a list of sizes")
+    return tuple(value)
+
+
+def _read(file: BinaryIO, offset: int, buffer: object) -> None:
+    try:
+        read_exact_into(file, offset, buffer)
+    except EOFError as error:
+        raise Corrupt("truncated file", str(error)) from None
