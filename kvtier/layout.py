@@ -2,7 +2,8 @@
 
 `KVGeometry` says what one position of one tiered layer weighs; the functions below turn it into
 staging bytes, the smallest GPU budget that can make progress, and per-tier budgets. The
-controller, the demo, the tests and `kvtier plan` all call these; nothing else repeats them.
+controller, the demo and the tests all call these (and `kvtier plan` will); nothing else
+repeats them.
 """
 
 from __future__ import annotations

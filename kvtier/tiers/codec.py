@@ -211,7 +211,7 @@ def choose_codec(sample: torch.Tensor, *, disk_write_gbps: float, disk_read_gbps
     if disk_write_gbps <= 0 or disk_read_gbps <= 0:
         raise KVTierError(
             f"disk speeds must be positive, got write {disk_write_gbps} GB/s and read "
-            f"{disk_read_gbps} GB/s; measure them with `kvtier bench`"
+            f"{disk_read_gbps} GB/s; pass measured speeds or leave the defaults"
         )
     measured = measure_codec(sample)
     best, best_cost = Codec.RAW, math.inf
