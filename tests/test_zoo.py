@@ -45,7 +45,7 @@ def fake_wheel(directory: Path, members: dict[str, bytes] | None = None) -> Path
 
 @pytest.fixture
 def fake_conversion(monkeypatch):
-    """The fake wheel's sha256 is expected, and converting writes a config.json; returns calls."""
+    """The fake wheel's sha256 is expected and saving writes only config.json; returns calls."""
     calls: list[Path] = []
     fake_spec = zoo.ZooModel(
         SPEC.package,
@@ -56,13 +56,16 @@ def fake_conversion(monkeypatch):
     )
     monkeypatch.setitem(zoo.MODELS, "smollm2", fake_spec)
 
-    def convert(gguf_path: Path, out_dir: Path) -> None:
+    def convert(gguf_path: Path) -> tuple[object, object]:
         calls.append(gguf_path)
+        return object(), object()
+
+    def save(network: object, tokenizer: object, out_dir: Path) -> None:
         out_dir.mkdir(parents=True)
         (out_dir / "config.json").write_text('{"model_type": "llama"}')
 
     monkeypatch.setattr(zoo, "_convert", convert)
-    monkeypatch.setattr(zoo, "_verify", lambda model_dir: None)
+    monkeypatch.setattr(zoo, "_save", save)
     return calls
 
 
@@ -228,13 +231,13 @@ def test_a_broken_marker_is_not_done(tmp_path, marker):
     assert zoo.fetched_dir("smollm2", cache_dir=tmp_path) is None
 
 
-def test_a_failed_conversion_leaves_nothing(fake_conversion, monkeypatch, tmp_path):
-    def convert_dies(gguf_path: Path, out_dir: Path) -> None:
+def test_a_failed_save_leaves_nothing(fake_conversion, monkeypatch, tmp_path):
+    def save_dies(network: object, tokenizer: object, out_dir: Path) -> None:
         out_dir.mkdir(parents=True)
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("killed halfway")
 
-    monkeypatch.setattr(zoo, "_convert", convert_dies)
+    monkeypatch.setattr(zoo, "_save", save_dies)
     root = tmp_path / "models"
     with pytest.raises(RuntimeError, match="killed halfway"):
         zoo.fetch("smollm2", cache_dir=root, wheel=fake_wheel(tmp_path), progress=False)
