@@ -629,6 +629,30 @@ def test_cluster_node_killed_and_restarted(
     remote.close()
 
 
+@pytest.mark.slow
+def test_cluster_node_hung_costs_one_timeout(cluster: LocalCluster) -> None:
+    """Scenario: a paused primary must cost one timeout per call, not one per key.
+
+    (valkey-py's ClusterPipeline retries each failed command alone: 60 GETs with a 0.3 s timeout
+    took 28.9 s with its defaults, 7.5 s with retries off, measured on the 2-core dev box.)
+    """
+    remote = RemoteClient.connect(spec_for(cluster.url.removeprefix("valkey://")), retry_after_s=0)
+    items = values(60, 1000, tag="hung")
+    assert remote.put_many(items)
+    cluster.nodes[0].pause()
+    try:
+        for _ in range(2):
+            start = time.monotonic()
+            found = remote.get_many([key for key, _ in items])
+            elapsed = time.monotonic() - start
+            assert elapsed < 2 * TIMEOUT_MS / 1000, f"took {elapsed:.3f} s"
+            assert 0 < found.count(None) < len(items)
+    finally:
+        cluster.nodes[0].resume()
+    assert remote.get_many([key for key, _ in items]) == [value for _, value in items]
+    remote.close()
+
+
 # -- sealed values -----------------------------------------------------------------------------
 
 HMAC_KEY = b"0123456789abcdef0123456789abcdef"

@@ -81,7 +81,7 @@ class RemoteClient:
         self._standalone = standalone
         self._cluster = cluster
         self._retry_after_s = retry_after_s
-        self._down_until: dict[str, float] = {}  # node name -> monotonic time to try it again
+        self._failed_at: dict[str, float] = {}  # node name -> monotonic time of its last failure
         self._refresh_slots = False
         self._last_refresh = 0.0
         self._warned: set[str] = set()
@@ -276,7 +276,7 @@ class RemoteClient:
     def _run(self, name: str, client: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Pipeline `commands` on one node; a result or exception each, all None if the node failed."""
         now = time.monotonic()
-        if self._down_until.get(name, 0.0) > now:
+        if now - self._failed_at.get(name, -float("inf")) < self._retry_after_s:
             log.debug(
                 "valkey at %s skipped: it failed less than %.1f s ago", name, self._retry_after_s
             )
@@ -295,11 +295,11 @@ class RemoteClient:
         except ValkeyError as exc:
             self._node_failed(name, _cause_of(exc), exc)
             return [None] * len(commands)
-        self._down_until.pop(name, None)
+        self._failed_at.pop(name, None)
         return results
 
     def _node_failed(self, name: str, cause: str, exc: BaseException) -> None:
-        self._down_until[name] = time.monotonic() + self._retry_after_s
+        self._failed_at[name] = time.monotonic()
         if self._cluster is not None:
             self._refresh_slots = True  # a failover may have moved its slots to a replica
         self._note(cause, name, _scrub(str(exc), self.spec))
@@ -338,10 +338,16 @@ class RemoteClient:
         if not self._refresh_slots or now - self._last_refresh < self._retry_after_s:
             return
         self._last_refresh = now
+        manager = self._cluster.nodes_manager
+        # initialize() asks startup nodes in order until the slots are covered: ask the nodes
+        # that answered last time first, so a hung node does not cost a second timeout here.
+        manager.startup_nodes = dict(
+            sorted(manager.startup_nodes.items(), key=lambda item: item[0] in self._failed_at)
+        )
         try:
-            self._cluster.nodes_manager.initialize()
+            manager.initialize()
             self._refresh_slots = False
-        except (ValkeyError, OSError) as exc:
+        except (ValkeyError, ValkeyClusterException, OSError) as exc:
             self._note("unreachable", "every startup node", _scrub(str(exc), self.spec))
 
     def _primaries(self) -> list[tuple[str, Any]]:
