@@ -421,6 +421,31 @@ def test_full_server_fails_the_put_with_one_warning(
         full.kill()
 
 
+def test_run_time_acl_changes_read_as_misses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scenario: an admin revokes SET, then changes the password: no exception, one line each."""
+    server = start_server(tmp_path / "acl", acl_config("alice", "s3cret"))
+    try:
+        remote = RemoteClient.connect(spec_for(f"alice:s3cret@{server.node}"), retry_after_s=0)
+        assert remote.put_many([("a", b"1")])
+        admin = server.client(username="alice", password="s3cret")
+        caplog.set_level(logging.DEBUG, CLIENT_LOG)
+        admin.execute_command("ACL", "SETUSER", "alice", "-set")
+        assert remote.put_many([("b", b"2")]) is False
+        assert remote.get_many(["a"]) == [b"1"]
+        admin.execute_command("ACL", "SETUSER", "alice", "+set", "resetpass", ">changed")
+        admin.execute_command("CLIENT", "KILL", "USER", "alice")
+        assert remote.get_many(["a"]) == [None]
+        assert remote.put_many([("b", b"2")]) is False
+        warnings = warnings_from(caplog)
+        assert len(warnings) == 2, warnings
+        assert "denied a command" in warnings[0] and "password" in warnings[1]
+        assert "changed" not in " ".join(warnings) and "s3cret" not in " ".join(warnings)
+    finally:
+        server.kill()
+
+
 # -- connect errors ----------------------------------------------------------------------------
 
 

@@ -61,6 +61,7 @@ _CAUSES = {
     "cluster down": "reports the cluster down; reads miss and writes are dropped until it is up",
     "read-only": "is a read-only replica; list the primaries in remote.url",
     "slot not covered": "has no node serving some hash slots; those keys miss",
+    "credentials": "no longer accepts our user or password; check remote.password_file",
 }
 
 
@@ -87,7 +88,7 @@ class RemoteClient:
         self._refresh_slots = False
         self._last_refresh = 0.0
         self._warned: set[str] = set()
-        self.error_counts: dict[str, int] = {}  # cause -> failed node calls; for stats
+        self._error_counts: dict[str, int] = {}
 
     @classmethod
     def connect(cls, spec: RemoteSpec, *, retry_after_s: float = RETRY_AFTER_S) -> RemoteClient:
@@ -249,6 +250,11 @@ class RemoteClient:
         if self._standalone is not None:
             self._standalone.connection_pool.disconnect()
 
+    @property
+    def error_counts(self) -> dict[str, int]:
+        """Failed node calls (or error replies, per call) by cause since connect; a copy, for stats."""
+        return dict(self._error_counts)
+
     def __enter__(self) -> RemoteClient:
         return self
 
@@ -293,13 +299,7 @@ class RemoteClient:
             pipe.execute_command(*args)
         try:
             results = pipe.execute(raise_on_error=False)
-        except (valkey_errors.TimeoutError, TimeoutError) as exc:
-            self._node_failed(name, "timeout", exc)
-            return [None] * len(commands)
-        except (valkey_errors.ConnectionError, OSError) as exc:
-            self._node_failed(name, "unreachable", exc)
-            return [None] * len(commands)
-        except ValkeyError as exc:
+        except (ValkeyError, OSError) as exc:
             self._node_failed(name, _cause_of(exc), exc)
             return [None] * len(commands)
         self._failed_at.pop(name, None)
@@ -327,7 +327,7 @@ class RemoteClient:
             self._note(cause, name, f"{detail}; {counts[cause]} of {len(results)} commands")
 
     def _note(self, cause: str, where: str, detail: str) -> None:
-        self.error_counts[cause] = self.error_counts.get(cause, 0) + 1
+        self._error_counts[cause] = self._error_counts.get(cause, 0) + 1
         first = cause not in self._warned
         self._warned.add(cause)
         reason = _CAUSES.get(cause, "answered an error; the call reads as misses / a failed put")
@@ -500,12 +500,14 @@ def _cause_of(error: BaseException) -> str:
         return "cluster down"
     if isinstance(error, ReadOnlyError):
         return "read-only"
-    if isinstance(error, valkey_errors.TimeoutError):
+    if isinstance(error, valkey_errors.TimeoutError | TimeoutError):
         return "timeout"
-    if isinstance(error, valkey_errors.ConnectionError):
+    if isinstance(error, AuthenticationError):
+        return "credentials"
+    if isinstance(error, valkey_errors.ConnectionError | OSError):
         return "unreachable"
     if isinstance(error, ResponseError):
-        return f"error {str(error).split(' ', 1)[0]}"
+        return "error reply"
     return type(error).__name__
 
 
