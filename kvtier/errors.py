@@ -24,4 +24,4 @@ class UnsupportedModelError(KVTierError):
 
 
 class RemoteError(KVTierError):
-    """A remote tier server that cannot be reached, refused our credentials, or failed an admin call."""
+    """A remote tier server that is unreachable, refused our credentials or failed an admin call."""

@@ -744,7 +744,7 @@ def test_hmac_rejects_forgery(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_value_for_another_key_is_rejected() -> None:
-    """Scenario: the server (or a client bug, as in LMCache issue 4385) serves key A's block for B."""
+    """Scenario: a server or client bug (as in LMCache issue 4385) serves key A's block for B."""
     other = "0" * 32
     for hmac_key in (None, HMAC_KEY):
         value = seal(other, b"someone else's KV", hmac_key=hmac_key)

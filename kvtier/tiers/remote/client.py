@@ -98,7 +98,7 @@ class RemoteClient:
         """
         if valkey is None:
             raise KVTierError(
-                "the remote tier needs the valkey client; install it with pip install 'kvtier[remote]'"
+                "the remote tier needs the valkey client: pip install 'kvtier[remote]'"
             )
         options = _connection_options(spec)
         if not spec.cluster:
@@ -252,7 +252,7 @@ class RemoteClient:
 
     @property
     def error_counts(self) -> dict[str, int]:
-        """Failed node calls (or error replies, per call) by cause since connect; a copy, for stats."""
+        """Failed node calls (or calls with error replies) by cause since connect; a copy."""
         return dict(self._error_counts)
 
     def __enter__(self) -> RemoteClient:
@@ -287,7 +287,7 @@ class RemoteClient:
         return [(name, client, list(slots.values())) for name, (client, slots) in by_node.items()]
 
     def _run(self, name: str, client: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Pipeline `commands` on one node; a result or exception each, all None if the node failed."""
+        """Pipeline `commands` on one node: a result or exception each, all None on node failure."""
         now = time.monotonic()
         if now - self._failed_at.get(name, -float("inf")) < self._retry_after_s:
             log.debug(

@@ -1,4 +1,4 @@
-"""Sealed remote values: a header that names the key, a checksum and an optional HMAC, then the payload.
+"""Sealed remote values: a header naming the key, a checksum and an optional HMAC, then the payload.
 
 Turns bytes into a sealed value and back; it never talks to a server. A value that fails any
 check reads as a miss (None), never as an exception: the remote tier is a cache.
@@ -13,7 +13,7 @@ Format, version 1 (all integers little-endian):
     8         8     payload_len  N (uint64)
     16        16    checksum     blake2b-128 of the payload (the disk store's checksum)
     32        K     key          the key the value was sealed for, UTF-8
-    32+K      32    hmac         only if flags bit 0: HMAC-SHA256(hmac_key, value[0:32+K] || payload)
+    32+K      32    hmac         if flags bit 0: HMAC-SHA256(hmac_key, value[0:32+K] || payload)
     32+K(+32) N     payload
 
 The HMAC covers every header byte before it (magic, version, flags, lengths, checksum, key) and
@@ -66,7 +66,7 @@ def open_value(
     hmac_key: bytes | None = None,
     warned: set[str] | None = None,
 ) -> memoryview | None:
-    """Return the payload of a value sealed for `key`, as a view into `value`; None if it fails a check.
+    """The payload of a value sealed for `key`, as a view into `value`; None if a check fails.
 
     None means: treat as a miss. Causes are a value sealed for another key, a bad checksum, a bad
     or missing HMAC (when `hmac_key` is set), a truncated value, an unknown magic or version.

@@ -114,7 +114,7 @@ def parse_remote(table: Mapping[str, object], *, base_dir: Path | None = None) -
         if password is not None:
             raise ConfigError(
                 f"remote.url = {redact_url(url)!r} has a password and remote.password_file = "
-                f"'{password_file}' names another; keep one (password_file keeps it out of the config)"
+                f"'{password_file}' names another; keep one (password_file keeps it out of configs)"
             )
         password, source = _read_secret(password_file, "password_file").decode(), "password_file"
         if not password:
