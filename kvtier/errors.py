@@ -21,3 +21,7 @@ class StoreCorruptError(KVTierError):
 
 class UnsupportedModelError(KVTierError):
     """A model whose cache layout kvtier does not understand."""
+
+
+class RemoteError(KVTierError):
+    """A remote tier server that is unreachable, refused our credentials or failed an admin call."""

@@ -22,6 +22,7 @@ FLOORS = {
     "kvtier._version": 0,
     "kvtier.errors": 0,
     "kvtier.sizes": 1,
+    "kvtier.data": 1,
     "kvtier.machine": 2,
     "kvtier.registry": 2,
     "kvtier.config": 3,
@@ -35,6 +36,7 @@ FLOORS = {
     "kvtier.controller": 7,
     "kvtier.hf": 8,
     "kvtier.demo": 9,
+    "kvtier.zoo": 9,
     "kvtier.cli": 10,
     "kvtier.__main__": 11,
 }
@@ -63,10 +65,11 @@ def _imports(path: Path) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            found.add(target)
-            for alias in node.names:  # `from kvtier.tiers import codec` imports a module
-                if _is_module(f"{target}.{alias.name}"):
-                    found.add(f"{target}.{alias.name}")
+            names = [f"{target}.{alias.name}" for alias in node.names]
+            modules = [name for name in names if _is_module(name)]  # `from kvtier import zoo`
+            found |= set(modules)
+            if len(modules) < len(names) or target != "kvtier":
+                found.add(target)
     return {name for name in found if name == "kvtier" or name.startswith("kvtier.")}
 
 

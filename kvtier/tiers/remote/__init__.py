@@ -1,0 +1,4 @@
+"""The remote tier's parts: URL parsing, the Valkey client wrapper and sealed (verified) values.
+
+Each part stands alone and knows nothing of the controller; importing the package loads none.
+"""

