@@ -1,4 +1,5 @@
-"""The remote tier's parts: URL parsing, the Valkey client wrapper and sealed (verified) values.
+"""The remote tier's parts: URL parsing, connection setup and error phrasing, the Valkey client
+wrapper and sealed (verified) values.
 
 Each part stands alone and knows nothing of the controller; importing the package loads none.
 """

@@ -8,38 +8,28 @@ per cause. Admin calls (scan, info, used_memory_bytes) raise RemoteError instead
 
 from __future__ import annotations
 
-import errno
 import logging
-import socket
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from kvtier.errors import KVTierError, RemoteError
-from kvtier.tiers.remote.url import RemoteNode, RemoteSpec
+from kvtier.tiers.remote.connect import (
+    CAUSES,
+    cause_of,
+    connect_error,
+    connection_options,
+    encode,
+    probe_options,
+    scrub,
+)
+from kvtier.tiers.remote.url import RemoteSpec
 
 try:
     import valkey
-    from valkey import exceptions as valkey_errors
-    from valkey.backoff import NoBackoff
     from valkey.cluster import ClusterNode, ValkeyCluster
     from valkey.connection import PythonRespSerializer
-    from valkey.exceptions import (
-        AskError,
-        AuthenticationError,
-        ClusterDownError,
-        MovedError,
-        NoPermissionError,
-        OutOfMemoryError,
-        ReadOnlyError,
-        ResponseError,
-        SlotNotCoveredError,
-        TryAgainError,
-        ValkeyClusterException,
-        ValkeyError,
-    )
-    from valkey.retry import Retry
+    from valkey.exceptions import SlotNotCoveredError, ValkeyClusterException, ValkeyError
 except ImportError:  # pragma: no cover - exercised only without the extra
     valkey = None
 
@@ -50,19 +40,6 @@ T = TypeVar("T")
 RETRY_AFTER_S = 1.0  # a node that failed is skipped (misses at once) for this long
 _SCAN_COUNT = 1000
 _BUFFER_CUTOFF = 6000  # valkey-py's own: arguments longer than this are sent as separate buffers
-# Why each cause of a failed call matters to the user; the first of each is a warning.
-_CAUSES = {
-    "unreachable": "is unreachable; reads miss and writes are dropped until it answers",
-    "timeout": "did not answer within remote.timeout_ms = {timeout_ms}; reads miss, writes dropped",
-    "out of memory": "is out of memory; writes fail: raise its maxmemory or use an eviction "
-    "policy such as allkeys-lru",
-    "no permission": "denied a command to this user; grant it +get +set +del +scan +info",
-    "moved": "moved slots to other nodes; refreshing the slot map (reads miss meanwhile)",
-    "cluster down": "reports the cluster down; reads miss and writes are dropped until it is up",
-    "read-only": "is a read-only replica; list the primaries in remote.url",
-    "slot not covered": "has no node serving some hash slots; those keys miss",
-    "credentials": "no longer accepts our user or password; check remote.password_file",
-}
 
 
 class RemoteClient:
@@ -100,7 +77,7 @@ class RemoteClient:
             raise KVTierError(
                 "the remote tier needs the valkey client: pip install 'kvtier[remote]'"
             )
-        options = _connection_options(spec)
+        options = connection_options(spec)
         if not spec.cluster:
             node = spec.nodes[0]
             connection_class = valkey.SSLConnection if spec.tls else valkey.Connection
@@ -113,7 +90,7 @@ class RemoteClient:
                 # copying every value: 8 MiB SETs ran at 370-550 MiB/s instead of 1000-1300
                 # (loopback, 2-core dev box). The Python packer sends large values as they are.
                 # (ValkeyCluster drops this option; cluster nodes use whatever valkey-py picks.)
-                command_packer=PythonRespSerializer(_BUFFER_CUTOFF, _encode),
+                command_packer=PythonRespSerializer(_BUFFER_CUTOFF, encode),
                 **options,
             )
             client = valkey.Valkey(connection_pool=pool)
@@ -121,7 +98,7 @@ class RemoteClient:
                 cluster_enabled = client.info("cluster").get("cluster_enabled")
             except ValkeyError as exc:
                 pool.disconnect()
-                raise _connect_error(spec, node, exc) from None
+                raise connect_error(spec, node, exc) from None
             if cluster_enabled == 1:
                 pool.disconnect()
                 raise RemoteError(
@@ -132,12 +109,12 @@ class RemoteClient:
 
         first_error: RemoteError | None = None
         for node in spec.nodes:  # find a node that answers, so the error names the real cause
-            probe = valkey.Valkey(host=node.host, port=node.port, **_probe_options(spec, options))
+            probe = valkey.Valkey(host=node.host, port=node.port, **probe_options(spec, options))
             try:
                 probe.ping()
                 break
             except ValkeyError as exc:
-                first_error = first_error or _connect_error(spec, node, exc)
+                first_error = first_error or connect_error(spec, node, exc)
             finally:
                 probe.close()
         else:
@@ -156,7 +133,7 @@ class RemoteClient:
                     f"valkey at {spec.nodes[0]} is not a cluster node; name one node in "
                     "remote.url, or set remote.cluster = false"
                 ) from None
-            raise _connect_error(spec, spec.nodes[0], exc) from None
+            raise connect_error(spec, spec.nodes[0], exc) from None
         return cls(spec, cluster=cluster, retry_after_s=retry_after_s)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -300,7 +277,7 @@ class RemoteClient:
         try:
             results = pipe.execute(raise_on_error=False)
         except (ValkeyError, OSError) as exc:
-            self._node_failed(name, _cause_of(exc), exc)
+            self._node_failed(name, cause_of(exc), exc)
             return [None] * len(commands)
         self._failed_at.pop(name, None)
         return results
@@ -309,7 +286,7 @@ class RemoteClient:
         self._failed_at[name] = time.monotonic()
         if self._cluster is not None:
             self._refresh_slots = True  # a failover may have moved its slots to a replica
-        self._note(cause, name, _scrub(str(exc), self.spec))
+        self._note(cause, name, scrub(str(exc), self.spec))
 
     def _response_errors(self, name: str, results: list[Any]) -> None:
         """Note the error replies of one pipeline: one log line per cause, however many commands."""
@@ -317,20 +294,20 @@ class RemoteClient:
         counts: dict[str, int] = {}
         for result in results:
             if isinstance(result, BaseException):
-                cause = _cause_of(result)
+                cause = cause_of(result)
                 first.setdefault(cause, result)
                 counts[cause] = counts.get(cause, 0) + 1
         for cause, error in first.items():
             if cause in ("moved", "cluster down"):
                 self._refresh_slots = True
-            detail = _scrub(str(error), self.spec)
+            detail = scrub(str(error), self.spec)
             self._note(cause, name, f"{detail}; {counts[cause]} of {len(results)} commands")
 
     def _note(self, cause: str, where: str, detail: str) -> None:
         self._error_counts[cause] = self._error_counts.get(cause, 0) + 1
         first = cause not in self._warned
         self._warned.add(cause)
-        reason = _CAUSES.get(cause, "answered an error; the call reads as misses / a failed put")
+        reason = CAUSES.get(cause, "answered an error; the call reads as misses / a failed put")
         reason = reason.format(timeout_ms=self.spec.timeout_ms)
         log.log(
             logging.WARNING if first else logging.DEBUG,
@@ -355,7 +332,7 @@ class RemoteClient:
             manager.initialize()
             self._refresh_slots = False
         except (ValkeyError, ValkeyClusterException, OSError) as exc:
-            self._note("unreachable", "every startup node", _scrub(str(exc), self.spec))
+            self._note("unreachable", "every startup node", scrub(str(exc), self.spec))
 
     def _primaries(self) -> list[tuple[str, Any]]:
         if self._standalone is not None:
@@ -370,160 +347,9 @@ class RemoteClient:
             return call()
         except ValkeyError as exc:
             raise RemoteError(
-                f"valkey at {name} failed: {_scrub(str(exc), self.spec)}; check the server is up "
+                f"valkey at {name} failed: {scrub(str(exc), self.spec)}; check the server is up "
                 "and this user may run SCAN and INFO"
             ) from None
-
-
-def _connection_options(spec: RemoteSpec) -> dict[str, Any]:
-    """valkey-py keyword arguments shared by the standalone pool and the cluster's node clients."""
-    timeout_s = spec.timeout_ms / 1000
-    options: dict[str, Any] = {
-        "username": spec.username,
-        "password": spec.password,
-        "socket_timeout": timeout_s,
-        "socket_connect_timeout": timeout_s,
-        # valkey-py would retry a failed call on a fresh connection, doubling the wait a dead
-        # server costs; the remote tier is a cache, so one try and a miss is the right answer.
-        "retry": Retry(NoBackoff(), 0),
-        "retry_on_timeout": False,
-        # No CLIENT SETINFO round trips on each new connection.
-        "lib_name": None,
-        "lib_version": None,
-    }
-    if spec.tls:
-        options |= {
-            "ssl_ca_certs": str(spec.ca_file) if spec.ca_file else None,
-            "ssl_certfile": str(spec.cert_file) if spec.cert_file else None,
-            "ssl_keyfile": str(spec.key_file) if spec.key_file else None,
-            "ssl_cert_reqs": "required",
-            "ssl_check_hostname": True,  # valkey-py's default is False
-        }
-        if spec.cluster:
-            options["ssl"] = True
-    return options
-
-
-def _encode(value: Any) -> Any:
-    """Command arguments as the protocol needs them; buffers pass through uncopied."""
-    if isinstance(value, bytes | memoryview):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return repr(value).encode()
-    raise TypeError(f"cannot send {type(value).__name__} to valkey; use str, bytes or int")
-
-
-def _probe_options(spec: RemoteSpec, options: dict[str, Any]) -> dict[str, Any]:
-    probe = dict(options)
-    probe.pop("ssl", None)
-    if spec.tls:
-        probe["ssl"] = True
-    return probe
-
-
-def _connect_error(spec: RemoteSpec, node: RemoteNode, exc: BaseException) -> RemoteError:
-    """One line that names the node, what went wrong and which [remote] key fixes it."""
-    text = _scrub(str(exc), spec)
-    lowered = text.lower()
-    user = spec.username or "default"
-    source = f"remote.{spec.password_source}"
-    if "without any password configured" in lowered:
-        return RemoteError(
-            f"valkey at {node} has no password for user '{user}' but {source} gives one: drop "
-            "it, or set a password on the server"
-        )
-    if isinstance(exc, AuthenticationError) or "wrongpass" in lowered or "noauth" in lowered:
-        if spec.password is None:
-            return RemoteError(
-                f"valkey at {node} requires a password for user '{user}': set "
-                "remote.password_file (or user:password in remote.url)"
-            )
-        return RemoteError(
-            f"valkey at {node} refused the password for user '{user}': check {source}"
-        )
-    if isinstance(exc, NoPermissionError):
-        return RemoteError(
-            f"valkey at {node} denied user '{user}' a command ({text}); grant it "
-            "+get +set +del +scan +info +ping"
-        )
-    cause = exc.__cause__ or exc.__context__
-    if (
-        isinstance(cause, socket.gaierror)
-        or "name or service not known" in lowered
-        or ("temporary failure in name resolution" in lowered)
-    ):
-        return RemoteError(
-            f"cannot resolve valkey host '{node.host}': check the host name in remote.url"
-        )
-    if isinstance(cause, ssl.SSLCertVerificationError) or "certificate verify failed" in lowered:
-        return RemoteError(
-            f"valkey at {node} sent a TLS certificate we do not trust ({_ssl_reason(text)}): "
-            "set remote.ca_file to the CA that signed it"
-        )
-    if isinstance(cause, ssl.SSLError) or "ssl" in lowered:
-        return RemoteError(
-            f"TLS with valkey at {node} failed ({_ssl_reason(text)}): check the server speaks "
-            "TLS on that port, and remote.ca_file, cert_file and key_file"
-        )
-    if (
-        isinstance(exc, valkey_errors.TimeoutError)
-        or "timeout" in lowered
-        or "timed out" in lowered
-    ):
-        hint = " (a plaintext port? use valkey://)" if spec.tls else ""
-        return RemoteError(
-            f"valkey at {node} did not answer within remote.timeout_ms = {spec.timeout_ms}"
-            f"{hint}: check the server is up and reachable, or raise timeout_ms"
-        )
-    if "connection refused" in lowered or f"error {errno.ECONNREFUSED} " in lowered:
-        return RemoteError(
-            f"nothing listens at valkey {node} (connection refused): start the server or fix "
-            "the port in remote.url"
-        )
-    if "closed by server" in lowered and not spec.tls:
-        return RemoteError(
-            f"valkey at {node} closed the connection at once: if it serves TLS, use valkeys://"
-        )
-    return RemoteError(f"cannot use valkey at {node}: {text}; check remote.url and the server log")
-
-
-def _cause_of(error: BaseException) -> str:
-    if isinstance(error, OutOfMemoryError):
-        return "out of memory"
-    if isinstance(error, NoPermissionError):
-        return "no permission"
-    if isinstance(error, MovedError | AskError | TryAgainError):
-        return "moved"
-    if isinstance(error, ClusterDownError):
-        return "cluster down"
-    if isinstance(error, ReadOnlyError):
-        return "read-only"
-    if isinstance(error, valkey_errors.TimeoutError | TimeoutError):
-        return "timeout"
-    if isinstance(error, AuthenticationError):
-        return "credentials"
-    if isinstance(error, valkey_errors.ConnectionError | OSError):
-        return "unreachable"
-    if isinstance(error, ResponseError):
-        return "error reply"
-    return type(error).__name__
-
-
-def _scrub(text: str, spec: RemoteSpec) -> str:
-    """`text` with the password replaced, in case a library put it in an error message."""
-    if spec.password:
-        text = text.replace(spec.password, "***")
-    return text.strip().rstrip(".")
-
-
-def _ssl_reason(text: str) -> str:
-    """The OpenSSL reason inside a wrapped error, e.g. 'certificate verify failed'."""
-    for marker in ("] ", "SSL: "):
-        if marker in text:
-            return text.rsplit(marker, 1)[-1].split(" (_ssl", 1)[0].strip("() .")
-    return text
 
 
 def _glob_escape(text: str) -> str:

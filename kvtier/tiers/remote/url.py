@@ -94,78 +94,21 @@ def parse_remote(table: Mapping[str, object], *, base_dir: Path | None = None) -
 
     Raises ConfigError naming the key, its value (password shown as ***) and the fix.
     """
-    for name in table:
-        if name not in OPTIONS:
-            close = difflib.get_close_matches(name, OPTIONS, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(
-                f"unknown key 'remote.{name}'; {hint}[remote] takes: {', '.join(OPTIONS)}"
-            )
+    _check_keys(table)
     url = table.get("url")
     if not isinstance(url, str) or not url.strip():
         raise ConfigError(f"remote.url = {url!r} is not a URL; {_URL_HINT}")
     spec = parse_url(url.strip())
-    tls, nodes = spec.tls, spec.nodes
     root = Path.cwd() if base_dir is None else Path(base_dir)
-
-    password, source = spec.password, "url"
-    password_file = _path(table, "password_file", root)
-    if password_file is not None:
-        if password is not None:
-            raise ConfigError(
-                f"remote.url = {redact_url(url)!r} has a password and remote.password_file = "
-                f"'{password_file}' names another; keep one (password_file keeps it out of configs)"
-            )
-        password, source = _read_secret(password_file, "password_file").decode(), "password_file"
-        if not password:
-            raise ConfigError(
-                f"remote.password_file = '{password_file}' is empty; write the password into it "
-                "or drop the key for a server without a password"
-            )
-
-    tls_files = {name: _path(table, name, root) for name in ("ca_file", "cert_file", "key_file")}
-    for name, path in tls_files.items():
-        if path is not None and not tls:
-            raise ConfigError(
-                f"remote.{name} = '{path}' needs TLS but remote.url = {redact_url(url)!r} is "
-                "plain; use valkeys:// or drop the key"
-            )
-    if tls_files["key_file"] is not None and tls_files["cert_file"] is None:
-        raise ConfigError(
-            f"remote.key_file = '{tls_files['key_file']}' has no certificate; set "
-            "remote.cert_file to the client certificate it belongs to"
-        )
-
+    password, source = _password(table, url, spec.password, root)
+    tls_files = _tls_files(table, url, spec.tls, root)
     timeout_ms = _positive_int(table, "timeout_ms", DEFAULT_TIMEOUT_MS)
     ttl_s = _positive_int(table, "ttl_s", None)
-
-    hmac_key = None
-    hmac_key_file = _path(table, "hmac_key_file", root)
-    if hmac_key_file is not None:
-        hmac_key = _read_secret(hmac_key_file, "hmac_key_file")
-        if len(hmac_key) < MIN_HMAC_KEY_BYTES:
-            raise ConfigError(
-                f"remote.hmac_key_file = '{hmac_key_file}' holds {len(hmac_key)} bytes; use at "
-                f"least {MIN_HMAC_KEY_BYTES}, e.g. `openssl rand -hex 32 > {hmac_key_file}`"
-            )
-
-    cluster = table.get("cluster", len(nodes) > 1)
-    if not isinstance(cluster, bool):
-        raise ConfigError(f"remote.cluster = {cluster!r} is not a boolean; use true or false")
-    if not cluster and len(nodes) > 1:
-        raise ConfigError(
-            f"remote.cluster = false but remote.url = {redact_url(url)!r} names {len(nodes)} "
-            "nodes; name one node, or drop remote.cluster for a cluster"
-        )
-    if cluster and spec.db:
-        raise ConfigError(
-            f"remote.url = {redact_url(url)!r} selects db {spec.db}, which a cluster client "
-            "cannot use; drop the /db part"
-        )
-
+    hmac_key = _hmac_key(table, root)
+    cluster = _cluster(table, url, spec)
     result = RemoteSpec(
-        nodes=nodes,
-        tls=tls,
+        nodes=spec.nodes,
+        tls=spec.tls,
         username=spec.username,
         password=password,
         password_source=source,
@@ -180,6 +123,88 @@ def parse_remote(table: Mapping[str, object], *, base_dir: Path | None = None) -
     )
     log.debug("remote tier: %s", result.redacted())
     return result
+
+
+def _check_keys(table: Mapping[str, object]) -> None:
+    for name in table:
+        if name not in OPTIONS:
+            close = difflib.get_close_matches(name, OPTIONS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"unknown key 'remote.{name}'; {hint}[remote] takes: {', '.join(OPTIONS)}"
+            )
+
+
+def _password(
+    table: Mapping[str, object], url: str, url_password: str | None, root: Path
+) -> tuple[str | None, str]:
+    """The password and its source ("url" or "password_file"); refuses one in each."""
+    password_file = _path(table, "password_file", root)
+    if password_file is None:
+        return url_password, "url"
+    if url_password is not None:
+        raise ConfigError(
+            f"remote.url = {redact_url(url)!r} has a password and remote.password_file = "
+            f"'{password_file}' names another; keep one (password_file keeps it out of configs)"
+        )
+    password = _read_secret(password_file, "password_file").decode()
+    if not password:
+        raise ConfigError(
+            f"remote.password_file = '{password_file}' is empty; write the password into it "
+            "or drop the key for a server without a password"
+        )
+    return password, "password_file"
+
+
+def _tls_files(
+    table: Mapping[str, object], url: str, tls: bool, root: Path
+) -> dict[str, Path | None]:
+    """ca_file, cert_file and key_file, each a checked path or None; they need a valkeys:// URL."""
+    tls_files = {name: _path(table, name, root) for name in ("ca_file", "cert_file", "key_file")}
+    for name, path in tls_files.items():
+        if path is not None and not tls:
+            raise ConfigError(
+                f"remote.{name} = '{path}' needs TLS but remote.url = {redact_url(url)!r} is "
+                "plain; use valkeys:// or drop the key"
+            )
+    if tls_files["key_file"] is not None and tls_files["cert_file"] is None:
+        raise ConfigError(
+            f"remote.key_file = '{tls_files['key_file']}' has no certificate; set "
+            "remote.cert_file to the client certificate it belongs to"
+        )
+    return tls_files
+
+
+def _hmac_key(table: Mapping[str, object], root: Path) -> bytes | None:
+    hmac_key_file = _path(table, "hmac_key_file", root)
+    if hmac_key_file is None:
+        return None
+    hmac_key = _read_secret(hmac_key_file, "hmac_key_file")
+    if len(hmac_key) < MIN_HMAC_KEY_BYTES:
+        raise ConfigError(
+            f"remote.hmac_key_file = '{hmac_key_file}' holds {len(hmac_key)} bytes; use at "
+            f"least {MIN_HMAC_KEY_BYTES}, e.g. `openssl rand -hex 32 > {hmac_key_file}`"
+        )
+    return hmac_key
+
+
+def _cluster(table: Mapping[str, object], url: str, spec: RemoteSpec) -> bool:
+    """remote.cluster, by default true for a URL of several nodes; checked against the URL."""
+    nodes = spec.nodes
+    cluster = table.get("cluster", len(nodes) > 1)
+    if not isinstance(cluster, bool):
+        raise ConfigError(f"remote.cluster = {cluster!r} is not a boolean; use true or false")
+    if not cluster and len(nodes) > 1:
+        raise ConfigError(
+            f"remote.cluster = false but remote.url = {redact_url(url)!r} names {len(nodes)} "
+            "nodes; name one node, or drop remote.cluster for a cluster"
+        )
+    if cluster and spec.db:
+        raise ConfigError(
+            f"remote.url = {redact_url(url)!r} selects db {spec.db}, which a cluster client "
+            "cannot use; drop the /db part"
+        )
+    return cluster
 
 
 def parse_url(url: str) -> RemoteSpec:

@@ -1,0 +1,200 @@
+"""How kvtier reaches a Valkey server and phrases what went wrong, for the user and the log.
+
+Builds valkey-py connection options and turns exceptions into causes and one-line RemoteErrors;
+it never opens a connection or sends a command (client.py does).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+from typing import Any
+
+from kvtier.errors import RemoteError
+from kvtier.tiers.remote.url import RemoteNode, RemoteSpec
+
+try:
+    from valkey import exceptions as valkey_errors
+    from valkey.backoff import NoBackoff
+    from valkey.exceptions import (
+        AskError,
+        AuthenticationError,
+        ClusterDownError,
+        MovedError,
+        NoPermissionError,
+        OutOfMemoryError,
+        ReadOnlyError,
+        ResponseError,
+        TryAgainError,
+    )
+    from valkey.retry import Retry
+except ImportError:  # pragma: no cover - RemoteClient.connect() refuses first without the extra
+    pass
+
+# Why each cause of a failed call matters to the user; the first of each is a warning.
+CAUSES = {
+    "unreachable": "is unreachable; reads miss and writes are dropped until it answers",
+    "timeout": "did not answer within remote.timeout_ms = {timeout_ms}; reads miss, writes dropped",
+    "out of memory": "is out of memory; writes fail: raise its maxmemory or use an eviction "
+    "policy such as allkeys-lru",
+    "no permission": "denied a command to this user; grant it +get +set +del +scan +info",
+    "moved": "moved slots to other nodes; refreshing the slot map (reads miss meanwhile)",
+    "cluster down": "reports the cluster down; reads miss and writes are dropped until it is up",
+    "read-only": "is a read-only replica; list the primaries in remote.url",
+    "slot not covered": "has no node serving some hash slots; those keys miss",
+    "credentials": "no longer accepts our user or password; check remote.password_file",
+}
+
+
+def connection_options(spec: RemoteSpec) -> dict[str, Any]:
+    """valkey-py keyword arguments shared by the standalone pool and the cluster's node clients."""
+    timeout_s = spec.timeout_ms / 1000
+    options: dict[str, Any] = {
+        "username": spec.username,
+        "password": spec.password,
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        # valkey-py would retry a failed call on a fresh connection, doubling the wait a dead
+        # server costs; the remote tier is a cache, so one try and a miss is the right answer.
+        "retry": Retry(NoBackoff(), 0),
+        "retry_on_timeout": False,
+        # No CLIENT SETINFO round trips on each new connection.
+        "lib_name": None,
+        "lib_version": None,
+    }
+    if spec.tls:
+        options |= {
+            "ssl_ca_certs": str(spec.ca_file) if spec.ca_file else None,
+            "ssl_certfile": str(spec.cert_file) if spec.cert_file else None,
+            "ssl_keyfile": str(spec.key_file) if spec.key_file else None,
+            "ssl_cert_reqs": "required",
+            "ssl_check_hostname": True,  # valkey-py's default is False
+        }
+        if spec.cluster:
+            options["ssl"] = True
+    return options
+
+
+def encode(value: Any) -> Any:
+    """Command arguments as the protocol needs them; buffers pass through uncopied."""
+    if isinstance(value, bytes | memoryview):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(value).encode()
+    raise TypeError(f"cannot send {type(value).__name__} to valkey; use str, bytes or int")
+
+
+def probe_options(spec: RemoteSpec, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` for a plain valkey.Valkey that pings one cluster node (it takes ssl=True)."""
+    probe = dict(options)
+    probe.pop("ssl", None)
+    if spec.tls:
+        probe["ssl"] = True
+    return probe
+
+
+def connect_error(spec: RemoteSpec, node: RemoteNode, exc: BaseException) -> RemoteError:
+    """One line that names the node, what went wrong and which [remote] key fixes it."""
+    text = scrub(str(exc), spec)
+    lowered = text.lower()
+    user = spec.username or "default"
+    source = f"remote.{spec.password_source}"
+    if "without any password configured" in lowered:
+        return RemoteError(
+            f"valkey at {node} has no password for user '{user}' but {source} gives one: drop "
+            "it, or set a password on the server"
+        )
+    if isinstance(exc, AuthenticationError) or "wrongpass" in lowered or "noauth" in lowered:
+        if spec.password is None:
+            return RemoteError(
+                f"valkey at {node} requires a password for user '{user}': set "
+                "remote.password_file (or user:password in remote.url)"
+            )
+        return RemoteError(
+            f"valkey at {node} refused the password for user '{user}': check {source}"
+        )
+    if isinstance(exc, NoPermissionError):
+        return RemoteError(
+            f"valkey at {node} denied user '{user}' a command ({text}); grant it "
+            "+get +set +del +scan +info +ping"
+        )
+    cause = exc.__cause__ or exc.__context__
+    if (
+        isinstance(cause, socket.gaierror)
+        or "name or service not known" in lowered
+        or ("temporary failure in name resolution" in lowered)
+    ):
+        return RemoteError(
+            f"cannot resolve valkey host '{node.host}': check the host name in remote.url"
+        )
+    if isinstance(cause, ssl.SSLCertVerificationError) or "certificate verify failed" in lowered:
+        return RemoteError(
+            f"valkey at {node} sent a TLS certificate we do not trust ({_ssl_reason(text)}): "
+            "set remote.ca_file to the CA that signed it"
+        )
+    if isinstance(cause, ssl.SSLError) or "ssl" in lowered:
+        return RemoteError(
+            f"TLS with valkey at {node} failed ({_ssl_reason(text)}): check the server speaks "
+            "TLS on that port, and remote.ca_file, cert_file and key_file"
+        )
+    if (
+        isinstance(exc, valkey_errors.TimeoutError)
+        or "timeout" in lowered
+        or "timed out" in lowered
+    ):
+        hint = " (a plaintext port? use valkey://)" if spec.tls else ""
+        return RemoteError(
+            f"valkey at {node} did not answer within remote.timeout_ms = {spec.timeout_ms}"
+            f"{hint}: check the server is up and reachable, or raise timeout_ms"
+        )
+    if "connection refused" in lowered or f"error {errno.ECONNREFUSED} " in lowered:
+        return RemoteError(
+            f"nothing listens at valkey {node} (connection refused): start the server or fix "
+            "the port in remote.url"
+        )
+    if "closed by server" in lowered and not spec.tls:
+        return RemoteError(
+            f"valkey at {node} closed the connection at once: if it serves TLS, use valkeys://"
+        )
+    return RemoteError(f"cannot use valkey at {node}: {text}; check remote.url and the server log")
+
+
+def cause_of(error: BaseException) -> str:
+    """The cause of a failed call or error reply: a key of CAUSES, "error reply" or a type name."""
+    if isinstance(error, OutOfMemoryError):
+        return "out of memory"
+    if isinstance(error, NoPermissionError):
+        return "no permission"
+    if isinstance(error, MovedError | AskError | TryAgainError):
+        return "moved"
+    if isinstance(error, ClusterDownError):
+        return "cluster down"
+    if isinstance(error, ReadOnlyError):
+        return "read-only"
+    if isinstance(error, valkey_errors.TimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(error, AuthenticationError):
+        return "credentials"
+    if isinstance(error, valkey_errors.ConnectionError | OSError):
+        return "unreachable"
+    if isinstance(error, ResponseError):
+        return "error reply"
+    return type(error).__name__
+
+
+def scrub(text: str, spec: RemoteSpec) -> str:
+    """`text` with the password replaced, in case a library put it in an error message."""
+    if spec.password:
+        text = text.replace(spec.password, "***")
+    return text.strip().rstrip(".")
+
+
+def _ssl_reason(text: str) -> str:
+    """The OpenSSL reason inside a wrapped error, e.g. 'certificate verify failed'."""
+    for marker in ("] ", "SSL: "):
+        if marker in text:
+            return text.rsplit(marker, 1)[-1].split(" (_ssl", 1)[0].strip("() .")
+    return text
