@@ -28,7 +28,7 @@ from transformers import (
 
 from kvtier.config import Config, load_config
 from kvtier.errors import ConfigError
-from kvtier.layout import KVGeometry, min_gpu_blocks, tier_budgets
+from kvtier.layout import MIN_GPU_BLOCKS, KVGeometry, tier_budgets
 from kvtier.sizes import format_size
 
 log = logging.getLogger(__name__)
@@ -141,10 +141,8 @@ def _block_split(prompt_tokens: int, new_tokens: int) -> tuple[int, int]:
             f"demo new_tokens = {new_tokens}; use at least 2 (one prefill, one decode)"
         )
     block_count = math.ceil((prompt_tokens + new_tokens) / BLOCK_TOKENS)
-    fewest_gpu_blocks = min_gpu_blocks(
-        block_tokens=BLOCK_TOKENS, prefill_chunk_tokens=PREFILL_CHUNK_TOKENS, pinned_blocks=0
-    )
-    fewest_host_blocks = fewest_gpu_blocks + 1
+    fewest_gpu_blocks = MIN_GPU_BLOCKS + 2  # a few resident blocks, so every tier holds some
+    fewest_host_blocks = PREFILL_CHUNK_TOKENS // BLOCK_TOKENS + 2  # one prefill chunk seals
     gpu_blocks = max(fewest_gpu_blocks, block_count // 8)
     host_blocks = max(fewest_host_blocks, block_count // 4)
     if block_count <= gpu_blocks + host_blocks:

@@ -91,29 +91,22 @@ def step_blocks(tokens: int, block_tokens: int) -> int:
     return math.ceil(tokens / block_tokens) + 1
 
 
-def min_gpu_blocks(*, block_tokens: int, prefill_chunk_tokens: int, pinned_blocks: int) -> int:
-    """GPU block slots one step may need besides staging: the blocks a prefill chunk touches,
-    plus the blocks the policy pins (they cannot make room)."""
-    return step_blocks(prefill_chunk_tokens, block_tokens) + pinned_blocks
+# A step's new positions are written into staging (what attention reads) and into their blocks,
+# which are born on host when the GPU has no room: so the GPU needs staging and one slot, no more
+MIN_GPU_BLOCKS = 1
 
 
-def min_gpu_bytes(
-    geometry: KVGeometry,
-    *,
-    prefill_chunk_tokens: int,
-    pinned_blocks: int,
-    buffers: int,
-    tokens: int = 0,
-) -> int:
-    """The smallest GPU budget that can hold a context of `tokens` (at least one block): staging
-    plus `min_gpu_blocks` slots."""
-    slots = min_gpu_blocks(
-        block_tokens=geometry.block_tokens,
-        prefill_chunk_tokens=prefill_chunk_tokens,
-        pinned_blocks=pinned_blocks,
-    )
+def min_gpu_bytes(geometry: KVGeometry, *, buffers: int, tokens: int = 0) -> int:
+    """The smallest GPU budget that can stream a context of `tokens` positions (at least one
+    block): the staging ring for them plus one block slot."""
     tokens = max(tokens, geometry.block_tokens)
-    return staging_bytes(geometry, tokens, buffers=buffers) + slots * geometry.block_bytes
+    return staging_bytes(geometry, tokens, buffers=buffers) + MIN_GPU_BLOCKS * geometry.block_bytes
+
+
+def resident_gpu_bytes(geometry: KVGeometry, tokens: int) -> int:
+    """The GPU budget that holds a context of `tokens` positions whole (read in place, no
+    staging): every block of it."""
+    return geometry.blocks_for(tokens) * geometry.block_bytes
 
 
 def tier_budgets(
@@ -121,8 +114,8 @@ def tier_budgets(
 ) -> dict[str, int]:
     """Budgets (bytes) leaving `gpu_blocks` on the GPU, `host_blocks` on host, the rest on disk.
 
-    The GPU budget also holds the staging ring for `total_tokens`; give it at least
-    `min_gpu_blocks` slots, and the host more blocks than one prefill chunk seals. The disk gets
+    The GPU budget also holds the staging ring for `total_tokens` (give it at least
+    MIN_GPU_BLOCKS slots), the host more blocks than one prefill chunk seals. The disk gets
     room for every block twice over plus file headers, so it is never the limit.
     Returns the keyword arguments `gpu_budget`, `host_budget`, `disk_budget` of `load_config`.
     """

@@ -139,6 +139,16 @@ class Mover:
         self.wait_s += time.perf_counter() - start
         return ok
 
+    def retire(self, tensors: list[torch.Tensor]) -> None:
+        """Tensors about to be freed: their memory is not reused before the copies already
+        queued on the mover's streams are done (they may still read or write it)."""
+        for tensor in tensors:
+            if not tensor.is_cuda:
+                continue
+            for (_, device), stream in self._streams.items():
+                if device == tensor.device:
+                    tensor.record_stream(stream)
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
 

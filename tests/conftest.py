@@ -24,9 +24,8 @@ from transformers import (
 )
 
 import kvtier
-from kvtier.layout import KVGeometry, min_gpu_blocks
+from kvtier.layout import MIN_GPU_BLOCKS, KVGeometry
 from kvtier.layout import tier_budgets as layout_tier_budgets
-from kvtier.policy import make_policy
 
 KINDS = ("llama", "qwen3", "mistral", "mistral_sliding", "gemma3")
 BLOCK_TOKENS = 16
@@ -229,9 +228,8 @@ def tiered_config(
 ) -> kvtier.Config:
     """A kvtier config whose budgets push the KV of `total_tokens` through GPU, host and disk.
 
-    `gpu_blocks` defaults to the fewest one step can need (`kvtier.layout.min_gpu_blocks`: the
-    prefill chunk's blocks, plus the ones the policy pins). `overrides` are further
-    `load_config` keywords (policy_name, disk_codec, prefill_chunk_tokens, ...).
+    `gpu_blocks` defaults to the fewest the controller accepts (`kvtier.layout.MIN_GPU_BLOCKS`).
+    `overrides` are further `load_config` keywords (policy_name, disk_codec, ...).
     """
     options: dict[str, Any] = {
         "block_tokens": BLOCK_TOKENS,
@@ -245,12 +243,7 @@ def tiered_config(
         **overrides,
     }
     if gpu_blocks is None:
-        policy = make_policy(kvtier.load_config(None, **options).policy, options["block_tokens"])
-        gpu_blocks = min_gpu_blocks(
-            block_tokens=options["block_tokens"],
-            prefill_chunk_tokens=options["prefill_chunk_tokens"],
-            pinned_blocks=policy.max_pinned_blocks(),
-        )
+        gpu_blocks = MIN_GPU_BLOCKS
     budgets = tier_budgets(
         config,
         total_tokens,

@@ -27,8 +27,7 @@ from hypothesis.stateful import (
 import kvtier
 from kvtier.blocks import Tier, block_id
 from kvtier.controller import TierController
-from kvtier.layout import KVGeometry, min_gpu_blocks, staging_bytes
-from kvtier.policy import make_policy
+from kvtier.layout import MIN_GPU_BLOCKS, KVGeometry, staging_bytes
 from kvtier.tiers.disk import DiskStore
 
 BLOCK_TOKENS = 16
@@ -75,18 +74,8 @@ def _staging_bytes(tokens: int, batch: int, dtype: torch.dtype) -> int:
 
 
 def _min_gpu_blocks(policy: str) -> int:
-    """Slots the controller's minimum asks for besides staging: one chunk, plus the pins."""
-    cfg = kvtier.load_config(
-        None,
-        block_tokens=BLOCK_TOKENS,
-        policy_name=policy,
-        policy_sink_tokens=16,
-        policy_recent_tokens=16,
-    )
-    pinned = make_policy(cfg.policy, BLOCK_TOKENS).max_pinned_blocks()
-    return min_gpu_blocks(
-        block_tokens=BLOCK_TOKENS, prefill_chunk_tokens=CHUNK_TOKENS, pinned_blocks=pinned
-    )
+    """Slots the controller's minimum asks for besides staging (whatever the policy pins)."""
+    return MIN_GPU_BLOCKS
 
 
 def _disk_need(batch: int, dtype: torch.dtype) -> int:
@@ -268,11 +257,14 @@ class ControllerMachine(RuleBasedStateMachine):
 
     @initialize(
         extra_gpu_blocks=st.integers(0, 2),
-        host_blocks=st.integers(2, 4),
+        host_blocks=st.integers(4, 6),  # the host alone holds a 40-token step's 4 blocks
         prompt=st.integers(0, MAX_TOKENS),
         seed=st.integers(0, 2**32 - 1),
+        streaming=st.booleans(),
     )
-    def start(self, extra_gpu_blocks: int, host_blocks: int, prompt: int, seed: int) -> None:
+    def start(
+        self, extra_gpu_blocks: int, host_blocks: int, prompt: int, seed: int, streaming: bool
+    ) -> None:
         cfg = _config(
             self.store,
             gpu_blocks=_min_gpu_blocks(self.policy) + extra_gpu_blocks,
@@ -281,7 +273,8 @@ class ControllerMachine(RuleBasedStateMachine):
             dtype=self.dtype,
             policy=self.policy,
         )
-        self.ctl = TierController(cfg, _shape(self.batch, self.dtype), fingerprint="machine")
+        shape = _shape(self.batch, self.dtype)
+        self.ctl = TierController(cfg, shape, fingerprint="machine", streaming=streaming)
         self.shadow = Shadow(self.batch, self.dtype)
         # a prompt prefilled in chunks, like the HF hooks split it: the tiers fill up at once
         generator = torch.Generator().manual_seed(seed)
@@ -392,12 +385,13 @@ class ControllerMachine(RuleBasedStateMachine):
             too_small = self.ctl.disk.bytes_used - 1
         elif tier is Tier.HOST:
             too_small = self.slot - 1
-        elif staging and self.ctl.tokens > BLOCK_TOKENS:
+        elif staging and self.ctl.tokens > BLOCK_TOKENS and self.ctl.streaming:
             # passes the static minimum but cannot hold the staging the tokens held now need
-            too_small = self.ctl.staging.bytes_used + self.slot - 1
+            need = _staging_bytes(self.ctl.tokens, self.batch, self.dtype)
+            too_small = need + self.slot - 1
             too_small = max(too_small, _staging_bytes(BLOCK_TOKENS, self.batch, self.dtype))
-        else:
-            too_small = _staging_bytes(BLOCK_TOKENS, self.batch, self.dtype) + self.slot
+        else:  # one byte below the smallest budget that can stream (staging + one slot)
+            too_small = _staging_bytes(BLOCK_TOKENS, self.batch, self.dtype) + self.slot - 1
         name = tier.name.lower()
         before = self.ctl.stats()[name]["budget_bytes"]
         with pytest.raises(kvtier.BudgetError):
@@ -467,11 +461,14 @@ def make_controller(tmp_path: Path):
         batch: int = 1,
         dtype: torch.dtype = torch.float32,
         fingerprint: str = "f1",
+        streaming: bool = True,
         **budgets: object,
     ) -> TierController:
         if cfg is None:
             cfg = _config(tmp_path / "store", batch=batch, dtype=dtype, **budgets)
-        ctl = TierController(cfg, _shape(batch, dtype), fingerprint=fingerprint)
+        # the scenarios below place blocks with the streamed path's room (budget minus staging)
+        shape = _shape(batch, dtype)
+        ctl = TierController(cfg, shape, fingerprint=fingerprint, streaming=streaming)
         made.append(ctl)
         return ctl
 
@@ -675,7 +672,8 @@ def test_lower_gpu_budget_demotes_resident_blocks(make_controller):
     for _ in range(3):
         run.step(30)
     stats = run.ctl.stats()["gpu"]
-    lower = stats["staging_bytes"] + 4 * run.ctl.geometry.block_bytes
+    # streaming what is held takes staging for it; one slot on top of that is less than held now
+    lower = _staging_bytes(run.ctl.tokens, 1, torch.float32) + run.ctl.geometry.block_bytes
     assert lower < stats["bytes_used"]
     run.ctl.set_budget(Tier.GPU, lower)
     assert run.ctl.stats()["gpu"]["bytes_used"] <= lower
@@ -693,7 +691,7 @@ def test_rejected_gpu_budget_keeps_the_old_one(make_controller):
     before = run.ctl.stats()["gpu"]["budget_bytes"]
     with pytest.raises(kvtier.BudgetError, match="at least"):
         run.ctl.set_budget(Tier.GPU, 1000)
-    staging = run.ctl.staging.bytes_used
+    staging = _staging_bytes(run.ctl.tokens, 1, torch.float32)  # streaming what is held
     with pytest.raises(
         kvtier.BudgetError, match=f"at least {staging + run.ctl.geometry.block_bytes}"
     ):
@@ -741,7 +739,7 @@ def test_disk_budget_change_reaches_the_store(make_controller):
 def test_prefetch_in_flight_at_crop_cannot_overwrite_staging(make_controller, monkeypatch):
     """Scenario: crop() drops a prefetch whose disk reads still run; on CPU they wrote straight
     into staging and clobbered what the next step's gather put there (wrong K/V returned)."""
-    run = Run(make_controller(gpu_blocks=4, host_blocks=2, max_tokens=160))
+    run = Run(make_controller(gpu_blocks=3, host_blocks=2, max_tokens=160))
     for _ in range(4):
         run.step(30)
     disk_blocks = [b.index for b in run.ctl.table if b.fastest_tier() is Tier.DISK]

@@ -38,7 +38,7 @@ def _controller(tmp_path, *, host_blocks: int) -> TierController:
         policy_name="lru",
         policy_prefetch_depth=1,
     )
-    return TierController(cfg, shape, fingerprint="faults")
+    return TierController(cfg, shape, fingerprint="faults", streaming=True)
 
 
 def _step(ctl: TierController, tokens: int, seed: int) -> list[torch.Tensor]:

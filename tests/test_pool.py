@@ -70,7 +70,7 @@ def test_allocate_until_full_stays_within_budget():
 def test_growth_is_lazy_and_slab_by_slab(slab_slots):
     """Scenario: slabs are allocated only when a slot is needed, one at a time, the last one cut
     to the budget."""
-    pool = GpuPool(LAYOUT, limit_bytes=10 * SLOT, slab_slots=slab_slots)
+    pool = SlabPool(LAYOUT, limit_bytes=10 * SLOT, slab_slots=slab_slots)
     assert pool.bytes_used == 0 == _slab_bytes(pool)
     for count in range(1, 11):
         assert pool.allocate() == count - 1
@@ -80,11 +80,11 @@ def test_growth_is_lazy_and_slab_by_slab(slab_slots):
 
 
 def test_default_slab_size_is_a_quarter_of_the_budget():
-    pool = GpuPool(LAYOUT, limit_bytes=40 * SLOT)
+    pool = SlabPool(LAYOUT, limit_bytes=40 * SLOT)
     assert pool.slab_slots == 10
-    small = GpuPool(LAYOUT, limit_bytes=SLOT)  # at least one slot per slab
+    small = SlabPool(LAYOUT, limit_bytes=SLOT)  # at least one slot per slab
     assert small.slab_slots == 1
-    capped = GpuPool(LAYOUT, limit_bytes=400 * SLOT, max_slab_bytes=5 * SLOT)
+    capped = SlabPool(LAYOUT, limit_bytes=400 * SLOT, max_slab_bytes=5 * SLOT)
     assert capped.slab_slots == 5
 
 
@@ -97,7 +97,7 @@ def test_require_names_the_minimum():
 
 def test_run_view_is_one_contiguous_range():
     """Scenario: consecutive slots of one layer form one contiguous tensor (one copy moves it)."""
-    pool = GpuPool(LAYOUT, limit_bytes=8 * SLOT, slab_slots=4)
+    pool = SlabPool(LAYOUT, limit_bytes=8 * SLOT, slab_slots=4)
     for _ in range(8):
         pool.allocate()
     run = pool.source(0, 1, 3)
@@ -112,7 +112,7 @@ def test_run_view_is_one_contiguous_range():
 
 def test_views_of_slots_and_layers_never_overlap():
     """Scenario: every (slot, layer) view is its own memory; slot_view stacks a slot's layers."""
-    pool = GpuPool(LAYOUT, limit_bytes=6 * SLOT, slab_slots=4)
+    pool = SlabPool(LAYOUT, limit_bytes=6 * SLOT, slab_slots=4)
     slots = _fill_all(pool)
     for slot in slots:
         for layer in range(LAYOUT.tiered_layers):
@@ -132,7 +132,7 @@ def test_layers_on_several_devices():
     device; bytes_used still counts every layer."""
     devices = (torch.device("cpu"), torch.device("meta"), torch.device("cpu"))
     layout = _geometry(devices, 16, 1, 2, 8, torch.float32)
-    pool = GpuPool(layout, limit_bytes=4 * layout.block_bytes, slab_slots=2)
+    pool = SlabPool(layout, limit_bytes=4 * layout.block_bytes, slab_slots=2)
     assert not pool.geometry.single_device
     _fill_all(pool)
     assert pool.bytes_used == 4 * layout.block_bytes
@@ -142,7 +142,7 @@ def test_layers_on_several_devices():
 
 def test_set_budget_names_slots_to_evacuate_then_releases():
     """Scenario: lowering the budget frees whole slabs from the top once they are emptied."""
-    pool = GpuPool(LAYOUT, limit_bytes=8 * SLOT, slab_slots=4)
+    pool = SlabPool(LAYOUT, limit_bytes=8 * SLOT, slab_slots=4)
     for _ in range(6):
         pool.allocate()
     evacuate = pool.set_limit(4 * SLOT)
@@ -155,7 +155,7 @@ def test_set_budget_names_slots_to_evacuate_then_releases():
 
 
 def test_set_budget_keeps_the_data_of_kept_slabs():
-    pool = GpuPool(LAYOUT, limit_bytes=12 * SLOT, slab_slots=4)
+    pool = SlabPool(LAYOUT, limit_bytes=12 * SLOT, slab_slots=4)
     slots = _fill_all(pool)
     for slot in slots:
         pool.slot_view(slot).fill_(slot)
@@ -173,7 +173,7 @@ def test_set_budget_keeps_the_data_of_kept_slabs():
 
 
 def test_raising_the_budget_lets_the_pool_grow_again():
-    pool = GpuPool(LAYOUT, limit_bytes=4 * SLOT, slab_slots=4)
+    pool = SlabPool(LAYOUT, limit_bytes=4 * SLOT, slab_slots=4)
     assert len(_fill_all(pool)) == 4
     assert pool.set_limit(8 * SLOT) == []
     assert pool.capacity_blocks() == 8
@@ -184,7 +184,7 @@ def test_raising_the_budget_lets_the_pool_grow_again():
 def test_short_slab_in_use_does_not_block_growth():
     """Scenario: a slab cut short by the budget holds blocks; a raised budget still grows the
     pool: the next slab starts at the next slab boundary."""
-    pool = GpuPool(LAYOUT, limit_bytes=6 * SLOT, slab_slots=4)
+    pool = SlabPool(LAYOUT, limit_bytes=6 * SLOT, slab_slots=4)
     assert _fill_all(pool) == list(range(6))  # slab 1 holds only 2 slots
     pool.set_limit(8 * SLOT)
     assert pool.capacity_blocks() == 8
@@ -196,7 +196,7 @@ def test_raised_budget_is_usable_once_the_short_slab_empties():
     """Scenario: budget 6 slots (slabs of 4: one full, one short of 2), raised to 8, the short
     slab emptied: filling used to stop at 6 slots (allocate() reused the short slab's own free
     slots first, then _grow refused while that slab was in use)."""
-    pool = GpuPool(LAYOUT, limit_bytes=6 * SLOT, slab_slots=4)
+    pool = SlabPool(LAYOUT, limit_bytes=6 * SLOT, slab_slots=4)
     _fill_all(pool)
     pool.set_limit(8 * SLOT)
     pool.free(4)
@@ -206,7 +206,7 @@ def test_raised_budget_is_usable_once_the_short_slab_empties():
 
 
 def test_freed_slots_of_released_slabs_are_forgotten():
-    pool = GpuPool(LAYOUT, limit_bytes=8 * SLOT, slab_slots=4)
+    pool = SlabPool(LAYOUT, limit_bytes=8 * SLOT, slab_slots=4)
     _fill_all(pool)
     for slot in range(8):
         pool.free(slot)
@@ -220,7 +220,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.pool = GpuPool(LAYOUT, limit_bytes=6 * SLOT, slab_slots=3)
+        self.pool = SlabPool(LAYOUT, limit_bytes=6 * SLOT, slab_slots=3)
         self.used: dict[int, float] = {}  # slot -> the value written into it
 
     @rule()
@@ -339,3 +339,49 @@ def test_staging_ring_counts_each_device():
     assert ring.bytes_for(16) == 2 * 2 * 16 * layout.token_bytes
     ring.ensure(16)
     assert ring.buffer(0).device.type == "cpu" and ring.buffer(1).device.type == "meta"
+
+
+# -- the GPU pool: one slot-ordered tensor per layer, grown by reallocation ------------------------
+def test_gpu_pool_grows_in_place_and_keeps_slot_order():
+    """Scenario: the GPU pool grows by reallocating (copying what it holds), never past the
+    limit; blocks allocated in order keep slot == index, so one view covers the sequence."""
+    retired: list[torch.Tensor] = []
+    pool = GpuPool(LAYOUT, limit_bytes=10 * SLOT, retire=retired.extend)
+    assert pool.bytes_used == 0
+    slots = [pool.allocate() for _ in range(6)]
+    assert slots == list(range(6)) and pool.capacity_slots >= 6
+    assert pool.bytes_used == pool.capacity_slots * SLOT <= 10 * SLOT
+    for slot in slots:
+        for layer in range(LAYOUT.tiered_layers):
+            pool.source(slot, layer).fill_(slot * 10 + layer)
+    assert retired, "growth hands the replaced tensors to retire"
+    while pool.allocate() is not None:
+        pass
+    assert pool.capacity_slots == 10 and pool.used_slots == 10
+    for layer in range(LAYOUT.tiered_layers):
+        run = pool.source(0, layer, 6)
+        assert run.is_contiguous() and run.shape == (6 * 16, *LAYOUT.token_shape)
+        for slot in slots:  # growth kept every value
+            assert torch.all(run[slot * 16 : (slot + 1) * 16] == slot * 10 + layer)
+    assert all(pool.contiguous(a, a + 1) for a in range(9))
+
+
+def test_gpu_pool_reserve_and_shrink():
+    """Scenario: reserve grows ahead of need; a lower limit names the slots to move out, and
+    release shrinks the tensors keeping the data of the slots below the limit."""
+    pool = GpuPool(LAYOUT, limit_bytes=8 * SLOT)
+    assert pool.reserve(5) and pool.capacity_slots == 5
+    assert not pool.reserve(3)
+    assert pool.reserve(100) and pool.capacity_slots == 8  # capped at the limit
+    for slot in range(6):
+        assert pool.allocate() == slot
+        pool.source(slot, 0).fill_(slot)
+    assert pool.set_limit(4 * SLOT) == [4, 5]
+    pool.free(4)
+    pool.free(5)
+    pool.release()
+    assert pool.capacity_slots == 4 and pool.bytes_used == 4 * SLOT
+    assert [int(pool.source(s, 0)[0, 0, 0, 0, 0]) for s in range(4)] == [0, 1, 2, 3]
+    assert pool.allocate() is None  # full at the lower limit
+    pool.close()
+    assert pool.bytes_used == 0

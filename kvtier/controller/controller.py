@@ -16,10 +16,11 @@ import torch
 
 from kvtier.blocks import BlockMeta, BlockTable, Tier
 from kvtier.config import Config
+from kvtier.controller.budgets import Budgets
 from kvtier.controller.gather import Gather
 from kvtier.controller.placement import Placement
 from kvtier.controller.stats import Counters, build_stats
-from kvtier.controller.step import Step, batched_copies, token_copies
+from kvtier.controller.step import Step, token_copies
 from kvtier.errors import BudgetError, KVTierError, StoreCorruptError
 from kvtier.layout import KVGeometry
 from kvtier.policy import make_policy
@@ -49,7 +50,10 @@ class TierController:
         fingerprint: str,
         mover: Mover | None = None,
         store: DiskStore | None = None,
+        streaming: bool = False,
     ) -> None:
+        """`streaming=True` streams layers through staging from the first step even while the
+        whole sequence would fit in place (benchmarks and tests of the streamed path)."""
         if geometry.block_tokens != cfg.block_tokens:
             raise KVTierError(
                 f"geometry has {geometry.block_tokens}-token blocks but the config "
@@ -76,13 +80,18 @@ class TierController:
             staging=self.staging,
             counters=self.counters,
         )
+        self.budgets = Budgets(self.placement, self.staging)
         self.gather = Gather(geometry, stores, self.table, self.counters)
         self.tokens = 0  # committed tokens, every tier
+        # False while the whole sequence sits in the fastest tier as one run that attention reads
+        # in place; True once layers are streamed through staging
+        self.streaming = streaming
+        self._always_stream = streaming
         self.epoch = 0  # bumped by every edit: prefetches of an older epoch are stale
         self._step: Step | None = None
         self._pending_ids: torch.Tensor | None = None
         self._prefetched: dict[int, _Prefetch] = {}
-        self.placement.check_minimum()
+        self.budgets.check_minimum()
 
     # -- the step cycle ------------------------------------------------------------------------
     def note_tokens(self, token_ids: torch.Tensor | None) -> None:
@@ -99,12 +108,17 @@ class TierController:
             raise KVTierError("begin_step called twice without the step finishing")
         if new_tokens <= 0:
             raise KVTierError(f"a step must append at least one token, got {new_tokens}")
+        self.placement.raise_deferred()
         ids = self._pending_ids
         self._pending_ids = None
         if ids is not None and ids.shape != (self.geometry.batch, new_tokens):
             ids = None  # e.g. chunked inputs the hook could not see; fall back to anonymous ids
         end = self.tokens + new_tokens
-        self._fit_staging(end)
+        blocks_after = self.geometry.blocks_for(end)
+        if not self.streaming and not self._can_stay_in_place(blocks_after):
+            self.streaming = True  # the sequence outgrows the GPU: stream layers from now on
+        if self.streaming:
+            self._fit_staging(end)
         blocks: list[BlockMeta] = []
         pos = self.tokens
         while pos < end:
@@ -116,9 +130,20 @@ class TierController:
             block.tokens += take
             blocks.append(block)
             pos += take
-        top = self.placement.top
-        batched = self.geometry.single_device and all(top in b.slots for b in blocks)
-        self._step = Step(start=self.tokens, new=new_tokens, blocks=blocks, batched=batched)
+        run = None
+        if not self.streaming:
+            run = self.gather.single_run(blocks_after, self.placement.version)
+            if run is None:  # a block landed out of order: stream this step and those after
+                self.streaming = True
+                self._fit_staging(end)
+        self._step = Step(start=self.tokens, new=new_tokens, blocks=blocks, run=run)
+
+    def _can_stay_in_place(self, blocks: int) -> bool:
+        """Whether `blocks` blocks can all sit in the fastest tier as one run read in place."""
+        if blocks > self.stores[self.placement.top].capacity_blocks():
+            return False
+        held = len(self.table)
+        return not held or self.gather.single_run(held, self.placement.version) is not None
 
     def _place_new_block(self, block: BlockMeta, *, protected: frozenset[int]) -> None:
         """A new block goes to the GPU if room can be made, else straight to the next tier (a
@@ -158,6 +183,8 @@ class TierController:
 
     def prefetch(self, tiered_index: int) -> None:
         """Start assembling tiered layer `tiered_index`'s committed K/V in its staging buffer."""
+        if not self.streaming:
+            return  # the layers are read in place: nothing to assemble
         key = (self.epoch, self.tokens)
         current = self._prefetched.get(tiered_index)
         if current is not None and current.key == key:
@@ -165,7 +192,10 @@ class TierController:
         if current is not None:
             self.mover.finish(current.ticket)
         if self.tokens + 1 > self.staging.capacity_tokens:
-            self._fit_staging(self.tokens + 1)
+            try:  # room for the next token too, so the next step keeps this prefetch
+                self._fit_staging(self.tokens + 1)
+            except BudgetError:
+                return  # the step itself will say whether the budget can hold it
             key = (self.epoch, self.tokens)
         self._prefetched[tiered_index] = _Prefetch(self._submit_gather(tiered_index), key)
 
@@ -198,6 +228,27 @@ class TierController:
                 f"batch size changed from {self.geometry.batch} to {keys.shape[0]}; "
                 "use a new TieredCache (or cache.reset()) for a new batch"
             )
+        if step.run is not None:
+            view = self._in_place_view(step, tiered_index)
+            _, k_view, v_view = write_tokens(view, step.start, keys, values)
+        else:
+            k_view, v_view = self._streamed(step, tiered_index, keys, values)
+        self.counters.tiers[self.placement.top].bytes_written += (
+            step.new * self.geometry.token_bytes
+        )
+        step.layers_done += 1
+        if step.layers_done == self.geometry.tiered_layers:
+            self._end_step()
+        return k_view, v_view
+
+    def _in_place_view(self, step: Step, tiered_index: int) -> torch.Tensor:
+        """The layer's whole sequence as one view of the fastest tier `[tokens, 2, b, h, d]`."""
+        blocks = step.blocks[-1].index + 1
+        return self.stores[self.placement.top].source(step.run, tiered_index, blocks)
+
+    def _streamed(self, step: Step, tiered_index: int, keys: torch.Tensor, values: torch.Tensor):
+        """Wait for the layer's gather into staging, add the new tokens there and to their
+        blocks; returns attention's K and V views of the staging buffer."""
         prefetched = self._prefetched.pop(tiered_index, None)
         if prefetched is not None and prefetched.key != (self.epoch, self.tokens):
             self.mover.finish(prefetched.ticket)
@@ -211,17 +262,8 @@ class TierController:
                 "recomputed inside this cache. Re-run the prompt (the corrupt file is quarantined)"
             )
         stage = self.staging.buffer(tiered_index)
-        new_kv, k_view, v_view = write_tokens(stage, step.start, keys, values)
-        if step.batched:
-            step.new_kv.append(new_kv)  # GPU slots get every layer's tokens in one copy per block
-        else:
-            self._write_new_tokens(step, tiered_index, stage)
-        self.counters.tiers[self.placement.top].bytes_written += (
-            step.new * self.geometry.token_bytes
-        )
-        step.layers_done += 1
-        if step.layers_done == self.geometry.tiered_layers:
-            self._end_step()
+        _, k_view, v_view = write_tokens(stage, step.start, keys, values)
+        self._write_new_tokens(step, tiered_index, stage)
         return k_view, v_view
 
     def _write_new_tokens(self, step: Step, tiered_index: int, stage: torch.Tensor) -> None:
@@ -242,9 +284,6 @@ class TierController:
         step = self._step
         assert step is not None
         self._step = None
-        if step.new_kv:
-            top = self.placement.top
-            self.mover.submit(batched_copies(step, self.stores[top], top), lane=Lane.NOW)
         self.placement.writes.finish_step()
         self.tokens = step.start + step.new
         self.counters.steps += 1
@@ -254,12 +293,10 @@ class TierController:
         sealed = [b for b in step.blocks if b.tokens == self.geometry.block_tokens]
         for block in sealed:
             self.table.seal(block, self.fingerprint)
-        if sealed:
-            self.placement.seal(sealed)
-        self.placement.promote()
+        self.placement.after_commit(sealed)
 
     def _fit_staging(self, tokens: int) -> None:
-        if self.placement.fit_staging(tokens):
+        if self.budgets.fit_staging(tokens):
             self._invalidate()
 
     # -- edits ---------------------------------------------------------------------------------
@@ -327,7 +364,7 @@ class TierController:
         if self._step is not None:
             raise KVTierError("set_budget called in the middle of a forward pass")
         try:
-            self.placement.set_budget(tier, budget_bytes)
+            self.budgets.set_budget(tier, budget_bytes)
         finally:
             self._invalidate()
 
@@ -339,6 +376,9 @@ class TierController:
         self.tokens = 0
         self._step = None
         self._invalidate()
+        if not self._always_stream:
+            self.budgets.end_staging()
+            self.streaming = False
 
     def close(self) -> None:
         self.reset()

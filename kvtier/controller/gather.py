@@ -60,6 +60,7 @@ class Gather:
         self.table = table
         self.counters = counters
         self._runs: tuple[tuple[int, int], list[Run]] | None = None
+        self._single: tuple[tuple[int, int], Handle | None] | None = None
         self._layers: dict[int, _LayerPlan] = {}
         self._open: dict[int, _OpenView] = {}
 
@@ -91,6 +92,29 @@ class Gather:
             last_handle = handle
         self._runs = ((version, tokens), runs)
         return runs
+
+    def single_run(self, blocks: int, version: int) -> Handle | None:
+        """The first handle if the first `blocks` blocks sit in the fastest tier as one run that
+        one view covers (attention can then read them in place), else None."""
+        key = (version, blocks)
+        if self._single is not None and self._single[0] == key:
+            return self._single[1]
+        tier = min(self.stores)
+        store = self.stores[tier]
+        first = previous = None
+        count = 0
+        for block in self.table:
+            if count == blocks:
+                break
+            handle = block.slots.get(tier)
+            if handle is None or (previous is not None and not store.contiguous(previous, handle)):
+                break
+            first = handle if first is None else first
+            previous = handle
+            count += 1
+        result = first if count == blocks and blocks else None
+        self._single = (key, result)
+        return result
 
     def copies(
         self, tiered_index: int, stage: torch.Tensor, tokens: int, version: int

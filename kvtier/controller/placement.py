@@ -15,7 +15,7 @@ from kvtier.config import Config
 from kvtier.controller.stats import Counters
 from kvtier.controller.writes import PendingSave, WritesInFlight
 from kvtier.errors import BudgetError, KVTierError, StoreCorruptError
-from kvtier.layout import KVGeometry, min_gpu_bytes
+from kvtier.layout import KVGeometry
 from kvtier.policy import Policy
 from kvtier.tiers import configured_budgets
 from kvtier.tiers.base import Handle, TierStore
@@ -59,6 +59,8 @@ class Placement:
         configured = configured_budgets(cfg)
         self.budgets = {tier: configured[tier] for tier in self.order}
         self.version = 0
+        # a failed save settled after a step committed waits here for the next step to raise it
+        self.deferred: KVTierError | None = None
 
     def below(self, tier: Tier) -> Tier | None:
         """The next slower tier, or None for the slowest."""
@@ -283,127 +285,27 @@ class Placement:
         if settled.error is not None:
             raise settled.error
 
+    def after_commit(self, sealed: list[BlockMeta]) -> None:
+        """Seal and promote once a step's tokens are committed: what fails here (a save that
+        failed meanwhile, a lost block met by a promotion) must not undo the step, so it is
+        kept for `raise_deferred` at the start of the next one."""
+        try:
+            if sealed:
+                self.seal(sealed)
+            self.promote()
+        except KVTierError as error:
+            self.deferred = self.deferred or error
+
+    def raise_deferred(self) -> None:
+        error, self.deferred = self.deferred, None
+        if error is not None:
+            raise error
+
     def finish_writes(self) -> None:
         """Wait for every copy in flight (before edits that rewrite or free copies)."""
         self.writes.finish_through_all()
         while self.writes.saves_pending:
             self.settle(wait_oldest=True)
-
-    # -- budgets -------------------------------------------------------------------------------
-    def check_minimum(self, gpu_budget: int | None = None) -> None:
-        """BudgetError unless the fastest tier's budget can make progress (and the next can hold
-        a block)."""
-        budget = self.budgets[self.top] if gpu_budget is None else gpu_budget
-        need = min_gpu_bytes(
-            self.geometry,
-            prefill_chunk_tokens=self.cfg.prefill_chunk_tokens,
-            pinned_blocks=self.policy.max_pinned_blocks(),
-            buffers=self.staging.buffers,
-        )
-        if budget < need:
-            raise BudgetError(
-                f"gpu budget {budget} bytes is too small: staging plus one "
-                f"prefill chunk of {self.cfg.prefill_chunk_tokens} tokens and the pinned sink/"
-                f"recent blocks need at least {need} bytes; raise gpu.budget or lower "
-                "prefill_chunk_tokens / block_tokens / policy.recent_tokens"
-            )
-        lower = self.below(self.top)
-        if lower is not None and self.stores[lower].capacity_blocks() < 1:
-            block_bytes = self.geometry.block_bytes
-            raise BudgetError(
-                f"{lower.name.lower()} budget {self.budgets[lower]} bytes cannot hold one block: "
-                f"need at least {block_bytes} bytes (1 blocks of {block_bytes} bytes)"
-            )
-
-    def fit_staging(self, tokens: int) -> bool:
-        """Grow staging to `tokens` positions, shrinking the fastest tier's room to keep within
-        budget; True if the staging buffers were reallocated.
-
-        Grows with 1/8 headroom when that costs no resident block, so decode does not
-        reallocate staging (and drop its prefetches) at every block boundary.
-        """
-        if tokens <= self.staging.capacity_tokens:
-            return False
-        budget = self.budgets[self.top]
-        store = self.stores[self.top]
-        roomy = tokens + tokens // 8
-        if budget - self.staging.bytes_for(roomy) >= store.used_slots * self.geometry.block_bytes:
-            tokens = roomy
-        staging = self.staging.bytes_for(tokens)
-        room = budget - staging
-        # one block of room is enough: new blocks that find none go straight to the next tier
-        if room < self.geometry.block_bytes:
-            need = staging + self.geometry.block_bytes
-            raise BudgetError(
-                f"gpu budget {budget} bytes cannot hold {tokens} tokens: staging "
-                f"alone takes {staging} bytes; need at least {need} bytes (raise gpu.budget, "
-                "lower policy.prefetch_depth, or use a smaller context)"
-            )
-        self._shrink(self.top, room)
-        return self.staging.ensure(tokens)
-
-    def _shrink(self, tier: Tier, limit_bytes: int) -> None:
-        """Set a store's limit, moving out the blocks whose room goes away."""
-        store = self.stores[tier]
-        for handle in store.set_limit(limit_bytes):
-            block = next(b for b in self.table if b.slots.get(tier) == handle)
-            self.evict(block, tier)
-        self.finish_writes()
-        store.release()
-
-    def set_budget(self, tier: Tier, budget_bytes: int) -> None:
-        """Change a tier's budget, moving down whatever no longer fits.
-
-        A budget that cannot work raises BudgetError and leaves the old budget in force (blocks
-        moved so far stay moved, consistently).
-        """
-        if tier not in self.stores:
-            raise BudgetError(
-                f"no {tier.name.lower()} tier: set {tier.name.lower()}.budget > 0 when "
-                "creating the cache"
-            )
-        self.finish_writes()
-        store = self.stores[tier]
-        old_budget, old_limit = self.budgets[tier], store.limit_bytes
-        limit = self._limit_for(tier, budget_bytes)
-        self.budgets[tier] = budget_bytes
-        try:
-            self._shrink(tier, limit)
-        except KVTierError:
-            self.budgets[tier] = old_budget
-            self.finish_writes()
-            store.set_limit(old_limit)
-            raise
-
-    def _limit_for(self, tier: Tier, budget_bytes: int) -> int:
-        """The store limit a budget gives, or BudgetError if the budget cannot work."""
-        store = self.stores[tier]
-        if tier is self.top:
-            self.check_minimum(budget_bytes)
-            limit = budget_bytes - self.staging.bytes_used
-            if limit < self.geometry.block_bytes:
-                need = self.staging.bytes_used + self.geometry.block_bytes
-                raise BudgetError(
-                    f"gpu budget {budget_bytes} bytes cannot hold the {self.table.seq_tokens} "
-                    f"tokens held now: staging takes {self.staging.bytes_used} bytes; need at "
-                    f"least {need}"
-                )
-            return limit
-        if self.below(tier) is None:
-            if budget_bytes < store.bytes_used:
-                raise BudgetError(
-                    f"{tier.name.lower()} budget {budget_bytes} bytes is below the "
-                    f"{store.bytes_used} bytes of blocks stored only there; raise it or lower "
-                    "the context"
-                )
-            return budget_bytes
-        if budget_bytes < self.geometry.block_bytes:
-            raise BudgetError(
-                f"{tier.name.lower()} budget {budget_bytes} bytes is below one block "
-                f"({self.geometry.block_bytes} bytes); the {tier.name.lower()} tier needs at "
-                "least that"
-            )
-        return budget_bytes
 
     # -- checks (tests; cheap enough for debugging runs) ---------------------------------------
     def check_invariants(self) -> None:

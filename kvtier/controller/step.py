@@ -6,12 +6,12 @@ Plans copies only (staging -> block slots); the controller submits them to the m
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from kvtier.blocks import BlockMeta, Tier
-from kvtier.tiers.base import TierStore
+from kvtier.tiers.base import Handle, TierStore
 from kvtier.transfer import Copy
 
 
@@ -22,9 +22,10 @@ class Step:
     start: int  # committed tokens when the step began
     new: int  # tokens this step appends
     blocks: list[BlockMeta]  # blocks receiving the new tokens, in order
-    batched: bool  # every block has a GPU slot: one slot write per step, after the last layer
+    # in place: every block of the sequence is one run of the fastest tier from this handle, so
+    # attention reads (and new tokens go) straight into it, without staging
+    run: Handle | None = None
     layers_done: int = 0
-    new_kv: list[torch.Tensor] = field(default_factory=list)  # per layer, when batched
 
     @property
     def end(self) -> int:
@@ -51,14 +52,4 @@ def token_copies(
         view = stores[tier].source(block.slots[tier], tiered_index)
         pos = step.start + at
         copies.append((tier, (stage[pos : pos + take], view[first : first + take])))
-    return copies
-
-
-def batched_copies(step: Step, store: TierStore, top: Tier) -> list[Copy]:
-    """Every layer's new tokens `[layers, q, 2, batch, kv_heads, head_dim]` into GPU slots."""
-    new_kv = torch.stack(step.new_kv)
-    copies: list[Copy] = []
-    for block, first, take, at in step.pieces(store.geometry.block_tokens):
-        slot = store.slot_view(block.slots[top])  # [layers, block_tokens, 2, b, h, d]
-        copies.append((new_kv[:, at : at + take], slot[:, first : first + take]))
     return copies

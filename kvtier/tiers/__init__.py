@@ -6,6 +6,10 @@ files (disk/). A new tier is one more TierStore and one more line in `build_stor
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+
 from kvtier.blocks import Tier
 from kvtier.config import Config
 from kvtier.layout import KVGeometry
@@ -16,11 +20,18 @@ from kvtier.tiers.host import HostPool
 
 
 def build_stores(
-    cfg: Config, geometry: KVGeometry, *, fingerprint: str, disk_store: DiskStore | None = None
+    cfg: Config,
+    geometry: KVGeometry,
+    *,
+    fingerprint: str,
+    retire: Callable[[list[torch.Tensor]], None] | None = None,
+    disk_store: DiskStore | None = None,
 ) -> dict[Tier, TierStore]:
-    """The tier stores a config asks for, fastest first (the disk only with disk.budget > 0)."""
+    """The tier stores a config asks for, fastest first (the disk only with disk.budget > 0).
+
+    `retire` receives GPU tensors a store replaces (the mover's `retire`)."""
     stores: dict[Tier, TierStore] = {
-        Tier.GPU: GpuPool(geometry, limit_bytes=cfg.gpu.budget_bytes),
+        Tier.GPU: GpuPool(geometry, limit_bytes=cfg.gpu.budget_bytes, retire=retire),
         Tier.HOST: HostPool(geometry, limit_bytes=cfg.host.budget_bytes),
     }
     if disk_store is None and cfg.disk.budget_bytes > 0:
