@@ -421,3 +421,57 @@ def test_greedy_matches_dynamic_cache_on_cuda(tiny_model: Any, tmp_path: Any) ->
 
     assert_same_generation(expected, got)
     assert_all_tiers_used(stats)
+
+
+# -- in place: the sequence fits the GPU budget whole, attention reads the slots directly -----------
+def _in_place_config(config: Any, store: Any, gpu_tokens: int, **overrides: Any) -> kvtier.Config:
+    """A config whose GPU budget holds exactly `gpu_tokens` positions in blocks, nothing more."""
+    from conftest import BLOCK_TOKENS, geometry
+
+    kv = geometry(config)
+    blocks = -(-gpu_tokens // BLOCK_TOKENS)
+    return kvtier.load_config(
+        None,
+        block_tokens=BLOCK_TOKENS,
+        prefill_chunk_tokens=64,
+        gpu_budget=blocks * kv.block_bytes,
+        host_budget=64 * kv.block_bytes,
+        disk_path=str(store),
+        disk_budget=0,
+        policy_name="lru",
+        **overrides,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_in_place_when_the_sequence_fits(kind: str, tiny_model: Any, tmp_path: Any) -> None:
+    """Scenario: everything fits the GPU budget: no staging, no gather copy, exact logits."""
+    model, config = tiny_model(kind)
+    prompt = random_prompt(PROMPT_TOKENS, seed=21)
+    cfg = _in_place_config(config, tmp_path / "store", PROMPT_TOKENS + NEW_TOKENS)
+
+    expected = reference_generate(model, prompt, max_new_tokens=NEW_TOKENS)
+    got, stats = tiered_generate(model, cfg, prompt, max_new_tokens=NEW_TOKENS)
+
+    assert_same_generation(expected, got)
+    assert stats["gpu"]["staging_bytes"] == 0, stats["gpu"]
+    assert stats["timings"]["gathers"] == 0 and stats["timings"]["sync_gathers"] == 0
+    assert stats["gpu"]["blocks"] == stats["blocks"] > 0
+
+
+@pytest.mark.slow
+def test_in_place_then_streamed_once_the_gpu_is_outgrown(tiny_model: Any, tmp_path: Any) -> None:
+    """Scenario: the prompt fits the GPU whole, decode outgrows it: the cache switches to
+    streaming layers through staging mid-generation and the tokens stay exact."""
+    model, config = tiny_model("llama")
+    prompt = random_prompt(200, seed=22)
+    new_tokens = 120
+    cfg = _in_place_config(config, tmp_path / "store", 240)
+
+    expected = reference_generate(model, prompt, max_new_tokens=new_tokens)
+    got, stats = tiered_generate(model, cfg, prompt, max_new_tokens=new_tokens)
+
+    assert_same_generation(expected, got)
+    assert stats["gpu"]["staging_bytes"] > 0 and stats["host"]["blocks"] > 0, stats
+    assert stats["timings"]["gathers"] > 0

@@ -186,6 +186,8 @@ class TieredCache(Cache):
             if self.controller is not None:
                 self.controller.note_tokens(input_ids)
                 self.controller.begin_step(new_tokens)
+                if self._hooks is not None:
+                    self._hooks.set_prefetching(self.controller.streaming)
                 self.prefetch_from(0)
             else:
                 self._pending_ids = input_ids

@@ -1,9 +1,10 @@
 """Hooks on a HF model: step start (token ids, chunked prefill), layer-ahead prefetch.
 
 The model's forward is wrapped so kvtier sees each call's input ids and can split a long
-prompt into `prefill_chunk_tokens` chunks; forward pre-hooks on the decoder layers start the
-prefetch of the next `prefetch_depth` tiered layers; the last layer's post-hook starts layer 0
-of the next step. Hooks hold the cache weakly and do nothing for any other cache.
+prompt into `prefill_chunk_tokens` chunks; while the cache streams layers, forward pre-hooks
+on the decoder layers start the prefetch of the next `prefetch_depth` tiered layers and the
+last layer's post-hook starts layer 0 of the next step. Hooks hold the cache weakly and do
+nothing for any other cache.
 """
 
 from __future__ import annotations
@@ -49,27 +50,41 @@ class HookSet:
         tiered_layers: tuple[int, ...],
     ) -> None:
         self.model = model
-        ref = weakref.ref(driver)
-        self._handles = []
+        self._ref = ref = weakref.ref(driver)
+        self._layers = decoder_layers
         # for each decoder layer: the first tiered index at or after it
-        next_tiered = [sum(1 for t in tiered_layers if t < i) for i in range(len(decoder_layers))]
-        for i, layer in enumerate(decoder_layers):
-            handle = layer.register_forward_pre_hook(
-                functools.partial(_layer_pre_hook, ref, next_tiered[i])
-            )
-            self._handles.append(handle)
-        last = decoder_layers[-1]
-        self._handles.append(last.register_forward_hook(functools.partial(_last_post_hook, ref)))
+        self._next_tiered = [
+            sum(1 for t in tiered_layers if t < i) for i in range(len(decoder_layers))
+        ]
+        self._handles: list = []  # the layer hooks, present only while layers are prefetched
         self._had_forward = "forward" in model.__dict__
         self._original_forward = model.forward
         model.forward = functools.wraps(self._original_forward)(
             functools.partial(_model_forward, ref, self._original_forward)
         )
 
+    @property
+    def prefetching(self) -> bool:
+        return bool(self._handles)
+
+    def set_prefetching(self, enabled: bool) -> None:
+        """Install (or remove) the per-layer hooks that start prefetches: needed only while the
+        cache streams layers; a layer with no hooks costs the model's forward nothing extra."""
+        if enabled == self.prefetching:
+            return
+        if not enabled:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            return
+        for layer, tiered_index in zip(self._layers, self._next_tiered, strict=True):
+            hook = functools.partial(_layer_pre_hook, self._ref, tiered_index)
+            self._handles.append(layer.register_forward_pre_hook(hook))
+        last = functools.partial(_last_post_hook, self._ref)
+        self._handles.append(self._layers[-1].register_forward_hook(last))
+
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self.set_prefetching(False)
         if self._original_forward is not None:
             if self._had_forward:
                 self.model.forward = self._original_forward
