@@ -89,7 +89,8 @@ def _built_models() -> dict[str, PreTrainedModel]:
 def tiny_model(
     _built_models: dict[str, PreTrainedModel], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
-    """Factory `tiny_model(kind, **overrides) -> (model, config)`: a tiny random fp32 eval model.
+    """Factory `tiny_model(kind, *, attn_implementation="eager", **overrides) -> (model, config)`:
+    a tiny random fp32 eval model.
 
     Built from `tiny_config`, saved with `save_pretrained` and loaded back with
     `AutoModelForCausalLM.from_pretrained`, like a user's checkpoint; shared across the session.
@@ -98,17 +99,19 @@ def tiny_model(
     """
     handed_out: list[tuple[torch.nn.Module, dict[torch.nn.Module, tuple[Any, ...]]]] = []
 
-    def factory(kind: str, **overrides: Any) -> tuple[PreTrainedModel, PreTrainedConfig]:
-        key = f"{kind}:{sorted(overrides.items())!r}"
+    def factory(
+        kind: str, *, attn_implementation: str = "eager", **overrides: Any
+    ) -> tuple[PreTrainedModel, PreTrainedConfig]:
+        key = f"{kind}:{attn_implementation}:{sorted(overrides.items())!r}"
         if key not in _built_models:
             torch.manual_seed(0)
             directory = tmp_path_factory.mktemp(f"model-{kind}")
             model = AutoModelForCausalLM.from_config(
-                tiny_config(kind, **overrides), attn_implementation="eager"
+                tiny_config(kind, **overrides), attn_implementation=attn_implementation
             )
             model.save_pretrained(directory)
             loaded = AutoModelForCausalLM.from_pretrained(
-                directory, dtype=torch.float32, attn_implementation="eager"
+                directory, dtype=torch.float32, attn_implementation=attn_implementation
             )
             _built_models[key] = loaded.eval()
         model = _built_models[key]

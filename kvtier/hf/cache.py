@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 from kvtier.config import Config, load_config
 from kvtier.controller import TierController
 from kvtier.errors import KVTierError
+from kvtier.hf import attention
 from kvtier.hf.hooks import HookSet
 from kvtier.hf.models import describe
 from kvtier.layout import KVGeometry
@@ -117,6 +118,8 @@ class TieredCache(Cache):
             decoder_layers=self.spec.decoder_layers,
             tiered_layers=self.spec.tiered_layers,
         )
+        # HF's SDPA becomes kvtier's (same results; prefill chunks without a materialized mask)
+        self._attention_model = model if attention.install(model) else None
 
     @property
     def prefill_chunk_tokens(self) -> int:
@@ -174,6 +177,9 @@ class TieredCache(Cache):
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
+        if self._attention_model is not None:
+            attention.uninstall(self._attention_model)
+            self._attention_model = None
         if self.controller is not None:
             self.controller.close()
             self.controller = None

@@ -1,0 +1,184 @@
+"""kvtier's attention for HF models: SDPA that reads "no mask" as causal aligned to the last key.
+
+HF builds no mask when a mask would be plain causal; its SDPA then assumes the query block starts
+at key 0. A prefill chunk after a cached past starts later, so HF materializes a [chunk, past +
+chunk] mask and runs a slower kernel. Registered as "kvtier" for both HF interfaces, the mask
+function returns None for plain causal masks (no padding, no window) and the attention attends
+over the whole past without a mask and causally within the chunk, merged by log-sum-exp. Every
+other case goes to HF's own SDPA functions unchanged. It only computes; it never moves KV.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+
+log = logging.getLogger(__name__)
+
+NAME = "kvtier"
+_USERS = "_kvtier_attention_users"  # per model: caches that switched it to NAME
+_PREVIOUS = "_kvtier_attention_previous"
+
+
+def install(model: torch.nn.Module) -> bool:
+    """Switch a model that runs HF's SDPA to kvtier's attention; True if it now runs it.
+
+    Counted per model, so several caches may share it; `uninstall` restores SDPA after the last.
+    """
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current == NAME:
+        setattr(model, _USERS, getattr(model, _USERS, 0) + 1)
+        return True
+    if current != "sdpa":
+        return False  # eager, flash, flex...: the user's choice, and update() serves them all
+    AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, mask)
+    config._attn_implementation = NAME
+    setattr(model, _PREVIOUS, current)
+    setattr(model, _USERS, 1)
+    log.debug("%s now runs kvtier attention (was %s)", type(model).__name__, current)
+    return True
+
+
+def uninstall(model: torch.nn.Module) -> None:
+    """Undo one `install` that returned True."""
+    users = getattr(model, _USERS, 0) - 1
+    setattr(model, _USERS, max(users, 0))
+    if users <= 0 and getattr(model.config, "_attn_implementation", None) == NAME:
+        model.config._attn_implementation = getattr(model, _PREVIOUS, "sdpa")
+
+
+def mask(**kwargs: Any) -> torch.Tensor | None:
+    """HF's SDPA mask, except None for a plain causal mask without padding (any offset)."""
+    padding = kwargs.get("attention_mask")
+    plain = (
+        kwargs.get("mask_function") is causal_mask_function
+        and kwargs.get("local_size") is None
+        and kwargs.get("allow_is_causal_skip", True)
+        and (padding is None or bool(padding.all()))
+    )
+    return None if plain else sdpa_mask(**kwargs)
+
+
+def attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """An HF attention function: `query` [b, heads, q, d], `key`/`value` [b, kv_heads, k, d]."""
+    q_length, kv_length = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    special = dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap")
+    if attention_mask is not None or not causal or special or not 1 < q_length < kv_length:
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    output = chunk_attention(query, key, value, scale=scale)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def chunk_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float
+) -> torch.Tensor:
+    """Causal attention of `q` queries that are the last `q` of `k` keys: every query sees the
+    first `k - q` keys (no mask) and the chunk's own keys up to itself. Returns [b, heads, q, d].
+    """
+    q_length, kv_length = query.shape[2], key.shape[2]
+    past = kv_length - q_length
+    past_out, past_lse = _past_part(query, key[:, :, :past], value[:, :, :past], scale)
+    own_out, own_lse = _own_part(query, key[:, :, past:], value[:, :, past:], scale)
+    top = torch.maximum(past_lse, own_lse)
+    past_weight = torch.exp(past_lse - top).unsqueeze(-1)
+    own_weight = torch.exp(own_lse - top).unsqueeze(-1)
+    merged = (past_out.float() * past_weight + own_out.float() * own_weight) / (
+        past_weight + own_weight
+    )
+    return merged.to(query.dtype)
+
+
+def _past_part(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries against past keys, no mask; (out [b, heads, q, d], lse [b, heads, q] float32).
+
+    Grouped-query heads are folded into the query length ([b, kv_heads, groups * q, d]), so
+    the keys are read as they are, never repeated."""
+    batch, heads, q_length, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    folded = query.reshape(batch, kv_heads, groups * q_length, dim)
+    out, lse = _attend_lse(folded, key, value, scale, causal=False)
+    return out.reshape(batch, heads, q_length, -1), lse.reshape(batch, heads, q_length)
+
+
+def _own_part(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries against the chunk's own keys, causal (a square: HF's top-left alignment holds)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # the square is small: repeat its keys rather than fold causal rows
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    return _attend_lse(query, key, value, scale, causal=True)
+
+
+def _attend_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, *, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with its log-sum-exp, equal head counts: a fused kernel on CUDA (cuDNN, then
+    flash), plain math elsewhere or when no kernel takes these inputs."""
+    if query.is_cuda:
+        for kernel in (_cudnn, _flash):
+            try:
+                out, lse = kernel(query, key, value, scale, causal)
+            except (RuntimeError, NotImplementedError) as error:
+                log.debug("attention kernel %s declined: %s", kernel.__name__, error)
+                continue
+            return out, lse.reshape(query.shape[:3]).float()
+    return _math(query, key, value, scale, causal)
+
+
+def _cudnn(query, key, value, scale, causal):
+    result = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        query, key, value, None, True, 0.0, causal, False, scale=scale
+    )
+    return result[0], result[1]
+
+
+def _flash(query, key, value, scale, causal):
+    result = torch.ops.aten._scaled_dot_product_flash_attention(
+        query, key, value, 0.0, causal, False, scale=scale
+    )
+    return result[0], result[1]
+
+
+def _math(query, key, value, scale, causal):
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    if causal:
+        rows, cols = scores.shape[-2:]
+        allowed = torch.ones(rows, cols, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - lse.unsqueeze(-1))
+    return torch.matmul(weights, value.float()).to(query.dtype), lse

@@ -1,0 +1,142 @@
+"""kvtier's attention: the chunk-after-past causal split equals plain causal attention, the mask
+function skips only plain causal masks, and a model running SDPA runs it inside a TieredCache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_same_generation, random_prompt, reference_generate, tiered_generate
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
+
+import kvtier
+from kvtier.hf import attention
+
+
+def _reference(query, key, value, scale):
+    """Bottom-right causal attention with an explicit mask and repeated K/V heads."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    q_length, kv_length = query.shape[2], key.shape[2]
+    allowed = torch.ones(q_length, kv_length, dtype=torch.bool).tril(kv_length - q_length)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=allowed, scale=scale
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 3),
+    groups=st.integers(1, 4),
+    q_length=st.integers(2, 9),
+    past=st.integers(1, 20),
+    dim=st.sampled_from([8, 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_chunk_attention_is_causal_attention(batch, kv_heads, groups, q_length, past, dim, seed):
+    """Scenario: past keys unmasked + the chunk's square causal, merged by log-sum-exp, equals
+    one causal attention aligned to the last key (fp32, 1e-5)."""
+    generator = torch.Generator().manual_seed(seed)
+    heads = kv_heads * groups
+    query = torch.randn(batch, heads, q_length, dim, generator=generator)
+    key = torch.randn(batch, kv_heads, past + q_length, dim, generator=generator)
+    value = torch.randn(batch, kv_heads, past + q_length, dim, generator=generator)
+    scale = dim**-0.5
+    got = attention.chunk_attention(query, key, value, scale=scale)
+    assert torch.allclose(got, _reference(query, key, value, scale), atol=1e-5, rtol=0)
+
+
+def test_chunk_attention_reads_strided_token_major_views():
+    """Scenario: K and V as kvtier hands them out (strided views of a token-major buffer)."""
+    buffer = torch.randn(30, 2, 1, 2, 8)  # [tokens, K/V, batch, kv_heads, head_dim]
+    key = buffer[:, 0].permute(1, 2, 0, 3)
+    value = buffer[:, 1].permute(1, 2, 0, 3)
+    query = torch.randn(1, 4, 6, 8)
+    got = attention.chunk_attention(query, key, value, scale=0.3)
+    want = _reference(query, key.contiguous(), value.contiguous(), 0.3)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def _mask_args(**overrides: Any) -> dict[str, Any]:
+    args = {
+        "batch_size": 1,
+        "q_length": 4,
+        "kv_length": 10,
+        "q_offset": 6,
+        "kv_offset": 0,
+        "mask_function": causal_mask_function,
+        "attention_mask": torch.ones(1, 10, dtype=torch.bool),
+        "allow_is_causal_skip": True,
+        "device": "cpu",
+    }
+    return args | overrides
+
+
+def test_mask_is_none_only_for_plain_causal():
+    """Scenario: no padding and no window: no mask (the attention aligns causality to the last
+    key); padding, a sliding window or a refused skip: HF's own SDPA mask."""
+    assert attention.mask(**_mask_args()) is None
+    assert attention.mask(**_mask_args(attention_mask=None)) is None
+    padded = torch.ones(1, 10, dtype=torch.bool)
+    padded[0, 0] = False
+    assert attention.mask(**_mask_args(attention_mask=padded)) is not None
+    window = sliding_window_causal_mask_function(3)
+    assert attention.mask(**_mask_args(mask_function=window, local_size=3)) is not None
+    assert attention.mask(**_mask_args(allow_is_causal_skip=False)) is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
+def test_sdpa_model_runs_kvtier_attention_in_a_tiered_cache(
+    kind: str, tiny_model: Any, tmp_path: Any
+) -> None:
+    """Scenario: a model on HF's SDPA runs kvtier attention while a TieredCache is installed (a
+    64-token prefill chunking of a 300-token prompt), matches DynamicCache with SDPA in one
+    shot, and is back on SDPA once the cache closes."""
+    model, config = tiny_model(kind, attn_implementation="sdpa")
+    prompt = random_prompt(300, seed=31)
+    cfg = kvtier.load_config(
+        None,
+        block_tokens=16,
+        prefill_chunk_tokens=64,
+        gpu_budget="64MiB",
+        host_budget="64MiB",
+        disk_budget=0,
+        disk_path=str(tmp_path / "store"),
+    )
+    expected = reference_generate(model, prompt, max_new_tokens=12)
+    seen = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(model.config._attn_implementation)
+        return original(*args, **kwargs)
+
+    original = attention.chunk_attention
+    attention.chunk_attention = spy
+    try:
+        got, _ = tiered_generate(model, cfg, prompt, max_new_tokens=12)
+    finally:
+        attention.chunk_attention = original
+    assert_same_generation(expected, got)
+    assert seen and set(seen) == {"kvtier"}, "chunks after the first ran kvtier's split"
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_two_caches_share_the_switch(tiny_model: Any) -> None:
+    """Scenario: two caches on one SDPA model: closing the first keeps kvtier attention for the
+    second; closing the second restores SDPA; an eager model is never switched."""
+    model, _ = tiny_model("llama", attn_implementation="sdpa")
+    first, second = kvtier.TieredCache(model), kvtier.TieredCache(model)
+    assert model.config._attn_implementation == "kvtier"
+    first.close()
+    assert model.config._attn_implementation == "kvtier"
+    second.close()
+    assert model.config._attn_implementation == "sdpa"
+    eager, _ = tiny_model("llama")
+    kvtier.TieredCache(eager).close()
+    assert eager.config._attn_implementation == "eager"
