@@ -22,7 +22,8 @@ def _reference(query, key, value, scale):
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
     q_length, kv_length = query.shape[2], key.shape[2]
-    allowed = torch.ones(q_length, kv_length, dtype=torch.bool).tril(kv_length - q_length)
+    allowed = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device)
+    allowed = allowed.tril(kv_length - q_length)
     return torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=allowed, scale=scale
     )

@@ -181,28 +181,46 @@ class TierController:
             self.placement.drop(block)
         self._invalidate()
 
-    def prefetch(self, tiered_index: int) -> None:
-        """Start assembling tiered layer `tiered_index`'s committed K/V in its staging buffer."""
+    def prefetch(self, tiered_index: int, *, next_step: bool = False) -> None:
+        """Start assembling tiered layer `tiered_index`'s committed K/V in its staging buffer.
+
+        `next_step`: for the step after the one in progress (whose tokens then count as
+        committed; the layer has written them already), so the copy stream runs on across the
+        step boundary instead of waiting for the step to end."""
         if not self.streaming:
             return  # the layers are read in place: nothing to assemble
-        key = (self.epoch, self.tokens)
+        if next_step and not self._buffer_free_after_step(tiered_index):
+            return  # its staging buffer is still this step's: the post-step hook gathers it
+        tokens = self._step.end if next_step and self._step is not None else self.tokens
+        key = (self.epoch, tokens)
         current = self._prefetched.get(tiered_index)
         if current is not None and current.key == key:
             return
         if current is not None:
             self.mover.finish(current.ticket)
-        if self.tokens + 1 > self.staging.capacity_tokens:
+        if tokens + 1 > self.staging.capacity_tokens:
+            if self._step is not None:
+                return  # staging is in use by this step: the next step gathers for itself
             try:  # room for the next token too, so the next step keeps this prefetch
-                self._fit_staging(self.tokens + 1)
+                self._fit_staging(tokens + 1)
             except BudgetError:
                 return  # the step itself will say whether the budget can hold it
-            key = (self.epoch, self.tokens)
-        self._prefetched[tiered_index] = _Prefetch(self._submit_gather(tiered_index), key)
+            key = (self.epoch, tokens)
+        self._prefetched[tiered_index] = _Prefetch(self._submit_gather(tiered_index, tokens), key)
 
-    def _submit_gather(self, tiered_index: int) -> Ticket:
+    def _buffer_free_after_step(self, tiered_index: int) -> bool:
+        """Whether no layer of the step in progress still to run uses this layer's buffer."""
+        step = self._step
+        if step is None:
+            return True
+        buffer = self.staging.buffer(tiered_index)
+        remaining = range(step.layers_done, self.geometry.tiered_layers)
+        return all(self.staging.buffer(layer) is not buffer for layer in remaining)
+
+    def _submit_gather(self, tiered_index: int, tokens: int) -> Ticket:
         start = time.perf_counter()
         stage = self.staging.buffer(tiered_index)
-        copies = self.gather.copies(tiered_index, stage, self.tokens, self.placement.version)
+        copies = self.gather.copies(tiered_index, stage, tokens, self.placement.version)
         ticket = self.mover.submit(copies, lane=Lane.PREFETCH, target=stage)
         self.counters.gather_s += time.perf_counter() - start
         return ticket
@@ -255,7 +273,8 @@ class TierController:
             prefetched = None
         if prefetched is None:
             self.counters.sync_gathers += 1
-            prefetched = _Prefetch(self._submit_gather(tiered_index), (self.epoch, self.tokens))
+            key = (self.epoch, self.tokens)
+            prefetched = _Prefetch(self._submit_gather(tiered_index, self.tokens), key)
         if not self.mover.wait(prefetched.ticket):
             raise StoreCorruptError(
                 "a disk block failed its checksum while streaming; its tokens cannot be "
@@ -293,7 +312,9 @@ class TierController:
         sealed = [b for b in step.blocks if b.tokens == self.geometry.block_tokens]
         for block in sealed:
             self.table.seal(block, self.fingerprint)
-        self.placement.after_commit(sealed)
+        # write-through only pays while layers stream (a block may be demoted any step); in
+        # place, a block is copied down only if the sequence ever outgrows the GPU
+        self.placement.after_commit(sealed, write_through=self.streaming)
 
     def _fit_staging(self, tokens: int) -> None:
         if self.budgets.fit_staging(tokens):

@@ -285,12 +285,12 @@ class Placement:
         if settled.error is not None:
             raise settled.error
 
-    def after_commit(self, sealed: list[BlockMeta]) -> None:
+    def after_commit(self, sealed: list[BlockMeta], *, write_through: bool = True) -> None:
         """Seal and promote once a step's tokens are committed: what fails here (a save that
         failed meanwhile, a lost block met by a promotion) must not undo the step, so it is
         kept for `raise_deferred` at the start of the next one."""
         try:
-            if sealed:
+            if sealed and write_through:
                 self.seal(sealed)
             self.promote()
         except KVTierError as error:

@@ -205,13 +205,17 @@ class TieredCache(Cache):
                 self.controller.abort_step()
 
     def prefetch_from(self, tiered_index: int) -> None:
-        """Start gathering tiered layers tiered_index .. tiered_index + prefetch_depth."""
+        """Start gathering tiered layers tiered_index .. tiered_index + prefetch_depth (those
+        past the last layer are the next step's first ones)."""
         controller = self.controller
         if controller is None:
             return
-        last = min(tiered_index + controller.depth, self._tiered_count - 1)
-        for index in range(tiered_index, last + 1):
-            controller.prefetch(index)
+        count = self._tiered_count
+        for index in range(tiered_index, tiered_index + controller.depth + 1):
+            if index < count:
+                controller.prefetch(index)
+            elif controller.in_step:  # past the last layer: the next step's first layers
+                controller.prefetch(index - count, next_step=True)
 
     def _controller_for(self, key_states: torch.Tensor) -> TierController:
         if self.controller is None:
