@@ -19,42 +19,45 @@ class Budgets:
     def __init__(self, placement: Placement, staging: StagingRing) -> None:
         self.placement = placement
         self.staging = staging
+        self.geometry = placement.geometry
+        self.stores = placement.stores
+        self.budgets = placement.budgets
+        self.top = placement.top
 
-    def check_minimum(self, gpu_budget: int | None = None) -> None:
-        """BudgetError unless the fastest tier's budget can make progress (and the next can hold
-        a block)."""
-        budget = self.placement.budgets[self.placement.top] if gpu_budget is None else gpu_budget
-        need = min_gpu_bytes(self.placement.geometry, buffers=self.staging.buffers)
-        if budget < need:
+    def check_minimum(self, changed: dict[Tier, int] | None = None) -> None:
+        """BudgetError unless the budgets (with `changed` ones instead) can make progress: the
+        GPU can stream, the next tier holds a block, and GPU and next tier together hold one
+        prefill chunk's blocks."""
+        budget = {**self.budgets, **(changed or {})}
+        block_bytes = self.geometry.block_bytes
+        need = min_gpu_bytes(self.geometry, buffers=self.staging.buffers)
+        if budget[self.top] < need:
             raise BudgetError(
-                f"gpu budget {budget} bytes is too small: streaming needs staging for one "
-                f"block of every staging buffer plus one block slot, at least {need} bytes; "
-                "raise gpu.budget or lower block_tokens / policy.prefetch_depth"
+                f"gpu budget {budget[self.top]} bytes is too small: streaming needs staging for "
+                f"one block of every staging buffer plus one block slot, at least {need} "
+                "bytes; raise gpu.budget or lower block_tokens / policy.prefetch_depth"
             )
-        lower = self.placement.below(self.placement.top)
-        if lower is not None and self.placement.stores[lower].capacity_blocks() < 1:
-            block_bytes = self.placement.geometry.block_bytes
+        lower = self.placement.below(self.top)
+        if lower is None:
+            return
+        name = lower.name.lower()
+        lower_blocks = self.stores[lower].capacity_blocks(budget[lower])
+        if lower_blocks < 1:
             raise BudgetError(
-                f"{lower.name.lower()} budget {self.placement.budgets[lower]} bytes cannot hold one block: "
-                f"need at least {block_bytes} bytes (1 blocks of {block_bytes} bytes)"
+                f"{name} budget {budget[lower]} bytes cannot hold one block: need at least "
+                f"{block_bytes} bytes (1 blocks of {block_bytes} bytes)"
             )
-        # a step's blocks are unsealed until it ends, so they cannot go to disk: the tiers that
+        # a chunk's blocks are unsealed until it ends, so they cannot go to disk: the tiers that
         # hold open blocks need room for one prefill chunk's blocks between them
-        chunk = step_blocks(
-            self.placement.cfg.prefill_chunk_tokens, self.placement.geometry.block_tokens
-        )
-        room = self.placement.stores[self.placement.top].capacity_blocks(budget)
-        if lower is not None:
-            room += self.placement.stores[lower].capacity_blocks()
-        if room < chunk and lower is not None:
-            need = (
-                chunk - room + self.placement.stores[lower].capacity_blocks()
-            ) * self.placement.geometry.block_bytes
+        chunk_tokens = self.placement.cfg.prefill_chunk_tokens
+        chunk = step_blocks(chunk_tokens, self.geometry.block_tokens)
+        room = self.stores[self.top].capacity_blocks(budget[self.top]) + lower_blocks
+        if room < chunk:
+            need = (chunk - room + lower_blocks) * block_bytes
             raise BudgetError(
-                f"{lower.name.lower()} budget {self.placement.budgets[lower]} bytes is too small: a "
-                f"prefill chunk of {self.placement.cfg.prefill_chunk_tokens} tokens fills {chunk} blocks "
-                f"that stay on gpu or {lower.name.lower()} until it ends; raise "
-                f"{lower.name.lower()}.budget to at least {need} bytes or lower "
+                f"{name} budget {budget[lower]} bytes is too small: a prefill chunk of "
+                f"{chunk_tokens} tokens fills {chunk} blocks that stay on gpu or {name} until it "
+                f"ends; raise {name}.budget to at least {need} bytes or lower "
                 "prefill_chunk_tokens"
             )
 
@@ -67,37 +70,29 @@ class Budgets:
         """
         if tokens <= self.staging.capacity_tokens:
             return False
-        budget = self.placement.budgets[self.placement.top]
-        store = self.placement.stores[self.placement.top]
+        budget, block_bytes = self.budgets[self.top], self.geometry.block_bytes
         roomy = tokens + tokens // 8
-        if (
-            budget - self.staging.bytes_for(roomy)
-            >= store.used_slots * self.placement.geometry.block_bytes
-        ):
+        if budget - self.staging.bytes_for(roomy) >= self.stores[self.top].used_slots * block_bytes:
             tokens = roomy
         staging = self.staging.bytes_for(tokens)
-        room = budget - staging
         # one block of room is enough: new blocks that find none go straight to the next tier
-        if room < self.placement.geometry.block_bytes:
-            need = staging + self.placement.geometry.block_bytes
+        if budget - staging < block_bytes:
             raise BudgetError(
-                f"gpu budget {budget} bytes cannot hold {tokens} tokens: staging "
-                f"alone takes {staging} bytes; need at least {need} bytes (raise gpu.budget, "
-                "lower policy.prefetch_depth, or use a smaller context)"
+                f"gpu budget {budget} bytes cannot hold {tokens} tokens: staging alone takes "
+                f"{staging} bytes; need at least {staging + block_bytes} bytes (raise "
+                "gpu.budget, lower policy.prefetch_depth, or use a smaller context)"
             )
-        self._shrink(self.placement.top, room)
+        self._shrink(self.top, budget - staging)
         return self.staging.ensure(tokens)
 
     def end_staging(self) -> None:
         """Free the staging ring and give its room back to the fastest tier (nothing streams)."""
         self.staging.close()
-        self.placement.stores[self.placement.top].set_limit(
-            self.placement.budgets[self.placement.top]
-        )
+        self.stores[self.top].set_limit(self.budgets[self.top])
 
     def _shrink(self, tier: Tier, limit_bytes: int) -> None:
         """Set a store's limit, moving out the blocks whose room goes away."""
-        store = self.placement.stores[tier]
+        store = self.stores[tier]
         for handle in store.set_limit(limit_bytes):
             block = next(b for b in self.placement.table if b.slots.get(tier) == handle)
             self.placement.evict(block, tier)
@@ -110,56 +105,60 @@ class Budgets:
         A budget that cannot work raises BudgetError and leaves the old budget in force (blocks
         moved so far stay moved, consistently).
         """
-        if tier not in self.placement.stores:
+        if tier not in self.stores:
             raise BudgetError(
                 f"no {tier.name.lower()} tier: set {tier.name.lower()}.budget > 0 when "
                 "creating the cache"
             )
         self.placement.finish_writes()
-        store = self.placement.stores[tier]
-        old_budget, old_limit = self.placement.budgets[tier], store.limit_bytes
+        store = self.stores[tier]
+        old_budget, old_limit = self.budgets[tier], store.limit_bytes
         limit = self._limit_for(tier, budget_bytes)
-        self.placement.budgets[tier] = budget_bytes
+        self.budgets[tier] = budget_bytes
         try:
             self._shrink(tier, limit)
         except KVTierError:
-            self.placement.budgets[tier] = old_budget
+            self.budgets[tier] = old_budget
             self.placement.finish_writes()
             store.set_limit(old_limit)
             raise
 
     def _limit_for(self, tier: Tier, budget_bytes: int) -> int:
         """The store limit a budget gives, or BudgetError if the budget cannot work."""
-        store = self.placement.stores[tier]
-        if tier is self.placement.top:
-            self.check_minimum(budget_bytes)
-            tokens = self.placement.table.seq_tokens
-            in_place = resident_gpu_bytes(self.placement.geometry, tokens) <= budget_bytes
-            if in_place and not self.staging.capacity_tokens:
-                return budget_bytes  # the sequence still fits whole: nothing streams
-            short = budget_bytes - self.staging.bytes_used < self.placement.geometry.block_bytes
-            if short and self.staging.capacity_tokens:
-                self.staging.resize(tokens)  # give back the growth headroom
-            staging = max(self.staging.bytes_used, self.staging.bytes_for(tokens))
-            if budget_bytes - staging < self.placement.geometry.block_bytes:
-                raise BudgetError(
-                    f"gpu budget {budget_bytes} bytes cannot hold the {tokens} tokens held now: "
-                    f"streaming them takes {staging} bytes of staging; need at least "
-                    f"{staging + self.placement.geometry.block_bytes}"
-                )
-            return budget_bytes - staging
+        store, block_bytes, name = self.stores[tier], self.geometry.block_bytes, tier.name.lower()
+        if tier is self.top:
+            self.check_minimum({tier: budget_bytes})
+            return self._gpu_limit(budget_bytes)
         if self.placement.below(tier) is None:
             if budget_bytes < store.bytes_used:
                 raise BudgetError(
-                    f"{tier.name.lower()} budget {budget_bytes} bytes is below the "
-                    f"{store.bytes_used} bytes of blocks stored only there; raise it or lower "
-                    "the context"
+                    f"{name} budget {budget_bytes} bytes is below the {store.bytes_used} bytes "
+                    "of blocks stored only there; raise it or lower the context"
                 )
             return budget_bytes
-        if budget_bytes < self.placement.geometry.block_bytes:
+        if budget_bytes < block_bytes:
             raise BudgetError(
-                f"{tier.name.lower()} budget {budget_bytes} bytes is below one block "
-                f"({self.placement.geometry.block_bytes} bytes); the {tier.name.lower()} tier needs at "
-                "least that"
+                f"{name} budget {budget_bytes} bytes is below one block ({block_bytes} bytes); "
+                f"the {name} tier needs at least that"
             )
+        self.check_minimum({tier: budget_bytes})
         return budget_bytes
+
+    def _gpu_limit(self, budget_bytes: int) -> int:
+        """The GPU pool's limit under a new GPU budget: all of it while the sequence still fits
+        whole, else what the staging for the tokens held leaves."""
+        tokens = self.placement.table.seq_tokens
+        in_place = resident_gpu_bytes(self.geometry, tokens) <= budget_bytes
+        if in_place and not self.staging.capacity_tokens:
+            return budget_bytes
+        short = budget_bytes - self.staging.bytes_used < self.geometry.block_bytes
+        if short and self.staging.capacity_tokens:
+            self.staging.resize(tokens)  # give back the growth headroom
+        staging = max(self.staging.bytes_used, self.staging.bytes_for(tokens))
+        if budget_bytes - staging < self.geometry.block_bytes:
+            raise BudgetError(
+                f"gpu budget {budget_bytes} bytes cannot hold the {tokens} tokens held now: "
+                f"streaming them takes {staging} bytes of staging; need at least "
+                f"{staging + self.geometry.block_bytes}"
+            )
+        return budget_bytes - staging

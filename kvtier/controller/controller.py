@@ -9,8 +9,6 @@ Placement decides where blocks live, Gather plans copies, the Mover copies.
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +18,8 @@ from kvtier.controller.budgets import Budgets
 from kvtier.controller.gather import Gather
 from kvtier.controller.placement import Placement
 from kvtier.controller.stats import Counters, build_stats
-from kvtier.controller.step import Step, token_copies
+from kvtier.controller.step import Step
+from kvtier.controller.streaming import Streamer
 from kvtier.errors import BudgetError, KVTierError, StoreCorruptError
 from kvtier.layout import KVGeometry
 from kvtier.policy import make_policy
@@ -28,15 +27,9 @@ from kvtier.tiers import build_stores
 from kvtier.tiers.base import TierStore
 from kvtier.tiers.disk import DiskStore
 from kvtier.tiers.gpu import StagingRing, write_tokens
-from kvtier.transfer import Lane, Mover, Ticket
+from kvtier.transfer import Lane, Mover
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Prefetch:
-    ticket: Ticket
-    key: tuple[int, int]  # (epoch, committed tokens) it was planned for
 
 
 class TierController:
@@ -82,6 +75,15 @@ class TierController:
         )
         self.budgets = Budgets(self.placement, self.staging)
         self.gather = Gather(geometry, stores, self.table, self.counters)
+        self.streamer = Streamer(
+            geometry,
+            stores,
+            staging=self.staging,
+            gather=self.gather,
+            placement=self.placement,
+            mover=self.mover,
+            counters=self.counters,
+        )
         self.tokens = 0  # committed tokens, every tier
         # False while the whole sequence sits in the fastest tier as one run that attention reads
         # in place; True once layers are streamed through staging
@@ -90,7 +92,6 @@ class TierController:
         self.epoch = 0  # bumped by every edit: prefetches of an older epoch are stale
         self._step: Step | None = None
         self._pending_ids: torch.Tensor | None = None
-        self._prefetched: dict[int, _Prefetch] = {}
         self.budgets.check_minimum()
 
     # -- the step cycle ------------------------------------------------------------------------
@@ -147,18 +148,21 @@ class TierController:
 
     def _place_new_block(self, block: BlockMeta, *, protected: frozenset[int]) -> None:
         """A new block goes to the GPU if room can be made, else straight to the next tier (a
-        long prefill chunk demotes as it fills)."""
-        placement = self.placement
+        long prefill chunk demotes as it fills); if neither has room, a pinned GPU block makes
+        it (pins are the policy's preference; the step must go on)."""
+        placement, top = self.placement, self.placement.top
+        lower = placement.below(top)
         try:
             handle = placement.allocate(
-                placement.top, block, protected=protected, seq_tokens=self.tokens, required=False
+                top, block, protected=protected, seq_tokens=self.tokens, required=False
             )
-            tier = placement.top
+            tier = top
+            if handle is None and lower is not None:
+                tier = lower
+                handle = placement.allocate(lower, block, required=False)
             if handle is None:
-                tier = placement.below(placement.top)
-                if tier is None:
-                    raise BudgetError(placement._full_message(placement.top, len(protected)))
-                handle = placement.allocate(tier, block)
+                tier = top
+                handle = placement.allocate(top, block, protected=protected, pins=False)
             block.slots[tier] = handle
         except KVTierError:
             if not block.slots:
@@ -189,15 +193,12 @@ class TierController:
         step boundary instead of waiting for the step to end."""
         if not self.streaming:
             return  # the layers are read in place: nothing to assemble
-        if next_step and not self._buffer_free_after_step(tiered_index):
+        if next_step and not self.streamer.buffer_free_after(self._step, tiered_index):
             return  # its staging buffer is still this step's: the post-step hook gathers it
         tokens = self._step.end if next_step and self._step is not None else self.tokens
         key = (self.epoch, tokens)
-        current = self._prefetched.get(tiered_index)
-        if current is not None and current.key == key:
+        if self.streamer.has(tiered_index, key):
             return
-        if current is not None:
-            self.mover.finish(current.ticket)
         if tokens + 1 > self.staging.capacity_tokens:
             if self._step is not None:
                 return  # staging is in use by this step: the next step gathers for itself
@@ -206,24 +207,7 @@ class TierController:
             except BudgetError:
                 return  # the step itself will say whether the budget can hold it
             key = (self.epoch, tokens)
-        self._prefetched[tiered_index] = _Prefetch(self._submit_gather(tiered_index, tokens), key)
-
-    def _buffer_free_after_step(self, tiered_index: int) -> bool:
-        """Whether no layer of the step in progress still to run uses this layer's buffer."""
-        step = self._step
-        if step is None:
-            return True
-        buffer = self.staging.buffer(tiered_index)
-        remaining = range(step.layers_done, self.geometry.tiered_layers)
-        return all(self.staging.buffer(layer) is not buffer for layer in remaining)
-
-    def _submit_gather(self, tiered_index: int, tokens: int) -> Ticket:
-        start = time.perf_counter()
-        stage = self.staging.buffer(tiered_index)
-        copies = self.gather.copies(tiered_index, stage, tokens, self.placement.version)
-        ticket = self.mover.submit(copies, lane=Lane.PREFETCH, target=stage)
-        self.counters.gather_s += time.perf_counter() - start
-        return ticket
+        self.streamer.prefetch(tiered_index, tokens, key)
 
     def append(
         self, tiered_index: int, keys: torch.Tensor, values: torch.Tensor
@@ -250,7 +234,8 @@ class TierController:
             view = self._in_place_view(step, tiered_index)
             _, k_view, v_view = write_tokens(view, step.start, keys, values)
         else:
-            k_view, v_view = self._streamed(step, tiered_index, keys, values)
+            key = (self.epoch, self.tokens)
+            k_view, v_view = self.streamer.append(step, tiered_index, keys, values, key=key)
         self.counters.tiers[self.placement.top].bytes_written += (
             step.new * self.geometry.token_bytes
         )
@@ -263,41 +248,6 @@ class TierController:
         """The layer's whole sequence as one view of the fastest tier `[tokens, 2, b, h, d]`."""
         blocks = step.blocks[-1].index + 1
         return self.stores[self.placement.top].source(step.run, tiered_index, blocks)
-
-    def _streamed(self, step: Step, tiered_index: int, keys: torch.Tensor, values: torch.Tensor):
-        """Wait for the layer's gather into staging, add the new tokens there and to their
-        blocks; returns attention's K and V views of the staging buffer."""
-        prefetched = self._prefetched.pop(tiered_index, None)
-        if prefetched is not None and prefetched.key != (self.epoch, self.tokens):
-            self.mover.finish(prefetched.ticket)
-            prefetched = None
-        if prefetched is None:
-            self.counters.sync_gathers += 1
-            key = (self.epoch, self.tokens)
-            prefetched = _Prefetch(self._submit_gather(tiered_index, self.tokens), key)
-        if not self.mover.wait(prefetched.ticket):
-            raise StoreCorruptError(
-                "a disk block failed its checksum while streaming; its tokens cannot be "
-                "recomputed inside this cache. Re-run the prompt (the corrupt file is quarantined)"
-            )
-        stage = self.staging.buffer(tiered_index)
-        _, k_view, v_view = write_tokens(stage, step.start, keys, values)
-        self._write_new_tokens(step, tiered_index, stage)
-        return k_view, v_view
-
-    def _write_new_tokens(self, step: Step, tiered_index: int, stage: torch.Tensor) -> None:
-        """Copy one layer's new tokens from staging into their blocks' slots: the fastest tier
-        in compute order, a lower tier on the D2H stream."""
-        top = self.placement.top
-        into_top, lower = [], []
-        for tier, copy in token_copies(step, tiered_index, stage, self.stores, top):
-            (into_top if tier is top else lower).append(copy)
-            if tier is not top:
-                self.counters.tiers[tier].bytes_written += copy[1].nbytes
-        if into_top:
-            self.mover.submit(into_top, lane=Lane.NOW)
-        if lower:
-            self.placement.writes.add_step(self.mover.submit(lower, lane=Lane.WRITE_BACK))
 
     def _end_step(self) -> None:
         step = self._step
@@ -411,10 +361,7 @@ class TierController:
     def _invalidate(self) -> None:
         self.epoch += 1
         self.placement.version += 1
-        # a dropped prefetch may still be writing its staging buffer (disk reads run in threads)
-        for prefetched in self._prefetched.values():
-            self.mover.finish(prefetched.ticket)
-        self._prefetched.clear()
+        self.streamer.drop()
 
     # -- reading -------------------------------------------------------------------------------
     def stats(self) -> dict:

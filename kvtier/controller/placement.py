@@ -76,11 +76,13 @@ class Placement:
         protected: frozenset[int] = frozenset(),
         seq_tokens: int = 0,
         required: bool = True,
+        pins: bool = True,
     ) -> Handle | None:
         """Room for a copy of `block` in `tier`, moving victims down to make it.
 
         `protected` block indices are never victims; `seq_tokens` is the committed length the
-        policy pins against. When nothing can move: None if not `required`, else BudgetError.
+        policy pins against (`pins=False` lets pinned blocks go too, in policy order). When
+        nothing can move: None if not `required`, else BudgetError.
         """
         store = self.stores[tier]
         self.settle()
@@ -90,7 +92,7 @@ class Placement:
                 self.settle(wait_oldest=True)
                 handle = store.allocate(block)
                 continue
-            victim = self._victim(tier, protected, seq_tokens)
+            victim = self._victim(tier, protected, seq_tokens, pins)
             if victim is None:
                 if not required:
                     return None
@@ -100,12 +102,16 @@ class Placement:
         self.version += 1
         return handle
 
-    def _victim(self, tier: Tier, protected: frozenset[int], seq_tokens: int) -> BlockMeta | None:
+    def _victim(
+        self, tier: Tier, protected: frozenset[int], seq_tokens: int, pins: bool = True
+    ) -> BlockMeta | None:
         if tier is self.top:
             # the policy's own order; pinned blocks stay and the open block keeps its slot
             candidates = [
                 b for b in self.table.in_tier(tier) if b.sealed and b.index not in protected
             ]
+            if not pins:
+                return min(candidates, key=self.policy.sort_key, default=None)
             victims = self.policy.victims(candidates, 1, seq_tokens)
             return victims[0] if victims else None
         self.writes.reap_through()
