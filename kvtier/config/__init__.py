@@ -1,0 +1,45 @@
+"""Configuration: defaults -> TOML file -> KVTIER_* environment -> keyword overrides, later wins.
+
+keys.py names the keys, sources.py reads each source into layers, values.py checks one value,
+load.py holds the schema and `load_config`. Budgets become bytes here, once.
+"""
+
+from __future__ import annotations
+
+from kvtier.config.keys import (
+    AUTO_BUDGETS,
+    CODECS,
+    DEFAULTS,
+    ENV_NOT_CONFIG,
+    ENV_VARS,
+    MAX_PREFETCH_DEPTH,
+    OVERRIDE_NAMES,
+    TABLES,
+    TOP_LEVEL_KEYS,
+)
+from kvtier.config.load import (
+    Config,
+    DiskConfig,
+    GpuConfig,
+    HostConfig,
+    PolicyConfig,
+    load_config,
+)
+
+__all__ = [
+    "AUTO_BUDGETS",
+    "CODECS",
+    "DEFAULTS",
+    "ENV_NOT_CONFIG",
+    "ENV_VARS",
+    "MAX_PREFETCH_DEPTH",
+    "OVERRIDE_NAMES",
+    "TABLES",
+    "TOP_LEVEL_KEYS",
+    "Config",
+    "DiskConfig",
+    "GpuConfig",
+    "HostConfig",
+    "PolicyConfig",
+    "load_config",
+]
