@@ -1,4 +1,4 @@
-"""The `kvtier` command line: info, config show|validate, demo, models get|ls.
+"""The `kvtier` command line: info, config init|show|validate, demo, models get|ls.
 
 The only module that prints or configures logging handlers. A KVTierError becomes one line on
 stderr and exit code 2; any other exception is a bug and keeps its traceback.
@@ -17,8 +17,8 @@ from pathlib import Path
 import click
 
 from kvtier._version import __version__
-from kvtier.config import DEFAULTS, Config, load_config
-from kvtier.errors import KVTierError
+from kvtier.config import DEFAULTS, Config, default_toml, load_config
+from kvtier.errors import ConfigError, KVTierError
 from kvtier.machine import gpu_lines, nearest_existing
 from kvtier.sizes import format_size
 
@@ -122,7 +122,23 @@ def _cuda_summary() -> str:
 
 @main.group(name="config")
 def config_group() -> None:
-    """Show or check a configuration (defaults -> FILE -> KVTIER_* environment)."""
+    """Write, show or check a configuration (defaults -> FILE -> KVTIER_* environment)."""
+
+
+@config_group.command(name="init")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+def config_init(path: Path, force: bool) -> None:
+    """Write the documented default config to PATH: every key, its default and what it takes."""
+    if not path.absolute().parent.is_dir():
+        raise ConfigError(f"{path}: directory {path.absolute().parent} does not exist; create it")
+    if path.exists() and not force:
+        raise ConfigError(f"{path} exists; pass --force to overwrite it, or choose another path")
+    try:
+        path.write_text(default_toml(), encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}; choose a writable path") from None
+    click.echo(f"wrote {path}")
 
 
 @config_group.command(name="show")

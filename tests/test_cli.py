@@ -159,6 +159,32 @@ def test_config_validate_missing_file(tmp_path):
     assert "does not exist" in result.stderr
 
 
+def test_config_init_writes_the_documented_defaults(tmp_path):
+    path = tmp_path / "my.toml"
+    result = invoke("config", "init", str(path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"wrote {path}\n"
+    assert path.read_text() == (REPO / "configs" / "default.toml").read_text()
+    assert invoke("config", "validate", str(path)).exit_code == 0
+
+
+def test_config_init_refuses_to_overwrite_without_force(tmp_path):
+    path = tmp_path / "my.toml"
+    path.write_text("block_tokens = 16\n")
+    result = invoke("config", "init", str(path))
+    assert result.exit_code == 2
+    assert (
+        result.stderr == f"kvtier: error: {path} exists; pass --force to overwrite it, or "
+        "choose another path\n"
+    )
+    assert path.read_text() == "block_tokens = 16\n"
+    assert invoke("config", "init", "--force", str(path)).exit_code == 0
+    assert path.read_text().startswith("# kvtier defaults")
+    missing = tmp_path / "no" / "such" / "dir.toml"
+    result = invoke("config", "init", str(missing))
+    assert result.exit_code == 2 and "does not exist; create it" in result.stderr
+
+
 def test_unknown_env_var_is_one_line_exit_2():
     result = CliRunner().invoke(cli.main, ["config", "show"], env={"KVTIER_BLOCKTOKENS": "16"})
     assert result.exit_code == 2

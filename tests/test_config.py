@@ -89,6 +89,22 @@ def test_default_toml_loads_to_the_defaults():
     assert set(cfg.sources.values()) == {f"file {path}"}
 
 
+def test_defaults_have_one_source_the_packaged_toml(tmp_path, monkeypatch):
+    """Scenario: DEFAULTS, configs/default.toml and `load_config()` all come from one file."""
+    packaged = Path(config.__file__).parents[1] / "data" / "default.toml"
+    assert (REPO / "configs" / "default.toml").read_bytes() == packaged.read_bytes()
+    assert config.default_toml() == packaged.read_text(encoding="utf-8")
+    schema = {f.name for f in dataclasses.fields(config.Config)} - {"sources", "specs"}
+    keys = set()
+    for name in schema:
+        table = getattr(config, name.capitalize() + "Config", None)
+        fields = [f.name for f in dataclasses.fields(table)] if table else []
+        keys |= {f"{name}.{f.replace('budget_bytes', 'budget')}" for f in fields} or {name}
+    assert keys == set(config.DEFAULTS)
+    monkeypatch.chdir(tmp_path)  # the README's snippet from any directory
+    assert load_config() == load_config(packaged)
+
+
 def test_config_is_frozen_and_hashable():
     cfg = load_config()
     with pytest.raises(dataclasses.FrozenInstanceError):

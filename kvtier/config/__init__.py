@@ -16,6 +16,7 @@ from kvtier.config.keys import (
     OVERRIDE_NAMES,
     TABLES,
     TOP_LEVEL_KEYS,
+    default_toml,
 )
 from kvtier.config.load import (
     Config,
@@ -41,5 +42,6 @@ __all__ = [
     "GpuConfig",
     "HostConfig",
     "PolicyConfig",
+    "default_toml",
     "load_config",
 ]

@@ -1,34 +1,38 @@
 """The config's keys: each dotted key's default, the tables, and the env / override names.
 
-Names only: no reading, no validation.
+The defaults live in one place, the documented kvtier/data/default.toml shipped in the package
+(configs/default.toml links to it); this module reads it once. Names only: no validation.
 """
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Mapping
+from importlib import resources
 from types import MappingProxyType
 
-# Dotted key -> default, in the order of configs/default.toml. One source of truth for the keys.
-DEFAULTS: Mapping[str, object] = MappingProxyType(
-    {
-        "block_tokens": 256,
-        "prefill_chunk_tokens": 4096,
-        "gpu.budget": "auto",
-        "host.budget": "50%",
-        "disk.path": "~/.cache/kvtier",
-        "disk.budget": "80%",
-        "disk.codec": "auto",
-        "disk.persist": False,
-        "policy.name": "sink_recent",
-        "policy.sink_tokens": 64,
-        "policy.recent_tokens": 1024,
-        "policy.prefetch_depth": 1,
-    }
-)
+
+def default_toml() -> str:
+    """The documented default config, every key with its default (`kvtier config init` writes it)."""
+    return resources.files("kvtier.data").joinpath("default.toml").read_text(encoding="utf-8")
+
+
+def _dotted(document: Mapping[str, object]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name, value in document.items():
+        if isinstance(value, Mapping):
+            out.update({f"{name}.{key}": default for key, default in value.items()})
+        else:
+            out[name] = value
+    return out
+
+
+# Dotted key -> default, in the file's order. The one source of truth for the keys and defaults.
+DEFAULTS: Mapping[str, object] = MappingProxyType(_dotted(tomllib.loads(default_toml())))
 TABLES: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
         table: tuple(key.split(".")[1] for key in DEFAULTS if key.startswith(table + "."))
-        for table in ("gpu", "host", "disk", "policy")
+        for table in dict.fromkeys(key.split(".")[0] for key in DEFAULTS if "." in key)
     }
 )
 TOP_LEVEL_KEYS = tuple(key for key in DEFAULTS if "." not in key)
