@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -17,7 +18,15 @@ from pathlib import Path
 import click
 
 from kvtier._version import __version__
-from kvtier.config import DEFAULTS, Config, default_toml, load_config
+from kvtier.config import (
+    DEFAULTS,
+    Config,
+    default_toml,
+    load_config,
+    resolve,
+    unknown_env_message,
+    unknown_env_vars,
+)
 from kvtier.errors import ConfigError, KVTierError
 from kvtier.machine import gpu_lines, nearest_existing
 from kvtier.sizes import format_size
@@ -88,8 +97,11 @@ def info(config_path: str | None) -> None:
     memory = psutil.virtual_memory()
     total, available = format_size(memory.total), format_size(memory.available)
     click.echo(f"host RAM: {total} total, {available} available")
+    strays = unknown_env_vars(os.environ)
+    for name in strays:  # a report should not fail on a stray variable: say it and go on
+        click.echo(f"config: warning: ignoring {unknown_env_message(name)}")
     try:
-        cfg = load_config(config_path)
+        cfg = resolve(config_path, environ=os.environ, ignore_env=strays)
     except KVTierError as exc:  # still report the machine; the store falls back to the default
         click.echo(f"config: error: {_one_line(exc)}")
         store = Path(str(DEFAULTS["disk.path"])).expanduser()

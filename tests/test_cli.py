@@ -94,6 +94,21 @@ def test_info_reports_a_bad_config_and_goes_on(monkeypatch):
     assert "disk: 100.00 GiB free for" in result.stdout
 
 
+def test_info_warns_about_a_stray_env_var_and_goes_on(monkeypatch):
+    """Scenario: a stray KVTIER_* variable made `kvtier info` fail with a 520-character error."""
+    monkeypatch.setenv("KVTIER_GPU_BUDGE", "1GiB")
+    monkeypatch.setenv("KVTIER_HOST_BUDGET", "1GiB")
+    result = invoke("info")
+    assert result.exit_code == 0, result.output
+    warning = (
+        "config: warning: ignoring unknown environment variable KVTIER_GPU_BUDGE; did you mean "
+        "'KVTIER_GPU_BUDGET'? unset it or fix its name"
+    )
+    assert warning in result.stdout
+    assert "budgets: gpu 8.00 GiB, host 1.00 GiB, disk 80.00 GiB" in result.stdout
+    assert all(len(line) < 200 for line in result.stdout.splitlines())
+
+
 def test_config_show_text(tmp_path):
     path = tmp_path / "cfg.toml"
     path.write_text('[host]\nbudget = "1GiB"\n')

@@ -25,7 +25,9 @@ from kvtier.config.load import (
     HostConfig,
     PolicyConfig,
     load_config,
+    resolve,
 )
+from kvtier.config.sources import unknown_env_message, unknown_env_vars
 
 __all__ = [
     "AUTO_BUDGETS",
@@ -44,4 +46,7 @@ __all__ = [
     "PolicyConfig",
     "default_toml",
     "load_config",
+    "resolve",
+    "unknown_env_message",
+    "unknown_env_vars",
 ]

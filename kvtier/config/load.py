@@ -7,15 +7,28 @@ It never allocates or creates anything.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
 from kvtier.config.keys import DEFAULTS, MAX_PREFETCH_DEPTH, Layers
-from kvtier.config.sources import fail, read_env, read_file, read_overrides
-from kvtier.config.values import as_bool, as_budget, as_codec, as_int, as_path, as_policy_name
-from kvtier.machine import free_disk_bytes, free_gpu_bytes, free_host_bytes
+from kvtier.config.sources import read_env, read_file, read_overrides
+from kvtier.config.values import (
+    as_bool,
+    as_budget,
+    as_codec,
+    as_int,
+    as_path,
+    as_policy_name,
+    check_store,
+    disk_free,
+    parse_budget,
+)
+from kvtier.errors import printable
+from kvtier.machine import free_gpu_bytes, free_host_bytes
+
+_GPU_FREE = "free GPU memory (available RAM without a GPU)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,21 +120,39 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: object)
 
     Overrides take flat names (`gpu_budget="2GiB"`) or tables (`gpu={"budget": "2GiB"}`); a None
     value, like an empty KVTIER_* variable, counts as unset. A relative disk.path in a file is
-    relative to that file. Raises ConfigError naming the key, the value, its source and the fix.
+    relative to that file. An unknown KVTIER_* variable is an error (a typo must not pass
+    silently). Raises ConfigError, one line naming the key, the value, its source and the fix.
     """
+    return resolve(path, environ=os.environ, overrides=overrides)
+
+
+def resolve(
+    path: object = None,
+    *,
+    environ: Mapping[str, str],
+    overrides: Mapping[str, object] | None = None,
+    ignore_env: Collection[str] = (),
+) -> Config:
+    """`load_config` with the environment given, and the KVTIER_* names in `ignore_env` skipped
+    (`kvtier info` warns about unknown ones instead of failing)."""
     layers: Layers = {key: (value, "default") for key, value in DEFAULTS.items()}
     if path is not None:
         layers.update(read_file(path))
-    layers.update(read_env(os.environ))
-    layers.update(read_overrides(overrides))
+    layers.update(read_env(environ, ignore=ignore_env))
+    layers.update(read_overrides(overrides or {}))
     return _resolve(layers)
 
 
 def _resolve(layers: Layers) -> Config:
     disk_path = as_path(layers, "disk.path")
-    disk_budget = as_budget(layers, "disk.budget", lambda: free_disk_bytes(disk_path))
-    if disk_budget > 0 and disk_path.exists() and not disk_path.is_dir():
-        fail(f"disk.path = '{disk_path}' is a file; use a directory", layers["disk.path"][1])
+    if parse_budget(layers, "disk.budget") != 0:  # before measuring: /proc has 0 bytes free
+        check_store(layers, disk_path)
+    disk_budget = as_budget(
+        layers,
+        "disk.budget",
+        lambda: disk_free(layers, disk_path),
+        f"disk free for {printable(disk_path)}",
+    )
     depth_range = f"an integer from 0 to {MAX_PREFETCH_DEPTH} (e.g. 1)"
     specs = {key: layers[key][0] for key in DEFAULTS}
     specs["disk.path"] = os.fspath(specs["disk.path"])  # a Path override: keep specs JSON-ready
@@ -130,8 +161,10 @@ def _resolve(layers: Layers) -> Config:
         prefill_chunk_tokens=as_int(
             layers, "prefill_chunk_tokens", "a positive integer (e.g. 4096)", 1
         ),
-        gpu=GpuConfig(budget_bytes=as_budget(layers, "gpu.budget", free_gpu_bytes)),
-        host=HostConfig(budget_bytes=as_budget(layers, "host.budget", free_host_bytes)),
+        gpu=GpuConfig(budget_bytes=as_budget(layers, "gpu.budget", free_gpu_bytes, _GPU_FREE)),
+        host=HostConfig(
+            budget_bytes=as_budget(layers, "host.budget", free_host_bytes, "available RAM")
+        ),
         disk=DiskConfig(
             path=disk_path,
             budget_bytes=disk_budget,

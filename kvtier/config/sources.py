@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import NoReturn
 
@@ -21,7 +21,9 @@ from kvtier.config.keys import (
     TOP_LEVEL_KEYS,
     Layers,
 )
-from kvtier.errors import ConfigError
+from kvtier.errors import ConfigError, printable, shown
+
+_MAX_FILE_BYTES = 1 << 20  # a kvtier config is a few KB; more means the wrong file (/dev/zero)
 
 
 def fail(message: str, source: str) -> NoReturn:
@@ -29,34 +31,64 @@ def fail(message: str, source: str) -> NoReturn:
 
 
 def with_source(message: str, source: str) -> str:
-    return message if source == "default" else f"{message} (from {source})"
+    return message if source == "default" else f"{message} (from {printable(source)})"
 
 
-def did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1)
+def did_you_mean(name: object, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1) if isinstance(name, str) else []
     return f"did you mean {close[0]!r}? " if close else ""
 
 
-def read_file(path: str | os.PathLike[str]) -> Layers:
-    file = Path(path).expanduser().absolute()
+def read_file(path: object) -> Layers:
+    """The layers of the TOML file at `path` (a str or os.PathLike); ConfigError if unreadable."""
+    file = _config_file(path)
     try:
         with file.open("rb") as stream:
-            data = tomllib.load(stream)
+            raw = stream.read(_MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(
-            f"config file {file} does not exist; pass an existing TOML file "
-            "(configs/default.toml lists every key) or no file for the defaults"
+            f"config file {printable(file)} does not exist; pass an existing TOML file "
+            "(`kvtier config init PATH` writes configs/default.toml: every key) or no file"
         ) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a name the file system cannot encode
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"cannot read config file {printable(file)}: {reason}") from None
+    if len(raw) > _MAX_FILE_BYTES:
         raise ConfigError(
-            f"config file {file} is not valid TOML: {exc}; configs/default.toml shows the format"
-        ) from None
-    return flatten(data, f"file {file}")
+            f"config file {printable(file)} is larger than 1 MiB; a kvtier config is a few KB of TOML "
+            "(is it the right file?)"
+        )
+    return flatten(_parse_toml(raw, file), f"file {file}")
 
 
-def flatten(data: Mapping[str, object], source: str) -> Layers:
+def _config_file(path: object) -> Path:
+    name = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if not isinstance(name, str):
+        raise ConfigError(
+            f"load_config(path) takes a TOML file path (str or os.PathLike), not "
+            f"{type(path).__name__} {shown(path)}; pass the path as a str, or None for the defaults"
+        )
+    if "\0" in name:
+        raise ConfigError(f"config file path {shown(name)} contains a NUL byte; remove it")
+    try:
+        return Path(name).expanduser().absolute()
+    except RuntimeError as exc:  # "~nosuchuser/x.toml": no such user, or no home directory
+        raise ConfigError(f"config file path {shown(name)}: {exc}; write the full path") from None
+
+
+def _parse_toml(raw: bytes, file: Path) -> dict[str, object]:
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        problem = f"is not valid TOML: {exc}; `kvtier config init PATH` shows the format"
+    except RecursionError:
+        problem = "nests arrays or tables too deeply to read; kvtier's tables are one level deep"
+    except ValueError:  # tomllib's int(): more than sys.get_int_max_str_digits() digits
+        problem = "holds an integer too long to read (thousands of digits); sizes are at most 8 EiB"
+    raise ConfigError(f"config file {printable(file)} {problem}")
+
+
+def flatten(data: Mapping[object, object], source: str) -> Layers:
     tables = ", ".join(f"[{name}]" for name in TABLES)
     out: Layers = {}
     for name, value in data.items():
@@ -65,33 +97,53 @@ def flatten(data: Mapping[str, object], source: str) -> Layers:
         elif name in TABLES:
             keys = ", ".join(TABLES[name])
             if not isinstance(value, Mapping):
-                fail(f"{name} = {value!r} is not a table; write [{name}] with keys {keys}", source)
+                fail(
+                    f"{name} = {shown(value)} is not a table; write [{name}] with keys {keys}",
+                    source,
+                )
             for sub, sub_value in value.items():
                 if sub not in TABLES[name]:
                     hint = did_you_mean(sub, list(TABLES[name]))
-                    fail(f"unknown key '{name}.{sub}'; {hint}[{name}] takes: {keys}", source)
+                    what = (
+                        f"'{name}.{sub}'" if isinstance(sub, str) else f"{shown(sub)} in [{name}]"
+                    )
+                    fail(f"unknown key {what}; {hint}[{name}] takes: {keys}", source)
                 if sub_value is not None:
                     out[f"{name}.{sub}"] = (sub_value, source)
         else:
             kind = "table" if isinstance(value, Mapping) else "key"
             hint = did_you_mean(name, [*TOP_LEVEL_KEYS, *TABLES])
             allowed = f"keys are {', '.join(TOP_LEVEL_KEYS)} and the tables {tables}"
-            fail(f"unknown {kind} {name!r}; {hint}{allowed}", source)
+            fail(f"unknown {kind} {shown(name)}; {hint}{allowed}", source)
     return out
 
 
-def read_env(environ: Mapping[str, str]) -> Layers:
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """The KVTIER_* names in `environ` that are no config key (and not KVTIER_LOG_LEVEL)."""
+    return sorted(
+        name
+        for name in environ
+        if name.startswith("KVTIER_") and name not in ENV_VARS and name not in ENV_NOT_CONFIG
+    )
+
+
+def unknown_env_message(name: str) -> str:
+    hint = did_you_mean(name, list(ENV_VARS))
+    return (
+        f"unknown environment variable {name}; {hint}unset it or fix its name "
+        "(names are KVTIER_ + the key, e.g. KVTIER_GPU_BUDGET)"
+    )
+
+
+def read_env(environ: Mapping[str, str], *, ignore: Collection[str] = ()) -> Layers:
+    """Layers of the KVTIER_* variables; an unknown one raises ConfigError unless in `ignore`."""
     out: Layers = {}
     for name in sorted(environ):
-        if not name.startswith("KVTIER_") or name in ENV_NOT_CONFIG:
+        if not name.startswith("KVTIER_") or name in ENV_NOT_CONFIG or name in ignore:
             continue
         key = ENV_VARS.get(name)
         if key is None:
-            hint = did_you_mean(name, list(ENV_VARS))
-            raise ConfigError(
-                f"unknown environment variable {name}; {hint}kvtier reads "
-                f"{', '.join(ENV_VARS)} and KVTIER_LOG_LEVEL; unset it or fix its name"
-            )
+            raise ConfigError(unknown_env_message(name))
         if environ[name].strip():  # KVTIER_X= (empty) is the shell's way of saying "unset"
             out[key] = (environ[name], f"env {name}")
     return out
@@ -109,7 +161,7 @@ def read_overrides(overrides: Mapping[str, object]) -> Layers:
         else:
             hint = did_you_mean(name, [*OVERRIDE_NAMES, *TABLES])
             raise ConfigError(
-                f"unknown override {name!r}; {hint}use one of {', '.join(OVERRIDE_NAMES)} "
+                f"unknown override {shown(name)}; {hint}use one of {', '.join(OVERRIDE_NAMES)} "
                 f"or a table such as gpu={{'budget': '2GiB'}}"
             )
     return out
