@@ -115,7 +115,7 @@ def test_config_show_text(tmp_path):
     result = invoke("config", "show", str(path))
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert len(lines) == 12
+    assert len(lines) == 13  # every key, policy.module included
     assert lines[0].startswith("block_tokens = 256 ") and lines[0].endswith("# from default")
     by_key = {line.split(" = ")[0]: line for line in lines}
     assert by_key["gpu.budget"].startswith("gpu.budget = 8.00 GiB (8589934592 bytes) ")

@@ -98,7 +98,9 @@ def test_defaults_have_one_source_the_packaged_toml(tmp_path, monkeypatch):
     keys = set()
     for name in schema:
         table = getattr(config, name.capitalize() + "Config", None)
-        fields = [f.name for f in dataclasses.fields(table)] if table else []
+        fields = (
+            [f.name for f in dataclasses.fields(table) if f.name != "settings"] if table else []
+        )
         keys |= {f"{name}.{f.replace('budget_bytes', 'budget')}" for f in fields} or {name}
     assert keys == set(config.DEFAULTS)
     monkeypatch.chdir(tmp_path)  # the README's snippet from any directory
@@ -130,6 +132,7 @@ def test_every_key_read_from_toml(tmp_path):
         persist = true
         [policy]
         name = "lru"
+        module = ""
         sink_tokens = 0
         recent_tokens = 512
         prefetch_depth = 8
@@ -395,11 +398,11 @@ def test_toml_syntax_error(tmp_path):
     assert "line 1" in message
 
 
-def test_builtin_policies_validate_without_importing_the_policy_package(monkeypatch):
-    """Scenario: config sits below the policies; it knows the built-in names from the registry."""
+def test_builtin_policy_names_are_known_without_importing_the_policy_package(monkeypatch):
+    """Scenario: config sits below the policies; it knows the built-in names from the registry
+    (the chosen policy's module is imported through the registry only to read its settings)."""
     monkeypatch.setitem(sys.modules, "kvtier.policy", None)  # any import of it would fail
     assert registry.registered_policies() == ["lfu", "lru", "sink_recent"]
-    assert load_config(policy_name="lfu").policy.name == "lfu"
     message = config_error(policy_name="fifo")
     assert "registered: lfu, lru, sink_recent;" in message
 
@@ -425,6 +428,7 @@ def test_every_env_var(monkeypatch, tmp_path):
         "KVTIER_DISK_CODEC": "lz4",
         "KVTIER_DISK_PERSIST": "yes",
         "KVTIER_POLICY_NAME": "lfu",
+        "KVTIER_POLICY_MODULE": "json",  # any importable module; this one registers nothing
         "KVTIER_POLICY_SINK_TOKENS": "0",
         "KVTIER_POLICY_RECENT_TOKENS": "16",
         "KVTIER_POLICY_PREFETCH_DEPTH": "2",
@@ -436,7 +440,7 @@ def test_every_env_var(monkeypatch, tmp_path):
     assert (cfg.block_tokens, cfg.prefill_chunk_tokens) == (64, 2048)
     assert (cfg.gpu.budget_bytes, cfg.host.budget_bytes) == (GIB, 1000)
     assert cfg.disk == config.DiskConfig(tmp_path / "s", DISK_FREE // 10, "lz4", True)
-    assert cfg.policy == config.PolicyConfig("lfu", 0, 16, 2)
+    assert cfg.policy == config.PolicyConfig("lfu", 0, 16, 2, module="json")
     assert cfg.sources["disk.persist"] == "env KVTIER_DISK_PERSIST"
     assert cfg.specs["block_tokens"] == "64"
     assert set(config.ENV_VARS) == set(values) - {"KVTIER_LOG_LEVEL"}
@@ -494,6 +498,7 @@ def test_every_flat_override(tmp_path):
         disk_codec="raw",
         disk_persist=True,
         policy_name="lru",
+        policy_module="",
         policy_sink_tokens=1,
         policy_recent_tokens=2,
         policy_prefetch_depth=0,

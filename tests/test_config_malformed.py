@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import types
 from pathlib import Path
@@ -249,3 +250,135 @@ def test_resolve_ignores_the_env_vars_it_is_told_to():
         None, environ={"KVTIER_NOPE": "1", "KVTIER_BLOCK_TOKENS": "32"}, ignore_env={"KVTIER_NOPE"}
     )
     assert cfg.block_tokens == 32
+
+
+# --- policy modules and settings ------------------------------------------------------------------
+
+MINE = "import kvtier\n\n@kvtier.register_policy('mine')\nclass Mine(kvtier.Policy):\n"
+
+# (id, {file name: text} written next to the TOML, TOML, fragment)
+BAD_POLICY = [
+    (
+        "missing module",
+        {},
+        '[policy]\nmodule = "no_such_mod_xyz"',
+        "policy.module = 'no_such_mod_xyz' cannot be imported: no module named 'no_such_mod_xyz'",
+    ),
+    ("not a name", {}, '[policy]\nmodule = "my-policy"', "'my-policy' is not a module name"),
+    ("not a str", {}, "[policy]\nmodule = 3", "policy.module = 3 is not a module; use a dotted"),
+    (
+        "raises",
+        {"boom.py": "raise RuntimeError('boom\\nsecond line')\n"},
+        '[policy]\nmodule = "boom"',
+        "policy.module = 'boom' failed to import: RuntimeError: boom second line; fix the module",
+    ),
+    (
+        "syntax error",
+        {"broken.py": "def (:\n"},
+        '[policy]\nmodule = "broken.py"',
+        "failed to import: SyntaxError: invalid syntax",
+    ),
+    (
+        "missing dependency",
+        {"needy.py": "import no_such_dep_xyz\n"},
+        '[policy]\nmodule = "needy"',
+        "failed to import: ModuleNotFoundError: No module named 'no_such_dep_xyz'",
+    ),
+    (
+        "registers nothing",
+        {"empty_mod.py": ""},
+        '[policy]\nmodule = "empty_mod"\nname = "ghost"',
+        "policy.name = 'ghost' is not a registered policy (after importing policy.module = 'emp",
+    ),
+    ("no such file", {}, '[policy]\nmodule = "nope.py"', "nope.py' is not a file; fix the path"),
+    ("odd stem", {"my-pol.py": ""}, '[policy]\nmodule = "my-pol.py"', "'my-pol' is not a module"),
+    (
+        "shadows",
+        {"json.py": ""},
+        '[policy]\nmodule = "json.py"',
+        "another module named 'json' exists",
+    ),
+    (
+        "unknown setting",
+        {"mine.py": MINE + "    settings = {'window': 4}\n"},
+        '[policy]\nmodule = "mine"\nname = "mine"\n[policy.mine]\nwindw = 1',
+        "unknown key 'policy.mine.windw'; did you mean 'window'? policy 'mine' takes: window",
+    ),
+    (
+        "wrong type",
+        {"mine.py": MINE + "    settings = {'window': 4}\n"},
+        '[policy]\nmodule = "mine"\nname = "mine"\n[policy.mine]\nwindow = "x"',
+        "policy.mine.window = 'x' is not an integer (default 4)",
+    ),
+    (
+        "bool for int",
+        {"mine.py": MINE + "    settings = {'window': 4}\n"},
+        '[policy]\nmodule = "mine"\nname = "mine"\n[policy.mine]\nwindow = true',
+        "policy.mine.window = True is not an integer",
+    ),
+    (
+        "inf",
+        {"mine.py": MINE + "    settings = {'scale': 1.0}\n"},
+        '[policy]\nmodule = "mine"\n[policy.mine]\nscale = inf',
+        "policy.mine.scale = inf is not a number (default 1.0)",
+    ),
+    (
+        "huge int",
+        {"mine.py": MINE + "    settings = {'scale': 1.0, 'window': 4}\n"},
+        f'[policy]\nmodule = "mine"\n[policy.mine]\nscale = {"9" * 30}',
+        "policy.mine.scale = 999999999999999999999999999999 is not a number",
+    ),
+    (
+        "unregistered table",
+        {},
+        "[policy.nobody]\nx = 1",
+        "unknown key 'policy.nobody'; a [policy.<name>] table holds the settings of a registered",
+    ),
+    (
+        "sink_recent table",
+        {},
+        "[policy.sink_recent]\nsink_tokens = 1",
+        "policy 'sink_recent' declares no settings (sink_tokens is a [policy] key: write it there)",
+    ),
+    (
+        "bad declaration",
+        {"mine.py": MINE + "    settings = [1]\n"},
+        '[policy]\nmodule = "mine"\nname = "mine"',
+        "policy 'mine' declares settings = [1]; declare a dict of setting name -> default",
+    ),
+]
+
+
+@pytest.fixture
+def policy_sandbox(monkeypatch, tmp_path):
+    """tmp_path on sys.path, a private policy registry, and no user module left behind."""
+    from kvtier import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = set(sys.modules)
+    yield tmp_path
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+@pytest.mark.parametrize(
+    ("files", "toml", "fragment"), [c[1:] for c in BAD_POLICY], ids=[c[0] for c in BAD_POLICY]
+)
+def test_malformed_policy_modules_and_settings(policy_sandbox, files, toml, fragment):
+    for name, text in files.items():
+        (policy_sandbox / name).write_text(text)
+    path = policy_sandbox / "policy.toml"
+    path.write_text(toml + "\n")
+    message = one_line_error(path)
+    assert fragment in message
+    assert message.endswith(f"(from file {path})")
+    result = CliRunner().invoke(cli.main, ["config", "validate", str(path)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+
+
+def test_a_failing_policy_module_keeps_its_traceback_for_python_callers(policy_sandbox):
+    (policy_sandbox / "boom.py").write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(policy_module="boom")
+    assert isinstance(info.value.__cause__, RuntimeError)

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from kvtier.config.keys import DEFAULTS, MAX_PREFETCH_DEPTH, Layers
+from kvtier.config.policies import as_policy_module, as_policy_name, as_policy_settings
 from kvtier.config.sources import read_env, read_file, read_overrides
 from kvtier.config.values import (
     as_bool,
@@ -20,7 +21,6 @@ from kvtier.config.values import (
     as_codec,
     as_int,
     as_path,
-    as_policy_name,
     check_store,
     disk_free,
     parse_budget,
@@ -57,12 +57,19 @@ class DiskConfig:
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
-    """Which eviction/placement policy runs, and its knobs (tokens, layers ahead)."""
+    """Which eviction/placement policy runs, and its knobs (tokens, layers ahead).
+
+    `module` is what load_config imported first (a dotted name or a .py file's absolute path;
+    "" for none); `settings` are the policy's own, from `[policy.<name>]` over the defaults it
+    declares (`Policy.settings`).
+    """
 
     name: str
     sink_tokens: int
     recent_tokens: int
     prefetch_depth: int
+    module: str = ""
+    settings: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,31 +94,36 @@ class Config:
         measured again against what is free now."""
         resolved = self.resolved()
         layers: Layers = {
-            key: (self.specs.get(key, resolved[key]), self.sources.get(key, "default"))
-            for key in DEFAULTS
+            key: (self.specs.get(key, resolved.get(key)), self.sources.get(key, "default"))
+            for key in dict.fromkeys([*DEFAULTS, *self.specs, *resolved])
         }
         layers.update(read_overrides(overrides))
         return _resolve(layers)
 
     def resolved(self) -> dict[str, object]:
-        """Dotted key -> resolved value (budgets in bytes, disk.path a Path), in DEFAULTS order."""
+        """Dotted key -> resolved value (budgets in bytes, disk.path a Path), in DEFAULTS order,
+        then the policy's settings as "policy.<name>.<setting>"."""
         out: dict[str, object] = {}
         for key in DEFAULTS:
             table, _, name = key.rpartition(".")
             owner = getattr(self, table) if table else self
             out[key] = getattr(owner, "budget_bytes" if name == "budget" else name)
+        for name, value in self.policy.settings.items():
+            out[f"policy.{self.policy.name}.{name}"] = value
         return out
 
     def to_dict(self) -> dict[str, object]:
         """Resolved values nested by table, as the dataclasses name them (budget_bytes, path as
-        str), plus "sources" and "specs"; ready for json.dumps."""
+        str, policy settings under policy.settings), plus "sources" and "specs"; for json.dumps."""
         out: dict[str, object] = {}
-        for key, value in self.resolved().items():
+        for key in DEFAULTS:
+            value = self.resolved()[key]
             table, _, name = key.rpartition(".")
             into = out.setdefault(table, {}) if table else out
             into["budget_bytes" if name == "budget" else name] = (
                 str(value) if isinstance(value, Path) else value
             )
+        out["policy"]["settings"] = dict(self.policy.settings)
         return out | {"sources": dict(self.sources), "specs": dict(self.specs)}
 
 
@@ -154,7 +166,11 @@ def _resolve(layers: Layers) -> Config:
         f"disk free for {printable(disk_path)}",
     )
     depth_range = f"an integer from 0 to {MAX_PREFETCH_DEPTH} (e.g. 1)"
-    specs = {key: layers[key][0] for key in DEFAULTS}
+    module = as_policy_module(layers)  # first: it registers the policies named below
+    name = as_policy_name(layers, module)
+    settings = as_policy_settings(layers, name)
+    keys = [*DEFAULTS, *(key for key in layers if key.startswith("policy.") and key.count(".") > 1)]
+    specs = {key: layers[key][0] for key in keys}
     specs["disk.path"] = os.fspath(specs["disk.path"])  # a Path override: keep specs JSON-ready
     return Config(
         block_tokens=as_int(layers, "block_tokens", "a positive multiple of 16 (e.g. 256)", 16, 16),
@@ -172,13 +188,15 @@ def _resolve(layers: Layers) -> Config:
             persist=as_bool(layers, "disk.persist"),
         ),
         policy=PolicyConfig(
-            name=as_policy_name(layers),
+            name=name,
             sink_tokens=as_int(layers, "policy.sink_tokens", "an integer >= 0 (e.g. 64)", 0),
             recent_tokens=as_int(layers, "policy.recent_tokens", "an integer >= 0 (e.g. 1024)", 0),
             prefetch_depth=as_int(
                 layers, "policy.prefetch_depth", depth_range, 0, maximum=MAX_PREFETCH_DEPTH
             ),
+            module=module,
+            settings=settings,
         ),
-        sources=MappingProxyType({key: layers[key][1] for key in DEFAULTS}),
+        sources=MappingProxyType({key: layers[key][1] for key in keys}),
         specs=MappingProxyType(specs),
     )

@@ -88,33 +88,51 @@ def _parse_toml(raw: bytes, file: Path) -> dict[str, object]:
     raise ConfigError(f"config file {printable(file)} {problem}")
 
 
+def quoted(key: object) -> str:
+    """A key name for a message: 'gpu.budget', or its repr when odd (not a str, a newline)."""
+    return f"'{key}'" if isinstance(key, str) and key == printable(key) else shown(key)
+
+
 def flatten(data: Mapping[object, object], source: str) -> Layers:
+    """Layers of a TOML document or an override table: "table.key" for each key of a known
+    table, "policy.<name>.<setting>" for each key of a [policy.<name>] table (checked later,
+    once the policy module is imported)."""
     tables = ", ".join(f"[{name}]" for name in TABLES)
     out: Layers = {}
     for name, value in data.items():
         if name in TOP_LEVEL_KEYS:
             out[name] = (value, source)
         elif name in TABLES:
-            keys = ", ".join(TABLES[name])
-            if not isinstance(value, Mapping):
-                fail(
-                    f"{name} = {shown(value)} is not a table; write [{name}] with keys {keys}",
-                    source,
-                )
-            for sub, sub_value in value.items():
-                if sub not in TABLES[name]:
-                    hint = did_you_mean(sub, list(TABLES[name]))
-                    what = (
-                        f"'{name}.{sub}'" if isinstance(sub, str) else f"{shown(sub)} in [{name}]"
-                    )
-                    fail(f"unknown key {what}; {hint}[{name}] takes: {keys}", source)
-                if sub_value is not None:
-                    out[f"{name}.{sub}"] = (sub_value, source)
+            out.update(_flatten_table(name, value, source))
         else:
             kind = "table" if isinstance(value, Mapping) else "key"
             hint = did_you_mean(name, [*TOP_LEVEL_KEYS, *TABLES])
             allowed = f"keys are {', '.join(TOP_LEVEL_KEYS)} and the tables {tables}"
-            fail(f"unknown {kind} {shown(name)}; {hint}{allowed}", source)
+            fail(f"unknown {kind} {quoted(name)}; {hint}{allowed}", source)
+    return out
+
+
+def _flatten_table(name: str, value: object, source: str) -> Layers:
+    keys = ", ".join(TABLES[name])
+    if not isinstance(value, Mapping):
+        fail(f"{name} = {shown(value)} is not a table; write [{name}] with keys {keys}", source)
+    out: Layers = {}
+    for sub, sub_value in value.items():
+        if name == "policy" and isinstance(sub, str) and isinstance(sub_value, Mapping):
+            if sub not in TABLES[name]:  # [policy.<name>]: that policy's own settings
+                for setting, setting_value in sub_value.items():
+                    if not isinstance(setting, str):
+                        fail(f"unknown key {shown(setting)} in [policy.{sub}]", source)
+                    if setting_value is not None:
+                        out[f"policy.{sub}.{setting}"] = (setting_value, source)
+                continue
+        if sub not in TABLES[name]:
+            hint = did_you_mean(sub, list(TABLES[name]))
+            what = quoted(f"{name}.{sub}") if isinstance(sub, str) else f"{shown(sub)} in [{name}]"
+            more = ", or a [policy.<name>] table of settings" if name == "policy" else ""
+            fail(f"unknown key {what}; {hint}[{name}] takes: {keys}{more}", source)
+        if sub_value is not None:
+            out[f"{name}.{sub}"] = (sub_value, source)
     return out
 
 
@@ -130,7 +148,7 @@ def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
 def unknown_env_message(name: str) -> str:
     hint = did_you_mean(name, list(ENV_VARS))
     return (
-        f"unknown environment variable {name}; {hint}unset it or fix its name "
+        f"unknown environment variable {printable(name)}; {hint}unset it or fix its name "
         "(names are KVTIER_ + the key, e.g. KVTIER_GPU_BUDGET)"
     )
 

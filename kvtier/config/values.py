@@ -1,4 +1,4 @@
-"""One config value at a time: layers -> a checked int, bool, codec, path, policy name or budget.
+"""One config value at a time: layers -> a checked int, bool, codec, path or budget.
 
 Budgets written as bytes, "2GiB", "40%" or "auto" become ints here (parsing in sizes.py, free
 memory passed in by the caller); a bad value raises ConfigError naming its key and source.
@@ -17,7 +17,6 @@ from kvtier.config.keys import AUTO_BUDGETS, CODECS, Layers
 from kvtier.config.sources import fail, with_source
 from kvtier.errors import ConfigError, printable, shown
 from kvtier.machine import free_disk_bytes, store_problem
-from kvtier.registry import registered_policies
 from kvtier.sizes import format_size, parse_percent, parse_size
 
 log = logging.getLogger("kvtier.config")  # the package's logger: one name for users to filter
@@ -75,24 +74,12 @@ def as_codec(layers: Layers) -> str:
     return value
 
 
-def as_policy_name(layers: Layers) -> str:
-    value, source = layers["policy.name"]
-    names = registered_policies()
-    if not isinstance(value, str) or value not in names:
-        fail(
-            f"policy.name = {shown(value)} is not a registered policy; registered: "
-            f"{', '.join(sorted(names))}; register yours with kvtier.register_policy(name) "
-            "before load_config",
-            source,
-        )
-    return value
-
-
-def as_path(layers: Layers, key: str) -> Path:
+def as_path(
+    layers: Layers, key: str, example: str = "use a directory such as '~/.cache/kvtier'"
+) -> Path:
     """An absolute, normalized path; relative to the config file that wrote it, else the cwd."""
     value, source = layers[key]
     name = os.fspath(value) if isinstance(value, os.PathLike) else value
-    example = "use a directory such as '~/.cache/kvtier'"
     if not isinstance(name, str) or not name.strip():
         fail(f"{key} = {shown(value)} is not a path; {example}", source)
     if "\0" in name:
