@@ -20,10 +20,10 @@ import click
 from kvtier._version import __version__
 from kvtier.config import (
     DEFAULTS,
-    Config,
     default_toml,
     load_config,
     resolve,
+    to_toml,
     unknown_env_message,
     unknown_env_vars,
 )
@@ -32,7 +32,6 @@ from kvtier.machine import gpu_lines, nearest_existing
 from kvtier.sizes import format_size
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_BUDGET_KEYS = frozenset({"gpu.budget", "host.budget", "disk.budget"})
 
 
 class _KVTierGroup(click.Group):
@@ -155,15 +154,15 @@ def config_init(path: Path, force: bool) -> None:
 
 @config_group.command(name="show")
 @click.argument("file", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of one line per key.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of TOML.")
 def config_show(file: str | None, as_json: bool) -> None:
-    """Print the resolved config: each value, what was written, and where it came from."""
+    """Print the resolved config as TOML (sizes in bytes; comments say what was written and
+    where it came from); loading the output gives the same config."""
     cfg = load_config(file)
     if as_json:
         click.echo(json.dumps(cfg.to_dict(), indent=2))
         return
-    for line in _config_lines(cfg):
-        click.echo(line)
+    click.echo(to_toml(cfg), nl=False)
 
 
 @config_group.command(name="validate")
@@ -172,30 +171,6 @@ def config_validate(file: str) -> None:
     """Exit 0 if FILE (with the KVTIER_* environment on top) resolves; else print why, exit 2."""
     load_config(file)
     click.echo(f"ok: {file}")
-
-
-def _config_lines(cfg: Config) -> list[str]:
-    """One line per key: `key = resolved   # "as written" from source`."""
-    rows = []
-    for key, value in cfg.resolved().items():
-        shown = _toml_value(value)
-        if key in _BUDGET_KEYS:
-            off = "; no disk tier" if value == 0 else ""
-            shown = f"{format_size(value)} ({value} bytes{off})"
-        source = cfg.sources.get(key, "default")
-        written = _toml_value(cfg.specs[key]) if key in cfg.specs else shown
-        note = f"{written} from {source}" if key in _BUDGET_KEYS or written != shown else ""
-        rows.append((f"{key} = {shown}", note or f"from {source}"))
-    width = max(len(left) for left, _ in rows)
-    return [f"{left:<{width}}   # {note}" for left, note in rows]
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    return str(value)
 
 
 @main.command()

@@ -36,7 +36,9 @@ def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
     module that `[policy] module` names (load_config imports it).
     """
     if not name or not isinstance(name, str):
-        raise ConfigError(f"policy name {name!r} must be a non-empty string")
+        raise ConfigError(f"policy name {shown(name)} must be a non-empty string")
+    if "." in name:  # [policy.<name>] holds its settings: a dot would split the name
+        raise ConfigError(f"policy name {shown(name)} must not contain '.'; use '_' or '-'")
 
     def decorate(factory: PolicyFactory) -> PolicyFactory:
         _REGISTRY[name] = factory

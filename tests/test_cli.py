@@ -110,26 +110,49 @@ def test_info_warns_about_a_stray_env_var_and_goes_on(monkeypatch):
 
 
 def test_config_show_text(tmp_path):
+    """Scenario: `config show` printed `gpu.budget = 8.00 GiB (...)`, which is not TOML; it now
+    prints TOML, sizes in bytes, with what was written and its source in a comment."""
     path = tmp_path / "cfg.toml"
     path.write_text('[host]\nbudget = "1GiB"\n')
     result = invoke("config", "show", str(path))
     assert result.exit_code == 0, result.output
-    lines = result.stdout.splitlines()
+    lines = [line for line in result.stdout.splitlines() if " = " in line]
     assert len(lines) == 13  # every key, policy.module included
     assert lines[0].startswith("block_tokens = 256 ") and lines[0].endswith("# from default")
+    gpu, host, disk = (line for line in lines if line.startswith("budget = "))
+    assert gpu.startswith("budget = 8589934592 ") and gpu.endswith(
+        '# 8.00 GiB; "auto" from default'
+    )
+    assert host.startswith("budget = 1073741824 ")
+    assert host.endswith(f'# 1.00 GiB; "1GiB" from file {path}')
+    assert disk.endswith('# 80.00 GiB; "80%" from default')
     by_key = {line.split(" = ")[0]: line for line in lines}
-    assert by_key["gpu.budget"].startswith("gpu.budget = 8.00 GiB (8589934592 bytes) ")
-    assert by_key["gpu.budget"].endswith('# "auto" from default')
-    assert by_key["host.budget"].endswith(f'# "1GiB" from file {path}')
-    assert by_key["disk.path"].endswith('# "~/.cache/kvtier" from default')
-    assert by_key["disk.persist"].startswith("disk.persist = false ")
+    assert by_key["path"].endswith('# "~/.cache/kvtier" from default')
+    assert by_key["persist"].startswith("persist = false ")
     assert len({line.index("#") for line in lines}) == 1  # comments line up
+    assert "\n[gpu]\n" in result.stdout and "\n[policy]\n" in result.stdout
 
 
-def test_config_show_no_disk_tier():
-    result = CliRunner().invoke(cli.main, ["config", "show"], env={"KVTIER_DISK_BUDGET": "0"})
-    assert "disk.budget = 0 B (0 bytes; no disk tier)" in result.stdout
-    assert '# "0" from env KVTIER_DISK_BUDGET' in result.stdout
+def test_config_show_prints_toml_that_loads_back_to_the_same_config(tmp_path, monkeypatch):
+    """Scenario: the output of `config show` parses with tomllib and loads to the same Config."""
+    import tomllib
+
+    from kvtier.config import load_config
+
+    path = tmp_path / "cfg.toml"
+    path.write_text(
+        'block_tokens = 128\n[disk]\npath = "store \\"quoted\\"\\tdir"\ncodec = "lz4"\n'
+        '[policy]\nname = "lfu"\nprefetch_depth = 2\n'
+    )
+    monkeypatch.setenv("KVTIER_HOST_BUDGET", "25%")
+    result = invoke("config", "show", str(path))
+    assert result.exit_code == 0, result.output
+    data = tomllib.loads(result.stdout)
+    assert data["disk"]["path"] == str(tmp_path / 'store "quoted"\tdir')
+    assert data["host"]["budget"] == 5 * GIB
+    shown = tmp_path / "shown.toml"
+    shown.write_text(result.stdout)
+    assert load_config(shown) == load_config(path)
 
 
 def test_config_show_json():

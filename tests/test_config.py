@@ -617,3 +617,26 @@ def test_format_size():
     assert sizes.format_size(512) == "512 B"
     assert sizes.format_size(3435973836) == "3.20 GiB"
     assert sizes.format_size(2**40) == "1.00 TiB"
+
+
+def test_to_toml_round_trips_settings_and_odd_strings(monkeypatch, tmp_path):
+    """Scenario: what `config show` prints loads back to the same Config, odd characters too."""
+    import tomllib
+
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+
+    @registry.register_policy("odd name-v2")
+    class Odd:
+        settings = {"label": "x", "scale": 1.0, "window": 4, "strict": False}
+
+    odd = {"label": 'a"b\\c\x7f\n\ttab é', "scale": 2.5e-7, "window": 2**40, "strict": True}
+    cfg = load_config(
+        disk_path=tmp_path / "kv store\x1b",
+        policy={"name": "odd name-v2", "odd name-v2": odd},
+    )
+    text = config.to_toml(cfg)
+    data = tomllib.loads(text)
+    assert data["policy"]["odd name-v2"] == odd
+    assert all(line.isprintable() for line in text.splitlines())
+    path = write(tmp_path, text, name="shown.toml")
+    assert load_config(path) == cfg

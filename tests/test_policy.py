@@ -161,6 +161,12 @@ def test_register_policy_needs_a_name(name):
         kvtier.register_policy(name)
 
 
+def test_register_policy_refuses_a_dotted_name():
+    """Scenario: [policy.<name>] holds a policy's settings, so a dot would split its name."""
+    with pytest.raises(kvtier.ConfigError, match="must not contain '.'; use '_' or '-'"):
+        kvtier.register_policy("my.policy")
+
+
 LAYERS = 3
 TOKEN_BYTES = 2 * 1 * 2 * 8 * 4  # K and V, batch 1, 2 kv heads, head_dim 8, fp32
 SLOT = BT * LAYERS * TOKEN_BYTES

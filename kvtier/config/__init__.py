@@ -1,7 +1,8 @@
 """Configuration: defaults -> TOML file -> KVTIER_* environment -> keyword overrides, later wins.
 
-keys.py names the keys, sources.py reads each source into layers, values.py checks one value,
-load.py holds the schema and `load_config`. Budgets become bytes here, once.
+keys.py names the keys, sources.py reads each source into layers, values.py and policies.py
+check the values, load.py holds the schema and `load_config`, render.py writes a Config back as
+TOML. Budgets become bytes here, once.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from kvtier.config.load import (
     load_config,
     resolve,
 )
+from kvtier.config.render import to_toml
 from kvtier.config.sources import unknown_env_message, unknown_env_vars
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "default_toml",
     "load_config",
     "resolve",
+    "to_toml",
     "unknown_env_message",
     "unknown_env_vars",
 ]
