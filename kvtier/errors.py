@@ -48,11 +48,12 @@ class _ShortRepr(reprlib.Repr):
 
 
 def shown(value: object) -> str:
-    """`repr(value)` for an error message: one line, at most ~70 characters, never raising."""
+    """`repr(value)` for an error message: one line, at most 80 characters, never raising."""
     try:
-        return _ShortRepr().repr(value)
+        text = _ShortRepr().repr(value)
     except Exception:  # a user object whose repr raises must not hide the real error
         return f"<{type(value).__name__} object>"
+    return text if len(text) <= 80 else text[:64] + "..." + text[-13:]  # nesting multiplies
 
 
 def printable(text: object) -> str:

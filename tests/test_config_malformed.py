@@ -382,3 +382,167 @@ def test_a_failing_policy_module_keeps_its_traceback_for_python_callers(policy_s
     with pytest.raises(ConfigError) as info:
         load_config(policy_module="boom")
     assert isinstance(info.value.__cause__, RuntimeError)
+
+
+# --- hypothesis: junk in, only ConfigError out ----------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kvtier.config import ENV_VARS, OVERRIDE_NAMES, TABLES  # noqa: E402
+from kvtier.config.render import toml_key, toml_value  # noqa: E402
+
+JUNK_SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,  # write nothing into the checkout
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+# No "/" or "\\" in generated text: a path is then one component under the test's cwd (deep in
+# tmp_path), so the store probe never touches the machine's real directories.
+_CHARS = st.characters(blacklist_characters="/\\", blacklist_categories=("Cs",))
+_DIGITS = "0123456789０１２３４５６７８９٠١٢٣٤٥٦٧٨٩_.-+ "
+_SIZE_LIKE = st.builds(
+    lambda number, unit: number + unit,
+    st.text(alphabet=_DIGITS, min_size=1, max_size=12) | st.just("9" * 400),
+    st.sampled_from(["", "GiB", "MB", "%", " TiB", "parsecs", "auto", "b", "kib", "%%"]),
+)
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**62, max_value=10**4000)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(_CHARS, max_size=30)
+    | _SIZE_LIKE
+    | st.sampled_from(["auto", "lz4", "raw", "sink_recent", "lru", "0", "100%", "-1", ""])
+)
+_TOML_SCALARS = _SCALARS.filter(
+    lambda v: v is not None and not isinstance(v, float) or (isinstance(v, float) and v == v)
+)
+JUNK = st.recursive(
+    _SCALARS | st.binary(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(_CHARS, max_size=8) | st.integers(), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_KEYS = st.sampled_from([*OVERRIDE_NAMES, *TABLES, "policy"]) | st.text(_CHARS, max_size=12)
+_TABLE_KEYS = {table: st.sampled_from(keys) for table, keys in TABLES.items()}
+
+
+def _table(name: str):
+    keys = _TABLE_KEYS[name] | st.text(_CHARS, min_size=1, max_size=10)
+    return st.dictionaries(keys, JUNK, max_size=4)
+
+
+def _override(name: str, value: object) -> object:
+    if name in ("policy_module", "policy") and isinstance(value, str):
+        return "zz_no_such_module_" + value  # importing random real modules (antigravity) is not ok
+    if isinstance(value, dict) and "module" in value:
+        value = {**value, "module": "zz_no_such_module_" + str(value["module"])}
+    return value
+
+
+def _only_config_error(call) -> None:
+    try:
+        call()
+    except ConfigError as error:
+        message = str(error)
+        assert "\n" not in message and len(message) <= MAX_MESSAGE, message
+
+
+@pytest.fixture
+def sandbox(monkeypatch, tmp_path):
+    deep = tmp_path / "a" / "b"
+    deep.mkdir(parents=True)
+    monkeypatch.chdir(deep)  # relative junk paths land here (".." stays inside tmp_path)
+    return deep
+
+
+@JUNK_SETTINGS
+@given(
+    overrides=st.dictionaries(
+        _KEYS,
+        JUNK | st.sampled_from(list(TABLES)).flatmap(_table),
+        max_size=5,
+    )
+)
+def test_junk_overrides_give_only_config_errors(sandbox, overrides):
+    cleaned = {name: _override(name, value) for name, value in overrides.items()}
+    _only_config_error(lambda: load_config(**cleaned))
+
+
+@JUNK_SETTINGS
+@given(
+    environ=st.dictionaries(
+        st.sampled_from([*ENV_VARS, "KVTIER_", "KVTIER_X", "PATH"])
+        | st.text(_CHARS, max_size=12).map(lambda t: "KVTIER_" + t),
+        _SCALARS.map(str) | st.text(_CHARS, max_size=20),
+        max_size=5,
+    )
+)
+def test_junk_environment_gives_only_config_errors(sandbox, environ):
+    environ = {k: v for k, v in environ.items() if k != "KVTIER_POLICY_MODULE"}
+    _only_config_error(lambda: resolve(None, environ=environ))
+
+
+def _inline(value: object) -> str:
+    """A TOML inline value (the test's own tiny writer: lists and inline tables too)."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_inline(item) for item in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{toml_key(str(k))} = {_inline(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, float):
+        return {float("inf"): "inf", float("-inf"): "-inf"}.get(value, repr(value))
+    return toml_value(value)
+
+
+_TOML_VALUES = st.recursive(
+    _TOML_SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(_CHARS, min_size=1, max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@JUNK_SETTINGS
+@given(
+    document=st.dictionaries(
+        st.sampled_from([*TABLES, "block_tokens", "prefill_chunk_tokens"])
+        | st.text(_CHARS, min_size=1, max_size=8),
+        _TOML_VALUES
+        | st.dictionaries(
+            st.sampled_from(["budget", "path", "codec", "persist", "name", "sink_tokens", "x"])
+            | st.text(_CHARS, min_size=1, max_size=8),
+            _TOML_VALUES,
+            max_size=4,
+        ),
+        max_size=5,
+    )
+)
+def test_junk_toml_documents_give_only_config_errors(sandbox, document):
+    lines = []
+    for key, value in document.items():
+        if isinstance(value, dict) and isinstance(value.get("module"), str):
+            value["module"] = "zz_no_such_module_" + value["module"]
+        lines.append(f"{toml_key(key)} = {_inline(value)}")
+    path = sandbox / "junk.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _only_config_error(lambda: load_config(path))
+
+
+@JUNK_SETTINGS
+@given(
+    text=st.text(
+        st.sampled_from(list("[]{}=\"'.,#\n =0123456789gpuhostdiskbudget%GiB_-+:tf")), max_size=80
+    )
+)
+def test_junk_toml_text_gives_only_config_errors(sandbox, text):
+    path = sandbox / "junk.toml"
+    path.write_text(text, encoding="utf-8")
+    _only_config_error(lambda: load_config(path))

@@ -103,15 +103,18 @@ def check_store(layers: Layers, path: Path) -> None:
     """ConfigError unless a block store can live at `path`: a directory, or one that can be made."""
     source = layers["disk.path"][1]
     off = "use a writable local directory, or disk.budget = 0 for no disk tier"
-    if path.is_dir() or not path.exists():
-        reason = store_problem(path)
-        if reason:
-            fail(
-                f"disk.path = '{printable(path)}' cannot hold the block store: {reason}; {off}",
-                source,
-            )
+    try:
+        is_file = path.exists() and not path.is_dir()
+    except OSError as exc:  # a name too long, a parent without search permission
+        is_file, reason = False, f"{exc.strerror or exc}"
     else:
+        reason = None if is_file else store_problem(path)
+    if is_file:
         fail(f"disk.path = '{printable(path)}' is a file; use a directory", source)
+    if reason:
+        fail(
+            f"disk.path = '{printable(path)}' cannot hold the block store: {reason}; {off}", source
+        )
 
 
 def disk_free(layers: Layers, path: Path) -> int:
