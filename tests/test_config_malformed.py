@@ -100,10 +100,11 @@ def test_malformed_toml_is_one_config_error_line(tmp_path, toml, fragment):
     path = tmp_path / "bad.toml"
     path.write_text(toml, encoding="utf-8")
     assert fragment in one_line_error(path)
-    result = CliRunner().invoke(cli.main, ["config", "validate", str(path)])
-    assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("kvtier: error: ") and result.stderr.count("\n") == 1
-    assert fragment in result.stderr
+    for command in ("validate", "show"):
+        result = CliRunner().invoke(cli.main, ["config", command, str(path)])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("kvtier: error: ") and result.stderr.count("\n") == 1
+        assert fragment in result.stderr and result.stdout == ""
 
 
 # (id, overrides, fragment)

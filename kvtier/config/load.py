@@ -132,8 +132,9 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: object)
 
     Overrides take flat names (`gpu_budget="2GiB"`) or tables (`gpu={"budget": "2GiB"}`); a None
     value, like an empty KVTIER_* variable, counts as unset. A relative disk.path in a file is
-    relative to that file. An unknown KVTIER_* variable is an error (a typo must not pass
-    silently). Raises ConfigError, one line naming the key, the value, its source and the fix.
+    relative to that file. `[policy] module` is imported before the policy name is looked up.
+    An unknown KVTIER_* variable is an error (a typo must not pass silently). Raises
+    ConfigError, one line naming the key, the value, its source and the fix.
     """
     return resolve(path, environ=os.environ, overrides=overrides)
 
