@@ -18,7 +18,8 @@ class Policy:
 
     Contract: `pinned` blocks never leave the GPU tier; `victims` orders unpinned candidates,
     first to be demoted first, and returns at most `count` of them; `max_pinned_blocks` bounds
-    how many blocks `pinned` can hold at once (the minimum GPU budget counts them).
+    how many blocks `pinned` can hold at once (what a GPU budget planned for the policy leaves
+    room for; the controller's minimum is staging plus one slot).
 
     `settings` on a subclass declares its own settings, name -> default (an int, float, bool or
     str; the default's type is the setting's type); a `[policy.<name>]` table sets them and
