@@ -1,4 +1,4 @@
-"""The `kvtier` command line: info, config show|validate, demo, models get|ls.
+"""The `kvtier` command line: info, config init|show|validate, demo, models get|ls.
 
 The only module that prints or configures logging handlers. A KVTierError becomes one line on
 stderr and exit code 2; any other exception is a bug and keeps its traceback.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -17,13 +18,20 @@ from pathlib import Path
 import click
 
 from kvtier._version import __version__
-from kvtier.config import DEFAULTS, Config, load_config
-from kvtier.errors import KVTierError
+from kvtier.config import (
+    DEFAULTS,
+    default_toml,
+    load_config,
+    resolve,
+    to_toml,
+    unknown_env_message,
+    unknown_env_vars,
+)
+from kvtier.errors import ConfigError, KVTierError
 from kvtier.machine import gpu_lines, nearest_existing
 from kvtier.sizes import format_size
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_BUDGET_KEYS = frozenset({"gpu.budget", "host.budget", "disk.budget"})
 
 
 class _KVTierGroup(click.Group):
@@ -88,8 +96,11 @@ def info(config_path: str | None) -> None:
     memory = psutil.virtual_memory()
     total, available = format_size(memory.total), format_size(memory.available)
     click.echo(f"host RAM: {total} total, {available} available")
+    strays = unknown_env_vars(os.environ)
+    for name in strays:  # a report should not fail on a stray variable: say it and go on
+        click.echo(f"config: warning: ignoring {unknown_env_message(name)}")
     try:
-        cfg = load_config(config_path)
+        cfg = resolve(config_path, environ=os.environ, ignore_env=strays)
     except KVTierError as exc:  # still report the machine; the store falls back to the default
         click.echo(f"config: error: {_one_line(exc)}")
         store = Path(str(DEFAULTS["disk.path"])).expanduser()
@@ -122,20 +133,36 @@ def _cuda_summary() -> str:
 
 @main.group(name="config")
 def config_group() -> None:
-    """Show or check a configuration (defaults -> FILE -> KVTIER_* environment)."""
+    """Write, show or check a configuration (defaults -> FILE -> KVTIER_* environment)."""
+
+
+@config_group.command(name="init")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+def config_init(path: Path, force: bool) -> None:
+    """Write the documented default config to PATH: every key, its default and what it takes."""
+    if not path.absolute().parent.is_dir():
+        raise ConfigError(f"{path}: directory {path.absolute().parent} does not exist; create it")
+    if path.exists() and not force:
+        raise ConfigError(f"{path} exists; pass --force to overwrite it, or choose another path")
+    try:
+        path.write_text(default_toml(), encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}; choose a writable path") from None
+    click.echo(f"wrote {path}")
 
 
 @config_group.command(name="show")
 @click.argument("file", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of one line per key.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of TOML.")
 def config_show(file: str | None, as_json: bool) -> None:
-    """Print the resolved config: each value, what was written, and where it came from."""
+    """Print the resolved config as TOML (sizes in bytes; comments say what was written and
+    where it came from); loading the output gives the same config."""
     cfg = load_config(file)
     if as_json:
         click.echo(json.dumps(cfg.to_dict(), indent=2))
         return
-    for line in _config_lines(cfg):
-        click.echo(line)
+    click.echo(to_toml(cfg), nl=False)
 
 
 @config_group.command(name="validate")
@@ -144,30 +171,6 @@ def config_validate(file: str) -> None:
     """Exit 0 if FILE (with the KVTIER_* environment on top) resolves; else print why, exit 2."""
     load_config(file)
     click.echo(f"ok: {file}")
-
-
-def _config_lines(cfg: Config) -> list[str]:
-    """One line per key: `key = resolved   # "as written" from source`."""
-    rows = []
-    for key, value in cfg.resolved().items():
-        shown = _toml_value(value)
-        if key in _BUDGET_KEYS:
-            off = "; no disk tier" if value == 0 else ""
-            shown = f"{format_size(value)} ({value} bytes{off})"
-        source = cfg.sources.get(key, "default")
-        written = _toml_value(cfg.specs[key]) if key in cfg.specs else shown
-        note = f"{written} from {source}" if key in _BUDGET_KEYS or written != shown else ""
-        rows.append((f"{key} = {shown}", note or f"from {source}"))
-    width = max(len(left) for left, _ in rows)
-    return [f"{left:<{width}}   # {note}" for left, note in rows]
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    return str(value)
 
 
 @main.command()

@@ -1,13 +1,15 @@
 """What this machine has free right now: RAM, GPU memory, disk space at a path.
 
-Probes only; never allocates. `load_config` resolves percentages with them and `kvtier info`
-reports them, so both see the same numbers.
+Probes only; never allocates (the store probe makes and removes one empty directory).
+`load_config` resolves percentages and checks budgets with them and `kvtier info` reports them,
+so both see the same numbers.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -40,6 +42,24 @@ def nearest_existing(path: str | os.PathLike[str]) -> Path:
     while not current.exists() and current != current.parent:
         current = current.parent
     return current
+
+
+def store_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why no directory can be made or written at `path`, or None if one can.
+
+    Probed, not guessed (os.access says yes to root on /proc): an empty directory is created in
+    `path`'s nearest existing ancestor and removed at once.
+    """
+    try:
+        existing = nearest_existing(path)
+        if not existing.is_dir():
+            return f"{existing} is a file"
+        probe = tempfile.mkdtemp(prefix=".kvtier-probe-", dir=existing)
+    except OSError as exc:
+        where = f"in {existing}" if "existing" in locals() else f"at {path}"
+        return f"cannot create a directory {where} ({exc.strerror or exc})"
+    os.rmdir(probe)
+    return None
 
 
 def gpu_lines() -> list[str]:

@@ -94,27 +94,65 @@ def test_info_reports_a_bad_config_and_goes_on(monkeypatch):
     assert "disk: 100.00 GiB free for" in result.stdout
 
 
+def test_info_warns_about_a_stray_env_var_and_goes_on(monkeypatch):
+    """Scenario: a stray KVTIER_* variable made `kvtier info` fail with a 520-character error."""
+    monkeypatch.setenv("KVTIER_GPU_BUDGE", "1GiB")
+    monkeypatch.setenv("KVTIER_HOST_BUDGET", "1GiB")
+    result = invoke("info")
+    assert result.exit_code == 0, result.output
+    warning = (
+        "config: warning: ignoring unknown environment variable KVTIER_GPU_BUDGE; did you mean "
+        "'KVTIER_GPU_BUDGET'? unset it or fix its name"
+    )
+    assert warning in result.stdout
+    assert "budgets: gpu 8.00 GiB, host 1.00 GiB, disk 80.00 GiB" in result.stdout
+    assert all(len(line) < 200 for line in result.stdout.splitlines())
+
+
 def test_config_show_text(tmp_path):
+    """Scenario: `config show` printed `gpu.budget = 8.00 GiB (...)`, which is not TOML; it now
+    prints TOML, sizes in bytes, with what was written and its source in a comment."""
     path = tmp_path / "cfg.toml"
     path.write_text('[host]\nbudget = "1GiB"\n')
     result = invoke("config", "show", str(path))
     assert result.exit_code == 0, result.output
-    lines = result.stdout.splitlines()
-    assert len(lines) == 12
+    lines = [line for line in result.stdout.splitlines() if " = " in line]
+    assert len(lines) == 13  # every key, policy.module included
     assert lines[0].startswith("block_tokens = 256 ") and lines[0].endswith("# from default")
+    gpu, host, disk = (line for line in lines if line.startswith("budget = "))
+    assert gpu.startswith("budget = 8589934592 ") and gpu.endswith(
+        '# 8.00 GiB; "auto" from default'
+    )
+    assert host.startswith("budget = 1073741824 ")
+    assert host.endswith(f'# 1.00 GiB; "1GiB" from file {path}')
+    assert disk.endswith('# 80.00 GiB; "80%" from default')
     by_key = {line.split(" = ")[0]: line for line in lines}
-    assert by_key["gpu.budget"].startswith("gpu.budget = 8.00 GiB (8589934592 bytes) ")
-    assert by_key["gpu.budget"].endswith('# "auto" from default')
-    assert by_key["host.budget"].endswith(f'# "1GiB" from file {path}')
-    assert by_key["disk.path"].endswith('# "~/.cache/kvtier" from default')
-    assert by_key["disk.persist"].startswith("disk.persist = false ")
+    assert by_key["path"].endswith('# "~/.cache/kvtier" from default')
+    assert by_key["persist"].startswith("persist = false ")
     assert len({line.index("#") for line in lines}) == 1  # comments line up
+    assert "\n[gpu]\n" in result.stdout and "\n[policy]\n" in result.stdout
 
 
-def test_config_show_no_disk_tier():
-    result = CliRunner().invoke(cli.main, ["config", "show"], env={"KVTIER_DISK_BUDGET": "0"})
-    assert "disk.budget = 0 B (0 bytes; no disk tier)" in result.stdout
-    assert '# "0" from env KVTIER_DISK_BUDGET' in result.stdout
+def test_config_show_prints_toml_that_loads_back_to_the_same_config(tmp_path, monkeypatch):
+    """Scenario: the output of `config show` parses with tomllib and loads to the same Config."""
+    import tomllib
+
+    from kvtier.config import load_config
+
+    path = tmp_path / "cfg.toml"
+    path.write_text(
+        'block_tokens = 128\n[disk]\npath = "store \\"quoted\\"\\tdir"\ncodec = "lz4"\n'
+        '[policy]\nname = "lfu"\nprefetch_depth = 2\n'
+    )
+    monkeypatch.setenv("KVTIER_HOST_BUDGET", "25%")
+    result = invoke("config", "show", str(path))
+    assert result.exit_code == 0, result.output
+    data = tomllib.loads(result.stdout)
+    assert data["disk"]["path"] == str(tmp_path / 'store "quoted"\tdir')
+    assert data["host"]["budget"] == 5 * GIB
+    shown = tmp_path / "shown.toml"
+    shown.write_text(result.stdout)
+    assert load_config(shown) == load_config(path)
 
 
 def test_config_show_json():
@@ -157,6 +195,32 @@ def test_config_validate_missing_file(tmp_path):
     result = invoke("config", "validate", str(tmp_path / "nope.toml"))
     assert result.exit_code == 2
     assert "does not exist" in result.stderr
+
+
+def test_config_init_writes_the_documented_defaults(tmp_path):
+    path = tmp_path / "my.toml"
+    result = invoke("config", "init", str(path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"wrote {path}\n"
+    assert path.read_text() == (REPO / "configs" / "default.toml").read_text()
+    assert invoke("config", "validate", str(path)).exit_code == 0
+
+
+def test_config_init_refuses_to_overwrite_without_force(tmp_path):
+    path = tmp_path / "my.toml"
+    path.write_text("block_tokens = 16\n")
+    result = invoke("config", "init", str(path))
+    assert result.exit_code == 2
+    assert (
+        result.stderr == f"kvtier: error: {path} exists; pass --force to overwrite it, or "
+        "choose another path\n"
+    )
+    assert path.read_text() == "block_tokens = 16\n"
+    assert invoke("config", "init", "--force", str(path)).exit_code == 0
+    assert path.read_text().startswith("# kvtier defaults")
+    missing = tmp_path / "no" / "such" / "dir.toml"
+    result = invoke("config", "init", str(missing))
+    assert result.exit_code == 2 and "does not exist; create it" in result.stderr
 
 
 def test_unknown_env_var_is_one_line_exit_2():

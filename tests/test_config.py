@@ -89,6 +89,24 @@ def test_default_toml_loads_to_the_defaults():
     assert set(cfg.sources.values()) == {f"file {path}"}
 
 
+def test_defaults_have_one_source_the_packaged_toml(tmp_path, monkeypatch):
+    """Scenario: DEFAULTS, configs/default.toml and `load_config()` all come from one file."""
+    packaged = Path(config.__file__).parents[1] / "data" / "default.toml"
+    assert (REPO / "configs" / "default.toml").read_bytes() == packaged.read_bytes()
+    assert config.default_toml() == packaged.read_text(encoding="utf-8")
+    schema = {f.name for f in dataclasses.fields(config.Config)} - {"sources", "specs"}
+    keys = set()
+    for name in schema:
+        table = getattr(config, name.capitalize() + "Config", None)
+        fields = (
+            [f.name for f in dataclasses.fields(table) if f.name != "settings"] if table else []
+        )
+        keys |= {f"{name}.{f.replace('budget_bytes', 'budget')}" for f in fields} or {name}
+    assert keys == set(config.DEFAULTS)
+    monkeypatch.chdir(tmp_path)  # the README's snippet from any directory
+    assert load_config() == load_config(packaged)
+
+
 def test_config_is_frozen_and_hashable():
     cfg = load_config()
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -114,6 +132,7 @@ def test_every_key_read_from_toml(tmp_path):
         persist = true
         [policy]
         name = "lru"
+        module = ""
         sink_tokens = 0
         recent_tokens = 512
         prefetch_depth = 8
@@ -379,11 +398,11 @@ def test_toml_syntax_error(tmp_path):
     assert "line 1" in message
 
 
-def test_builtin_policies_validate_without_importing_the_policy_package(monkeypatch):
-    """Scenario: config sits below the policies; it knows the built-in names from the registry."""
+def test_builtin_policy_names_are_known_without_importing_the_policy_package(monkeypatch):
+    """Scenario: config sits below the policies; it knows the built-in names from the registry
+    (the chosen policy's module is imported through the registry only to read its settings)."""
     monkeypatch.setitem(sys.modules, "kvtier.policy", None)  # any import of it would fail
     assert registry.registered_policies() == ["lfu", "lru", "sink_recent"]
-    assert load_config(policy_name="lfu").policy.name == "lfu"
     message = config_error(policy_name="fifo")
     assert "registered: lfu, lru, sink_recent;" in message
 
@@ -409,6 +428,7 @@ def test_every_env_var(monkeypatch, tmp_path):
         "KVTIER_DISK_CODEC": "lz4",
         "KVTIER_DISK_PERSIST": "yes",
         "KVTIER_POLICY_NAME": "lfu",
+        "KVTIER_POLICY_MODULE": "json",  # any importable module; this one registers nothing
         "KVTIER_POLICY_SINK_TOKENS": "0",
         "KVTIER_POLICY_RECENT_TOKENS": "16",
         "KVTIER_POLICY_PREFETCH_DEPTH": "2",
@@ -420,7 +440,7 @@ def test_every_env_var(monkeypatch, tmp_path):
     assert (cfg.block_tokens, cfg.prefill_chunk_tokens) == (64, 2048)
     assert (cfg.gpu.budget_bytes, cfg.host.budget_bytes) == (GIB, 1000)
     assert cfg.disk == config.DiskConfig(tmp_path / "s", DISK_FREE // 10, "lz4", True)
-    assert cfg.policy == config.PolicyConfig("lfu", 0, 16, 2)
+    assert cfg.policy == config.PolicyConfig("lfu", 0, 16, 2, module="json")
     assert cfg.sources["disk.persist"] == "env KVTIER_DISK_PERSIST"
     assert cfg.specs["block_tokens"] == "64"
     assert set(config.ENV_VARS) == set(values) - {"KVTIER_LOG_LEVEL"}
@@ -478,6 +498,7 @@ def test_every_flat_override(tmp_path):
         disk_codec="raw",
         disk_persist=True,
         policy_name="lru",
+        policy_module="",
         policy_sink_tokens=1,
         policy_recent_tokens=2,
         policy_prefetch_depth=0,
@@ -596,3 +617,26 @@ def test_format_size():
     assert sizes.format_size(512) == "512 B"
     assert sizes.format_size(3435973836) == "3.20 GiB"
     assert sizes.format_size(2**40) == "1.00 TiB"
+
+
+def test_to_toml_round_trips_settings_and_odd_strings(monkeypatch, tmp_path):
+    """Scenario: what `config show` prints loads back to the same Config, odd characters too."""
+    import tomllib
+
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+
+    @registry.register_policy("odd name-v2")
+    class Odd:
+        settings = {"label": "x", "scale": 1.0, "window": 4, "strict": False}
+
+    odd = {"label": 'a"b\\c\x7f\n\ttab é', "scale": 2.5e-7, "window": 2**40, "strict": True}
+    cfg = load_config(
+        disk_path=tmp_path / "kv store\x1b",
+        policy={"name": "odd name-v2", "odd name-v2": odd},
+    )
+    text = config.to_toml(cfg)
+    data = tomllib.loads(text)
+    assert data["policy"]["odd name-v2"] == odd
+    assert all(line.isprintable() for line in text.splitlines())
+    path = write(tmp_path, text, name="shown.toml")
+    assert load_config(path) == cfg

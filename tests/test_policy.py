@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from kvtier.layout import KVGeometry
 from kvtier.policy import LFUPolicy, Policy, SinkRecentPolicy, make_policy, registered_policies
 
 BT = 16
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -158,20 +161,29 @@ def test_register_policy_needs_a_name(name):
         kvtier.register_policy(name)
 
 
+def test_register_policy_refuses_a_dotted_name():
+    """Scenario: [policy.<name>] holds a policy's settings, so a dot would split its name."""
+    with pytest.raises(kvtier.ConfigError, match="must not contain '.'; use '_' or '-'"):
+        kvtier.register_policy("my.policy")
+
+
 LAYERS = 3
 TOKEN_BYTES = 2 * 1 * 2 * 8 * 4  # K and V, batch 1, 2 kv heads, head_dim 8, fp32
 SLOT = BT * LAYERS * TOKEN_BYTES
 
 
-def _run(toml: Path, blocks: int = 6) -> TierController:
-    """`blocks` one-block steps through a controller whose GPU holds 3 slots besides staging."""
+def _run(toml: Path, blocks: int = 6, gpu_slots: int = 3, **overrides) -> TierController:
+    """`blocks` one-block steps through a controller whose GPU holds `gpu_slots` slots besides
+    staging."""
     cfg = kvtier.load_config(
         toml,
         block_tokens=BT,
         prefill_chunk_tokens=BT,
-        gpu_budget=blocks * BT * TOKEN_BYTES + 3 * SLOT,  # staging: prefetch_depth 0, one buffer
+        # staging: prefetch_depth 0, one buffer
+        gpu_budget=blocks * BT * TOKEN_BYTES + gpu_slots * SLOT,
         host_budget=16 * SLOT,
         disk_budget=0,
+        **overrides,
     )
     cpu = (torch.device("cpu"),) * LAYERS
     shape = KVGeometry(tuple(range(LAYERS)), cpu, 1, 2, 8, torch.float32, cfg.block_tokens)
@@ -241,3 +253,116 @@ def test_user_pinned_override_keeps_blocks_on_the_gpu(tmp_path):
     ctl = _run(toml)
     assert 1 in _on_gpu(ctl) and 0 not in _on_gpu(ctl)
     ctl.close()
+
+
+# -- policies users ship: [policy] module, [policy.<name>] settings ------------------------------
+@pytest.fixture
+def fresh_modules(monkeypatch, tmp_path):
+    """User policy modules imported by a test are forgotten after it (so the next registers
+    again into its own private registry)."""
+    before = set(sys.modules)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+def test_custom_policy_example_end_to_end(fresh_modules):
+    """Scenario: configs/custom-policy.toml imports configs/custom_policy.py, which registers
+    middle_out; its settings table reaches the policy and its victims order drives demotion."""
+    toml = REPO / "configs" / "custom-policy.toml"
+    cfg = kvtier.load_config(toml)
+    assert cfg.policy.name == "middle_out"
+    assert cfg.policy.module == str(REPO / "configs" / "custom_policy.py")
+    assert dict(cfg.policy.settings) == {"edge_blocks": 2}
+    policy = make_policy(cfg.policy, BT)
+    assert type(policy).__name__ == "MiddleOut" and isinstance(policy, Policy)
+    assert dict(policy.settings) == {"edge_blocks": 2} and policy.max_pinned_blocks() == 4
+    blocks = [BlockMeta(index=i) for i in range(8)]
+    # ends 0, 1 and 6, 7 pinned; the rest farthest from both ends first
+    assert _indices(policy.victims(blocks, 8, seq_tokens=8 * BT)) == [3, 4, 2, 5]
+
+    streaming = {"blocks": 8, "gpu_slots": 4, "policy_prefetch_depth": 0}  # 8 blocks do not fit
+    ctl = _run(toml, **streaming, policy={"middle_out": {"edge_blocks": 1}})
+    assert type(ctl.placement.policy).__name__ == "MiddleOut"
+    assert ctl.placement.policy.settings["edge_blocks"] == 1
+    on_gpu = _on_gpu(ctl)
+    assert {0, 7} <= on_gpu and not {3, 4} & on_gpu  # the ends stayed, the middle went first
+    ctl.close()
+    lru = _run(toml, **streaming, policy_name="lru")
+    assert 0 not in _on_gpu(lru)  # LRU demotes the oldest: the order came from middle_out
+    lru.close()
+
+
+def test_policy_module_by_dotted_name(fresh_modules):
+    """Scenario: `module = "my_pkg.my_policy"` imports the user's package before the name."""
+    package = fresh_modules / "my_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "my_policy.py").write_text(
+        "import kvtier\n\n"
+        "@kvtier.register_policy('newest_first')\n"
+        "class NewestFirst(kvtier.Policy):\n"
+        "    settings = {'scale': 1.0, 'label': 'x', 'strict': False}\n"
+        "    def sort_key(self, block):\n"
+        "        return (-block.index,)\n"
+    )
+    toml = fresh_modules / "cfg.toml"
+    toml.write_text(
+        '[policy]\nname = "newest_first"\nmodule = "my_pkg.my_policy"\nprefetch_depth = 0\n'
+        "[policy.newest_first]\nscale = 2\n"
+    )
+    cfg = kvtier.load_config(toml)
+    assert cfg.policy.module == "my_pkg.my_policy"
+    assert dict(cfg.policy.settings) == {"scale": 2.0, "label": "x", "strict": False}
+    assert type(cfg.policy.settings["scale"]) is float  # an int where the default is a float
+    ctl = _run(toml)
+    assert {0, 1} <= _on_gpu(ctl)
+    ctl.close()
+    again = cfg.with_overrides(policy={"newest_first": {"label": "y"}})
+    assert dict(again.policy.settings) == {"scale": 2.0, "label": "y", "strict": False}
+
+
+def test_config_validate_imports_the_policy_module_in_a_fresh_process(tmp_path):
+    """Scenario: `kvtier config validate` (any new process) imports the module itself; nothing
+    registered the policy beforehand."""
+    (tmp_path / "their_policy.py").write_text(
+        "import kvtier\n\n@kvtier.register_policy('theirs')\nclass Theirs(kvtier.Policy):\n"
+        "    settings = {'window': 8}\n"
+    )
+    toml = tmp_path / "cfg.toml"
+    toml.write_text(
+        '[policy]\nname = "theirs"\nmodule = "their_policy"\n[policy.theirs]\nwindow = 3\n'
+    )
+    env = {"PYTHONPATH": str(tmp_path), "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    command = [sys.executable, "-m", "kvtier", "config", "validate", str(toml)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert (run.returncode, run.stdout) == (0, f"ok: {toml}\n"), run.stderr
+    toml.write_text(toml.read_text().replace("window = 3", "windw = 3"))
+    run = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert "unknown key 'policy.theirs.windw'; did you mean 'window'? policy 'theirs' takes" in (
+        run.stderr
+    )
+
+
+def test_settings_of_a_policy_not_chosen_are_checked_not_applied(fresh_modules):
+    """Scenario: one file keeps several policies' settings; policy.name picks whose apply."""
+
+    @kvtier.register_policy("mine")
+    class Mine(Policy):
+        settings = {"window": 4}
+
+    cfg = kvtier.load_config(policy={"name": "lru", "mine": {"window": 9}})
+    assert cfg.policy.name == "lru" and dict(cfg.policy.settings) == {}
+    assert cfg.specs["policy.mine.window"] == 9
+    assert dict(cfg.with_overrides(policy_name="mine").policy.settings) == {"window": 9}
+    with pytest.raises(kvtier.ConfigError, match="policy.mine.window = 'x' is not an integer"):
+        kvtier.load_config(policy={"name": "lru", "mine": {"window": "x"}})
+
+
+def test_policy_refuses_settings_it_does_not_declare():
+    """Scenario: a hand-built PolicyConfig with an unknown setting fails at make_policy."""
+    cfg = PolicyConfig("lru", 0, 0, 0, settings={"window": 1})
+    with pytest.raises(kvtier.ConfigError, match=r"policy 'lru' has no settings \['window'\]"):
+        make_policy(cfg, BT)

@@ -1,4 +1,5 @@
-"""Text shipped with kvtier: the needle-in-a-haystack document for long-context checks.
+"""Text shipped with kvtier: the needle-in-a-haystack document for long-context checks, and
+default.toml, the documented defaults that kvtier.config reads.
 
 Strings only: it never loads a model or touches the KV cache.
 """
