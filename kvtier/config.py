@@ -36,6 +36,7 @@ DEFAULTS: Mapping[str, object] = MappingProxyType(
         "disk.budget": "80%",
         "disk.codec": "auto",
         "disk.persist": False,
+        "disk.model_key": "",
         "policy.name": "sink_recent",
         "policy.sink_tokens": 64,
         "policy.recent_tokens": 1024,
@@ -88,6 +89,8 @@ class DiskConfig:
     budget_bytes: int
     codec: str
     persist: bool
+    # names the model in block ids instead of a checksum of its weights; "" = compute it
+    model_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +279,7 @@ def _resolve(layers: _Layers) -> Config:
             budget_bytes=disk_budget,
             codec=_codec(layers),
             persist=_bool(layers, "disk.persist"),
+            model_key=_model_key(layers),
         ),
         policy=PolicyConfig(
             name=_policy_name(layers),
@@ -322,6 +326,16 @@ def _bool(layers: _Layers, key: str) -> bool:
             return word in _ENV_TRUE
         _fail(f"{key} = {value!r} is not a boolean; use true/false, 1/0 or yes/no", source)
     _fail(f"{key} = {value!r} is not a boolean; use true or false", source)
+
+
+def _model_key(layers: _Layers) -> str:
+    value, source = layers["disk.model_key"]
+    if not isinstance(value, str) or value != value.strip():
+        _fail(
+            f"disk.model_key = {value!r} is not a model name; use e.g. 'org/model@rev' or ''",
+            source,
+        )
+    return value
 
 
 def _codec(layers: _Layers) -> str:

@@ -100,7 +100,7 @@ def test_config_show_text(tmp_path):
     result = invoke("config", "show", str(path))
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert len(lines) == 12
+    assert len(lines) == 13  # one per key, disk.model_key included
     assert lines[0].startswith("block_tokens = 256 ") and lines[0].endswith("# from default")
     by_key = {line.split(" = ")[0]: line for line in lines}
     assert by_key["gpu.budget"].startswith("gpu.budget = 8.00 GiB (8589934592 bytes) ")
@@ -108,6 +108,7 @@ def test_config_show_text(tmp_path):
     assert by_key["host.budget"].endswith(f'# "1GiB" from file {path}')
     assert by_key["disk.path"].endswith('# "~/.cache/kvtier" from default')
     assert by_key["disk.persist"].startswith("disk.persist = false ")
+    assert by_key["disk.model_key"].startswith('disk.model_key = "" ')
     assert len({line.index("#") for line in lines}) == 1  # comments line up
 
 
