@@ -344,3 +344,42 @@ def test_tier_records_tokens_and_model_key(tmp_path: Path) -> None:
     (info,) = list_blocks(StoreLayout(tmp_path))
     assert (info.model, info.tokens, info.where, info.users) == ("org/m@1", 16, "shared", 1)
     assert info.ratio == pytest.approx(1.0) and info.problem is None
+
+
+def test_controller_close_on_a_store_turned_read_only(tmp_path: Path, monkeypatch) -> None:
+    """Scenario (issue 9): a controller whose disk turned read-only mid-run: close() used to
+    raise from the disk delete and orphan the tracked files; now it returns, and its files wait
+    in its process area for the next sweep."""
+    import kvtier
+    from kvtier.controller import TierController
+
+    geometry = _geometry()
+    slot = 16 * 2 * (2 * 1 * 2 * 8 * 4)
+    cfg = kvtier.load_config(
+        None,
+        block_tokens=16,
+        prefill_chunk_tokens=16,
+        gpu_budget=2 * 256 * 128 + 4 * slot,
+        host_budget=2 * slot,
+        disk_path=str(tmp_path),
+        disk_budget=10**7,
+        disk_codec="raw",
+        policy_name="lru",
+    )
+    ctl = TierController(cfg, geometry, fingerprint=FINGERPRINT)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        ctl.begin_step(16)
+        for layer in range(2):
+            kv = torch.randn((2, 1, 2, 16, 8), generator=generator)
+            ctl.append(layer, kv[0], kv[1])
+    area = ctl.disk.store.area
+    on_disk = sorted(p.name for p in area.iterdir())
+    assert on_disk, "the test needs blocks on disk"
+    _read_only(monkeypatch)
+    ctl.close()
+    monkeypatch.undo()
+    assert sorted(p.name for p in area.iterdir()) == on_disk
+    monkeypatch.setattr(Owner, "alive", lambda owner: owner.tag != area.name)
+    _store(tmp_path).close()
+    assert not area.exists() and list((tmp_path / "v1").glob("??/*")) == []

@@ -93,8 +93,9 @@ def fingerprint(model: torch.nn.Module, *, model_key: str = "") -> str:
     """Identity of the model's KV: config JSON, dtype, FORMAT_VERSION and every weight's bits.
 
     Every element of every parameter and buffer takes part, through an exact integer checksum
-    computed on the tensor's device (`_weights_digest`), so models that differ in one bit of
-    one weight never share blocks. `model_key` (`disk.model_key`, e.g. "org/model@rev") names
+    computed on the tensor's device (`_weights_digest`; 0.18 s for Llama-3-8B shapes in bf16
+    on an H200, scripts/bench_fingerprint.py), so models that differ in one bit of one weight
+    never share blocks. `model_key` (`disk.model_key`, e.g. "org/model@rev") names
     the weights instead and skips the checksum. Cached on the model until a parameter changes
     in place or is replaced (its version counter or storage); an edit through `.data` is not
     seen: pass a new `model_key` or use a new model object then.
