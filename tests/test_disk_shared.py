@@ -383,3 +383,21 @@ def test_controller_close_on_a_store_turned_read_only(tmp_path: Path, monkeypatc
     monkeypatch.setattr(Owner, "alive", lambda owner: owner.tag != area.name)
     _store(tmp_path).close()
     assert not area.exists() and list((tmp_path / "v1").glob("??/*")) == []
+
+
+def test_adopt_over_budget_or_of_a_corrupt_block_leaves_no_link(tmp_path: Path) -> None:
+    writer = _store(tmp_path)
+    size = writer.write_block(_id(1), _block(1), parent_id=None)
+    writer.write_block(_id(2), _block(2), parent_id=None)
+    writer.close()
+    small = DiskTier(_store(tmp_path, budget_bytes=size - 1), _geometry())
+    assert small.adopt(_id(1)) is None and list(small.store.area.iterdir()) == []
+    with pytest.raises(BudgetError, match="needs"):
+        small.store.adopt(_id(1))
+    assert list(small.store.area.iterdir()) == []
+    path = _shared(tmp_path, 2)
+    path.write_bytes(path.read_bytes()[:-1])  # truncated in place
+    roomy = _store(tmp_path)
+    assert roomy.adopt(_id(2)) is None and list(roomy.area.iterdir()) == []
+    assert not path.exists() and len(list((tmp_path / "quarantine").iterdir())) == 1
+    assert roomy.adopt(_id(1)) == size and roomy.adopt(_id(1)) == size

@@ -135,7 +135,7 @@ class Holdings:
         except FileNotFoundError:
             return None
 
-    def release_bytes(self, held: Held) -> None:
+    def release(self, held: Held) -> None:
         """Delete our name of a file we stopped holding (a shared one keeps its data for GC,
         with its last use recorded); never raises."""
         try:
@@ -162,7 +162,7 @@ class Holdings:
         for block_id in self.ids():
             held = self.untrack(block_id)
             if held is not None:
-                self.release_bytes(held)
+                self.release(held)
         with self._lock:
             stranded = sum(self._stranded.values())
             self._stranded.clear()

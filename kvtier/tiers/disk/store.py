@@ -159,15 +159,13 @@ class DiskStore:
         if held is None:
             return None
         if self.reader.probe_path(block_id, held.path) is not ReadResult.OK:
-            self.holdings.release_bytes(
-                Held(held.path, held.size, shared=False, pinned=held.pinned)
-            )
+            self.holdings.release(Held(held.path, held.size, shared=False, pinned=held.pinned))
             return None
         with self._lock:
             try:
                 self._check_budget(block_id, held.size)
             except BudgetError:
-                self.holdings.release_bytes(held)
+                self.holdings.release(held)
                 raise
             self.holdings.track(block_id, held)
         touch(held.path)
@@ -301,7 +299,7 @@ class DiskStore:
         until GC; a file that cannot be deleted now is retried at close()."""
         held = self.holdings.untrack(block_id)
         if held is not None:
-            self.holdings.release_bytes(held)
+            self.holdings.release(held)
 
     def clear(self) -> None:
         """Drop every block this store holds (persisted ones stay shared); others' stay."""
