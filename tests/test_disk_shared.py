@@ -8,6 +8,7 @@ owner tags of dead processes; tests/test_disk_processes.py uses real processes.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 from pathlib import Path
@@ -15,11 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import kvtier
+from kvtier.controller import TierController
 from kvtier.errors import BudgetError, KVTierError
+from kvtier.layout import KVGeometry, staging_bytes
 from kvtier.tiers.disk import DiskStore, DiskTier
 from kvtier.tiers.disk import files as disk_files
 from kvtier.tiers.disk.areas import Owner, StoreLayout, namespace, temp_name
-from kvtier.tiers.disk.catalog import orphans, verify
+from kvtier.tiers.disk.catalog import list_blocks, orphans, verify
 from kvtier.tiers.disk.format import ReadResult
 from kvtier.tiers.disk.holdings import Holdings
 from kvtier.tiers.disk.ledger import store_lock, survey
@@ -287,19 +291,15 @@ def test_unclosed_store_removes_its_area_when_collected(tmp_path: Path) -> None:
     store.write_block(_id(1), _block(1), parent_id=None, persist=False)
     area = store.area
     del store
-    import gc
-
     gc.collect()
     assert not area.exists()
 
 
 # -- DiskTier: what the reuse side calls --------------------------------------------------------
-def _geometry():
-    from kvtier.layout import KVGeometry
-
+def _geometry(layers: int = 2) -> KVGeometry:
     return KVGeometry(
-        layer_ids=(0, 1),
-        layer_devices=(torch.device("cpu"),) * 2,
+        layer_ids=tuple(range(layers)),
+        layer_devices=(torch.device("cpu"),) * layers,
         batch=1,
         kv_heads=2,
         head_dim=8,
@@ -334,8 +334,6 @@ def test_tier_finds_and_loads_blocks_another_process_persisted(tmp_path: Path) -
 
 
 def test_tier_records_tokens_and_model_key(tmp_path: Path) -> None:
-    from kvtier.tiers.disk.catalog import list_blocks
-
     store = DiskStore(
         tmp_path, budget_bytes=GiB, codec="raw", fingerprint=FINGERPRINT, model_key="org/m@1"
     )
@@ -350,32 +348,31 @@ def test_controller_close_on_a_store_turned_read_only(tmp_path: Path, monkeypatc
     """Scenario (issue 9): a controller whose disk turned read-only mid-run: close() used to
     raise from the disk delete and orphan the tracked files; now it returns, and its files wait
     in its process area for the next sweep."""
-    import kvtier
-    from kvtier.controller import TierController
-
-    geometry = _geometry()
-    slot = 16 * 2 * (2 * 1 * 2 * 8 * 4)
+    layers = 4  # K/V of a token in every layer outweighs its staging: the GPU has to stream
+    geometry = _geometry(layers)
     cfg = kvtier.load_config(
         None,
         block_tokens=16,
-        prefill_chunk_tokens=16,
-        gpu_budget=2 * 256 * 128 + 4 * slot,
-        host_budget=2 * slot,
+        prefill_chunk_tokens=32,
+        gpu_budget=staging_bytes(geometry, 224, buffers=2) + 3 * geometry.block_bytes,
+        host_budget=2 * geometry.block_bytes,
         disk_path=str(tmp_path),
-        disk_budget=10**7,
         disk_codec="raw",
         policy_name="lru",
+        policy_sink_tokens=16,
+        policy_recent_tokens=16,
     )
     ctl = TierController(cfg, geometry, fingerprint=FINGERPRINT)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(10):
-        ctl.begin_step(16)
-        for layer in range(2):
-            kv = torch.randn((2, 1, 2, 16, 8), generator=generator)
+    for _ in range(7):  # 224 tokens
+        ctl.begin_step(32)
+        for layer in range(layers):
+            ctl.prefetch(layer)
+            kv = torch.randn((2, 1, 2, 32, 8), generator=generator)
             ctl.append(layer, kv[0], kv[1])
     area = ctl.disk.store.area
     on_disk = sorted(p.name for p in area.iterdir())
-    assert on_disk, "the test needs blocks on disk"
+    assert len(on_disk) >= 3, "the test needs blocks on disk"
     _read_only(monkeypatch)
     ctl.close()
     monkeypatch.undo()
