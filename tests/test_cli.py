@@ -117,7 +117,7 @@ def test_config_show_text(tmp_path):
     result = invoke("config", "show", str(path))
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if " = " in line]
-    assert len(lines) == 13  # every key, policy.module included
+    assert len(lines) == 14  # every key, policy.module and disk.model_key included
     assert lines[0].startswith("block_tokens = 256 ") and lines[0].endswith("# from default")
     gpu, host, disk = (line for line in lines if line.startswith("budget = "))
     assert gpu.startswith("budget = 8589934592 ") and gpu.endswith(
@@ -129,6 +129,7 @@ def test_config_show_text(tmp_path):
     by_key = {line.split(" = ")[0]: line for line in lines}
     assert by_key["path"].endswith('# "~/.cache/kvtier" from default')
     assert by_key["persist"].startswith("persist = false ")
+    assert by_key["model_key"].startswith('model_key = "" ')
     assert len({line.index("#") for line in lines}) == 1  # comments line up
     assert "\n[gpu]\n" in result.stdout and "\n[policy]\n" in result.stdout
 

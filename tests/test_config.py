@@ -130,6 +130,7 @@ def test_every_key_read_from_toml(tmp_path):
         budget = "2 GB"
         codec = "shuffle+lz4"
         persist = true
+        model_key = "org/model@abc123"
         [policy]
         name = "lru"
         module = ""
@@ -143,7 +144,7 @@ def test_every_key_read_from_toml(tmp_path):
     assert cfg.prefill_chunk_tokens == 1000
     assert cfg.gpu.budget_bytes == GIB
     assert cfg.host.budget_bytes == 123456
-    assert cfg.disk == config.DiskConfig(store, 2 * 10**9, "shuffle+lz4", True)
+    assert cfg.disk == config.DiskConfig(store, 2 * 10**9, "shuffle+lz4", True, "org/model@abc123")
     assert cfg.policy == config.PolicyConfig("lru", 0, 512, 8)
     assert set(cfg.sources.values()) == {f"file {path}"}
     assert cfg.specs["host.budget"] == 123456
@@ -316,6 +317,7 @@ def test_percent_resolving_to_zero_disk_warns(monkeypatch, caplog):
         ("prefill_chunk_tokens = 0\n", ["prefill_chunk_tokens = 0 is not a positive integer"]),
         ("[disk]\npersist = 3\n", ["disk.persist = 3 is not a boolean; use true or false"]),
         ('[disk]\npersist = "yes"\n', ["disk.persist = 'yes' is not a boolean"]),
+        ("[disk]\nmodel_key = 3\n", ["disk.model_key = 3 is not a model name", "'org/model@rev'"]),
         (
             '[host]\nbudget = "3 parsecs"\n',
             ["host.budget = '3 parsecs' is not a size; use bytes, '2GiB', '40%' or 'auto'"],
@@ -427,6 +429,7 @@ def test_every_env_var(monkeypatch, tmp_path):
         "KVTIER_DISK_BUDGET": "10%",
         "KVTIER_DISK_CODEC": "lz4",
         "KVTIER_DISK_PERSIST": "yes",
+        "KVTIER_DISK_MODEL_KEY": "m@1",
         "KVTIER_POLICY_NAME": "lfu",
         "KVTIER_POLICY_MODULE": "json",  # any importable module; this one registers nothing
         "KVTIER_POLICY_SINK_TOKENS": "0",
@@ -439,7 +442,7 @@ def test_every_env_var(monkeypatch, tmp_path):
     cfg = load_config()
     assert (cfg.block_tokens, cfg.prefill_chunk_tokens) == (64, 2048)
     assert (cfg.gpu.budget_bytes, cfg.host.budget_bytes) == (GIB, 1000)
-    assert cfg.disk == config.DiskConfig(tmp_path / "s", DISK_FREE // 10, "lz4", True)
+    assert cfg.disk == config.DiskConfig(tmp_path / "s", DISK_FREE // 10, "lz4", True, "m@1")
     assert cfg.policy == config.PolicyConfig("lfu", 0, 16, 2, module="json")
     assert cfg.sources["disk.persist"] == "env KVTIER_DISK_PERSIST"
     assert cfg.specs["block_tokens"] == "64"
@@ -497,6 +500,7 @@ def test_every_flat_override(tmp_path):
         disk_budget="1KB",
         disk_codec="raw",
         disk_persist=True,
+        disk_model_key="m@2",
         policy_name="lru",
         policy_module="",
         policy_sink_tokens=1,
@@ -505,7 +509,7 @@ def test_every_flat_override(tmp_path):
     )
     assert (cfg.block_tokens, cfg.prefill_chunk_tokens) == (32, 7)
     assert (cfg.gpu.budget_bytes, cfg.host.budget_bytes) == (2**20, 2**21)
-    assert cfg.disk == config.DiskConfig(tmp_path, 1000, "raw", True)
+    assert cfg.disk == config.DiskConfig(tmp_path, 1000, "raw", True, "m@2")
     assert cfg.policy == config.PolicyConfig("lru", 1, 2, 0)
     assert set(cfg.sources.values()) == {"override"}
     assert cfg.specs["disk.path"] == str(tmp_path)

@@ -648,7 +648,8 @@ def test_corrupt_disk_block_raises_never_wrong_data(make_controller, where):
     for _ in range(5):
         run.step(CHUNK_TOKENS)
     block = next(b for b in run.ctl.table if b.tiers == {Tier.DISK})
-    path = run.ctl.cfg.disk.path / "v1" / block.block_id[:2] / f"{block.block_id}.safetensors"
+    # persist = false: the file is in this process's area of the store (v1/proc/<owner>/)
+    (path,) = run.ctl.cfg.disk.path.glob(f"v1/proc/*/{block.block_id}.safetensors")
     data = bytearray(path.read_bytes())
     header_end = 8 + int.from_bytes(data[:8], "little")
     # layer 0's K/V is the first payload: read_block(index, 0) reads only that tensor's bytes
@@ -750,7 +751,7 @@ def test_prefetch_in_flight_at_crop_cannot_overwrite_staging(make_controller, mo
 
     gate, entered, finished = threading.Event(), threading.Semaphore(0), threading.Semaphore(0)
     gating = True
-    read_entry = DiskStore._read_entry_into
+    read_entry = DiskStore.read_tensor_into
 
     def slow_read(self, *args):
         if not gating:
@@ -762,7 +763,7 @@ def test_prefetch_in_flight_at_crop_cannot_overwrite_staging(make_controller, mo
         finally:
             finished.release()
 
-    monkeypatch.setattr(DiskStore, "_read_entry_into", slow_read)
+    monkeypatch.setattr(DiskStore, "read_tensor_into", slow_read)
     run.ctl.prefetch(0)  # the post-hook's prefetch of the next step: its disk reads now wait
     for _ in disk_blocks:
         assert entered.acquire(timeout=10)

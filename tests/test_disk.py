@@ -62,6 +62,18 @@ def _flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def _data_files(root: Path) -> list[Path]:
+    """Block and temp files anywhere under root (not the store's marker, lock or folders)."""
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".tmp")
+    )
+
+
+def _shared_files(root: Path) -> list[Path]:
+    """Files of the shared area (v1/<shard>/), where persisted blocks live."""
+    return sorted(p for p in (root / "v1").glob("??/*") if p.is_file())
+
+
 def _header_bytes(path: Path) -> int:
     return 8 + int.from_bytes(path.read_bytes()[:8], "little")
 
@@ -289,7 +301,7 @@ def test_enospc_is_a_clear_error_and_leaves_no_temp(
         store.write_block(BLOCK_ID, _block(), parent_id=None)
     monkeypatch.undo()
     assert written  # it failed part-way through the file
-    assert [path for path in tmp_path.rglob("*") if path.is_file()] == []
+    assert _data_files(tmp_path) == []
     assert store.bytes_used == 0 and store.stats()["blocks"] == 0
     store.write_block(BLOCK_ID, _block(), parent_id=None)  # budget reservation was released
     assert store.read_block(BLOCK_ID) is not None
@@ -305,7 +317,7 @@ def test_other_os_error_is_a_kvtier_error(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(KVTierError, match="could not write"):
         store.write_block(BLOCK_ID, _block(), parent_id=None)
     monkeypatch.undo()
-    assert [path for path in tmp_path.rglob("*") if path.is_file()] == []
+    assert _data_files(tmp_path) == []
 
 
 def test_two_stores_write_one_id_concurrently(tmp_path: Path) -> None:
@@ -327,11 +339,14 @@ def test_two_stores_write_one_id_concurrently(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert errors == []
-    files = [path for path in tmp_path.rglob("*") if path.is_file()]
-    assert files == [_path(tmp_path)]
+    # one shared file, and in each store's process area a hard link to it (or a private copy,
+    # when its write lost the race); no temp file anywhere
+    assert _shared_files(tmp_path) == [_path(tmp_path)]
+    assert [p for p in _data_files(tmp_path) if p.suffix == ".tmp"] == []
     for store in stores:
         assert _same(store.read_block(BLOCK_ID), tensors)
-        assert store.bytes_used == files[0].stat().st_size and store.stats()["blocks"] == 1
+        assert (store.area / _path(tmp_path).name).is_file()
+        assert store.bytes_used == _path(tmp_path).stat().st_size and store.stats()["blocks"] == 1
 
 
 def test_many_threads_many_blocks_keep_exact_accounting(tmp_path: Path) -> None:
@@ -355,10 +370,12 @@ def test_many_threads_many_blocks_keep_exact_accounting(tmp_path: Path) -> None:
 
 
 def test_delete_clear_bytes_used_and_stats(tmp_path: Path) -> None:
+    """Blocks written without persist are this store's alone: delete and clear remove them.
+    (Before the shared store, delete removed any block's file, persisted or not.)"""
     store = _store(tmp_path)
     first, second = "ab" + "1" * 30, "cd" + "2" * 30
-    size_first = store.write_block(first, _block(1), parent_id=None)
-    size_second = store.write_block(second, _block(2), parent_id=first)
+    size_first = store.write_block(first, _block(1), parent_id=None, persist=False)
+    size_second = store.write_block(second, _block(2), parent_id=first, persist=False)
     assert store.bytes_used == size_first + size_second
     store.read_block(first)
     stats = store.stats()

@@ -20,6 +20,7 @@ from kvtier.config.values import (
     as_budget,
     as_codec,
     as_int,
+    as_model_key,
     as_path,
     check_store,
     disk_free,
@@ -53,6 +54,8 @@ class DiskConfig:
     budget_bytes: int
     codec: str
     persist: bool
+    # names the model in block ids instead of a checksum of its weights; "" = compute it
+    model_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +190,7 @@ def _resolve(layers: Layers) -> Config:
             budget_bytes=disk_budget,
             codec=as_codec(layers),
             persist=as_bool(layers, "disk.persist"),
+            model_key=as_model_key(layers),
         ),
         policy=PolicyConfig(
             name=name,

@@ -74,6 +74,17 @@ def as_codec(layers: Layers) -> str:
     return value
 
 
+def as_model_key(layers: Layers) -> str:
+    value, source = layers["disk.model_key"]
+    if not isinstance(value, str) or value != value.strip() or "\x00" in value:
+        fail(
+            f"disk.model_key = {shown(value)} is not a model name; use e.g. 'org/model@rev' "
+            "or '' to compute one from the weights",
+            source,
+        )
+    return value
+
+
 def as_path(
     layers: Layers, key: str, example: str = "use a directory such as '~/.cache/kvtier'"
 ) -> Path:

@@ -34,15 +34,19 @@ def build_stores(
         Tier.GPU: GpuPool(geometry, limit_bytes=cfg.gpu.budget_bytes, retire=retire),
         Tier.HOST: HostPool(geometry, limit_bytes=cfg.host.budget_bytes),
     }
-    if disk_store is None and cfg.disk.budget_bytes > 0:
+    owns_store = disk_store is None and cfg.disk.budget_bytes > 0
+    if owns_store:
         disk_store = DiskStore(
             cfg.disk.path,
             budget_bytes=cfg.disk.budget_bytes,
             codec=cfg.disk.codec,
             fingerprint=fingerprint,
+            model_key=cfg.disk.model_key,
         )
     if disk_store is not None:
-        stores[Tier.DISK] = DiskTier(disk_store, geometry, keep_files=cfg.disk.persist)
+        stores[Tier.DISK] = DiskTier(
+            disk_store, geometry, persist=cfg.disk.persist, owns_store=owns_store
+        )
     return stores
 
 

@@ -5,16 +5,19 @@ to 8 bytes, then the payloads back to back in the writer's tensor order. A tenso
 has its real dtype and shape when raw, else "U8" [payload bytes]. `__metadata__` (all str):
 format_version, block_id, fingerprint, parent_id ("" for none), tensors (JSON: name -> dtype,
 shape, codec, raw_bytes, checksum of the raw bytes) and metadata_checksum (of the other five
-values, so that no flipped header byte goes unnoticed). No file I/O beyond reading a header.
+values, so that no flipped header byte goes unnoticed). Optional, for people and `kvtier store`:
+labels (JSON: model_key, tokens) with labels_checksum, both or neither; readers that predate
+them ignore both. No file I/O beyond reading a header.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import torch
@@ -46,6 +49,17 @@ _DTYPE_BY_NAME = {name: dtype for dtype, name in DTYPES.items()}
 _CHECKED_METADATA = ("format_version", "block_id", "fingerprint", "parent_id", "tensors")
 
 
+class ReadResult(enum.Enum):
+    """How reading a stored block went; only OK is truthy, so `if store.read...:` still reads."""
+
+    OK = "ok"
+    MISSING = "missing"  # no file: never written, collected, or deleted by its process: recompute
+    CORRUPT = "corrupt"  # the file failed verification and was quarantined: recompute
+
+    def __bool__(self) -> bool:
+        return self is ReadResult.OK
+
+
 class Corrupt(StoreCorruptError):
     """A block file that fails verification; `cause` keys the warn-once log."""
 
@@ -68,6 +82,24 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
+class Header:
+    """A verified header: the tensors by name (file order) and what the metadata says."""
+
+    entries: dict[str, Entry]
+    fingerprint: str
+    parent_id: str
+    labels: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(entry.raw_bytes for entry in self.entries.values())
+
+    @property
+    def data_start(self) -> int:
+        return min((entry.begin for entry in self.entries.values()), default=0)
+
+
+@dataclass(frozen=True, slots=True)
 class Payload:
     """One tensor ready to write: its encoded bytes and the checksum of its raw bytes."""
 
@@ -79,9 +111,17 @@ class Payload:
 
 
 def build_header(
-    block_id: str, fingerprint: str, parent_id: str | None, payloads: list[Payload]
+    block_id: str,
+    fingerprint: str,
+    parent_id: str | None,
+    payloads: list[Payload],
+    *,
+    labels: Mapping[str, object] | None = None,
 ) -> bytes:
-    """The length field and JSON header of a block file whose payloads follow in this order."""
+    """The length field and JSON header of a block file whose payloads follow in this order.
+
+    `labels` (JSON values, e.g. model_key, tokens) are recorded for `kvtier store ls`.
+    """
     header: dict[str, object] = {}
     described = {}
     offset = 0
@@ -107,16 +147,17 @@ def build_header(
         "tensors": json.dumps(described, separators=(",", ":")),
     }
     header["__metadata__"] = {**meta, "metadata_checksum": _metadata_checksum(meta)}
+    if labels:
+        text = json.dumps(dict(labels), separators=(",", ":"), sort_keys=True)
+        header["__metadata__"] |= {"labels": text, "labels_checksum": checksum(text.encode())}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
     return struct.pack("<Q", len(text)) + text
 
 
-def read_header(
-    file: BinaryIO, file_bytes: int, block_id: str, fingerprint: str
-) -> dict[str, Entry]:
+def read_header(file: BinaryIO, file_bytes: int, block_id: str, fingerprint: str | None) -> Header:
     """Read and check the header of an open block file; `Corrupt` if it is not a valid block
-    `block_id` of model `fingerprint` exactly `file_bytes` long."""
+    `block_id` of model `fingerprint` (None: any model) exactly `file_bytes` long."""
     if file_bytes < 8:
         raise Corrupt("truncated file", f"{file_bytes} bytes")
     length_field = bytearray(8)
@@ -136,17 +177,35 @@ def read_header(
 
 
 def parse_header(
-    header: dict, data_start: int, file_bytes: int, block_id: str, fingerprint: str
-) -> dict[str, Entry]:
+    header: dict, data_start: int, file_bytes: int, block_id: str, fingerprint: str | None
+) -> Header:
     """Check a block file's header against itself, its name and the file size; `Corrupt` if not."""
     meta = header.pop("__metadata__")
     if meta["metadata_checksum"] != _metadata_checksum(meta):
         raise Corrupt("metadata checksum mismatch", "the header's metadata changed after writing")
     if meta["format_version"] != FORMAT_VERSION:
         raise Corrupt("unsupported format", f"format_version {meta['format_version']!r}")
-    if meta["block_id"] != block_id or meta["fingerprint"] != fingerprint:
+    if meta["block_id"] != block_id or fingerprint not in (None, meta["fingerprint"]):
         raise Corrupt("foreign block", "block id or model fingerprint differ from the file name")
-    described = json.loads(meta["tensors"])
+    labels = _labels(meta)
+    entries = _entries(header, json.loads(meta["tensors"]), data_start, file_bytes)
+    return Header(entries, meta["fingerprint"], meta["parent_id"], labels)
+
+
+def _labels(meta: Mapping[str, str]) -> dict[str, object]:
+    text, recorded = meta.get("labels"), meta.get("labels_checksum")
+    if text is None and recorded is None:
+        return {}
+    if not isinstance(text, str) or recorded != checksum(text.encode()):
+        raise Corrupt("metadata checksum mismatch", "the header's labels changed after writing")
+    labels = json.loads(text)
+    if not isinstance(labels, dict):
+        raise ValueError(f"labels {text!r} are not a JSON object")
+    return labels
+
+
+def _entries(header: dict, described: dict, data_start: int, file_bytes: int) -> dict[str, Entry]:
+    """The tensors' entries, checked against their description and the file size."""
     if list(described) != list(header):
         raise ValueError(f"metadata names {list(described)} differ from tensors {list(header)}")
     entries = {}

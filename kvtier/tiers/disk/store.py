@@ -1,48 +1,45 @@
-"""DiskStore: block files under one root: budget, reservations, verified reads, quarantine.
+"""DiskStore: one process's use of a block store that many processes share: its process area,
+its budget, atomic writes, verified reads, quarantine, and a close() that never raises.
 
 Stores and checks bytes only; which blocks to write, read or delete is the controller's call.
-The file layout is format.py; the atomic write and exact read are files.py.
+Paths and owners are areas.py; the store-wide budget, sweeps and GC ledger.py; one file's bytes
+blockio.py and format.py; the POSIX steps files.py. docs/store.md states the guarantees.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
-import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import BinaryIO
 
-import numpy as np
 import torch
 
-from kvtier.errors import BudgetError, ConfigError, KVTierError, StoreCorruptError
-from kvtier.tiers.codec import (
-    DEFAULT_READ_GBPS,
-    DEFAULT_WRITE_GBPS,
-    Codec,
-    CodecChoice,
-    checksum,
-    decode_into,
-    encode,
-)
-from kvtier.tiers.disk.files import quarantine, read_exact_into, write_atomic
-from kvtier.tiers.disk.format import DTYPES, Corrupt, Entry, Payload, build_header, read_header
+from kvtier.errors import BudgetError, ConfigError, KVTierError
+from kvtier.tiers.codec import DEFAULT_READ_GBPS, DEFAULT_WRITE_GBPS, Codec, CodecChoice
+from kvtier.tiers.disk.areas import Owner, StoreLayout, check_format, temp_name
+from kvtier.tiers.disk.blockio import check_tensors, encode_block
+from kvtier.tiers.disk.files import link_durable, replace_link, touch, write_atomic
+from kvtier.tiers.disk.format import ReadResult
+from kvtier.tiers.disk.holdings import Held, Holdings, OnceLog
+from kvtier.tiers.disk.ledger import collect, release_bytes, reserve_bytes
+from kvtier.tiers.disk.reads import BlockReader
 
 log = logging.getLogger(__name__)
 
-_ID_PATTERN = re.compile(r"[0-9A-Za-z_-]{2,128}")
+_ID_LOCKS = 64  # writes of one id are serialised in-process (striped locks)
 
 
 class DiskStore:
-    """Block files under `<root>/v1/<id[:2]>/<id>.safetensors`; every method is thread-safe.
+    """This process's blocks in the store under `root`; every method is thread-safe.
 
-    `budget_bytes` bounds the bytes of the files this instance wrote (or adopted by writing an
-    id that already existed). `codec="auto"` picks a codec on the first write and keeps it.
+    `budget_bytes` bounds both the files this store holds and, shared with every process, the
+    whole store (GC makes room). `codec="auto"` picks a codec on the first write and keeps it.
+    `model_key` is recorded in each file for `kvtier store ls`. Opening sweeps what dead
+    processes left. Not fork-safe: open one per process.
     """
 
     def __init__(
@@ -52,142 +49,209 @@ class DiskStore:
         budget_bytes: int,
         codec: str | Codec = "auto",
         fingerprint: str,
+        model_key: str = "",
         disk_write_gbps: float = DEFAULT_WRITE_GBPS,
         disk_read_gbps: float = DEFAULT_READ_GBPS,
     ) -> None:
-        if not isinstance(budget_bytes, int) or budget_bytes < 0:
-            raise ConfigError(f"disk budget_bytes = {budget_bytes!r}; use a byte count >= 0")
-        if not isinstance(fingerprint, str) or not fingerprint:
-            raise ConfigError("DiskStore needs the model fingerprint (a non-empty str)")
-        if not (disk_write_gbps > 0 and disk_read_gbps > 0):
-            raise ConfigError(
-                f"disk speeds {disk_write_gbps} / {disk_read_gbps} GB/s (write / read) must be "
-                "positive; leave the defaults or pass measured speeds"
-            )
-        if codec != "auto" and not isinstance(codec, Codec):
-            names = [member.value for member in Codec]
-            if codec not in names:
-                raise ConfigError(f"disk.codec = {codec!r} is not a codec; use 'auto' or {names}")
+        _check_options(budget_bytes, fingerprint, codec, disk_write_gbps, disk_read_gbps)
         self.root = Path(root).expanduser()
+        self.layout = StoreLayout(self.root)
+        self.model_key = model_key
         self._budget_bytes = budget_bytes
         self._fingerprint = fingerprint
         self._codec = CodecChoice(
             codec, disk_write_gbps=disk_write_gbps, disk_read_gbps=disk_read_gbps
         )
-        self._lock = threading.Lock()  # guards everything below
-        self._sizes: dict[str, int] = {}  # block id -> file bytes, for files this store counts
-        self._used_bytes = 0
+        self._lock = threading.Lock()  # guards the budget, reservations and counters
+        self._id_locks = [threading.Lock() for _ in range(_ID_LOCKS)]
         self._reserved_bytes = 0  # budget held by writes in flight
-        self._counters = {"bytes_written": 0, "bytes_read": 0, "write_s": 0.0, "read_s": 0.0}
-        self._quarantined = 0
-        self._warned: set[str] = set()
+        self._counters = {"bytes_written": 0, "write_s": 0.0}
+        self._once = OnceLog(log)
+        self._closed = False
+        self.owner = Owner.current()
         try:
-            (self.root / "v1").mkdir(parents=True, exist_ok=True)
+            check_format(self.layout, writer=self.owner)
+            self.holdings = Holdings(self.layout, self.owner, self._once)
+            self.reader = BlockReader(self.layout, self.holdings, fingerprint, self._once)
+            collect(self.layout, max_bytes=None)  # sweep dead owners, exact ledger
         except OSError as error:
             raise KVTierError(
                 f"cannot create the disk store at {self.root} ({error.strerror}); "
                 "set disk.path to a writable local directory"
             ) from error
-
-    def _path(self, block_id: str) -> Path:
-        if not isinstance(block_id, str) or not _ID_PATTERN.fullmatch(block_id):
-            raise KVTierError(f"block id {block_id!r} is not 2-128 characters of [0-9A-Za-z_-]")
-        return self.root / "v1" / block_id[:2] / f"{block_id}.safetensors"
+        self.area = self.holdings.area
 
     # -- writes --------------------------------------------------------------------------------
     def write_block(
-        self, block_id: str, tensors: Mapping[str, torch.Tensor], *, parent_id: str | None
+        self,
+        block_id: str,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        parent_id: str | None,
+        persist: bool = True,
+        tokens: int | None = None,
     ) -> int:
         """Write one block's tensors as a file and return its size in bytes; blocks until durable.
 
-        A valid file with this id already there is kept (equal ids hold equal data). Keeps no
-        reference to `tensors` after it returns. BudgetError when the file does not fit.
+        `persist`: the block also goes to the shared area, for other processes and later runs;
+        else only this process sees it and close() deletes it. A valid file with this id already
+        there (ours or shared) is kept: equal ids hold equal data. `tokens` is recorded for
+        `kvtier store ls`. Keeps no reference to `tensors`. BudgetError when the file fits
+        neither this store's budget nor, after GC, the whole store's; KVTierError on any other
+        failure. A failed write changes nothing already stored.
         """
         started = time.perf_counter()
-        path = self._path(block_id)
-        if not tensors:
-            raise KVTierError(f"block {block_id} has no tensors; write at least one")
-        for name, tensor in tensors.items():
-            if not isinstance(name, str) or not name or name == "__metadata__":
-                raise KVTierError(f"tensor name {name!r} is not usable; use names like 'l0.k'")
-            if tensor.dtype not in DTYPES:
-                raise KVTierError(f"{name}: dtype {tensor.dtype} cannot be stored; cast it first")
-            if tensor.device.type != "cpu" or not tensor.is_contiguous():
-                raise KVTierError(f"{name}: pass a contiguous CPU tensor (`.contiguous().cpu()`)")
-        existing = self._existing_size(block_id, path)
-        if existing is not None:
-            return existing
-        codec = self._codec.resolve(tensors, where=self.root)
-        payloads = [
-            Payload(name, tensor, codec, encode(tensor, codec), checksum(tensor))
-            for name, tensor in tensors.items()
-        ]
-        head = build_header(block_id, self._fingerprint, parent_id, payloads)
-        file_bytes = len(head) + sum(len(item.data) for item in payloads)
-        self._reserve(block_id, file_bytes)
-        try:
-            self._write_file(path, [head, *(item.data for item in payloads)])
-        finally:
+        self.layout.shared(block_id)  # checks the id before anything else
+        check_tensors(block_id, tensors)
+        with self._id_locks[hash(block_id) % _ID_LOCKS]:
+            if self._closed:
+                raise KVTierError(f"the disk store at {self.root} is closed; open a new one")
+            size = self._kept_size(block_id, persist=persist)
+            if size is not None:
+                return size
+            size = self._write_new(block_id, tensors, parent_id=parent_id, tokens=tokens)
+            if persist:
+                self.publish(block_id)
             with self._lock:
-                self._reserved_bytes -= file_bytes
-        with self._lock:
-            if block_id not in self._sizes:  # a concurrent write of this id may have counted it
-                self._sizes[block_id] = file_bytes
-                self._used_bytes += file_bytes
-            self._counters["bytes_written"] += file_bytes
-            self._counters["write_s"] += time.perf_counter() - started
-        return file_bytes
+                self._counters["write_s"] += time.perf_counter() - started
+            return size
 
-    def _existing_size(self, block_id: str, path: Path) -> int | None:
-        """Size of a valid file already holding `block_id`, now counted by this store; else None."""
+    def publish(self, block_id: str) -> bool:
+        """Put a block this store holds into the shared area too (a hard link: no data copied).
+
+        True if the shared area has it now; False if this store does not hold it or linking
+        failed (logged; the block stays private).
+        """
+        held = self.holdings.get(block_id)
+        if held is None or held.shared:
+            return held is not None
+        shared = self.layout.shared(block_id)
         try:
-            with open(path, "rb", buffering=0) as file:
-                try:
-                    self._parse(file, block_id)
-                except Corrupt as error:
-                    self._quarantine(block_id, file, error)
-                    return None
-                file_bytes = os.fstat(file.fileno()).st_size
-        except FileNotFoundError:
-            with self._lock:
-                self._used_bytes -= self._sizes.pop(block_id, 0)  # deleted behind our back
+            landed = link_durable(held.path, shared)
+        except OSError as error:
+            self._once.warn(
+                "publish", "could not publish %s (%s); it stays private", shared, error.strerror
+            )
+            return False
+        if landed or not self._share_existing(block_id, held, shared):
+            self.holdings.mark_shared(held)
+        return True
+
+    def adopt(self, block_id: str) -> int | None:
+        """Hold a valid stored block (from any process) as this store's copy, pinned against GC;
+        its file bytes, or None if there is none. BudgetError if it exceeds this store's budget."""
+        held = self.holdings.get(block_id)
+        if held is not None:
+            return held.size
+        with self._id_locks[hash(block_id) % _ID_LOCKS]:
+            return self._kept_size(block_id, persist=False)
+
+    def _kept_size(self, block_id: str, *, persist: bool) -> int | None:
+        """Size of a valid file already holding `block_id`, now held by this store; else None."""
+        held = self.holdings.get(block_id)
+        if held is not None:
+            if self.reader.probe_path(block_id, held.path) is ReadResult.OK:
+                if persist:
+                    self.publish(block_id)
+                return held.size
+            self.holdings.untrack(block_id)
+        held = self.holdings.link_shared(block_id)
+        if held is None:
+            return None
+        if self.reader.probe_path(block_id, held.path) is not ReadResult.OK:
+            self.holdings.release(Held(held.path, held.size, shared=False, pinned=held.pinned))
             return None
         with self._lock:
-            if block_id not in self._sizes:
-                self._check_budget(block_id, file_bytes)
-                self._sizes[block_id] = file_bytes
-                self._used_bytes += file_bytes
-        return file_bytes
+            try:
+                self._check_budget(block_id, held.size)
+            except BudgetError:
+                self.holdings.release(held)
+                raise
+            self.holdings.track(block_id, held)
+        touch(held.path)
+        return held.size
 
-    def _check_budget(self, block_id: str, file_bytes: int) -> None:
-        free = self._budget_bytes - self._used_bytes - self._reserved_bytes
-        if file_bytes > free:
-            raise BudgetError(
-                f"disk store at {self.root} needs {file_bytes} bytes for block {block_id} but has "
-                f"{max(free, 0)} of its {self._budget_bytes}-byte budget free ({self._used_bytes} "
-                f"used, {self._reserved_bytes} being written); delete blocks or raise disk.budget"
-            )
-
-    def _reserve(self, block_id: str, file_bytes: int) -> None:
+    def _write_new(
+        self,
+        block_id: str,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        parent_id: str | None,
+        tokens: int | None,
+    ) -> int:
+        """Write the block's file into this store's area; returns its bytes."""
+        codec = self._codec.resolve(tensors, where=self.root)
+        labels = {
+            key: value
+            for key, value in (("model_key", self.model_key), ("tokens", tokens))
+            if value
+        }
+        buffers = encode_block(
+            block_id,
+            tensors,
+            codec=codec,
+            fingerprint=self._fingerprint,
+            parent_id=parent_id,
+            labels=labels,
+        )
+        file_bytes = sum(memoryview(buffer).nbytes for buffer in buffers)
+        path = self.area / self.layout.shared(block_id).name
         with self._lock:
             self._check_budget(block_id, file_bytes)
             self._reserved_bytes += file_bytes
-
-    def _write_file(self, path: Path, buffers: list[bytes | memoryview]) -> None:
         try:
-            write_atomic(path, buffers)
+            try:
+                reserve_bytes(self.layout, file_bytes=file_bytes, max_bytes=self._budget_bytes)
+            except OSError as error:
+                raise self._io_error(path, error) from error
+            try:
+                write_atomic(path, buffers, temp_name=temp_name(path, self.owner, file_bytes))
+            except OSError as error:
+                release_bytes(self.layout, file_bytes)
+                raise self._io_error(path, error) from error
+        finally:
+            with self._lock:
+                self._reserved_bytes -= file_bytes
+        self.holdings.track(block_id, Held(path, file_bytes, shared=False))
+        with self._lock:
+            self._counters["bytes_written"] += file_bytes
+        return file_bytes
+
+    def _share_existing(self, block_id: str, held: Held, shared: Path) -> bool:
+        """Replace our private copy with a link to the shared one, if that one is valid; False
+        if our copy stays private."""
+        if self.reader.probe_path(block_id, shared) is not ReadResult.OK:
+            return False
+        try:
+            size = shared.stat().st_size
+            replace_link(shared, held.path)
         except OSError as error:
-            if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                message = (
-                    f"disk store at {self.root} is full ({os.strerror(error.errno)}); "
-                    "free space or lower disk.budget"
-                )
-            else:
-                message = (
-                    f"could not write {path} ({error.strerror or error}); "
-                    "check that disk.path is a writable local directory"
-                )
-            raise KVTierError(message) from error
+            log.debug("kept a private copy of %s: %s", block_id, error)
+            return False
+        release_bytes(self.layout, held.size)  # our own file is gone
+        self.holdings.mark_shared(held, size=size)
+        return True
+
+    def _check_budget(self, block_id: str, file_bytes: int) -> None:
+        used = self.holdings.used_bytes
+        free = self._budget_bytes - used - self._reserved_bytes
+        if file_bytes > free:
+            raise BudgetError(
+                f"disk store at {self.root} needs {file_bytes} bytes for block {block_id} but has "
+                f"{max(free, 0)} of its {self._budget_bytes}-byte budget free ({used} "
+                f"used, {self._reserved_bytes} being written); delete blocks or raise disk.budget"
+            )
+
+    def _io_error(self, path: Path, error: OSError) -> KVTierError:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return KVTierError(
+                f"disk store at {self.root} is full ({os.strerror(error.errno)}); "
+                "free space or lower disk.budget"
+            )
+        return KVTierError(
+            f"could not write {path} ({error.strerror or error}); "
+            "check that disk.path is a writable local directory"
+        )
 
     # -- reads ---------------------------------------------------------------------------------
     def read_block(
@@ -197,135 +261,66 @@ class DiskStore:
 
         A corrupt file is moved to `<root>/quarantine/`. A name the block lacks raises KVTierError.
         """
-        return self._read(block_id, None if names is None else list(names), None)
+        result, tensors = self.reader.read(block_id, None if names is None else list(names))
+        return tensors if result else None
 
-    def read_tensor_into(self, block_id: str, name: str, out: torch.Tensor) -> bool:
+    def read_tensor_into(self, block_id: str, name: str, out: torch.Tensor) -> ReadResult:
         """Decode one stored tensor into `out` (contiguous CPU, same dtype and numel; may be pinned).
 
-        Reads only that tensor's bytes. False if the block is missing or corrupt (then `out` may
-        hold garbage); KVTierError if `out` or `name` does not match what the block holds.
+        Reads only that tensor's bytes. MISSING if no file holds the block, CORRUPT if it failed
+        verification (quarantined); then `out` may hold garbage. KVTierError if `out` or `name`
+        does not match what the block holds.
         """
         if out.device.type != "cpu" or not out.is_contiguous():
             raise KVTierError("read_tensor_into needs a contiguous CPU `out` tensor")
-        return self._read(block_id, [name], out) is not None
+        return self.reader.read(block_id, [name], {name: out})[0]
 
-    def _read(
-        self, block_id: str, names: list[str] | None, out: torch.Tensor | None
-    ) -> dict[str, torch.Tensor] | None:
-        """Verified tensors of one block, decoded into `out` (one name) or new tensors."""
-        started = time.perf_counter()
-        file = self._open(block_id)
-        if file is None:
-            return None
-        with file:
-            try:
-                entries = self._parse(file, block_id)
-                names = list(entries) if names is None else names
-                missing = [name for name in names if name not in entries]
-                if missing:
-                    raise KVTierError(
-                        f"block {block_id} has no tensor {missing}; it holds {list(entries)}"
-                    )
-                result = {}
-                for name in names:
-                    entry = entries[name]
-                    if out is None:
-                        result[name] = torch.empty(entry.shape, dtype=entry.dtype)
-                    elif out.dtype == entry.dtype and out.numel() == math.prod(entry.shape):
-                        result[name] = out
-                    else:
-                        raise KVTierError(
-                            f"block {block_id} holds {name} as {entry.dtype} {list(entry.shape)} "
-                            f"but `out` is {out.dtype} {list(out.shape)}; pass a buffer of that "
-                            "dtype and size (is the store from another model or block layout?)"
-                        )
-                    self._read_entry_into(file, entry, result[name])
-            except Corrupt as error:
-                self._quarantine(block_id, file, error)
-                return None
-        read_bytes = min(entry.begin for entry in entries.values())  # the header
-        read_bytes += sum(entries[name].end - entries[name].begin for name in names)
-        with self._lock:
-            self._counters["bytes_read"] += read_bytes
-            self._counters["read_s"] += time.perf_counter() - started
-        return result
+    def read_into(self, block_id: str, outs: Mapping[str, torch.Tensor]) -> ReadResult:
+        """Decode several tensors of one block into `outs[name]`, opening the file once."""
+        return self.reader.read(block_id, list(outs), outs)[0]
 
-    def _parse(self, file: BinaryIO, block_id: str) -> dict[str, Entry]:
-        return read_header(file, os.fstat(file.fileno()).st_size, block_id, self._fingerprint)
+    def probe(self, block_id: str) -> ReadResult:
+        """Whether a file holds `block_id` with a valid header (payloads are checked on read).
 
-    def _open(self, block_id: str) -> BinaryIO | None:
-        try:
-            return open(self._path(block_id), "rb", buffering=0)
-        except FileNotFoundError:
-            return None
-        except OSError as error:
-            raise KVTierError(
-                f"cannot read block {block_id} in {self.root} ({error.strerror}); "
-                "check the permissions of disk.path"
-            ) from error
-
-    def _read_entry_into(self, file: BinaryIO, entry: Entry, out: torch.Tensor) -> None:
-        try:
-            if entry.codec is Codec.RAW:
-                target = out.detach().reshape(-1).view(torch.uint8).numpy()
-                read_exact_into(file, entry.begin, target)
-            else:
-                payload = np.empty(entry.end - entry.begin, dtype=np.uint8)
-                read_exact_into(file, entry.begin, payload)
-                decode_into(memoryview(payload), entry.codec, out)
-        except EOFError as error:
-            raise Corrupt("truncated file", str(error)) from None
-        except StoreCorruptError as error:
-            raise Corrupt("undecodable payload", str(error)) from error
-        if checksum(out) != entry.checksum:
-            raise Corrupt("checksum mismatch", f"tensor of {entry.raw_bytes} bytes")
-
-    def _quarantine(self, block_id: str, file: BinaryIO, error: Corrupt) -> None:
-        """Move the corrupt file we have open out of v1/ (unless replaced meanwhile); warn once."""
-        path = self._path(block_id)
-        target = quarantine(path, file, self.root / "quarantine")
-        with self._lock:
-            self._used_bytes -= self._sizes.pop(block_id, 0)
-            self._quarantined += target is not None
-            first = error.cause not in self._warned
-            self._warned.add(error.cause)
-        log.log(
-            logging.WARNING if first else logging.DEBUG,
-            "disk block %s failed verification (%s); %s, read as a miss%s",
-            path,
-            error,
-            f"moved to {target}" if target is not None else "left in place",
-            "; further failures of this kind log at DEBUG" if first else "",
-        )
+        Opens the file and reads its header only; a corrupt header is quarantined.
+        """
+        return self.reader.probe(block_id)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def contains(self, block_id: str) -> bool:
-        """Whether a file for `block_id` exists (not verified: a read may still miss)."""
-        return self._path(block_id).is_file()
+        """Whether this store holds `block_id` or the shared area has it (not verified: a read
+        may still miss)."""
+        shared = self.layout.shared(block_id)
+        held = self.holdings.get(block_id)
+        return (held is not None and held.path.is_file()) or shared.is_file()
 
     def delete(self, block_id: str) -> None:
-        """Remove the block's file; a missing file is fine."""
-        try:
-            self._path(block_id).unlink(missing_ok=True)
-        except OSError as error:
-            raise KVTierError(
-                f"cannot delete block {block_id} in {self.root} ({error.strerror}); "
-                "check the permissions of disk.path"
-            ) from error
-        with self._lock:
-            self._used_bytes -= self._sizes.pop(block_id, 0)
+        """Drop this store's copy; never raises. A persisted block stays in the shared area
+        until GC; a file that cannot be deleted now is retried at close()."""
+        held = self.holdings.untrack(block_id)
+        if held is not None:
+            self.holdings.release(held)
 
     def clear(self) -> None:
-        """Delete every block file this store counts; other files under root stay."""
-        with self._lock:
-            block_ids = list(self._sizes)
-        for block_id in block_ids:
+        """Drop every block this store holds (persisted ones stay shared); others' stay."""
+        for block_id in self.holdings.ids():
             self.delete(block_id)
-        for shard in {self._path(block_id).parent for block_id in block_ids}:
-            try:
-                shard.rmdir()
-            except OSError:
-                pass  # not empty: other stores' blocks or a writer's temp file
+
+    def close(self) -> None:
+        """Drop every block and delete this store's process area; never raises.
+
+        Persisted blocks stay in the shared area, their last use recorded. A file that cannot be
+        deleted (a store turned read-only) stays in the area, which the first open of the store
+        after this process exits sweeps; a warning names it. Writes after close() raise.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self.holdings.close()
+        except Exception:  # close() must not raise: the next sweep finishes what this could not
+            log.warning("closing the disk store at %s failed", self.root, exc_info=True)
 
     @property
     def budget_bytes(self) -> int:
@@ -338,17 +333,34 @@ class DiskStore:
 
     @property
     def bytes_used(self) -> int:
-        """Bytes of the block files this store wrote or adopted and has not deleted."""
-        with self._lock:
-            return self._used_bytes
+        """Bytes of the block files this store holds (wrote or adopted) and has not deleted."""
+        return self.holdings.used_bytes
 
     def stats(self) -> dict[str, object]:
         """Counters since construction; `codec` is "auto" until the first write chooses one."""
         with self._lock:
             return {
-                "bytes_used": self._used_bytes,
-                "blocks": len(self._sizes),
+                "bytes_used": self.holdings.used_bytes,
+                "blocks": len(self.holdings),
                 **self._counters,
+                **self.reader.stats(),
                 "codec": self._codec.value,
-                "quarantined": self._quarantined,
             }
+
+
+def _check_options(
+    budget_bytes: object, fingerprint: object, codec: object, write_gbps: float, read_gbps: float
+) -> None:
+    if not isinstance(budget_bytes, int) or budget_bytes < 0:
+        raise ConfigError(f"disk budget_bytes = {budget_bytes!r}; use a byte count >= 0")
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise ConfigError("DiskStore needs the model fingerprint (a non-empty str)")
+    if not (write_gbps > 0 and read_gbps > 0):
+        raise ConfigError(
+            f"disk speeds {write_gbps} / {read_gbps} GB/s (write / read) must be "
+            "positive; leave the defaults or pass measured speeds"
+        )
+    if codec != "auto" and not isinstance(codec, Codec):
+        names = [member.value for member in Codec]
+        if codec not in names:
+            raise ConfigError(f"disk.codec = {codec!r} is not a codec; use 'auto' or {names}")

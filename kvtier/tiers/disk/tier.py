@@ -1,20 +1,24 @@
 """DiskTier: the disk store seen as a tier (TierStore + SerializedStore) for one KV geometry.
 
 Handles are block ids. Room is reserved at `allocate` with an upper bound of the block's file
-size, so a full disk says so before a write starts. It stores; it never chooses what to keep.
+size, so a full disk says so before a write starts. With `persist`, saves also go to the
+store's shared area, where other processes and later runs find them (`probe`, `load_block`,
+`adopt`); without, to this process's area only. It stores; it never chooses what to keep.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import torch
 
 from kvtier.blocks import BlockMeta, Tier
-from kvtier.errors import StoreCorruptError
+from kvtier.errors import BudgetError, KVTierError, StoreCorruptError
 from kvtier.layout import KVGeometry
 from kvtier.tiers.base import Stored
 from kvtier.tiers.codec import CHUNK_BYTES
+from kvtier.tiers.disk.format import ReadResult
 from kvtier.tiers.disk.store import DiskStore
 
 
@@ -29,16 +33,26 @@ def max_file_bytes(geometry: KVGeometry) -> int:
 class DiskTier:
     """A DiskStore holding whole blocks, one `l{layer_id}.kv` tensor per tiered layer.
 
-    `keep_files`: freeing a copy leaves its file (persist = true; other processes may reuse it).
+    `persist` (disk.persist): saves go to the shared area too, and outlive this process (GC
+    aside); else they stay in this process's area and go at `free` or close. `owns_store`: the
+    tier created `store`, so `close()` closes it.
     """
 
     tier = Tier.DISK
     holds_open_blocks = False  # a stored block is keyed by its content id: sealed blocks only
 
-    def __init__(self, store: DiskStore, geometry: KVGeometry, *, keep_files: bool) -> None:
+    def __init__(
+        self,
+        store: DiskStore,
+        geometry: KVGeometry,
+        *,
+        persist: bool = False,
+        owns_store: bool = False,
+    ) -> None:
         self.store = store
         self.geometry = geometry
-        self.keep_files = keep_files
+        self.persist = persist
+        self.owns_store = owns_store
         self._names = tuple(f"l{layer_id}.kv" for layer_id in geometry.layer_ids)
         self._block_bound = max_file_bytes(geometry)
         self._lock = threading.Lock()
@@ -72,10 +86,10 @@ class DiskTier:
         return key
 
     def free(self, key: str) -> None:
+        """Forget this copy; never raises. A persisted block stays in the shared area."""
         with self._lock:
             self._reserved.pop(key, None)
-        if not self.keep_files:
-            self.store.delete(key)
+        self.store.delete(key)
 
     def set_limit(self, limit_bytes: int) -> list[str]:
         # a block held only here has nowhere slower to go: the caller refuses a limit below use
@@ -110,34 +124,104 @@ class DiskTier:
         """Rewrite a block with its batch rows permuted under its new id (the content changed)."""
         if new_key is None or new_key == key:
             return key  # rows unchanged by this reorder (e.g. the prompt all beams share)
-        tensors = self.store.read_block(key)
-        if tensors is None:
-            raise StoreCorruptError(f"disk block {key} is missing or corrupt (quarantined)")
+        tensors = {name: self._buffer() for name in self._names}
+        result = self.store.read_into(key, tensors)
+        if result is ReadResult.CORRUPT:
+            raise StoreCorruptError(f"disk block {key} failed verification (quarantined)")
+        if result is ReadResult.MISSING:
+            raise KVTierError(f"disk block {key} is missing: its file was deleted outside kvtier")
         permuted = {name: t.index_select(2, rows.to("cpu")) for name, t in tensors.items()}
-        self.store.write_block(new_key, permuted, parent_id=parent_id)
-        if not self.keep_files:
-            self.store.delete(key)
+        self.save(new_key, tuple(permuted.values()), parent_id=parent_id)
+        self.store.delete(key)
         return new_key
 
     def contains(self, key: str) -> bool:
         return self.store.contains(key)
 
     def close(self) -> None:
+        """Drop the reservations; close the store if this tier created it. Never raises."""
         with self._lock:
             self._reserved.clear()
+        if self.owns_store:
+            self.store.close()
 
     # -- SerializedStore (the mover runs these in its I/O threads) -----------------------------
-    def load_into(self, key: str, tiered_index: int, out: torch.Tensor) -> bool:
+    def load_into(self, key: str, tiered_index: int, out: torch.Tensor) -> ReadResult:
+        """Tiered layer `tiered_index` of block `key` into `out`; works for any stored block,
+        also one written by another process. Falsy (MISSING or CORRUPT) when it cannot."""
         return self.store.read_tensor_into(key, self._names[tiered_index], out)
 
-    def save(self, key: str, layers: tuple[torch.Tensor, ...], *, parent_id: str | None) -> int:
+    def save(
+        self,
+        key: str,
+        layers: tuple[torch.Tensor, ...],
+        *,
+        parent_id: str | None,
+        persist: bool | None = None,
+    ) -> int:
+        """Store every layer of block `key`; `persist` None means the tier's `persist`."""
         try:
             tensors = dict(zip(self._names, layers, strict=True))
-            return self.store.write_block(key, tensors, parent_id=parent_id)
+            return self.store.write_block(
+                key,
+                tensors,
+                parent_id=parent_id,
+                persist=self.persist if persist is None else persist,
+                tokens=self.geometry.block_tokens,
+            )
         finally:
             with self._lock:
                 self._reserved.pop(key, None)
 
+    # -- reuse: blocks stored by this or any other process -------------------------------------
+    def probe(self, key: str) -> ReadResult:
+        """Whether block `key` is stored with a valid header (one open and header read; the
+        payload checksums are checked when it is loaded)."""
+        return self.store.probe(key)
+
+    def stored_prefix(self, keys: Sequence[str]) -> int:
+        """How many of `keys` (a chain of block ids, first to last) are stored, from the first."""
+        for count, key in enumerate(keys):
+            if not self.store.probe(key):
+                return count
+        return len(keys)
+
+    def load_block(self, key: str, layers: Sequence[torch.Tensor]) -> ReadResult:
+        """Every tiered layer of block `key` into `layers[tiered_index]` (each a contiguous CPU
+        tensor of `[block_tokens, 2, batch, kv_heads, head_dim]` elements; pinned is fine),
+        opening the file once. Falsy when missing or corrupt (quarantined): recompute then."""
+        if len(layers) != len(self._names):
+            raise KVTierError(
+                f"load_block needs {len(self._names)} layer tensors, got {len(layers)}"
+            )
+        return self.store.read_into(key, dict(zip(self._names, layers, strict=True)))
+
+    def adopt(self, key: str) -> str | None:
+        """Make stored block `key` this tier's copy without writing it (pinned against GC while
+        held): the handle, or None if it is not stored or does not fit the budget."""
+        with self._lock:
+            held = self.store.bytes_used + sum(self._reserved.values())
+            if held + self._block_bound > self.limit_bytes:
+                return None
+        try:
+            return key if self.store.adopt(key) is not None else None
+        except BudgetError:
+            return None
+
+    def publish(self, key: str) -> bool:
+        """Put a block this tier holds into the shared area (a hard link, no rewrite); e.g. once
+        it was reused `admit_after_hits` times. True if it is shared now."""
+        return self.store.publish(key)
+
+    def _buffer(self) -> torch.Tensor:
+        g = self.geometry
+        return torch.empty((g.block_tokens, *g.token_shape), dtype=g.dtype)
+
     def stats(self) -> dict[str, object]:
         figures = self.store.stats()
-        return {"codec": figures["codec"], "io_s": figures["write_s"] + figures["read_s"]}
+        return {
+            "codec": figures["codec"],
+            "io_s": figures["write_s"] + figures["read_s"],
+            "missing": figures["missing"],
+            "quarantined": figures["quarantined"],
+        }
