@@ -90,7 +90,6 @@ class TieredCache(Cache):
     def __init__(
         self, model: torch.nn.Module, config: Config | str | os.PathLike | None = None
     ) -> None:
-        self.spec = describe(model)
         if config is None or isinstance(config, (str, os.PathLike)):
             config = load_config(config)
         elif not isinstance(config, Config):
@@ -99,6 +98,7 @@ class TieredCache(Cache):
                 "use kvtier.load_config(...)"
             )
         self.cfg = config
+        self.spec = describe(model, model_key=config.disk.model_key)
         layers: list[CacheLayerMixin] = []
         for window in self.spec.sliding_windows:
             if window is None:

@@ -38,7 +38,7 @@ class ModelSpec:
         return tuple(i for i, w in enumerate(self.sliding_windows) if w is None)
 
 
-def describe(model: torch.nn.Module) -> ModelSpec:
+def describe(model: torch.nn.Module, *, model_key: str = "") -> ModelSpec:
     """Inspect a causal LM; raises UnsupportedModelError for layouts kvtier cannot tier."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", type(model).__name__)
@@ -86,7 +86,8 @@ def describe(model: torch.nn.Module) -> ModelSpec:
             windows[0],
         )
     devices = tuple(_device_of(layer) for layer in layers)
-    return ModelSpec(model_type, tuple(layers), tuple(windows), devices, fingerprint(model))
+    identity = fingerprint(model, model_key=model_key)
+    return ModelSpec(model_type, tuple(layers), tuple(windows), devices, identity)
 
 
 def fingerprint(model: torch.nn.Module, *, model_key: str = "") -> str:
