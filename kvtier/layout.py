@@ -126,3 +126,91 @@ def tier_budgets(
         "host_budget": host_blocks * geometry.block_bytes,
         "disk_budget": 2 * blocks * geometry.block_bytes + (64 << 20),
     }
+
+
+@dataclass(frozen=True, slots=True)
+class ContextPlan:
+    """Where a context of `tokens` positions would live under given budgets (bytes, blocks)."""
+
+    tokens: int
+    kv_bytes: int
+    in_place: bool  # the whole context fits the GPU budget and is read in place
+    staging_bytes: int  # GPU bytes of the staging ring (0 in place)
+    gpu_blocks: int  # blocks resident on the GPU
+    host_blocks: int
+    disk_blocks: int
+    min_gpu_bytes: int  # the smallest GPU budget that streams this context
+    streamed_bytes_per_step: int  # bytes copied up from host and disk per decode step
+    problem: str | None  # one line saying why it cannot run, or None
+
+
+def plan_context(
+    geometry: KVGeometry,
+    tokens: int,
+    *,
+    gpu_budget: int,
+    host_budget: int,
+    disk_budget: int,
+    buffers: int,
+) -> ContextPlan:
+    """Plan `tokens` positions over the tiers: in place if every block fits the GPU budget,
+    else streamed (staging + the GPU slots left), the rest on host, then disk."""
+    blocks = geometry.blocks_for(tokens)
+    block_bytes = geometry.block_bytes
+    need_gpu = min_gpu_bytes(geometry, buffers=buffers, tokens=tokens)
+    in_place = blocks * block_bytes <= gpu_budget
+    staging = 0 if in_place else staging_bytes(geometry, tokens, buffers=buffers)
+    gpu_blocks = blocks if in_place else max(0, min(blocks, (gpu_budget - staging) // block_bytes))
+    host_blocks = min(blocks - gpu_blocks, host_budget // block_bytes)
+    disk_blocks = blocks - gpu_blocks - host_blocks
+    problem = None
+    if not in_place and gpu_budget < need_gpu:
+        problem = (
+            f"gpu budget {gpu_budget} bytes cannot stream {tokens} tokens: staging alone takes "
+            f"{staging} bytes; need at least {need_gpu} (raise gpu.budget or lower "
+            "policy.prefetch_depth)"
+        )
+    elif disk_blocks * block_bytes > disk_budget:
+        problem = (
+            f"{tokens} tokens need {blocks * block_bytes} bytes of KV; gpu, host and disk "
+            f"budgets hold {(gpu_blocks + host_blocks) * block_bytes + disk_budget}: raise "
+            "host.budget or disk.budget"
+        )
+    streamed = 0 if in_place else (blocks - gpu_blocks) * block_bytes
+    return ContextPlan(
+        tokens=tokens,
+        kv_bytes=geometry.kv_bytes(tokens),
+        in_place=in_place,
+        staging_bytes=staging,
+        gpu_blocks=gpu_blocks,
+        host_blocks=host_blocks,
+        disk_blocks=disk_blocks,
+        min_gpu_bytes=need_gpu,
+        streamed_bytes_per_step=streamed,
+        problem=problem,
+    )
+
+
+def largest_context(
+    geometry: KVGeometry, *, gpu_budget: int, host_budget: int, disk_budget: int, buffers: int
+) -> int:
+    """The most positions `plan_context` accepts under these budgets (0 if not even one)."""
+
+    def fits(tokens: int) -> bool:
+        plan = plan_context(
+            geometry,
+            tokens,
+            gpu_budget=gpu_budget,
+            host_budget=host_budget,
+            disk_budget=disk_budget,
+            buffers=buffers,
+        )
+        return plan.problem is None
+
+    low, high = 0, geometry.block_tokens
+    while fits(high) and high < 1 << 40:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
