@@ -48,6 +48,7 @@ def test_host_slabs_are_pinned_exactly(tiny_model, tmp_path):
     with kvtier.offload(model, cfg) as cache:
         model.generate(random_prompt(300).cuda(), past_key_values=cache, max_new_tokens=16)
         host = cache.controller.stores[Tier.HOST]
+        host.finish_pinning()
         assert host.pinned_bytes == host.bytes_used > 0
         assert host.bytes_used <= cfg.host.budget_bytes
         cache.controller.check_invariants()

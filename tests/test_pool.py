@@ -287,17 +287,20 @@ def test_host_pool_unpinned_on_cpu():
 
 @pytest.mark.gpu
 def test_pinned_host_pool_counts_real_pinned_bytes():
-    """Scenario: pinned slabs are registered exactly (no power-of-two rounding)."""
+    """Scenario: pinned slabs are registered exactly (no power-of-two rounding), in the
+    background: a slab is usable before its registration is done."""
     budget = 5 * SLOT + 12345
     pool = HostPool(LAYOUT, limit_bytes=budget, pin=True)
     while pool.allocate() is not None:
         pass
+    pool.finish_pinning()
     assert pool.pinned_bytes == pool.bytes_used <= budget
     assert pool.source(0, 0).is_pinned()
     assert pool.set_limit(2 * SLOT) != []
     for slot in range(pool.used_slots):
         pool.free(slot)
     pool.release()
+    pool.finish_pinning()
     assert pool.pinned_bytes == pool.bytes_used <= 2 * SLOT
     pool.close()
     assert pool.pinned_bytes == 0

@@ -21,7 +21,7 @@ from kvtier.controller.stats import Counters, build_stats
 from kvtier.controller.step import Step
 from kvtier.controller.streaming import Streamer
 from kvtier.errors import BudgetError, KVTierError, StoreCorruptError
-from kvtier.layout import KVGeometry
+from kvtier.layout import ContextPlan, KVGeometry, plan_context
 from kvtier.policy import make_policy
 from kvtier.tiers import build_stores
 from kvtier.tiers.base import TierStore
@@ -168,6 +168,26 @@ class TierController:
             if not block.slots:
                 self.table.truncate(block.index)
             raise
+
+    def plan(self, tokens: int) -> ContextPlan:
+        """Check that `tokens` positions can fit the budgets before any of them is computed
+        (BudgetError with the reason otherwise) and reserve GPU room or start streaming."""
+        budgets = self.placement.budgets
+        plan = plan_context(
+            self.geometry,
+            tokens,
+            gpu_budget=budgets[self.placement.top],
+            host_budget=budgets.get(Tier.HOST, 0),
+            disk_budget=budgets.get(Tier.DISK, 0),
+            buffers=self.staging.buffers,
+        )
+        if plan.problem is not None:
+            raise BudgetError(plan.problem)
+        if not plan.in_place:
+            self.streaming = True
+        elif not self.streaming:
+            self.stores[self.placement.top].reserve(plan.gpu_blocks)
+        return plan
 
     def abort_step(self) -> None:
         """Undo a step whose forward failed midway: no half-written tokens stay behind."""

@@ -111,6 +111,7 @@ class TieredCache(Cache):
         self.controller: TierController | None = None
         self.in_forward = False
         self._pending_ids: torch.Tensor | None = None  # token ids seen before the controller
+        self._expected = 0  # positions the first call brings, planned once the controller exists
         self._tiered_count = len(self.spec.tiered_layers)
         self._hooks: HookSet | None = HookSet(
             model,
@@ -184,6 +185,12 @@ class TieredCache(Cache):
             self.controller.close()
             self.controller = None
 
+    def __enter__(self) -> TieredCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @contextlib.contextmanager
     def forward_step(self, input_ids: torch.Tensor | None, new_tokens: int) -> Iterator[None]:
         """Bracket one model call: token ids for block ids, slots reserved, first prefetches."""
@@ -234,7 +241,18 @@ class TieredCache(Cache):
             self.controller = TierController(self.cfg, geometry, fingerprint=self.spec.fingerprint)
             self.controller.note_tokens(self._pending_ids)
             self._pending_ids = None
+            if self._expected:
+                self.controller.plan(self._expected)
+                self._expected = 0
         return self.controller
+
+    def expect(self, new_tokens: int) -> None:
+        """Plan the next call's `new_tokens` positions: BudgetError at once if they cannot fit,
+        room reserved ahead if they can (before the controller exists: when it is made)."""
+        if self.controller is None:
+            self._expected = new_tokens
+        else:
+            self.controller.plan(self.controller.tokens + new_tokens)
 
 
 @contextlib.contextmanager

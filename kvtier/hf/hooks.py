@@ -37,6 +37,10 @@ class StepDriver(Protocol):
         """Start gathering tiered layers from `tiered_index` on."""
         ...
 
+    def expect(self, new_tokens: int) -> None:
+        """The next model call brings `new_tokens` positions (plan them; refuse what cannot fit)."""
+        ...
+
 
 class HookSet:
     """Installed hooks of one driver on one model; `remove()` restores the model."""
@@ -120,6 +124,8 @@ def _model_forward(ref: weakref.ref, original, *args: Any, **kwargs: Any):
     if source is None:
         return original(*args, **kwargs)
     total = source.shape[1]
+    if total > 1:
+        cache.expect(total)  # a job that cannot fit is refused now, before any of it runs
     chunk = cache.prefill_chunk_tokens
     mask = kwargs.get("attention_mask")
     if total <= chunk or (mask is not None and mask.dim() != 2):

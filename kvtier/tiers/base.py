@@ -57,6 +57,10 @@ class TierStore(Protocol):
         """Blocks that can still be allocated without moving anything out."""
         ...
 
+    def reserve(self, slots: int) -> bool:
+        """Prepare room for `slots` blocks ahead of need (may do nothing); True if it did."""
+        ...
+
     def stats(self) -> dict[str, object]:
         """Tier-specific figures for the cache's `stats()` (an "io_s" key counts I/O seconds)."""
         ...

@@ -70,6 +70,10 @@ class SlabPool:
         limit = self.limit_bytes if limit_bytes is None else limit_bytes
         return limit // self.slot_bytes
 
+    def reserve(self, slots: int) -> bool:
+        """Slabs grow as blocks arrive; nothing to prepare ahead here."""
+        return False
+
     def room_blocks(self) -> int:
         """Slots that can still be allocated without moving anything out."""
         return self.capacity_blocks() - self.used_slots

@@ -70,6 +70,10 @@ class DiskTier:
     def capacity_blocks(self) -> int:
         return self.limit_bytes // self._block_bound
 
+    def reserve(self, slots: int) -> bool:
+        """Files are written as blocks arrive; nothing to prepare ahead."""
+        return False
+
     def room_blocks(self) -> int:
         with self._lock:
             held = self.store.bytes_used + sum(self._reserved.values())
