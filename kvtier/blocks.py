@@ -64,6 +64,19 @@ class BlockMeta:
     access_count: int = 0
     pins: int = 0
 
+    def extend_ids(self, rows: list[list[int]] | None) -> None:
+        """Append new positions' token ids, one list per batch row (None: tokens unknown from
+        here on, so the block will get an anonymous id)."""
+        if self.token_ids is None:
+            return
+        if rows is None:
+            self.token_ids = None
+            return
+        if not self.token_ids:
+            self.token_ids = [[] for _ in rows]
+        for row, extra in zip(self.token_ids, rows, strict=True):
+            row.extend(extra)
+
     @property
     def sealed(self) -> bool:
         return self.block_id is not None

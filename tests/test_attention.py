@@ -117,14 +117,14 @@ def test_sdpa_model_runs_kvtier_attention_in_a_tiered_cache(
         seen.append(model.config._attn_implementation)
         return original(*args, **kwargs)
 
-    original = attention.chunk_attention
-    attention.chunk_attention = spy
+    original = attention.masked_attention  # what kvtier attention runs for a chunk on the CPU
+    attention.masked_attention = spy
     try:
         got, _ = tiered_generate(model, cfg, prompt, max_new_tokens=12)
     finally:
-        attention.chunk_attention = original
+        attention.masked_attention = original
     assert_same_generation(expected, got)
-    assert seen and set(seen) == {"kvtier"}, "chunks after the first ran kvtier's split"
+    assert seen and set(seen) == {"kvtier"}, "chunks after the first ran kvtier attention"
     assert model.config._attn_implementation == "sdpa"
 
 

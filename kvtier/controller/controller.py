@@ -16,23 +16,24 @@ from kvtier.blocks import BlockMeta, BlockTable, Tier
 from kvtier.config import Config
 from kvtier.controller.budgets import Budgets
 from kvtier.controller.gather import Gather
+from kvtier.controller.inspection import Inspection
 from kvtier.controller.placement import Placement
-from kvtier.controller.stats import Counters, build_stats
+from kvtier.controller.prefill import LayerMajor
+from kvtier.controller.stats import Counters
 from kvtier.controller.step import Step
 from kvtier.controller.streaming import Streamer
-from kvtier.errors import BudgetError, KVTierError, StoreCorruptError
+from kvtier.errors import BudgetError, KVTierError
 from kvtier.layout import ContextPlan, KVGeometry, plan_context
 from kvtier.policy import make_policy
 from kvtier.tiers import build_stores
-from kvtier.tiers.base import TierStore
 from kvtier.tiers.disk import DiskStore
 from kvtier.tiers.gpu import StagingRing, write_tokens
-from kvtier.transfer import Lane, Mover
+from kvtier.transfer import Mover
 
 log = logging.getLogger(__name__)
 
 
-class TierController:
+class TierController(Inspection):
     """Owns the block table, the tier stores and the mover for one sequence (all batch rows)."""
 
     def __init__(
@@ -84,6 +85,7 @@ class TierController:
             mover=self.mover,
             counters=self.counters,
         )
+        self._layer_major: LayerMajor | None = None
         self.tokens = 0  # committed tokens, every tier
         # False while the whole sequence sits in the fastest tier as one run that attention reads
         # in place; True once layers are streamed through staging
@@ -127,7 +129,8 @@ class TierController:
             if not block.slots:
                 self._place_new_block(block, protected=frozenset(b.index for b in blocks))
             take = min(self.geometry.block_tokens - block.tokens, end - pos)
-            _extend_ids(block, ids, pos - self.tokens, take, self.geometry.batch)
+            offset = pos - self.tokens
+            block.extend_ids(None if ids is None else ids[:, offset : offset + take].tolist())
             block.tokens += take
             blocks.append(block)
             pos += take
@@ -138,6 +141,22 @@ class TierController:
                 self.streaming = True
                 self._fit_staging(end)
         self._step = Step(start=self.tokens, new=new_tokens, blocks=blocks, run=run)
+
+    def begin_layer_major(self, new_tokens: int) -> None:
+        """Start a prefill of `new_tokens` positions whose tiered layers each append all of them,
+        in chunks, one layer after the other (hf/prefill.py drives it). It streams: each layer
+        is assembled whole in staging and copied down into its blocks once."""
+        self.streaming = True
+        self.begin_step(new_tokens)
+        self._layer_major = LayerMajor(
+            self._step,
+            stores=self.stores,
+            staging=self.staging,
+            gather=self.gather,
+            placement=self.placement,
+            mover=self.mover,
+            counters=self.counters,
+        )
 
     def _can_stay_in_place(self, blocks: int) -> bool:
         """Whether `blocks` blocks can all sit in the fastest tier as one run read in place."""
@@ -195,6 +214,7 @@ class TierController:
         if step is None:
             return
         self._step = None
+        self._layer_major = None
         self.placement.writes.finish_step()
         bt = self.geometry.block_tokens
         for block in step.blocks:
@@ -237,6 +257,8 @@ class TierController:
         Returns the layer's full K and V `[batch, kv_heads, tokens, head_dim]` as strided views
         of its staging buffer: valid until the layer d+1 places later reuses that buffer.
         """
+        if self._layer_major is not None:
+            return self._append_layer_major(tiered_index, keys, values)
         if tiered_index == 0 and self._step is None:
             self.begin_step(keys.shape[-2])
         step = self._step
@@ -261,6 +283,18 @@ class TierController:
         )
         step.layers_done += 1
         if step.layers_done == self.geometry.tiered_layers:
+            self._end_step()
+        return k_view, v_view
+
+    def _append_layer_major(self, tiered_index: int, keys: torch.Tensor, values: torch.Tensor):
+        if keys.shape[0] != self.geometry.batch:
+            raise KVTierError(
+                f"batch size changed from {self.geometry.batch} to {keys.shape[0]}; "
+                "use a new TieredCache (or cache.reset()) for a new batch"
+            )
+        k_view, v_view = self._layer_major.append(tiered_index, keys, values)
+        if self._layer_major.done:
+            self._layer_major = None
             self._end_step()
         return k_view, v_view
 
@@ -382,56 +416,3 @@ class TierController:
         self.epoch += 1
         self.placement.version += 1
         self.streamer.drop()
-
-    # -- reading -------------------------------------------------------------------------------
-    def stats(self) -> dict:
-        return build_stats(
-            counters=self.counters,
-            stores=self.stores,
-            budgets=self.placement.budgets,
-            staging_bytes=self.staging.bytes_used,
-            table=self.table,
-            tokens=self.tokens,
-            block_bytes=self.geometry.block_bytes,
-            transfer=self.mover.stats(),
-        )
-
-    def check_invariants(self) -> None:
-        """Assert the bookkeeping is consistent (tests; cheap enough for debugging runs)."""
-        self.placement.check_invariants()
-
-    def read_block(self, index: int, tiered_index: int) -> torch.Tensor:
-        """Copy of one block's committed `[tokens, 2, batch, kv_heads, head_dim]` for one layer."""
-        block = self.table[index]
-        g = self.geometry
-        out = torch.empty((g.block_tokens, *g.token_shape), dtype=g.dtype)
-        tier = block.fastest_tier()
-        ticket = self.mover.submit(
-            [(self.stores[tier].source(block.slots[tier], tiered_index), out)], lane=Lane.NOW
-        )
-        if not self.mover.finish(ticket):
-            raise StoreCorruptError(
-                f"disk block {block.block_id} is missing or corrupt (quarantined); its "
-                "tokens cannot be recomputed inside this cache: re-run the prompt"
-            )
-        return out[: min(g.block_tokens, self.tokens - index * g.block_tokens)]
-
-    @property
-    def disk(self) -> TierStore | None:
-        return self.stores.get(Tier.DISK)
-
-
-def _extend_ids(
-    block: BlockMeta, ids: torch.Tensor | None, offset: int, take: int, batch: int
-) -> None:
-    """Append the step's token ids of `take` positions from `offset` to the block's rows."""
-    if block.token_ids is None:
-        return
-    if ids is None:
-        block.token_ids = None  # tokens unknown from here on: the block gets an anonymous id
-        return
-    chunk = ids[:, offset : offset + take].tolist()
-    if not block.token_ids:
-        block.token_ids = [[] for _ in range(batch)]
-    for row, extra in zip(block.token_ids, chunk, strict=True):
-        row.extend(extra)

@@ -101,8 +101,26 @@ def attention(
             **kwargs,
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    output = chunk_attention(query, key, value, scale=scale)
+    if query.is_cuda:
+        output = chunk_attention(query, key, value, scale=scale)
+    else:  # no fused kernels to win on the CPU: HF's own masked path, rounding as HF rounds
+        output = masked_attention(query, key, value, scale=scale)
     return output.transpose(1, 2).contiguous(), None
+
+
+def masked_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float
+) -> torch.Tensor:
+    """The same causal attention as `chunk_attention` through SDPA with a materialized mask and
+    repeated K/V heads (what HF does for a chunk)."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    q_length, kv_length = query.shape[2], key.shape[2]
+    allowed = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=allowed.tril(kv_length - q_length), scale=scale
+    )
 
 
 def chunk_attention(
@@ -115,13 +133,21 @@ def chunk_attention(
     past = kv_length - q_length
     past_out, past_lse = _past_part(query, key[:, :, :past], value[:, :, :past], scale)
     own_out, own_lse = _own_part(query, key[:, :, past:], value[:, :, past:], scale)
+    wide = _wide(query)
+    past_lse, own_lse = past_lse.to(wide), own_lse.to(wide)
     top = torch.maximum(past_lse, own_lse)
     past_weight = torch.exp(past_lse - top).unsqueeze(-1)
     own_weight = torch.exp(own_lse - top).unsqueeze(-1)
-    merged = (past_out.float() * past_weight + own_out.float() * own_weight) / (
+    merged = (past_out.to(wide) * past_weight + own_out.to(wide) * own_weight) / (
         past_weight + own_weight
     )
     return merged.to(query.dtype)
+
+
+def _wide(query: torch.Tensor) -> torch.dtype:
+    """The dtype the merge and the math path compute in: float64 for fp32 off the GPU (so the
+    split adds no rounding of its own to what a one-shot SDPA gives), else float32."""
+    return torch.float64 if query.dtype == torch.float32 and not query.is_cuda else torch.float32
 
 
 def _past_part(
@@ -181,11 +207,12 @@ def _flash(query, key, value, scale, causal):
 
 
 def _math(query, key, value, scale, causal):
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    wide = _wide(query)
+    scores = torch.matmul(query.to(wide), key.to(wide).transpose(-1, -2)) * scale
     if causal:
         rows, cols = scores.shape[-2:]
         allowed = torch.ones(rows, cols, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     weights = torch.exp(scores - lse.unsqueeze(-1))
-    return torch.matmul(weights, value.float()).to(query.dtype), lse
+    return torch.matmul(weights, value.to(wide)), lse

@@ -20,8 +20,8 @@ from kvtier.controller import TierController
 from kvtier.errors import KVTierError
 from kvtier.hf import attention
 from kvtier.hf.hooks import HookSet
-from kvtier.hf.models import describe
-from kvtier.layout import KVGeometry
+from kvtier.hf.models import describe, estimated_geometry
+from kvtier.layout import ContextPlan, KVGeometry, plan_context
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,7 @@ class TieredLayer(CacheLayerMixin):
         return controller.append(self.tiered_index, key_states, value_states)
 
     def get_seq_length(self) -> int:
-        controller = self._cache.controller
-        return 0 if controller is None else controller.tokens
+        return self._cache.cached_tokens()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -112,6 +111,8 @@ class TieredCache(Cache):
         self.in_forward = False
         self._pending_ids: torch.Tensor | None = None  # token ids seen before the controller
         self._expected = 0  # positions the first call brings, planned once the controller exists
+        self._pretend: int | None = None  # the length reported while prefill stubs the layers
+        self._layer_major: tuple[torch.Tensor | None, int] | None = None  # (ids, positions)
         self._tiered_count = len(self.spec.tiered_layers)
         self._hooks: HookSet | None = HookSet(
             model,
@@ -121,6 +122,8 @@ class TieredCache(Cache):
         )
         # HF's SDPA becomes kvtier's (same results; prefill chunks without a materialized mask)
         self._attention_model = model if attention.install(model) else None
+        self._model_config = model.config
+        self._dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
     @property
     def prefill_chunk_tokens(self) -> int:
@@ -244,7 +247,86 @@ class TieredCache(Cache):
             if self._expected:
                 self.controller.plan(self._expected)
                 self._expected = 0
+            if self._layer_major is not None:
+                self._begin_layer_major()
         return self.controller
+
+    # -- prefill (hf/prefill.py drives these) --------------------------------------------------
+    def cached_tokens(self) -> int:
+        """Positions cached so far (what a stubbed prefill pass must see, while one runs)."""
+        if self._pretend is not None:
+            return self._pretend
+        return 0 if self.controller is None else self.controller.tokens
+
+    def pretend_length(self, tokens: int | None) -> None:
+        self._pretend = tokens
+
+    @contextlib.contextmanager
+    def layer_major(self, input_ids: torch.Tensor | None, new_tokens: int) -> Iterator[None]:
+        """Bracket a layer-major prefill: one step whose layers each append `new_tokens`
+        positions in chunks (it begins when the first layer runs if no controller exists yet)."""
+        self._layer_major = (input_ids, new_tokens)
+        try:
+            if self.controller is not None:
+                self._begin_layer_major()
+            yield
+        finally:
+            self._layer_major = None
+            if self.controller is not None and self.controller.in_step:
+                self.controller.abort_step()  # a layer failed midway: drop the half prefill
+
+    def _begin_layer_major(self) -> None:
+        input_ids, new_tokens = self._layer_major
+        self._layer_major = None
+        self.controller.note_tokens(input_ids)
+        self.controller.begin_layer_major(new_tokens)
+
+    def _plan_estimate(self, kwargs: dict, new_tokens: int) -> ContextPlan | None:
+        if self.controller is not None:
+            return self.controller.plan(self.controller.tokens + new_tokens)
+        source = kwargs.get("input_ids")
+        source = kwargs.get("inputs_embeds") if source is None else source
+        if source is None or not self.spec.tiered_layers:
+            return None
+        cfg = self.cfg
+        geometry = estimated_geometry(
+            self.spec,
+            self._model_config,
+            batch=source.shape[0],
+            dtype=self._dtype,
+            block_tokens=cfg.block_tokens,
+        )
+        return plan_context(
+            geometry,
+            new_tokens,
+            gpu_budget=cfg.gpu.budget_bytes,
+            host_budget=cfg.host.budget_bytes,
+            disk_budget=cfg.disk.budget_bytes,
+            buffers=cfg.policy.prefetch_depth + 1,
+        )
+
+    def layer_major_layers(
+        self, kwargs: dict, new_tokens: int
+    ) -> tuple[torch.nn.Module, ...] | None:
+        """The decoder layers to prefill this call layer by layer (FlexGen's order), or None.
+
+        Worth it when the sequence streams (its blocks do not fit the GPU whole: chunk by chunk,
+        every chunk would read all the past back per layer) and possible when every layer is
+        tiered, attention runs kvtier's function (no mask is built per chunk), no row is padded,
+        and the GPU and host hold every new block (they are complete only after the last
+        layer, so none can go to disk before)."""
+        mask = kwargs.get("attention_mask")
+        possible = (
+            self._attention_model is not None
+            and all(window is None for window in self.spec.sliding_windows)
+            and (mask is None or bool(mask.all()))
+        )
+        if not possible:
+            return None
+        plan = self._plan_estimate(kwargs, new_tokens)
+        if plan is None or plan.in_place or plan.disk_blocks:
+            return None
+        return self.spec.decoder_layers
 
     def expect(self, new_tokens: int) -> None:
         """Plan the next call's `new_tokens` positions: BudgetError at once if they cannot fit,

@@ -9,29 +9,23 @@ nothing for any other cache.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import weakref
 from typing import Any, Protocol
 
 import torch
 
-_SEQ_KWARGS = ("input_ids", "inputs_embeds", "position_ids", "cache_position", "token_type_ids")
+from kvtier.hf import prefill
+
 # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name still works)
 _CACHE_KWARGS = ("cache", "past_key_values")
 
 
-class StepDriver(Protocol):
+class StepDriver(prefill.PrefillDriver, Protocol):
     """What the hooks drive: the cache they were installed for (TieredCache implements it)."""
 
     in_forward: bool
     prefill_chunk_tokens: int
-
-    def forward_step(
-        self, input_ids: torch.Tensor | None, new_tokens: int
-    ) -> contextlib.AbstractContextManager[None]:
-        """Bracket one model call of `new_tokens` positions."""
-        ...
 
     def prefetch_from(self, tiered_index: int) -> None:
         """Start gathering tiered layers from `tiered_index` on."""
@@ -39,6 +33,16 @@ class StepDriver(Protocol):
 
     def expect(self, new_tokens: int) -> None:
         """The next model call brings `new_tokens` positions (plan them; refuse what cannot fit)."""
+        ...
+
+    def cached_tokens(self) -> int:
+        """Positions cached so far."""
+        ...
+
+    def layer_major_layers(
+        self, kwargs: dict, new_tokens: int
+    ) -> tuple[torch.nn.Module, ...] | None:
+        """The decoder layers to prefill this call layer by layer, or None for chunk by chunk."""
         ...
 
 
@@ -131,33 +135,10 @@ def _model_forward(ref: weakref.ref, original, *args: Any, **kwargs: Any):
     if total <= chunk or (mask is not None and mask.dim() != 2):
         with cache.forward_step(kwargs.get("input_ids"), total):
             return original(**kwargs)
-    return _chunked(cache, original, kwargs, total, chunk)
-
-
-def _chunked(cache: StepDriver, original, kwargs: dict, total: int, chunk: int):
-    """Run a long input as consecutive chunks through the same cache; logits are concatenated
-    when the caller asked for all of them."""
-    keep = kwargs.get("logits_to_keep", 0)
-    mask = kwargs.get("attention_mask")
-    outputs, logits = None, []
-    for start in range(0, total, chunk):
-        end = min(start + chunk, total)
-        part = dict(kwargs)
-        for name in _SEQ_KWARGS:
-            value = kwargs.get(name)
-            if isinstance(value, torch.Tensor):
-                part[name] = (
-                    value[..., start:end] if name != "inputs_embeds" else value[:, start:end]
-                )
-        if mask is not None:
-            part["attention_mask"] = mask[:, : mask.shape[1] - total + end]
-        last = end == total
-        if not last and keep != 0:
-            part["logits_to_keep"] = 1
-        with cache.forward_step(part.get("input_ids"), end - start):
-            outputs = original(**part)
-        if keep == 0 and getattr(outputs, "logits", None) is not None:
-            logits.append(outputs.logits)
-    if keep == 0 and logits:
-        outputs.logits = torch.cat(logits, dim=1)
-    return outputs
+    layers = cache.layer_major_layers(kwargs, total)
+    if layers is None:
+        return prefill.chunk_major(cache, original, kwargs, total, chunk)
+    past = cache.cached_tokens()
+    return prefill.layer_major(
+        cache, original, kwargs, total=total, chunk=chunk, past=past, layers=layers
+    )

@@ -18,6 +18,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from kvtier.blocks import FORMAT_VERSION
 from kvtier.errors import UnsupportedModelError
+from kvtier.layout import KVGeometry
 
 log = logging.getLogger(__name__)
 
@@ -196,3 +197,23 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     for param in module.parameters():
         return param.device
     return torch.device("cpu")
+
+
+def estimated_geometry(
+    spec: ModelSpec, config: object, *, batch: int, dtype: torch.dtype, block_tokens: int
+) -> KVGeometry:
+    """The KV geometry a model's config implies, before any layer ran (the cache then takes the
+    real one from the first K/V it sees)."""
+    text = config.get_text_config(decoder=True)
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return KVGeometry(
+        layer_ids=spec.tiered_layers,
+        layer_devices=tuple(spec.layer_devices[i] for i in spec.tiered_layers),
+        batch=batch,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        block_tokens=block_tokens,
+    )

@@ -1,0 +1,139 @@
+"""Layer-major prefill: each layer runs over every chunk before the next, from recorded layer
+inputs; the logits equal DynamicCache's and the past is never read back per chunk."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import (
+    BLOCK_TOKENS,
+    assert_same_generation,
+    geometry,
+    random_prompt,
+    reference_generate,
+    tiered_generate,
+)
+
+import kvtier
+from kvtier.hf import prefill
+from kvtier.layout import staging_bytes
+
+
+def _streaming_config(config: Any, store: Any, tokens: int, **overrides: Any) -> kvtier.Config:
+    """GPU: staging for `tokens` plus 3 slots (the sequence streams); host holds every block."""
+    kv = geometry(config)
+    options = {
+        "block_tokens": BLOCK_TOKENS,
+        "prefill_chunk_tokens": 64,
+        "gpu_budget": staging_bytes(kv, tokens, buffers=2) + 3 * kv.block_bytes,
+        "host_budget": (kv.blocks_for(tokens) + 8) * kv.block_bytes,
+        "disk_budget": 0,
+        "disk_path": str(store),
+        "policy_name": "lru",
+    }
+    return kvtier.load_config(None, **(options | overrides))
+
+
+def _count_layer_major(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = prefill.layer_major
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs["total"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prefill, "layer_major", spy)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_layer_major_prefill_matches_dynamic_cache(
+    kind: str, tiny_model: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: a 400-token prompt that streams, prefilled layer by layer in 64-token chunks,
+    then decoded: tokens and logits equal DynamicCache's (one-shot prefill, SDPA)."""
+    model, config = tiny_model(kind, attn_implementation="sdpa")
+    prompt = random_prompt(400, seed=41)
+    cfg = _streaming_config(config, tmp_path / "store", 420)
+    calls = _count_layer_major(monkeypatch)
+    expected = reference_generate(model, prompt, max_new_tokens=12)
+    got, stats = tiered_generate(model, cfg, prompt, max_new_tokens=12)
+    assert_same_generation(expected, got)
+    assert calls == [400], "the prompt took the layer-major path"
+    assert stats["gpu"]["staging_bytes"] > 0 and stats["host"]["blocks"] > 0
+
+
+def test_layer_major_reads_each_byte_once(tiny_model: Any, tmp_path: Any) -> None:
+    """Scenario: prefill only (one new token). Chunk by chunk, every chunk reads the whole past
+    of every layer back from host; layer by layer nothing is read back."""
+    model, config = tiny_model("llama", attn_implementation="sdpa")
+    kv = geometry(config)
+    prompt = random_prompt(640, seed=42)
+    cfg = _streaming_config(config, tmp_path / "store", 641)
+    _, stats = tiered_generate(model, cfg, prompt, max_new_tokens=1)
+    layer_major_reads = stats["host"]["bytes_read"]
+    eager, eager_config = tiny_model("llama")  # eager attention: chunk by chunk
+    eager_cfg = _streaming_config(eager_config, tmp_path / "store2", 641)
+    _, eager_stats = tiered_generate(eager, eager_cfg, prompt, max_new_tokens=1)
+    assert layer_major_reads <= 3 * kv.kv_bytes(640) < eager_stats["host"]["bytes_read"]
+
+
+def test_layer_major_after_a_cached_past(
+    tiny_model: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: two long calls through one cache (a multi-turn chat): the first fits the GPU
+    whole (read in place), the second outgrows it and is prefilled layer by layer, each layer
+    putting the cached past in front once; logits equal one DynamicCache fed the same way."""
+    model, config = tiny_model("llama", attn_implementation="sdpa")
+    first, second = random_prompt(300, seed=43), random_prompt(260, seed=44)
+    cfg = _streaming_config(config, tmp_path / "store", 600)
+    calls = _count_layer_major(monkeypatch)
+    reference = kvtier_cache = None
+    try:
+        from transformers import DynamicCache
+
+        reference = DynamicCache(config=config)
+        kvtier_cache = kvtier.TieredCache(model, cfg)
+        with torch.no_grad():
+            want = [model(first, past_key_values=reference).logits[:, -1]]
+            got = [model(first, past_key_values=kvtier_cache).logits[:, -1]]
+            want.append(model(second, past_key_values=reference).logits)
+            got.append(model(second, past_key_values=kvtier_cache).logits)
+        assert calls == [260]
+        for a, b in zip(want, got, strict=True):
+            assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5
+        assert kvtier_cache.get_seq_length() == 560
+    finally:
+        if kvtier_cache is not None:
+            kvtier_cache.close()
+
+
+def test_layer_major_failure_leaves_no_half_prefill(
+    tiny_model: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: a layer raises in the middle of a layer-major prefill: the step is dropped,
+    the cache holds nothing and works for the next call."""
+    model, config = tiny_model("llama", attn_implementation="sdpa")
+    cfg = _streaming_config(config, tmp_path / "store", 420)
+    layer = model.model.layers[2].self_attn  # runs only when the layers really run
+    calls = {"n": 0}
+
+    def boom(module: Any, args: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected")
+
+    handle = layer.register_forward_pre_hook(boom)
+    with kvtier.TieredCache(model, cfg) as cache:
+        with pytest.raises(RuntimeError, match="injected"):
+            with torch.no_grad():
+                model(random_prompt(400, seed=45), past_key_values=cache)
+        handle.remove()
+        assert cache.get_seq_length() == 0
+        cache.controller.check_invariants()
+        prompt = random_prompt(400, seed=46)
+        expected = reference_generate(model, prompt, max_new_tokens=4)
+    got, _ = tiered_generate(model, cfg, prompt, max_new_tokens=4)
+    assert_same_generation(expected, got)
