@@ -124,10 +124,12 @@ class TierController(Inspection):
             self._fit_staging(end)
         blocks: list[BlockMeta] = []
         pos = self.tokens
+        top_full = False  # once no GPU room could be made this step, the rest go lower at once
         while pos < end:
             block = self.table.open_block()
             if not block.slots:
-                self._place_new_block(block, protected=frozenset(b.index for b in blocks))
+                protected = frozenset(b.index for b in blocks)
+                top_full = not self._place_new_block(block, protected=protected, skip_top=top_full)
             take = min(self.geometry.block_tokens - block.tokens, end - pos)
             offset = pos - self.tokens
             block.extend_ids(None if ids is None else ids[:, offset : offset + take].tolist())
@@ -165,17 +167,22 @@ class TierController(Inspection):
         held = len(self.table)
         return not held or self.gather.single_run(held, self.placement.version) is not None
 
-    def _place_new_block(self, block: BlockMeta, *, protected: frozenset[int]) -> None:
+    def _place_new_block(
+        self, block: BlockMeta, *, protected: frozenset[int], skip_top: bool = False
+    ) -> bool:
         """A new block goes to the GPU if room can be made, else straight to the next tier (a
         long prefill chunk demotes as it fills); if neither has room, a pinned GPU block makes
-        it (pins are the policy's preference; the step must go on)."""
+        it (pins are the policy's preference; the step must go on). True if it went to the
+        GPU because room was found there."""
         placement, top = self.placement, self.placement.top
         lower = placement.below(top)
         try:
-            handle = placement.allocate(
-                top, block, protected=protected, seq_tokens=self.tokens, required=False
-            )
-            tier = top
+            handle = None
+            if not skip_top:
+                handle = placement.allocate(
+                    top, block, protected=protected, seq_tokens=self.tokens, required=False
+                )
+            tier, on_top = top, handle is not None
             if handle is None and lower is not None:
                 tier = lower
                 handle = placement.allocate(lower, block, required=False)
@@ -183,6 +190,7 @@ class TierController(Inspection):
                 tier = top
                 handle = placement.allocate(top, block, protected=protected, pins=False)
             block.slots[tier] = handle
+            return on_top
         except KVTierError:
             if not block.slots:
                 self.table.truncate(block.index)

@@ -45,11 +45,30 @@ def token_copies(
     step: Step, tiered_index: int, stage: torch.Tensor, stores: dict[Tier, TierStore], top: Tier
 ) -> list[tuple[Tier, Copy]]:
     """One layer's new tokens from staging into each block's writable copy (the fastest tier
-    holding it), with that copy's tier."""
-    copies: list[tuple[Tier, Copy]] = []
-    for block, first, take, at in step.pieces(stores[top].geometry.block_tokens):
+    holding it), with that copy's tier. Whole blocks in consecutive slots of one tier go in
+    one copy (a layer-major prefill copies thousands of blocks down at once)."""
+    block_tokens = stores[top].geometry.block_tokens
+    runs: list[list] = []  # [tier, first handle, last handle, first position, tokens, offset]
+    for block, first, take, at in step.pieces(block_tokens):
         tier = top if top in block.slots else block.fastest_tier()
-        view = stores[tier].source(block.slots[tier], tiered_index)
+        handle = block.slots[tier]
+        last = runs[-1] if runs else None
+        whole = first == 0 and take == block_tokens
+        if (
+            last is not None
+            and whole
+            and last[0] is tier
+            and last[3] == 0
+            and last[4] % block_tokens == 0
+            and stores[tier].contiguous(last[2], handle)
+        ):
+            last[2], last[4] = handle, last[4] + take
+        else:
+            runs.append([tier, handle, handle, first, take, at])
+    copies: list[tuple[Tier, Copy]] = []
+    for tier, handle, _, first, take, at in runs:
+        count = -(-(first + take) // block_tokens)
+        view = stores[tier].source(handle, tiered_index, count)
         pos = step.start + at
         copies.append((tier, (stage[pos : pos + take], view[first : first + take])))
     return copies
