@@ -85,6 +85,9 @@ def sweep(args, model, out_dir: Path) -> list[dict]:
                 result = run_one(args, model, ids, name, store)
                 result["round"] = round_index
                 runs[name].append(result)
+                with (out_dir / "runs.jsonl").open("a") as log:  # survives a cut-short run
+                    row = {k: v for k, v in result.items() if k not in ("stats", "tokens")}
+                    log.write(json.dumps({"context": context, "system": name, **row}) + "\n")
                 print(
                     f"{context} round {round_index} {name}: ttft {result['ttft_s']:.2f} s, "
                     f"step {result['step_ms']:.1f} ms, peak {result['peak_gib']:.2f} GiB",
