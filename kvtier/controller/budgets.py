@@ -72,7 +72,8 @@ class Budgets:
             return False
         budget, block_bytes = self.budgets[self.top], self.geometry.block_bytes
         roomy = tokens + tokens // 8
-        if budget - self.staging.bytes_for(roomy) >= self.stores[self.top].used_slots * block_bytes:
+        keep = max(self.stores[self.top].used_slots, 1) * block_bytes  # at least one slot
+        if budget - self.staging.bytes_for(roomy) >= keep:
             tokens = roomy
         staging = self.staging.bytes_for(tokens)
         # one block of room is enough: new blocks that find none go straight to the next tier

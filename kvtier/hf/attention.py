@@ -101,9 +101,9 @@ def attention(
             **kwargs,
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if query.is_cuda:
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
         output = chunk_attention(query, key, value, scale=scale)
-    else:  # no fused kernels to win on the CPU: HF's own masked path, rounding as HF rounds
+    else:  # no fused kernel to win (CPU, fp32): HF's own masked path, rounding as HF rounds
         output = masked_attention(query, key, value, scale=scale)
     return output.transpose(1, 2).contiguous(), None
 
@@ -185,7 +185,7 @@ def _attend_lse(
         for kernel in (_cudnn, _flash):
             try:
                 out, lse = kernel(query, key, value, scale, causal)
-            except (RuntimeError, NotImplementedError) as error:
+            except Exception as error:  # noqa: BLE001 - a kernel refusing inputs: try the next
                 log.debug("attention kernel %s declined: %s", kernel.__name__, error)
                 continue
             return out, lse.reshape(query.shape[:3]).float()
