@@ -30,8 +30,9 @@ def teacher_forced(args, device: torch.device) -> dict:
 
     def run(cache) -> torch.Tensor:
         logits = []
-        with torch.no_grad():
-            out = model(ids[:, :CONTEXT], past_key_values=cache)
+        with torch.no_grad():  # the prompt in kvtier's prefill chunks, for both caches
+            for start in range(0, CONTEXT, args.chunk):
+                out = model(ids[:, start : min(start + args.chunk, CONTEXT)], past_key_values=cache)
             logits.append(out.logits[0, -1].float())
             for pos in range(CONTEXT, CONTEXT + STEPS - 1):
                 out = model(ids[:, pos : pos + 1], past_key_values=cache)
