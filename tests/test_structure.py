@@ -31,6 +31,10 @@ FLOORS = {
     "kvtier.tiers.codec": 4,
     "kvtier.tiers.base": 5,
     "kvtier.tiers": 6,
+    # the remote tier stores the disk's block format (tiers.disk.format, .blockio)
+    "kvtier.tiers.remote": 6.5,
+    # [remote] is checked by parse_remote at load_config; it imports only errors
+    "kvtier.tiers.remote.url": 2,
     "kvtier.policy": 6,
     "kvtier.transfer": 6,
     "kvtier.controller": 7,
