@@ -47,6 +47,9 @@ FIXED = {
 }
 
 
+LOCAL_TIERS = (Tier.GPU, Tier.HOST, Tier.DISK)  # what these controllers have (no remote tier)
+
+
 # -- helpers ---------------------------------------------------------------------------------------
 def _shape(batch: int = 1, dtype: torch.dtype = torch.float32) -> KVGeometry:
     return KVGeometry(
@@ -351,7 +354,7 @@ class ControllerMachine(RuleBasedStateMachine):
         got = self.ctl.read_block(index, layer)
         assert _same_bits(got, self.shadow.block(index, layer))
 
-    @rule(tier=st.sampled_from(Tier), data=st.data())
+    @rule(tier=st.sampled_from(LOCAL_TIERS), data=st.data())
     def set_budget(self, tier: Tier, data: st.DataObject) -> None:
         """A budget that works, lower or higher than now; a lower one demotes what no longer fits."""
         if tier is Tier.GPU:
@@ -377,7 +380,7 @@ class ControllerMachine(RuleBasedStateMachine):
             return
         assert self.ctl.stats()[name]["budget_bytes"] == budget
 
-    @rule(tier=st.sampled_from(Tier), staging=st.booleans())
+    @rule(tier=st.sampled_from(LOCAL_TIERS), staging=st.booleans())
     def reject_too_small_budget(self, tier: Tier, staging: bool) -> None:
         """A budget that cannot work raises BudgetError and leaves the old one in force."""
         if tier is Tier.DISK:
