@@ -96,6 +96,7 @@ def open_value(
 
 
 def reject(key: str, cause: str, warned: set[str] | None) -> None:
+    """Log that the value of `key` was rejected for `cause`: a warning once per `warned` set."""
     first = warned is None or cause not in warned
     if warned is not None:
         warned.add(cause)
@@ -195,16 +196,17 @@ def open_head(
     for a value sealed for another key, a bad checksum or HMAC, an unsigned value while
     `hmac_key` is set, a wrong length, or a prefix that ends inside the head."""
     view = memoryview(prefix).cast("B")
-    opened = _check_head(key, view, value_bytes, hmac_key)
+    opened = check_head(key, view, value_bytes, hmac_key)
     if isinstance(opened, OpenedHead):
         return opened
     reject(key, opened, warned)
     return None
 
 
-def _check_head(
+def check_head(
     key: str, view: memoryview, value_bytes: int, hmac_key: bytes | None
 ) -> OpenedHead | str:
+    """open_head without the log: the opened head, or the cause of the rejection."""
     if view.nbytes < HEADER_BYTES:
         return "truncated header"
     magic, version, flags, key_len, payload_len, digest = _FIXED.unpack_from(view)

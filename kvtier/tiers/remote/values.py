@@ -22,7 +22,7 @@ from kvtier.errors import StoreCorruptError
 from kvtier.tiers.codec import Codec, checksum, decode_into
 from kvtier.tiers.disk.blockio import encode_block
 from kvtier.tiers.disk.format import Corrupt, Header, Payload, build_header, parse_header
-from kvtier.tiers.remote.signing import OpenedHead, open_head, reject, seal_head
+from kvtier.tiers.remote.signing import OpenedHead, check_head, reject, seal_head
 
 KEY_PREFIX = "kvtier:1:"  # then <model fingerprint>:<block id>; "1" is FORMAT_VERSION
 _LENGTH = struct.Struct("<Q")
@@ -99,17 +99,31 @@ def locate(
 ) -> Located | None:
     """Check the seal and the block header of a value from its first bytes; None (a miss,
     warned once per cause) if it is not block `block_id` of model `fingerprint` under `key`."""
-    opened = open_head(key, prefix, value_bytes=value_bytes, hmac_key=hmac_key, warned=warned)
-    if opened is None:
+    found = inspect(key, block_id, prefix, value_bytes, fingerprint, hmac_key)
+    if isinstance(found, str):
+        reject(key, found, warned)
         return None
+    return found
+
+
+def inspect(
+    key: str,
+    block_id: str,
+    prefix: bytes | memoryview,
+    value_bytes: int,
+    fingerprint: str,
+    hmac_key: bytes | None,
+) -> Located | str:
+    """locate without the log: the located block, or the cause of the rejection."""
+    opened = check_head(key, memoryview(prefix).cast("B"), value_bytes, hmac_key)
+    if isinstance(opened, str):
+        return opened
     try:
         header = _block_header(opened, block_id, fingerprint)
     except Corrupt as error:
-        reject(key, error.cause, warned)
-        return None
+        return error.cause
     except (ValueError, KeyError, TypeError, AttributeError, struct.error):
-        reject(key, "unparsable block header", warned)
-        return None
+        return "unparsable block header"
     return Located(header, opened.body_start - opened.head.nbytes, value_bytes)
 
 
