@@ -38,7 +38,12 @@ from valkey_servers import (  # noqa: E402
 TIMEOUT_MS = 300
 FINGERPRINT = "ab" * 16
 HMAC_KEY = b"0123456789abcdef0123456789abcdef"
-LOGS = ("kvtier.tiers.remote.signing", "kvtier.tiers.remote.client", "kvtier.tiers.remote.tier")
+LOGS = (
+    "kvtier.tiers.remote.signing",
+    "kvtier.tiers.remote.client",
+    "kvtier.tiers.remote.tier",
+    "kvtier.tiers.remote.clients",
+)
 
 
 def geometry(dtype: torch.dtype = torch.bfloat16, layers: int = 3) -> KVGeometry:
@@ -162,7 +167,9 @@ def test_missing_blocks_and_prefix(tier: RemoteTier) -> None:
     assert tier.load_into(chain[5], 0, out) is ReadResult.MISSING
     results = tier.load_blocks(chain[3:5], [empty_layers(tier.geometry) for _ in range(2)])
     assert results == [ReadResult.OK, ReadResult.MISSING]
-    assert tier.stats()["hits"] == 1 and tier.stats()["misses"] >= 3
+    stats = tier.stats()
+    assert stats["hits"] == 1 and stats["misses"] >= 3 and stats["saves"] == 4
+    assert stats["load_gbps"] > 0 and stats["io_s"] >= stats["load_s"] > 0
 
 
 def test_models_never_share_keys(tier: RemoteTier) -> None:
@@ -331,7 +338,7 @@ def test_killed_server_is_misses_and_failed_saves_with_one_warning(
         assert tier.stored_prefix([BLOCK, OTHER]) == 0
     assert time.monotonic() - start < 3 * TIMEOUT_MS / 1000
     assert len(warnings_from(caplog)) == 1, warnings_from(caplog)
-    assert tier.stats()["failed_saves"] == 3
+    assert tier.stats()["failed_saves"] == 3 and tier.stats()["errors"]["unreachable"] >= 1
 
 
 def test_restarted_empty_server_is_misses_then_works(server: ValkeyProcess) -> None:
@@ -370,11 +377,13 @@ def test_full_server_fails_the_save(tmp_path: Path, caplog: pytest.LogCaptureFix
     try:
         remote = make_tier(spec_for(server), geometry(torch.float32, layers=8))
         caplog.set_level(logging.DEBUG)
-        saved = [
-            remote.save(f"{i:032x}", block_layers(remote.geometry, i), parent_id=None)
-            for i in range(150)
-        ]
+        saved = []
+        for i in range(1000):  # 18 MB: far past maxmemory, whatever the server's own use
+            saved.append(remote.save(f"{i:032x}", block_layers(remote.geometry, i), parent_id=None))
+            if not saved[-1]:
+                break
         assert saved[0] > 0 and saved[-1] == 0
+        assert remote.save(f"{2000:032x}", block_layers(remote.geometry), parent_id=None) == 0
         assert sum(1 for w in warnings_from(caplog) if "out of memory" in w) == 1
         remote.close()
     finally:

@@ -24,7 +24,8 @@ from kvtier.layout import KVGeometry
 from kvtier.tiers.base import Stored
 from kvtier.tiers.disk.blockio import check_tensors
 from kvtier.tiers.disk.format import ReadResult
-from kvtier.tiers.remote.client import RETRY_AFTER_S, RemoteClient
+from kvtier.tiers.remote.client import RemoteClient
+from kvtier.tiers.remote.clients import ThreadClients
 from kvtier.tiers.remote.url import RemoteSpec
 from kvtier.tiers.remote.values import (
     Located,
@@ -38,46 +39,6 @@ from kvtier.tiers.remote.values import (
 log = logging.getLogger(__name__)
 
 HEADER_CACHE = 4096  # verified block headers kept, so a layer read is one range read
-
-
-class _Clients:
-    """One RemoteClient per thread (a client is not thread-safe), made on first use; a thread
-    that cannot connect reads misses and retries after RETRY_AFTER_S. Warnings are shared."""
-
-    def __init__(self, first: RemoteClient, warned: set[str]) -> None:
-        self.spec = first.spec
-        self._warned = warned
-        self._local = threading.local()
-        self._local.client = first
-        self._all = [first]
-        self._lock = threading.Lock()
-        self._failed_at = -float("inf")
-
-    def get(self) -> RemoteClient | None:
-        client = getattr(self._local, "client", None)
-        if client is not None or time.monotonic() - self._failed_at < RETRY_AFTER_S:
-            return client
-        try:
-            client = RemoteClient.connect(self.spec, warned=self._warned)
-        except KVTierError as error:
-            self._failed_at = time.monotonic()
-            level = logging.DEBUG if "connect" in self._warned else logging.WARNING
-            self._warned.add("connect")
-            log.log(level, "remote tier: %s; reads miss and writes are dropped meanwhile", error)
-            return None
-        with self._lock:
-            self._all.append(client)
-        self._local.client = client
-        return client
-
-    def close(self) -> None:
-        with self._lock:
-            clients, self._all = self._all, []
-        for client in clients:
-            try:
-                client.close()
-            except Exception:  # close never raises: a dead socket is closed enough
-                log.debug("remote tier: closing a client failed", exc_info=True)
 
 
 class RemoteTier:
@@ -109,7 +70,7 @@ class RemoteTier:
         self.model_key = model_key
         self._warned: set[str] = set()
         first = client or RemoteClient.connect(spec, warned=self._warned)
-        self._clients = _Clients(first, self._warned)
+        self._clients = ThreadClients(first, self._warned)
         self._names = tuple(f"l{layer_id}.kv" for layer_id in geometry.layer_ids)
         sample = self._buffer()
         shapes = dict.fromkeys(self._names, sample)
@@ -124,7 +85,8 @@ class RemoteTier:
             "hits": 0,
             "misses": 0,
             "rejected": 0,
-            "io_s": 0.0,
+            "save_s": 0.0,
+            "load_s": 0.0,
         }
 
     # -- TierStore: no room of its own --------------------------------------------------------
@@ -185,8 +147,15 @@ class RemoteTier:
         return new_key
 
     def stats(self) -> dict[str, object]:
+        """Counters since build; `load_gbps` (loaded raw bytes per second of load calls, 1e9)
+        is the measured read bandwidth a load-or-recompute choice can use (None before any)."""
         with self._lock:
-            return dict(self._counters)
+            figures: dict[str, object] = dict(self._counters)
+        load_s = float(figures["load_s"])
+        figures["load_gbps"] = round(figures["loaded_bytes"] / load_s / 1e9, 3) if load_s else None
+        figures["io_s"] = figures["save_s"] + load_s
+        figures["errors"] = self._clients.error_counts()
+        return figures
 
     def close(self) -> None:
         """Close every connection; never raises."""
@@ -218,7 +187,7 @@ class RemoteTier:
         with self._lock:
             self._counters["saves" if stored else "failed_saves"] += 1
             self._counters["saved_bytes"] += len(value) if stored else 0
-            self._counters["io_s"] += time.perf_counter() - started
+            self._counters["save_s"] += time.perf_counter() - started
         return len(value) if stored else 0
 
     def load_into(self, key: str, tiered_index: int, out: torch.Tensor) -> ReadResult:
@@ -376,4 +345,4 @@ class RemoteTier:
         with self._lock:
             self._counters[outcome] += 1
             self._counters["loaded_bytes"] += nbytes if result else 0
-            self._counters["io_s"] += time.perf_counter() - started
+            self._counters["load_s"] += time.perf_counter() - started
