@@ -459,3 +459,44 @@ def test_tls_with_hmac_round_trip(tmp_path: Path) -> None:
         assert remote.load_block(BLOCK, outs)
         assert all(map(same_bits, outs, layers))
         remote.close()
+
+
+# -- a cache with a remote tier ----------------------------------------------------------------
+
+
+def test_generation_with_a_remote_tier_is_exact(tiny_model, tmp_path: Path, server) -> None:
+    """Scenario: a configured remote tier changes no token (every tier used, the remote as a
+    cache beside them), shows in stats(); a wrong password is one RemoteError line at the
+    first forward, where the cache builds its tiers."""
+    from conftest import assert_all_tiers_used, random_prompt, tiered_config
+    from transformers import DynamicCache
+
+    import kvtier
+
+    model, config = tiny_model("llama")
+    prompt = random_prompt(200, seed=3)
+    url = f"valkey://{server.node}"
+    cfg = tiered_config(config, tmp_path / "store", 216, remote_url=url)
+    expected = model.generate(
+        prompt, past_key_values=DynamicCache(config=config), max_new_tokens=16, do_sample=False
+    )
+    cache = kvtier.TieredCache(model, cfg)
+    try:
+        got = model.generate(prompt, past_key_values=cache, max_new_tokens=16, do_sample=False)
+        stats = cache.stats()
+    finally:
+        cache.close()
+    assert torch.equal(expected, got)
+    assert_all_tiers_used(stats)
+    assert stats["remote"]["blocks"] == 0 and stats["remote"]["failed_saves"] == 0
+
+    wrong = tiered_config(
+        config, tmp_path / "store", 216, remote_url=f"valkey://:nope@{server.node}"
+    )
+    cache = kvtier.TieredCache(model, wrong)
+    try:
+        with pytest.raises(RemoteError) as error:
+            model.generate(prompt, past_key_values=cache, max_new_tokens=2, do_sample=False)
+    finally:
+        cache.close()
+    assert "\n" not in str(error.value) and "nope" not in str(error.value)
