@@ -180,6 +180,18 @@ def test_models_never_share_keys(tier: RemoteTier) -> None:
     other.close()
 
 
+def test_heads_longer_than_the_probe_are_read_again(tier: RemoteTier) -> None:
+    """Scenario: a writer's model_key of 5000 characters makes the block header longer than a
+    reader's first range read: the reader reads the heads again, whole, and the layer is OK."""
+    writer = make_tier(tier.spec, model_key="org/" + "m" * 5000)
+    layers = block_layers(writer.geometry)
+    writer.save(BLOCK, layers, parent_id=None)
+    out = torch.empty_like(layers[1])
+    assert tier.load_into(BLOCK, 1, out) is ReadResult.OK and same_bits(out, layers[1])
+    assert tier.probe(BLOCK) is ReadResult.OK
+    writer.close()
+
+
 def test_wrong_layer_count_is_a_caller_error(tier: RemoteTier) -> None:
     with pytest.raises(KVTierError, match="3 layer tensors"):
         tier.save(BLOCK, block_layers(tier.geometry)[:2], parent_id=None)

@@ -7,7 +7,6 @@ range reads. Server problems raise RemoteError (these are admin calls, not the d
 
 from __future__ import annotations
 
-import struct
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,9 +15,9 @@ import torch
 
 from kvtier.errors import RemoteError
 from kvtier.tiers.remote.client import RemoteClient
-from kvtier.tiers.remote.signing import FLAG_HEAD, FLAG_HMAC, HEADER_BYTES, HMAC_BYTES
+from kvtier.tiers.remote.signing import FLAG_HMAC
 from kvtier.tiers.remote.url import RemoteSpec
-from kvtier.tiers.remote.values import KEY_PREFIX, decode_tensor, inspect, split_key
+from kvtier.tiers.remote.values import KEY_PREFIX, decode_tensor, heads_end, inspect, split_key
 
 PROBE_BYTES = 64 << 10  # a first range read per key; a longer head is read again in full
 BATCH = 256  # keys per pipelined round trip
@@ -157,7 +156,7 @@ def _heads(client: RemoteClient, keys: list[str]) -> list[tuple[bytes, int] | No
     _failed(found, keys)
     heads: list[tuple[bytes, int] | None] = []
     for key, (prefix, value_bytes) in zip(keys, found, strict=True):
-        need = _head_end(prefix)
+        need = heads_end(prefix)
         if value_bytes and need is not None and len(prefix) < need <= value_bytes:
             longer = client.prefix_many([key], need)[0]
             prefix = longer[0] if longer else prefix
@@ -179,18 +178,6 @@ def _failed(found: Sequence[object], keys: Sequence[str]) -> None:
             f"valkey did not answer for {len(missing)} keys (e.g. {missing[0]}); check every "
             "node is up, then run the command again"
         )
-
-
-def _head_end(prefix: bytes) -> int | None:
-    """Where a head-sealed value's heads end, from its first bytes; None if it cannot tell."""
-    if len(prefix) < HEADER_BYTES or not prefix[5] & FLAG_HEAD:
-        return None
-    (key_len,) = struct.unpack_from("<H", prefix, 6)
-    length_at = HEADER_BYTES + key_len
-    if len(prefix) < length_at + 8:
-        return length_at + 8
-    (head_len,) = struct.unpack_from("<Q", prefix, length_at)
-    return length_at + 8 + (HMAC_BYTES if prefix[5] & FLAG_HMAC else 0) + head_len
 
 
 def _describe(

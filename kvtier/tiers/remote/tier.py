@@ -33,6 +33,7 @@ from kvtier.tiers.remote.values import (
     decode_tensor,
     encode_value,
     head_bound,
+    heads_end,
     locate,
 )
 
@@ -313,6 +314,10 @@ class RemoteTier:
             self._forget(key)
             return ReadResult.MISSING
         prefix, value_bytes = found[0]
+        need = heads_end(prefix)
+        if need is not None and len(prefix) < need <= value_bytes and client is not None:
+            longer = client.prefix_many([self._key(key)], need)[0]  # heads past the bound
+            prefix = longer[0] if longer else prefix
         located = self._locate(key, prefix, value_bytes)
         return ReadResult.CORRUPT if located is None else located
 

@@ -22,7 +22,16 @@ from kvtier.errors import StoreCorruptError
 from kvtier.tiers.codec import Codec, checksum, decode_into
 from kvtier.tiers.disk.blockio import encode_block
 from kvtier.tiers.disk.format import Corrupt, Header, Payload, build_header, parse_header
-from kvtier.tiers.remote.signing import OpenedHead, check_head, reject, seal_head
+from kvtier.tiers.remote.signing import (
+    FLAG_HEAD,
+    FLAG_HMAC,
+    HEADER_BYTES,
+    HMAC_BYTES,
+    OpenedHead,
+    check_head,
+    reject,
+    seal_head,
+)
 
 KEY_PREFIX = "kvtier:1:"  # then <model fingerprint>:<block id>; "1" is FORMAT_VERSION
 _LENGTH = struct.Struct("<Q")
@@ -71,6 +80,20 @@ def head_bound(block_id: str, tensors: Mapping[str, torch.Tensor], key: str) -> 
     labels = {"model_key": "m" * 256, "tokens": 2**31}
     head = build_header(block_id, "f" * 64, "p" * 64, payloads, labels=labels)
     return 40 + len(key.encode()) + 32 + len(head) + 1024
+
+
+def heads_end(prefix: bytes | memoryview) -> int | None:
+    """Where a head-sealed value's heads end, from its first bytes (enough of them to hold the
+    seal's fixed header and key); None if `prefix` is not a head-sealed value's start."""
+    view = memoryview(prefix).cast("B")
+    if view.nbytes < HEADER_BYTES or not view[5] & FLAG_HEAD:
+        return None
+    (key_len,) = struct.unpack_from("<H", view, 6)
+    length_at = HEADER_BYTES + key_len
+    if view.nbytes < length_at + _LENGTH.size:
+        return length_at + _LENGTH.size  # read this much, then ask again
+    (head_len,) = _LENGTH.unpack_from(view, length_at)
+    return length_at + _LENGTH.size + (HMAC_BYTES if view[5] & FLAG_HMAC else 0) + head_len
 
 
 @dataclass(frozen=True, slots=True)
