@@ -11,6 +11,7 @@ import time
 
 from kvtier.errors import KVTierError
 from kvtier.tiers.remote.client import RETRY_AFTER_S, RemoteClient
+from kvtier.tiers.remote.url import RemoteSpec
 
 log = logging.getLogger(__name__)
 
@@ -19,14 +20,15 @@ class ThreadClients:
     """One RemoteClient per thread (a client is not thread-safe), made on first use; a thread
     that cannot connect reads misses and retries after RETRY_AFTER_S. Warnings are shared."""
 
-    def __init__(self, first: RemoteClient, warned: set[str]) -> None:
-        self.spec = first.spec
+    def __init__(self, spec: RemoteSpec, first: RemoteClient | None, warned: set[str]) -> None:
+        """`first` is the building thread's client, None when the server was down then."""
+        self.spec = spec
         self._warned = warned
         self._local = threading.local()
         self._local.client = first
-        self._all = [first]
+        self._all = [first] if first is not None else []
         self._lock = threading.Lock()
-        self._failed_at = -float("inf")
+        self._failed_at = -float("inf") if first is not None else time.monotonic()
 
     def get(self) -> RemoteClient | None:
         client = getattr(self._local, "client", None)

@@ -26,6 +26,7 @@ from kvtier.tiers.disk.blockio import check_tensors
 from kvtier.tiers.disk.format import ReadResult
 from kvtier.tiers.remote.client import RemoteClient
 from kvtier.tiers.remote.clients import ThreadClients
+from kvtier.tiers.remote.connect import ServerUnavailable
 from kvtier.tiers.remote.url import RemoteSpec
 from kvtier.tiers.remote.values import (
     Located,
@@ -46,7 +47,8 @@ class RemoteTier:
     """Blocks of one model and geometry on a Valkey server or cluster; thread-safe.
 
     Connects at construction: RemoteError (one line) for a wrong password, an unknown host or
-    a server that does not answer. `persist` (remote.persist) tells the controller to write
+    an untrusted certificate; a server that is down then is a warning, and misses until it
+    answers. `persist` (remote.persist) tells the controller to write
     every sealed block through; the tier only stores what `save` is given.
     """
 
@@ -70,8 +72,7 @@ class RemoteTier:
         self.persist = persist
         self.model_key = model_key
         self._warned: set[str] = set()
-        first = client or RemoteClient.connect(spec, warned=self._warned)
-        self._clients = ThreadClients(first, self._warned)
+        self._clients = ThreadClients(spec, client or self._connect(spec), self._warned)
         self._names = tuple(f"l{layer_id}.kv" for layer_id in geometry.layer_ids)
         sample = self._buffer()
         shapes = dict.fromkeys(self._names, sample)
@@ -89,6 +90,18 @@ class RemoteTier:
             "save_s": 0.0,
             "load_s": 0.0,
         }
+
+    def _connect(self, spec: RemoteSpec) -> RemoteClient | None:
+        """The first client; None (and a warning) when the server is down: it may come up.
+        Credentials, host names and certificates raise RemoteError: they will not."""
+        try:
+            return RemoteClient.connect(spec, warned=self._warned)
+        except ServerUnavailable as error:
+            self._warned.add("connect")
+            log.warning(
+                "remote tier: %s; reads miss and writes are dropped until it answers", error
+            )
+            return None
 
     # -- TierStore: no room of its own --------------------------------------------------------
     @property
