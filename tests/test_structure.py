@@ -42,6 +42,7 @@ FLOORS = {
     "kvtier.demo": 9,
     "kvtier.zoo": 9,
     "kvtier.cli": 10,
+    "kvtier.cli_remote": 9.5,  # the store commands' remote half; cli.py imports it
     "kvtier.__main__": 11,
 }
 # (importer prefix, imported prefix) pairs that are refused even where the floors allow them
