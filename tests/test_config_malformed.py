@@ -89,6 +89,34 @@ BAD_TOML = [
     ("float inf", "[host]\nbudget = inf", "host.budget = inf is not a size"),
     ("array table", "[[gpu]]\nbudget = 1", "gpu = [{'budget': 1}] is not a table"),
     ("long key", "x" * 5000 + " = 1", "unknown key 'xxxxxxxxxxxxxxxxxxxxxxxxxxx...xxx"),
+    ("remote scheme", '[remote]\nurl = "redis://h:1"', "does not start with valkey://"),
+    ("remote int url", "[remote]\nurl = 6379", "remote.url = 6379 is not a URL"),
+    ("remote port", '[remote]\nurl = "valkey://h:99999"', "has port '99999'; use a number"),
+    ("remote timeout 0", '[remote]\nurl = "valkey://h"\ntimeout_ms = 0', "remote.timeout_ms = 0"),
+    ("remote ttl -1", '[remote]\nurl = "valkey://h"\nttl_s = -1', "remote.ttl_s = -1 is not"),
+    ("remote cluster str", '[remote]\nurl = "valkey://h"\ncluster = "yes"', "not a boolean"),
+    ("remote persist no url", "[remote]\npersist = true", "remote.persist is set but remote.url"),
+    (
+        "remote cluster off",
+        '[remote]\nurl = "valkey://a:1,b:2"\ncluster = false',
+        "remote.cluster = false but remote.url",
+    ),
+    (
+        "remote no pw file",
+        '[remote]\nurl = "valkey://h"\npassword_file = "nope.txt"',
+        "remote.password_file = ",
+    ),
+    (
+        "remote ca plain",
+        '[remote]\nurl = "valkey://h"\nca_file = "bad.toml"',
+        "remote.ca_file = ",
+    ),
+    (
+        "remote pw in url",
+        '[remote]\nurl = "valkey://u:s3cret@h"\npassword_file = "bad.toml"',
+        "***",
+    ),
+    ("remote typo", '[remote]\nurll = "valkey://h"', "unknown key"),
 ]
 
 
@@ -119,6 +147,11 @@ BAD_OVERRIDES = [
     ("object", {"host_budget": object()}, "host.budget = <object object at"),
     ("set", {"disk_codec": {"lz4"}}, "disk.codec = {'lz4'} is not a codec"),
     ("10TiB", {"host_budget": "10TiB"}, "more than the 20.00 GiB of available RAM"),
+    ("remote bytes", {"remote_url": b"valkey://h"}, "remote.url = b'valkey://h' is not a URL"),
+    ("remote db cluster", {"remote_url": "valkey://a:1,b:2/3"}, "selects db 3"),
+    ("remote timeout", {"remote_url": "valkey://h", "remote_timeout_ms": 10**9}, "timeout_ms"),
+    ("remote ttl str", {"remote_url": "valkey://h", "remote_ttl_s": "1d"}, "remote.ttl_s = '1d'"),
+    ("remote hmac path", {"remote_url": "valkey://h", "remote_hmac_key_file": 7}, "not a path"),
 ]
 
 
@@ -142,6 +175,23 @@ def test_malformed_overrides_are_one_config_error_line(overrides, fragment):
 )
 def test_malformed_path_arguments(path, fragment):
     assert fragment in one_line_error(path)
+
+
+def test_remote_secrets_never_reach_a_message(tmp_path):
+    """Scenario: a short HMAC key file and a password in the url: the message shows neither."""
+    key = tmp_path / "hmac.key"
+    key.write_text("short-secret\n")
+    message = one_line_error(remote={"url": "valkey://u:s3cret@h", "hmac_key_file": str(key)})
+    assert "holds 12 bytes; use at least 32" in message
+    assert "s3cret" not in message and "short-secret" not in message
+
+
+def test_remote_files_are_relative_to_the_config(tmp_path):
+    (tmp_path / "pw").write_text("hunter2\n")
+    (tmp_path / "cfg.toml").write_text('[remote]\nurl = "valkey://h:1"\npassword_file = "pw"\n')
+    cfg = load_config(tmp_path / "cfg.toml")
+    assert cfg.remote.password_file == str(tmp_path / "pw")
+    assert cfg.remote.spec.password == "hunter2" and "hunter2" not in repr(cfg)
 
 
 def test_a_file_that_is_not_utf8(tmp_path):

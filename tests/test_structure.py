@@ -31,6 +31,10 @@ FLOORS = {
     "kvtier.tiers.codec": 4,
     "kvtier.tiers.base": 5,
     "kvtier.tiers": 6,
+    # the remote tier stores the disk's block format (tiers.disk.format, .blockio)
+    "kvtier.tiers.remote": 6.5,
+    # [remote] is checked by parse_remote at load_config; it imports only errors
+    "kvtier.tiers.remote.url": 2,
     "kvtier.policy": 6,
     "kvtier.transfer": 6,
     "kvtier.controller": 7,
@@ -38,6 +42,7 @@ FLOORS = {
     "kvtier.demo": 9,
     "kvtier.zoo": 9,
     "kvtier.cli": 10,
+    "kvtier.cli_remote": 9.5,  # the store commands' remote half; cli.py imports it
     "kvtier.__main__": 11,
 }
 # (importer prefix, imported prefix) pairs that are refused even where the floors allow them

@@ -28,6 +28,7 @@ from kvtier.config.load import (
     load_config,
     resolve,
 )
+from kvtier.config.remote import RemoteConfig
 from kvtier.config.render import to_toml
 from kvtier.config.sources import unknown_env_message, unknown_env_vars
 
@@ -46,6 +47,7 @@ __all__ = [
     "GpuConfig",
     "HostConfig",
     "PolicyConfig",
+    "RemoteConfig",
     "default_toml",
     "load_config",
     "resolve",

@@ -14,6 +14,7 @@ from types import MappingProxyType
 
 from kvtier.config.keys import DEFAULTS, MAX_PREFETCH_DEPTH, Layers
 from kvtier.config.policies import as_policy_module, as_policy_name, as_policy_settings
+from kvtier.config.remote import RemoteConfig, as_remote
 from kvtier.config.sources import read_env, read_file, read_overrides
 from kvtier.config.values import (
     as_bool,
@@ -89,6 +90,7 @@ class Config:
     host: HostConfig
     disk: DiskConfig
     policy: PolicyConfig
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False)
     specs: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}), compare=False)
 
@@ -202,6 +204,7 @@ def _resolve(layers: Layers) -> Config:
             module=module,
             settings=settings,
         ),
+        remote=as_remote(layers),
         sources=MappingProxyType({key: layers[key][1] for key in keys}),
         specs=MappingProxyType(specs),
     )

@@ -167,6 +167,12 @@ def read_env(environ: Mapping[str, str], *, ignore: Collection[str] = ()) -> Lay
     return out
 
 
+def _override_names() -> str:
+    """The flat override names for a message: [remote]'s as remote_<key>, to keep it one line."""
+    short = [name for name in OVERRIDE_NAMES if not name.startswith("remote_")]
+    return ", ".join([*short, "remote_url", "remote_<key>"])
+
+
 def read_overrides(overrides: Mapping[str, object]) -> Layers:
     out: Layers = {}
     for name, value in overrides.items():
@@ -179,7 +185,7 @@ def read_overrides(overrides: Mapping[str, object]) -> Layers:
         else:
             hint = did_you_mean(name, [*OVERRIDE_NAMES, *TABLES])
             raise ConfigError(
-                f"unknown override {shown(name)}; {hint}use one of {', '.join(OVERRIDE_NAMES)} "
+                f"unknown override {shown(name)}; {hint}use one of {_override_names()} "
                 f"or a table such as gpu={{'budget': '2GiB'}}"
             )
     return out

@@ -48,7 +48,9 @@ class Placement:
         self.cfg = cfg
         self.geometry = geometry
         self.stores = stores
-        self.order = sorted(stores)  # fastest first
+        # fastest first; a store with no room of its own (the remote tier, a shared cache that
+        # may drop any value) stays in `stores` for reuse but is never where a block moves
+        self.order = sorted(tier for tier, store in stores.items() if store.limit_bytes > 0)
         self.top = self.order[0]
         self.policy = policy
         self.table = table
@@ -139,7 +141,8 @@ class Placement:
         below = self.below(tier)
         why = "blocks are unsealed"
         if below is None:
-            below = next((t for t in Tier if t > tier), None)  # a slower kind not configured
+            # a slower kind that is not configured and could hold the blocks (not the remote)
+            below = next((t for t in Tier if tier < t < Tier.REMOTE), None)
             if below is None:
                 return (
                     f"the {name} store is full: its {budget}-byte budget holds "

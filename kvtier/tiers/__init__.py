@@ -47,6 +47,16 @@ def build_stores(
         stores[Tier.DISK] = DiskTier(
             disk_store, geometry, persist=cfg.disk.persist, owns_store=owns_store
         )
+    if cfg.remote.spec is not None:  # the slowest: connects now, RemoteError if it cannot
+        from kvtier.tiers.remote.tier import RemoteTier
+
+        stores[Tier.REMOTE] = RemoteTier(
+            cfg.remote.spec,
+            geometry,
+            fingerprint=fingerprint,
+            persist=cfg.remote.persist,
+            model_key=cfg.disk.model_key,
+        )
     return stores
 
 
@@ -56,4 +66,5 @@ def configured_budgets(cfg: Config) -> dict[Tier, int]:
         Tier.GPU: cfg.gpu.budget_bytes,
         Tier.HOST: cfg.host.budget_bytes,
         Tier.DISK: cfg.disk.budget_bytes,
+        Tier.REMOTE: 0,  # a shared cache, not room: it never holds a block's only copy
     }

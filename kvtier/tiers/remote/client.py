@@ -55,8 +55,12 @@ class RemoteClient:
         standalone: Any = None,
         cluster: Any = None,
         retry_after_s: float = RETRY_AFTER_S,
+        warned: set[str] | None = None,
     ) -> None:
-        """Use connect(); this wraps clients that are already connected and checked."""
+        """Use connect(); this wraps clients that are already connected and checked.
+
+        `warned`: causes already warned about, shared by clients that should warn once between
+        them (one per thread of one tier)."""
         self.spec = spec
         self._standalone = standalone
         self._cluster = cluster
@@ -64,14 +68,20 @@ class RemoteClient:
         self._failed_at: dict[str, float] = {}  # node name -> monotonic time of its last failure
         self._refresh_slots = False
         self._last_refresh = 0.0
-        self._warned: set[str] = set()
+        self._warned: set[str] = set() if warned is None else warned
         self._error_counts: dict[str, int] = {}
 
     @classmethod
-    def connect(cls, spec: RemoteSpec, *, retry_after_s: float = RETRY_AFTER_S) -> RemoteClient:
+    def connect(
+        cls,
+        spec: RemoteSpec,
+        *,
+        retry_after_s: float = RETRY_AFTER_S,
+        warned: set[str] | None = None,
+    ) -> RemoteClient:
         """Connect, authenticate and check the server answers; raise RemoteError if not.
 
-        Blocks for at most about timeout_ms per node it tries.
+        Blocks for at most about timeout_ms per node it tries. `warned`: see __init__.
         """
         if valkey is None:
             raise KVTierError(
@@ -105,36 +115,9 @@ class RemoteClient:
                     f"valkey at {node} runs in cluster mode; list its nodes in remote.url "
                     "or set remote.cluster = true"
                 )
-            return cls(spec, standalone=client, retry_after_s=retry_after_s)
-
-        first_error: RemoteError | None = None
-        for node in spec.nodes:  # find a node that answers, so the error names the real cause
-            probe = valkey.Valkey(host=node.host, port=node.port, **probe_options(spec, options))
-            try:
-                probe.ping()
-                break
-            except ValkeyError as exc:
-                first_error = first_error or connect_error(spec, node, exc)
-            finally:
-                probe.close()
-        else:
-            assert first_error is not None
-            raise first_error
-        try:
-            cluster = ValkeyCluster(
-                startup_nodes=[ClusterNode(node.host, node.port) for node in spec.nodes],
-                cluster_error_retry_attempts=0,
-                require_full_coverage=False,
-                **options,
-            )
-        except (ValkeyError, ValkeyClusterException) as exc:
-            if "Cluster mode is not enabled" in str(exc):
-                raise RemoteError(
-                    f"valkey at {spec.nodes[0]} is not a cluster node; name one node in "
-                    "remote.url, or set remote.cluster = false"
-                ) from None
-            raise connect_error(spec, spec.nodes[0], exc) from None
-        return cls(spec, cluster=cluster, retry_after_s=retry_after_s)
+            return cls(spec, standalone=client, retry_after_s=retry_after_s, warned=warned)
+        cluster = _connect_cluster(spec, options)
+        return cls(spec, cluster=cluster, retry_after_s=retry_after_s, warned=warned)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """The value of each key, in order; None for a missing key or one on a failed node.
@@ -181,6 +164,56 @@ class RemoteClient:
             deleted += sum(result for result in results if type(result) is int)
             self._response_errors(name, results)
         return deleted
+
+    def get_range_many(self, keys: Sequence[str], start: int, end: int) -> list[bytes | None]:
+        """Bytes `start` through `end` (inclusive, as GETRANGE) of each key's value; None for a
+        key on a failed node. A missing key reads as b"" (GETRANGE cannot tell it apart)."""
+        found = self._per_key(keys, lambda key: [("GETRANGE", key, start, end)])
+        return [_typed(results[0], bytes) if results else None for results in found]
+
+    def prefix_many(self, keys: Sequence[str], nbytes: int) -> list[tuple[bytes, int] | None]:
+        """Each value's first `nbytes` bytes and its whole length, in one round trip per node:
+        (b"", 0) for a missing key, None for a key on a failed node."""
+        commands = lambda key: [("GETRANGE", key, 0, nbytes - 1), ("STRLEN", key)]  # noqa: E731
+        pairs = [
+            (_typed(results[0], bytes), _typed(results[1], int)) if results else (None, None)
+            for results in self._per_key(keys, commands)
+        ]
+        return [None if None in pair else pair for pair in pairs]
+
+    def length_many(self, keys: Sequence[str]) -> list[int | None]:
+        """Each value's length in bytes (0: no such key); None for a key on a failed node."""
+        found = self._per_key(keys, lambda key: [("STRLEN", key)])
+        return [_typed(results[0], int) if results else None for results in found]
+
+    def idle_many(self, keys: Sequence[str]) -> list[int | None]:
+        """Seconds since each key was last read or written (OBJECT IDLETIME); None when the key
+        is gone, its node failed, or the server's maxmemory-policy is an LFU one."""
+        found = self._per_key(keys, lambda key: [("OBJECT", "IDLETIME", key)])
+        return [_typed(results[0], int) if results else None for results in found]
+
+    def expire_many(self, keys: Sequence[str], ttl_s: int) -> int:
+        """Set each existing key to expire in `ttl_s` seconds; the number that exist."""
+        found = self._per_key(keys, lambda key: [("EXPIRE", key, ttl_s)])
+        return sum(1 for results in found if results and results[0] in (True, 1))
+
+    def _per_key(
+        self, keys: Sequence[str], commands: Callable[[str], list[tuple[Any, ...]]]
+    ) -> list[list[Any] | None]:
+        """`commands(key)` for every key, pipelined: one round trip per node. Each key's results
+        (a value or an exception each), in key order; None for a key on a failed node."""
+        found: list[list[Any] | None] = [None] * len(keys)
+        for name, client, slots in self._route(keys):
+            indices = [i for group in slots for i in group]
+            per_key = [commands(keys[i]) for i in indices]
+            results = self._run(name, client, [c for group in per_key for c in group])
+            self._response_errors(name, results)
+            position = 0
+            for i, group in zip(indices, per_key, strict=True):
+                mine = results[position : position + len(group)]
+                position += len(group)
+                found[i] = None if all(r is None for r in mine) else mine
+        return found
 
     def scan(self, prefix: str) -> list[str]:
         """Every key that starts with `prefix`, on every primary; raises RemoteError on failure.
@@ -350,6 +383,43 @@ class RemoteClient:
                 f"valkey at {name} failed: {scrub(str(exc), self.spec)}; check the server is up "
                 "and this user may run SCAN and INFO"
             ) from None
+
+
+def _connect_cluster(spec: RemoteSpec, options: dict[str, Any]) -> Any:
+    """A ValkeyCluster client, after finding a node that answers (so errors name the cause)."""
+    first_error: RemoteError | None = None
+    for node in spec.nodes:  # find a node that answers, so the error names the real cause
+        probe = valkey.Valkey(host=node.host, port=node.port, **probe_options(spec, options))
+        try:
+            probe.ping()
+            break
+        except ValkeyError as exc:
+            first_error = first_error or connect_error(spec, node, exc)
+        finally:
+            probe.close()
+    else:
+        assert first_error is not None
+        raise first_error
+    try:
+        cluster = ValkeyCluster(
+            startup_nodes=[ClusterNode(node.host, node.port) for node in spec.nodes],
+            cluster_error_retry_attempts=0,
+            require_full_coverage=False,
+            **options,
+        )
+    except (ValkeyError, ValkeyClusterException) as exc:
+        if "Cluster mode is not enabled" in str(exc):
+            raise RemoteError(
+                f"valkey at {spec.nodes[0]} is not a cluster node; name one node in "
+                "remote.url, or set remote.cluster = false"
+            ) from None
+        raise connect_error(spec, spec.nodes[0], exc) from None
+    return cluster
+
+
+def _typed(result: Any, kind: type) -> Any:
+    """`result` if it is a `kind` (and not a bool), else None (an error reply, a nil)."""
+    return result if isinstance(result, kind) and not isinstance(result, bool) else None
 
 
 def _glob_escape(text: str) -> str:

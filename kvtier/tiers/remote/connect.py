@@ -96,6 +96,11 @@ def probe_options(spec: RemoteSpec, options: dict[str, Any]) -> dict[str, Any]:
     return probe
 
 
+class ServerUnavailable(RemoteError):
+    """The server did not answer or refused the connection: it may come up later (a tier then
+    runs with misses); a wrong password, host name or certificate will not fix itself."""
+
+
 def connect_error(spec: RemoteSpec, node: RemoteNode, exc: BaseException) -> RemoteError:
     """One line that names the node, what went wrong and which [remote] key fixes it."""
     text = scrub(str(exc), spec)
@@ -146,12 +151,12 @@ def connect_error(spec: RemoteSpec, node: RemoteNode, exc: BaseException) -> Rem
         or "timed out" in lowered
     ):
         hint = " (a plaintext port? use valkey://)" if spec.tls else ""
-        return RemoteError(
+        return ServerUnavailable(
             f"valkey at {node} did not answer within remote.timeout_ms = {spec.timeout_ms}"
             f"{hint}: check the server is up and reachable, or raise timeout_ms"
         )
     if "connection refused" in lowered or f"error {errno.ECONNREFUSED} " in lowered:
-        return RemoteError(
+        return ServerUnavailable(
             f"nothing listens at valkey {node} (connection refused): start the server or fix "
             "the port in remote.url"
         )

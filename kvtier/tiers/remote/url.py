@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
-from kvtier.errors import ConfigError
+from kvtier.errors import ConfigError, printable
+from kvtier.errors import shown as quoted
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def parse_remote(table: Mapping[str, object], *, base_dir: Path | None = None) -
     _check_keys(table)
     url = table.get("url")
     if not isinstance(url, str) or not url.strip():
-        raise ConfigError(f"remote.url = {url!r} is not a URL; {_URL_HINT}")
+        raise ConfigError(f"remote.url = {quoted(url)} is not a URL; {_URL_HINT}")
     spec = parse_url(url.strip())
     root = Path.cwd() if base_dir is None else Path(base_dir)
     password, source = _password(table, url, spec.password, root)
@@ -129,7 +130,7 @@ def _check_keys(table: Mapping[str, object]) -> None:
     for name in table:
         if name not in OPTIONS:
             close = difflib.get_close_matches(name, OPTIONS, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint = f"did you mean {quoted(close[0])}? " if close else ""
             raise ConfigError(
                 f"unknown key 'remote.{name}'; {hint}[remote] takes: {', '.join(OPTIONS)}"
             )
@@ -144,13 +145,15 @@ def _password(
         return url_password, "url"
     if url_password is not None:
         raise ConfigError(
-            f"remote.url = {redact_url(url)!r} has a password and remote.password_file = "
-            f"'{password_file}' names another; keep one (password_file keeps it out of configs)"
+            f"remote.url = {quoted(redact_url(url))} has a password and remote.password_file = "
+            f"'{printable(password_file)}' names another; keep one (password_file keeps it out "
+            f"of configs)"
         )
     password = _read_secret(password_file, "password_file").decode()
     if not password:
         raise ConfigError(
-            f"remote.password_file = '{password_file}' is empty; write the password into it "
+            f"remote.password_file = '{printable(password_file)}' is empty; write the password "
+            f"into it "
             "or drop the key for a server without a password"
         )
     return password, "password_file"
@@ -164,12 +167,13 @@ def _tls_files(
     for name, path in tls_files.items():
         if path is not None and not tls:
             raise ConfigError(
-                f"remote.{name} = '{path}' needs TLS but remote.url = {redact_url(url)!r} is "
+                f"remote.{name} = '{printable(path)}' needs TLS but remote.url = "
+                f"{quoted(redact_url(url))} is "
                 "plain; use valkeys:// or drop the key"
             )
     if tls_files["key_file"] is not None and tls_files["cert_file"] is None:
         raise ConfigError(
-            f"remote.key_file = '{tls_files['key_file']}' has no certificate; set "
+            f"remote.key_file = '{printable(tls_files['key_file'])}' has no certificate; set "
             "remote.cert_file to the client certificate it belongs to"
         )
     return tls_files
@@ -182,7 +186,8 @@ def _hmac_key(table: Mapping[str, object], root: Path) -> bytes | None:
     hmac_key = _read_secret(hmac_key_file, "hmac_key_file")
     if len(hmac_key) < MIN_HMAC_KEY_BYTES:
         raise ConfigError(
-            f"remote.hmac_key_file = '{hmac_key_file}' holds {len(hmac_key)} bytes; use at "
+            f"remote.hmac_key_file = '{printable(hmac_key_file)}' holds {len(hmac_key)} bytes; "
+            f"use at "
             f"least {MIN_HMAC_KEY_BYTES}, e.g. `openssl rand -hex 32 > {hmac_key_file}`"
         )
     return hmac_key
@@ -193,15 +198,15 @@ def _cluster(table: Mapping[str, object], url: str, spec: RemoteSpec) -> bool:
     nodes = spec.nodes
     cluster = table.get("cluster", len(nodes) > 1)
     if not isinstance(cluster, bool):
-        raise ConfigError(f"remote.cluster = {cluster!r} is not a boolean; use true or false")
+        raise ConfigError(f"remote.cluster = {quoted(cluster)} is not a boolean; use true or false")
     if not cluster and len(nodes) > 1:
         raise ConfigError(
-            f"remote.cluster = false but remote.url = {redact_url(url)!r} names {len(nodes)} "
+            f"remote.cluster = false but remote.url = {quoted(redact_url(url))} names {len(nodes)} "
             "nodes; name one node, or drop remote.cluster for a cluster"
         )
     if cluster and spec.db:
         raise ConfigError(
-            f"remote.url = {redact_url(url)!r} selects db {spec.db}, which a cluster client "
+            f"remote.url = {quoted(redact_url(url))} selects db {spec.db}, which a cluster client "
             "cannot use; drop the /db part"
         )
     return cluster
@@ -213,7 +218,8 @@ def parse_url(url: str) -> RemoteSpec:
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in SCHEMES:
         raise ConfigError(
-            f"remote.url = {shown!r} does not start with valkey:// or valkeys:// (TLS); {_URL_HINT}"
+            f"remote.url = {quoted(shown)} does not start with valkey:// or valkeys:// (TLS); "
+            f"{_URL_HINT}"
         )
     tls = SCHEMES[scheme.lower()]
     # The last '@' ends the credentials, so a password may hold '@' or '/' without escaping.
@@ -222,7 +228,7 @@ def parse_url(url: str) -> RemoteSpec:
         userinfo, hosts_and_db = "", rest
     if "?" in hosts_and_db or "#" in hosts_and_db:
         raise ConfigError(
-            f"remote.url = {shown!r} has a query or fragment; set options as [remote] keys "
+            f"remote.url = {quoted(shown)} has a query or fragment; set options as [remote] keys "
             "(password_file, ca_file, timeout_ms, ...) instead"
         )
     hosts, slash, db_text = hosts_and_db.partition("/")
@@ -235,21 +241,22 @@ def parse_url(url: str) -> RemoteSpec:
         password = unquote(password_text) if colon else None
         if colon and not password:
             raise ConfigError(
-                f"remote.url = {shown!r} has an empty password; drop the ':' or use "
+                f"remote.url = {quoted(shown)} has an empty password; drop the ':' or use "
                 "remote.password_file"
             )
         if username is None and password is None:
-            raise ConfigError(f"remote.url = {shown!r} has an '@' but no user; {_URL_HINT}")
+            raise ConfigError(f"remote.url = {quoted(shown)} has an '@' but no user; {_URL_HINT}")
 
     nodes = tuple(_node(part, shown) for part in hosts.split(","))
     if len(set(nodes)) != len(nodes):
-        raise ConfigError(f"remote.url = {shown!r} names a node twice; list each node once")
+        raise ConfigError(f"remote.url = {quoted(shown)} names a node twice; list each node once")
 
     db = 0
     if slash and db_text:
         if not db_text.isdigit():
             raise ConfigError(
-                f"remote.url = {shown!r} has db {db_text!r}, not a number; end the URL with /0, "
+                f"remote.url = {quoted(shown)} has db {quoted(db_text)}, not a number; end the "
+                f"URL with /0, "
                 "/1, ... or nothing"
             )
         db = int(db_text)
@@ -271,26 +278,30 @@ def redact_url(url: str) -> str:
 def _node(text: str, shown: str) -> RemoteNode:
     text = text.strip()
     if not text:
-        raise ConfigError(f"remote.url = {shown!r} has an empty host; {_URL_HINT}")
+        raise ConfigError(f"remote.url = {quoted(shown)} has an empty host; {_URL_HINT}")
     ipv6 = _IPV6_RE.match(text)
     if ipv6:
         host, rest = ipv6.group(1), text[ipv6.end() :]
         if rest and not rest.startswith(":"):
-            raise ConfigError(f"remote.url = {shown!r}: {text!r} is not [ipv6]:port; {_URL_HINT}")
+            raise ConfigError(
+                f"remote.url = {quoted(shown)}: {quoted(text)} is not [ipv6]:port; {_URL_HINT}"
+            )
         port_text = rest[1:] if rest else None
     else:
         host, colon, port_text = text.partition(":")
         port_text = port_text if colon else None
         if not _HOST_RE.fullmatch(host):
             raise ConfigError(
-                f"remote.url = {shown!r} has host {host!r}, not a host name or address; "
+                f"remote.url = {quoted(shown)} has host {quoted(host)}, not a host name or "
+                f"address; "
                 "IPv6 goes in brackets: valkey://[::1]:6379"
             )
     if port_text is None:
         return RemoteNode(host, DEFAULT_PORT)
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ConfigError(
-            f"remote.url = {shown!r} has port {port_text!r}; use a number from 1 to 65535, "
+            f"remote.url = {quoted(shown)} has port {quoted(port_text)}; use a number from 1 to "
+            f"65535, "
             "like cache1:6379"
         )
     return RemoteNode(host, int(port_text))
@@ -301,11 +312,15 @@ def _path(table: Mapping[str, object], name: str, root: Path) -> Path | None:
     if value is None:
         return None
     if not isinstance(value, str | os.PathLike) or not str(value).strip():
-        raise ConfigError(f"remote.{name} = {value!r} is not a file path; give a path as a string")
+        raise ConfigError(
+            f"remote.{name} = {quoted(value)} is not a file path; give a path as a string"
+        )
     path = Path(value).expanduser()
     path = path if path.is_absolute() else root / path
     if not path.is_file():
-        raise ConfigError(f"remote.{name} = '{path}' is not a file; create it or fix the path")
+        raise ConfigError(
+            f"remote.{name} = '{printable(path)}' is not a file; create it or fix the path"
+        )
     return path
 
 
@@ -314,7 +329,8 @@ def _read_secret(path: Path, name: str) -> bytes:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(
-            f"remote.{name} = '{path}' cannot be read ({exc.strerror}); check its permissions"
+            f"remote.{name} = '{printable(path)}' cannot be read ({exc.strerror}); check its "
+            f"permissions"
         ) from None
     return data.rstrip(b"\r\n")  # editors and `echo` add a newline that is not part of the secret
 
@@ -330,6 +346,6 @@ def _positive_int(table: Mapping[str, object], name: str, default: int | None) -
         tail = "" if default is None else f" (default {default})"
         drop = " or drop the key for no expiry" if default is None else f" or drop the key{tail}"
         raise ConfigError(
-            f"remote.{name} = {value!r} is not a whole number of {unit} > 0; fix it{drop}"
+            f"remote.{name} = {quoted(value)} is not a whole number of {unit} > 0; fix it{drop}"
         )
     return value

@@ -1,0 +1,366 @@
+"""RemoteTier: a Valkey server or cluster seen as a tier (TierStore + SerializedStore), for reuse.
+
+Handles are block ids; values are block files, head-sealed (values.py), under keys namespaced by
+the model fingerprint. A shared cache, not room: the server may drop any value (maxmemory
+eviction, ttl_s, a restart), so the tier never takes a block's only copy (`allocate` is None,
+`adopt` is None). It serves `save` (write-through with persist, from the controller) and the
+reuse calls. A server problem is a miss or a failed save and one warning: the data path never
+raises for one. It stores; it never chooses what to keep.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from kvtier.blocks import BlockMeta, Tier
+from kvtier.errors import KVTierError
+from kvtier.layout import KVGeometry
+from kvtier.tiers.base import Stored
+from kvtier.tiers.disk.blockio import check_tensors
+from kvtier.tiers.disk.format import ReadResult
+from kvtier.tiers.remote.client import RemoteClient
+from kvtier.tiers.remote.clients import ThreadClients
+from kvtier.tiers.remote.connect import ServerUnavailable
+from kvtier.tiers.remote.url import RemoteSpec
+from kvtier.tiers.remote.values import (
+    Located,
+    block_key,
+    decode_tensor,
+    encode_value,
+    head_bound,
+    heads_end,
+    locate,
+)
+
+log = logging.getLogger(__name__)
+
+HEADER_CACHE = 4096  # verified block headers kept, so a layer read is one range read
+
+
+class RemoteTier:
+    """Blocks of one model and geometry on a Valkey server or cluster; thread-safe.
+
+    Connects at construction: RemoteError (one line) for a wrong password, an unknown host or
+    an untrusted certificate; a server that is down then is a warning, and misses until it
+    answers. `persist` (remote.persist) tells the controller to write
+    every sealed block through; the tier only stores what `save` is given.
+    """
+
+    tier = Tier.REMOTE
+    holds_open_blocks = False  # keyed by content id: sealed blocks only
+    limit_bytes = 0  # never a block's only copy: the server may drop any value
+
+    def __init__(
+        self,
+        spec: RemoteSpec,
+        geometry: KVGeometry,
+        *,
+        fingerprint: str,
+        persist: bool = False,
+        model_key: str = "",
+        client: RemoteClient | None = None,
+    ) -> None:
+        self.spec = spec
+        self.geometry = geometry
+        self.fingerprint = fingerprint
+        self.persist = persist
+        self.model_key = model_key
+        self._warned: set[str] = set()
+        self._clients = ThreadClients(spec, client or self._connect(spec), self._warned)
+        self._names = tuple(f"l{layer_id}.kv" for layer_id in geometry.layer_ids)
+        sample = self._buffer()
+        shapes = dict.fromkeys(self._names, sample)
+        self._head_bytes = head_bound("0" * 32, shapes, self._key("0" * 32))
+        self._headers: OrderedDict[str, Located] = OrderedDict()
+        self._lock = threading.Lock()
+        self._counters = {
+            "saved_bytes": 0,
+            "loaded_bytes": 0,
+            "saves": 0,
+            "failed_saves": 0,
+            "hits": 0,
+            "misses": 0,
+            "rejected": 0,
+            "save_s": 0.0,
+            "load_s": 0.0,
+        }
+
+    def _connect(self, spec: RemoteSpec) -> RemoteClient | None:
+        """The first client; None (and a warning) when the server is down: it may come up.
+        Credentials, host names and certificates raise RemoteError: they will not."""
+        try:
+            return RemoteClient.connect(spec, warned=self._warned)
+        except ServerUnavailable as error:
+            self._warned.add("connect")
+            log.warning(
+                "remote tier: %s; reads miss and writes are dropped until it answers", error
+            )
+            return None
+
+    # -- TierStore: no room of its own --------------------------------------------------------
+    @property
+    def bytes_used(self) -> int:
+        return 0
+
+    def capacity_blocks(self, limit_bytes: int | None = None) -> int:
+        return 0
+
+    def room_blocks(self) -> int:
+        return 0
+
+    def allocate(self, block: BlockMeta | None = None) -> str | None:
+        return None  # the controller keeps every block in a tier that cannot drop it
+
+    def free(self, key: str) -> None:
+        """Nothing to release: stored values stay for other processes (ttl_s and the server's
+        maxmemory policy bound them)."""
+
+    def set_limit(self, limit_bytes: int) -> list[str]:
+        return []
+
+    def release(self) -> None:
+        pass
+
+    def contiguous(self, first: str, second: str) -> bool:
+        return False
+
+    def source(self, key: str, tiered_index: int, count: int = 1) -> Stored:
+        assert count == 1, "remote blocks are read one at a time"
+        return Stored(self, key, tiered_index)
+
+    def block_source(self, key: str) -> Stored:
+        return Stored(self, key)
+
+    def block_target(self, key: str, *, parent_id: str | None) -> Stored:
+        return Stored(self, key, parent_id=parent_id)
+
+    def reorder_rows(
+        self,
+        key: str,
+        rows: torch.Tensor,
+        *,
+        old_key: str | None,
+        new_key: str | None,
+        parent_id: str | None,
+    ) -> str:
+        """Store the block with its batch rows permuted under its new id (the old value stays:
+        other processes may use it)."""
+        if new_key is None or new_key == key:
+            return key
+        layers = [self._buffer() for _ in self._names]
+        if not self.load_block(key, layers):
+            raise KVTierError(f"remote block {key} is gone from the server; re-run the prompt")
+        permuted = tuple(t.index_select(2, rows.to("cpu")) for t in layers)
+        self.save(new_key, permuted, parent_id=parent_id)
+        return new_key
+
+    def stats(self) -> dict[str, object]:
+        """Counters since build; `load_gbps` (loaded raw bytes per second of load calls, 1e9)
+        is the measured read bandwidth a load-or-recompute choice can use (None before any)."""
+        with self._lock:
+            figures: dict[str, object] = dict(self._counters)
+        load_s = float(figures["load_s"])
+        figures["load_gbps"] = round(figures["loaded_bytes"] / load_s / 1e9, 3) if load_s else None
+        figures["io_s"] = figures["save_s"] + load_s
+        figures["errors"] = self._clients.error_counts()
+        return figures
+
+    def close(self) -> None:
+        """Close every connection; never raises."""
+        self._clients.close()
+
+    # -- SerializedStore (the mover's I/O threads; any thread) --------------------------------
+    def save(self, key: str, layers: tuple[torch.Tensor, ...], *, parent_id: str | None) -> int:
+        """Store every layer of block `key` (contiguous CPU tensors by tiered index); the bytes
+        sent, or 0 when the server did not take it (warned once per cause: down, full, denied).
+        Never raises for a server problem; KVTierError for layers that do not fit the tier."""
+        started = time.perf_counter()
+        if len(layers) != len(self._names):
+            raise KVTierError(f"save needs {len(self._names)} layer tensors, got {len(layers)}")
+        tensors = dict(zip(self._names, layers, strict=True))
+        check_tensors(key, tensors)
+        labels = {"model_key": self.model_key, "tokens": self.geometry.block_tokens}
+        server_key = self._key(key)
+        value = encode_value(
+            server_key,
+            key,
+            tensors,
+            fingerprint=self.fingerprint,
+            parent_id=parent_id,
+            labels={name: v for name, v in labels.items() if v},
+            hmac_key=self.spec.hmac_key,
+        )
+        client = self._clients.get()
+        stored = client is not None and client.put_many([(server_key, value)])
+        with self._lock:
+            self._counters["saves" if stored else "failed_saves"] += 1
+            self._counters["saved_bytes"] += len(value) if stored else 0
+            self._counters["save_s"] += time.perf_counter() - started
+        return len(value) if stored else 0
+
+    def load_into(self, key: str, tiered_index: int, out: torch.Tensor) -> ReadResult:
+        """Tiered layer `tiered_index` of block `key` into `out` (a contiguous CPU tensor):
+        one range read once the block's header is known (else two). Falsy when it cannot."""
+        started = time.perf_counter()
+        name = self._names[tiered_index]
+        located = self._located(key)
+        result = located if isinstance(located, ReadResult) else ReadResult.OK
+        if isinstance(located, Located):
+            start, end = located.span(name)
+            result = self._read_range(key, located, name, start, end, out)
+        self._count(result, out.nbytes, started)
+        return result
+
+    def _read_range(
+        self, key: str, located: Located, name: str, start: int, end: int, out: torch.Tensor
+    ) -> ReadResult:
+        client = self._clients.get()
+        found = client.get_range_many([self._key(key)], start, end - 1) if client else [None]
+        payload = found[0]
+        if payload is None or len(payload) != end - start:
+            self._forget(key)  # gone, or replaced by a value of another length
+            return ReadResult.MISSING
+        if not decode_tensor(self._key(key), located, name, payload, out, warned=self._warned):
+            self._forget(key)
+            return ReadResult.CORRUPT
+        return ReadResult.OK
+
+    # -- reuse: blocks any process stored ------------------------------------------------------
+    def contains(self, key: str) -> bool:
+        return self.stored_prefix([key]) == 1
+
+    def probe(self, key: str) -> ReadResult:
+        """Whether block `key` is stored with valid heads (one range read of its first bytes;
+        the tensors' checksums are checked when it is loaded)."""
+        located = self._located(key, refresh=True)
+        return located if isinstance(located, ReadResult) else ReadResult.OK
+
+    def stored_prefix(self, keys: Sequence[str]) -> int:
+        """How many of `keys` (a chain of block ids, first to last) have a value on the server,
+        from the first: one pipelined STRLEN per key, one round trip per node. A value that then
+        fails its checks is a failed load: stop the reuse there."""
+        client = self._clients.get()
+        if client is None or not keys:
+            return 0
+        for count, length in enumerate(client.length_many([self._key(k) for k in keys])):
+            if not length:
+                return count
+        return len(keys)
+
+    def load_block(self, key: str, layers: Sequence[torch.Tensor]) -> ReadResult:
+        """Every tiered layer of block `key` into `layers[tiered_index]` (contiguous CPU tensors
+        of `[block_tokens, 2, batch, kv_heads, head_dim]` elements; pinned is fine): one GET.
+        Falsy when missing or failing a check: recompute then."""
+        return self.load_blocks([key], [layers])[0]
+
+    def load_blocks(
+        self, keys: Sequence[str], layers: Sequence[Sequence[torch.Tensor]]
+    ) -> list[ReadResult]:
+        """load_block for many blocks, fetched in one pipelined MGET (one round trip per node)."""
+        if any(len(per_block) != len(self._names) for per_block in layers):
+            raise KVTierError(f"load_block needs {len(self._names)} layer tensors per block")
+        started = time.perf_counter()
+        client = self._clients.get()
+        values = client.get_many([self._key(k) for k in keys]) if client else [None] * len(keys)
+        results = []
+        for key, value, outs in zip(keys, values, layers, strict=True):
+            result = self._decode_block(key, value, outs)
+            self._count(result, sum(t.nbytes for t in outs), started)
+            started = time.perf_counter()
+            results.append(result)
+        if self.spec.ttl_s and client is not None:
+            hits = [self._key(k) for k, r in zip(keys, results, strict=True) if r]
+            client.expire_many(hits, self.spec.ttl_s)  # a reused prefix stays while it is used
+        return results
+
+    def _decode_block(
+        self, key: str, value: bytes | None, outs: Sequence[torch.Tensor]
+    ) -> ReadResult:
+        if not value:
+            return ReadResult.MISSING
+        located = self._locate(key, value, len(value))
+        if located is None:
+            return ReadResult.CORRUPT
+        view = memoryview(value)
+        for name, out in zip(self._names, outs, strict=True):
+            start, end = located.span(name)
+            if not decode_tensor(
+                self._key(key), located, name, view[start:end], out, warned=self._warned
+            ):
+                self._forget(key)
+                return ReadResult.CORRUPT
+        return ReadResult.OK
+
+    def adopt(self, key: str) -> str | None:
+        """None: the tier holds no block as the controller's copy (the server may drop it);
+        load it into host with `load_block` instead."""
+        return None
+
+    def publish(self, key: str) -> bool:
+        """True if block `key` is on the server: every stored value is shared already."""
+        return self.contains(key)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _key(self, block_id: str) -> str:
+        return block_key(self.fingerprint, block_id)
+
+    def _buffer(self) -> torch.Tensor:
+        g = self.geometry
+        return torch.empty((g.block_tokens, *g.token_shape), dtype=g.dtype)
+
+    def _located(self, key: str, *, refresh: bool = False) -> Located | ReadResult:
+        """The block's verified header: cached, or from one range read of the value's start."""
+        with self._lock:
+            located = None if refresh else self._headers.get(key)
+            if located is not None:
+                self._headers.move_to_end(key)
+                return located
+        client = self._clients.get()
+        found = client.prefix_many([self._key(key)], self._head_bytes) if client else [None]
+        if found[0] is None or not found[0][1]:
+            self._forget(key)
+            return ReadResult.MISSING
+        prefix, value_bytes = found[0]
+        need = heads_end(prefix)
+        if need is not None and len(prefix) < need <= value_bytes and client is not None:
+            longer = client.prefix_many([self._key(key)], need)[0]  # heads past the bound
+            prefix = longer[0] if longer else prefix
+        located = self._locate(key, prefix, value_bytes)
+        return ReadResult.CORRUPT if located is None else located
+
+    def _locate(self, key: str, prefix: bytes, value_bytes: int) -> Located | None:
+        located = locate(
+            self._key(key),
+            key,
+            prefix,
+            value_bytes=value_bytes,
+            fingerprint=self.fingerprint,
+            hmac_key=self.spec.hmac_key,
+            warned=self._warned,
+        )
+        with self._lock:
+            if located is None:
+                self._headers.pop(key, None)
+                return None
+            self._headers[key] = located
+            self._headers.move_to_end(key)
+            while len(self._headers) > HEADER_CACHE:
+                self._headers.popitem(last=False)
+        return located
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            self._headers.pop(key, None)
+
+    def _count(self, result: ReadResult, nbytes: int, started: float) -> None:
+        outcome = {ReadResult.OK: "hits", ReadResult.MISSING: "misses"}.get(result, "rejected")
+        with self._lock:
+            self._counters[outcome] += 1
+            self._counters["loaded_bytes"] += nbytes if result else 0
+            self._counters["load_s"] += time.perf_counter() - started

