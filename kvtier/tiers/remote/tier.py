@@ -114,6 +114,10 @@ class RemoteTier:
     def room_blocks(self) -> int:
         return 0
 
+    def reserve(self, slots: int) -> bool:
+        """No room of its own to prepare."""
+        return False
+
     def allocate(self, block: BlockMeta | None = None) -> str | None:
         return None  # the controller keeps every block in a tier that cannot drop it
 
