@@ -169,7 +169,7 @@ def bench(args, out_dir: Path) -> list[dict]:
                         stats["blocks"] - stats["gpu"]["blocks"]
                     ) * stats["block_bytes"]
                     result["floor_ms"] = 1e3 * result["streamed_bytes_per_step"] / 55e9
-                    result["kv_gpu_gib"] = stats["gpu"]["bytes_used"] / GiB
+                    result["kv_gpu_gib"] = stats["gpu"]["reserved_bytes"] / GiB  # slabs + staging
                     cache.close()
                 del cache
                 if device.type == "cuda":
