@@ -26,6 +26,7 @@ FLOORS = {
     "kvtier.machine": 2,
     "kvtier.registry": 2,
     "kvtier.config": 3,
+    "kvtier.measured": 3,
     "kvtier.blocks": 4,
     "kvtier.layout": 4,
     "kvtier.tiers.codec": 4,
