@@ -116,5 +116,5 @@ def copy_speed(copy_bytes: int, *, kind: str, bench: dict | None = None) -> Spee
     rows.sort(key=lambda c: c["bytes"])
     below = [c for c in rows if c["bytes"] <= copy_bytes]
     row = below[-1] if below else rows[0]
-    source = f"{kind} measured on {str(bench.get('measured_at', '?'))[:10]}"
+    source = f"measured on {str(bench.get('measured_at', '?'))[:10]} ({kind.replace('_', ' ')})"
     return Speed(float(row["gbps"]), source, True)
