@@ -77,6 +77,7 @@ def write_bench(results: dict[str, Any], path: Path | None = None) -> Path:
     fd, temp = tempfile.mkstemp(prefix=".bench-", suffix=".json", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as stream:
         stream.write(json.dumps(data, indent=2) + "\n")
+    os.chmod(temp, 0o644)  # mkstemp makes it private; speeds are no secret
     os.replace(temp, path)
     return path
 

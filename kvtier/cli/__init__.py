@@ -6,7 +6,7 @@ run, plan, bench, verify. Only this package prints; the work is done by library 
 
 from __future__ import annotations
 
-from kvtier.cli import config, demo, info, models, plan, store
+from kvtier.cli import bench, config, demo, info, models, plan, store
 from kvtier.cli.app import CliHandler, main
 
 _CliHandler = CliHandler  # the name tests and older callers use
@@ -18,6 +18,7 @@ for _command in (
     models.models_group,
     store.store_group,
     plan.plan,
+    bench.bench,
 ):
     main.add_command(_command)
 
