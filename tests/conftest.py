@@ -148,6 +148,36 @@ def _hook_snapshot(model: torch.nn.Module) -> dict[torch.nn.Module, tuple[Any, .
     }
 
 
+def tiny_checkpoint(directory: Path, kind: str = "llama", *, seed: int = 0) -> Path:
+    """A tiny random model of `kind` saved in `directory` with a word-level tokenizer ("w3".."w511"
+    are tokens 3..511) and a chat template, as `kvtier run DIR` loads a user's checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2, **{f"w{i}": i for i in range(FIRST_TOKEN, VOCAB)}}
+    words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.decoder = decoders.WordPiece()  # joins the words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="[UNK]", bos_token="[BOS]", pad_token="[UNK]"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
+        "{% if add_generation_prompt %}w5{% endif %}"
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(tiny_config(kind)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def word_prompt(words: int, *, seed: int = 0) -> str:
+    """`words` random tokens of tiny_checkpoint's tokenizer, as text."""
+    ids = random_prompt(words, seed=seed)[0].tolist()
+    return " ".join(f"w{i}" for i in ids)
+
+
 def hook_ids(model: torch.nn.Module) -> dict[str, tuple[Any, ...]]:
     """Per module name: the ids of its forward (pre-)hooks and whether its `forward` is replaced
     on the instance (a wrapper). Compare before and after to see what a cache left behind."""
