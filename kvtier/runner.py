@@ -30,9 +30,7 @@ from kvtier.controller.stats import block_map as _block_map
 from kvtier.errors import KVTierError
 
 # transformers 5.24 renamed generate's `past_key_values` to `cache` (the old name still works, warning)
-_CACHE_KWARG = (
-    "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
-)
+CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
 
 OnText = Callable[[str], None]  # a piece of decoded text, as soon as it is final
 OnPrefill = Callable[[int, int], None]  # prompt tokens done, prompt tokens in all
@@ -137,7 +135,7 @@ def generate(
             out = model.generate(
                 prompt_ids,
                 attention_mask=torch.ones_like(prompt_ids),
-                **{_CACHE_KWARG: cache},
+                **{CACHE_KWARG: cache},
                 logits_processor=LogitsProcessorList([clock]),
                 **options,
             )
@@ -171,6 +169,14 @@ def _options(
     if logits:
         options |= {"return_dict_in_generate": True, "output_logits": True}
     return options
+
+
+def first_mismatch(expected: list[int], got: list[int]) -> int | None:
+    """Index of the first differing token, or None when the lists are equal."""
+    for index, (a, b) in enumerate(zip(expected, got, strict=False)):
+        if a != b:
+            return index
+    return None if len(expected) == len(got) else min(len(expected), len(got))
 
 
 def block_map(cache: Cache) -> str:
