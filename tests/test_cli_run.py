@@ -11,7 +11,9 @@ import torch
 from click.testing import CliRunner
 from conftest import (
     assert_all_tiers_used,
+    needle_excerpt,
     reference_generate,
+    smollm2_three_tier_sets,
     tier_budgets,
     tiny_checkpoint,
     word_prompt,
@@ -19,17 +21,21 @@ from conftest import (
 from transformers import AutoModelForCausalLM
 
 from kvtier import cli, zoo
+from kvtier.data import NEEDLE_QUESTION, needle_found
 
 PROMPT_WORDS = 300
 NEW_TOKENS = 12
 
 
 @pytest.fixture(autouse=True)
-def environment(monkeypatch, tmp_path):
+def environment(monkeypatch, tmp_path, request):
+    """A clean KVTIER_* environment; no saved bench results, except for the real-model (slow)
+    tests, which need the user cache that holds the fetched model."""
     for name in list(os.environ):
         if name.startswith("KVTIER_"):
             monkeypatch.delenv(name)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     yield
     logger = logging.getLogger("kvtier")
     for handler in [h for h in logger.handlers if isinstance(h, cli._CliHandler)]:
@@ -163,3 +169,19 @@ def test_unknown_model_and_no_chat_template_are_one_line(tmp_path, checkpoint):
 def test_help_has_examples():
     out = CliRunner().invoke(cli.main, ["run", "--help"]).stdout
     assert "kvtier run smollm2 --chat --prompt" in out and "--show-blocks" in out
+
+
+@pytest.mark.slow
+def test_real_smollm2_streams_the_needle_answer_through_three_tiers(tmp_path):
+    """Scenario (issue 10): `kvtier run smollm2 --prompt-file F --chat` streams a real answer,
+    with progress and a summary, its KV in GPU, host and disk (fetches the model once)."""
+    excerpt = tmp_path / "excerpt.txt"
+    excerpt.write_text(needle_excerpt())
+    sets = smollm2_three_tier_sets(1400) + ["--set", f"disk.path={tmp_path / 'store'}"]
+    args = ["smollm2", "--chat", "--prompt-file", excerpt, "--prompt", NEEDLE_QUESTION]
+    result = run(*args, "--max-new-tokens", 24, *sets, "--show-blocks")
+    assert result.exit_code == 0, result.output
+    assert needle_found(result.stdout), result.stdout
+    assert "prefill: 100%" in result.stderr and "time to first token" in result.stderr
+    letters = result.stderr.rstrip().splitlines()[-1].split()[-1]
+    assert {"D", "H"} <= set(letters) and ("G" in letters or "P" in letters)

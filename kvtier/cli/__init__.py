@@ -6,7 +6,7 @@ run, plan, bench, verify. Only this package prints; the work is done by library 
 
 from __future__ import annotations
 
-from kvtier.cli import bench, config, demo, info, models, plan, run, store
+from kvtier.cli import bench, config, demo, info, models, plan, run, store, verify
 from kvtier.cli.app import CliHandler, main
 
 _CliHandler = CliHandler  # the name tests and older callers use
@@ -20,6 +20,7 @@ for _command in (
     plan.plan,
     bench.bench,
     run.run,
+    verify.verify,
 ):
     main.add_command(_command)
 
