@@ -60,28 +60,14 @@ def build_stats(
     held = _held(table)
     out: dict = {}
     for tier in Tier:
-        store = stores.get(tier)
-        extra = dict(store.stats()) if store is not None else {}
-        io_s = extra.pop("io_s", None)
-        copies, unique_blocks, unique_tokens, data_tokens = held[tier]
-        reserved = (store.bytes_used if store is not None else 0) + (
-            staging_bytes if tier is top else 0
+        entry = _tier_entry(
+            stores.get(tier),
+            counters.tiers[tier],
+            held[tier],
+            token_bytes=token_bytes,
+            budget_bytes=budgets.get(tier, 0),
+            staging_bytes=staging_bytes if tier is top else None,
         )
-        entry = {
-            "bytes_used": data_tokens * token_bytes,
-            "reserved_bytes": reserved,
-            "budget_bytes": budgets.get(tier, 0),
-            "blocks": copies,
-            "unique_blocks": unique_blocks,
-            "tokens": unique_tokens,
-            "bytes_written": counters.tiers[tier].bytes_written,
-            "bytes_read": counters.tiers[tier].bytes_read,
-            # only serialized stores time their I/O; memory copies are timed as a whole below
-            "io_ms": None if io_s is None else round(float(io_s) * 1e3, 3),
-            **extra,
-        }
-        if tier is top:
-            entry["staging_bytes"] = staging_bytes
         out[tier.name.lower()] = entry
     return out | {
         "format": STATS_FORMAT,
@@ -101,6 +87,38 @@ def build_stats(
         },
         "transfer": transfer,
     }
+
+
+def _tier_entry(
+    store: TierStore | None,
+    counted: TierCounters,
+    held: tuple[int, int, int, int],
+    *,
+    token_bytes: int,
+    budget_bytes: int,
+    staging_bytes: int | None,
+) -> dict:
+    """One tier's stats; `staging_bytes` is given for the fastest tier only."""
+    extra = dict(store.stats()) if store is not None else {}
+    io_s = extra.pop("io_s", None)
+    copies, unique_blocks, unique_tokens, data_tokens = held
+    reserved = (store.bytes_used if store is not None else 0) + (staging_bytes or 0)
+    entry = {
+        "bytes_used": data_tokens * token_bytes,
+        "reserved_bytes": reserved,
+        "budget_bytes": budget_bytes,
+        "blocks": copies,
+        "unique_blocks": unique_blocks,
+        "tokens": unique_tokens,
+        "bytes_written": counted.bytes_written,
+        "bytes_read": counted.bytes_read,
+        # only serialized stores time their I/O; memory copies are timed as a whole in timings
+        "io_ms": None if io_s is None else round(float(io_s) * 1e3, 3),
+        **extra,
+    }
+    if staging_bytes is not None:
+        entry["staging_bytes"] = staging_bytes
+    return entry
 
 
 def _held(table: BlockTable) -> dict[Tier, tuple[int, int, int, int]]:
