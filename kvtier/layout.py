@@ -214,3 +214,19 @@ def largest_context(
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low
+
+
+def spread_blocks(blocks: int) -> tuple[int, int] | None:
+    """GPU and host block counts that leave the rest of `blocks` on disk, all three holding
+    some: about a third on the GPU (at least MIN_GPU_BLOCKS + 2), at least two (an eighth) on
+    disk, the rest on host. None when `blocks` is too few for all three."""
+    gpu = max(MIN_GPU_BLOCKS + 2, blocks // 3)
+    disk = max(2, blocks // 8)
+    host = blocks - gpu - disk
+    return None if host < 1 else (gpu, host)
+
+
+def largest_chunk(gpu_blocks: int, host_blocks: int, block_tokens: int) -> int:
+    """The longest prefill chunk a step can take with these slots: its blocks are still open,
+    so GPU and host must hold all of them (`step_blocks`); only sealed blocks reach disk."""
+    return (gpu_blocks + host_blocks - 1) * block_tokens

@@ -180,6 +180,20 @@ def resolve(model: str, *, cache_dir: Path | str | None = None) -> Path:
     )
 
 
+def config_dir(model: str, *, cache_dir: Path | str | None = None) -> Path:
+    """A directory holding MODEL's config.json, never fetching weights: a known model's fetched
+    directory, else the copy of its config shipped in kvtier/data/models/; a local directory or
+    a hub id in the local Hugging Face cache as `resolve` finds it."""
+    if model in MODELS:
+        fetched = fetched_dir(model, cache_dir=cache_dir)
+        if fetched is not None:
+            return fetched
+        from importlib import resources
+
+        return Path(str(resources.files("kvtier.data").joinpath("models", model)))
+    return resolve(model, cache_dir=cache_dir)
+
+
 def load(
     model: str,
     *,

@@ -148,6 +148,70 @@ def _hook_snapshot(model: torch.nn.Module) -> dict[torch.nn.Module, tuple[Any, .
     }
 
 
+def tiny_checkpoint(directory: Path, kind: str = "llama", *, seed: int = 0) -> Path:
+    """A tiny random model of `kind` saved in `directory` with a word-level tokenizer ("w3".."w511"
+    are tokens 3..511) and a chat template, as `kvtier run DIR` loads a user's checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2, **{f"w{i}": i for i in range(FIRST_TOKEN, VOCAB)}}
+    words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.decoder = decoders.WordPiece()  # joins the words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="[UNK]", bos_token="[BOS]", pad_token="[UNK]"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
+        "{% if add_generation_prompt %}w5{% endif %}"
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(tiny_config(kind)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def word_prompt(words: int, *, seed: int = 0) -> str:
+    """`words` random tokens of tiny_checkpoint's tokenizer, as text."""
+    ids = random_prompt(words, seed=seed)[0].tolist()
+    return " ".join(f"w{i}" for i in ids)
+
+
+def needle_excerpt(paragraphs: int = 8) -> str:
+    """The handbook's `paragraphs` paragraphs either side of the needle (about 1,300 SmolLM2
+    tokens for 8): a real-model prompt shorter than the whole document."""
+    from kvtier.data import NEEDLE_SENTENCE, needle_document
+
+    parts = needle_document().split("\n\n")
+    middle = next(i for i, part in enumerate(parts) if NEEDLE_SENTENCE in part)
+    return "\n\n".join(parts[max(0, middle - paragraphs) : middle + paragraphs])
+
+
+def smollm2_three_tier_sets(total_tokens: int, *, block_tokens: int = 64) -> list[str]:
+    """`--set` flags whose budgets spread `total_tokens` of SmolLM2 (fp32) over the three tiers."""
+    from kvtier import zoo
+    from kvtier.hf.shape import kv_shape, read_config
+    from kvtier.layout import largest_chunk, spread_blocks
+    from kvtier.planner import geometry_for
+
+    shape = kv_shape(read_config(zoo.config_dir("smollm2")))
+    kv = geometry_for(shape, batch=1, dtype=torch.float32, block_tokens=block_tokens)
+    gpu_blocks, host_blocks = spread_blocks(kv.blocks_for(total_tokens))
+    budgets = layout_tier_budgets(
+        kv, total_tokens, gpu_blocks=gpu_blocks, host_blocks=host_blocks, buffers=2
+    )
+    chunk = min(512, largest_chunk(gpu_blocks, host_blocks, block_tokens))
+    pairs = {
+        "block_tokens": block_tokens,
+        "prefill_chunk_tokens": chunk,
+        "gpu.budget": budgets["gpu_budget"],
+        "host.budget": budgets["host_budget"],
+        "disk.budget": budgets["disk_budget"],
+    }
+    return [arg for key, value in pairs.items() for arg in ("--set", f"{key}={value}")]
+
+
 def hook_ids(model: torch.nn.Module) -> dict[str, tuple[Any, ...]]:
     """Per module name: the ids of its forward (pre-)hooks and whether its `forward` is replaced
     on the instance (a wrapper). Compare before and after to see what a cache left behind."""

@@ -238,39 +238,53 @@ def test_log_level_debug_logs_to_stderr():
 
 @pytest.fixture
 def fake_demo(monkeypatch):
-    """kvtier.demo replaced: run_demo records its arguments and returns `result`."""
+    """kvtier.demo replaced: run_demo and run_tiny_demo record their arguments, return `result`."""
     module = types.ModuleType("kvtier.demo")
     module.calls = []
     module.result = types.SimpleNamespace(tokens_match=True)
 
-    def run_demo(**kwargs):
-        module.calls.append(kwargs)
-        return module.result
+    def recorder(name):
+        def run(**kwargs):
+            module.calls.append((name, kwargs))
+            return module.result
 
-    module.run_demo = run_demo
-    module.format_demo = lambda result: f"table (match: {result.tokens_match})"
+        return run
+
+    module.run_demo = recorder("real")
+    module.run_tiny_demo = recorder("tiny")
+    module.format_demo = lambda result: f"real table (match: {result.tokens_match})"
+    module.format_tiny_demo = lambda result: f"tiny table (match: {result.tokens_match})"
     monkeypatch.setitem(sys.modules, "kvtier.demo", module)
     return module
 
 
-def test_demo_defaults(fake_demo):
+def test_demo_defaults_to_the_real_model(fake_demo):
     result = invoke("demo")
     assert result.exit_code == 0, result.output
-    assert fake_demo.calls == [
-        {"prompt_tokens": 3000, "new_tokens": 32, "seed": 0, "store": None, "json_path": None}
-    ]
-    assert result.stdout == "table (match: True)\n"
+    assert fake_demo.calls == [("real", {"new_tokens": 24, "store": None, "json_path": None})]
+    assert result.stdout == "real table (match: True)\n"
 
 
-def test_demo_passes_options_and_fails_on_mismatch(fake_demo, tmp_path):
+def test_demo_tiny_keeps_the_random_model_and_its_options(fake_demo, tmp_path):
+    assert invoke("demo", "--tiny").exit_code == 0
+    assert fake_demo.calls[-1] == (
+        "tiny",
+        {"prompt_tokens": 3000, "new_tokens": 32, "seed": 0, "store": None, "json_path": None},
+    )
     fake_demo.result = types.SimpleNamespace(tokens_match=False)
     args = ["--tokens", "100", "--new-tokens", "4", "--seed", "7", "--store", str(tmp_path)]
-    result = invoke("demo", *args, "--json", str(tmp_path / "s.json"))
+    result = invoke("demo", "--tiny", *args, "--json", str(tmp_path / "s.json"))
     assert result.exit_code == 1
-    assert "table (match: False)" in result.stdout
-    (call,) = fake_demo.calls
+    assert "tiny table (match: False)" in result.stdout
+    name, call = fake_demo.calls[-1]
     assert (call["prompt_tokens"], call["new_tokens"], call["seed"]) == (100, 4, 7)
     assert call["store"] == tmp_path and call["json_path"] == tmp_path / "s.json"
+
+
+def test_demo_options_of_the_random_model_need_tiny(fake_demo):
+    result = invoke("demo", "--tokens", "100")
+    assert result.exit_code == 2 and "add --tiny" in result.stderr
+    assert fake_demo.calls == []
 
 
 def test_kvtier_error_in_a_command_is_one_line_other_errors_keep_traceback(fake_demo):

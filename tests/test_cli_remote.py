@@ -1,4 +1,4 @@
-"""`kvtier store ls|du|verify|gc|clear valkey://...` against a real server (kvtier/cli_remote.py)."""
+"""`kvtier store ls|du|verify|gc|clear valkey://...` against a real server (kvtier/cli/remote.py)."""
 
 from __future__ import annotations
 

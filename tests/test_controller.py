@@ -410,7 +410,12 @@ class ControllerMachine(RuleBasedStateMachine):
         self.ctl.check_invariants()
         stats = self.ctl.stats()
         for name in ("gpu", "host", "disk"):
-            assert stats[name]["bytes_used"] <= stats[name]["budget_bytes"], (name, stats[name])
+            assert stats[name]["reserved_bytes"] <= stats[name]["budget_bytes"], stats[name]
+        for name in ("gpu", "host"):  # memory tiers hold their data in what they reserved
+            assert stats[name]["bytes_used"] <= stats[name]["reserved_bytes"], stats[name]
+        tiers = [stats[name] for name in ("gpu", "host", "disk")]
+        assert sum(t["unique_blocks"] for t in tiers) == stats["blocks"] == len(self.ctl.table)
+        assert sum(t["tokens"] for t in tiers) == stats["tokens"] == self.ctl.tokens
         assert self.ctl.tokens == self.ctl.table.seq_tokens == self.shadow.tokens
         blocks = list(self.ctl.table)
         for block in blocks:
@@ -520,6 +525,43 @@ def test_every_tier_holds_blocks_and_reads_back_exactly(make_controller):
     assert all(stats[tier]["blocks"] > 0 for tier in ("gpu", "host", "disk")), _tiers(run.ctl)
     assert stats["disk"]["bytes_written"] > 0 and stats["disk"]["bytes_read"] > 0
     run.check()
+
+
+def test_stats_count_data_once_and_reservations_apart(make_controller):
+    """Scenario (issue 10): stats() called reserved slabs `bytes_used` (8 blocks of 512 KiB showed
+    1.07 GB) and summed copies as blocks (6 + 4 + 3 for 12); now `bytes_used` is the data the
+    copies hold, `reserved_bytes` the slabs, and `unique_blocks` / `tokens` count each block once."""
+    run = Run(make_controller(gpu_blocks=4, host_blocks=6, max_tokens=192))
+    for _ in range(5):
+        run.step(CHUNK_TOKENS)
+    run.step(5)  # an open block of 5 tokens
+    stats = run.ctl.stats()
+    token_bytes = LAYERS * _token_bytes(1, torch.float32)
+    tiers = {name: stats[name] for name in ("gpu", "host", "disk")}
+    for name, tier in tiers.items():
+        copies = [b for b in run.ctl.table if Tier[name.upper()] in b.slots]
+        assert tier["blocks"] == len(copies)
+        assert tier["bytes_used"] == sum(b.tokens for b in copies) * token_bytes, name
+        fastest = [b for b in run.ctl.table if b.fastest_tier() is Tier[name.upper()]]
+        assert tier["unique_blocks"] == len(fastest)
+        assert tier["tokens"] == sum(b.tokens for b in fastest)
+    assert sum(t["unique_blocks"] for t in tiers.values()) == stats["blocks"] == 11
+    assert sum(t["tokens"] for t in tiers.values()) == stats["tokens"] == 5 * CHUNK_TOKENS + 5
+    gpu = tiers["gpu"]
+    assert gpu["reserved_bytes"] == run.ctl.stores[Tier.GPU].bytes_used + gpu["staging_bytes"]
+    assert gpu["bytes_used"] < gpu["reserved_bytes"] <= gpu["budget_bytes"]
+    assert tiers["disk"]["reserved_bytes"] == run.ctl.stores[Tier.DISK].bytes_used > 0
+    assert tiers["disk"]["io_ms"] >= 0 and tiers["gpu"]["io_ms"] is None
+    assert stats["prefix_hit_tokens"] == 0 and stats["timings"]["prefetch_stall_ms"] >= 0
+
+    overlapping = Run(make_controller(gpu_blocks=4, host_blocks=6, max_tokens=160))
+    for _ in range(4):
+        overlapping.step(CHUNK_TOKENS)
+    overlapping.step(5)
+    stats = overlapping.ctl.stats()
+    assert any(len(b.slots) > 1 for b in overlapping.ctl.table), _tiers(overlapping.ctl)
+    tiers = [stats[name] for name in ("gpu", "host", "disk")]
+    assert sum(t["blocks"] for t in tiers) > sum(t["unique_blocks"] for t in tiers) == 9
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -679,9 +721,9 @@ def test_lower_gpu_budget_demotes_resident_blocks(make_controller):
     stats = run.ctl.stats()["gpu"]
     # streaming what is held takes staging for it; one slot on top of that is less than held now
     lower = _staging_bytes(run.ctl.tokens, 1, torch.float32) + run.ctl.geometry.block_bytes
-    assert lower < stats["bytes_used"]
+    assert lower < stats["reserved_bytes"]
     run.ctl.set_budget(Tier.GPU, lower)
-    assert run.ctl.stats()["gpu"]["bytes_used"] <= lower
+    assert run.ctl.stats()["gpu"]["reserved_bytes"] <= lower
     run.check()
     run.step(2)
     run.check()
@@ -690,7 +732,7 @@ def test_lower_gpu_budget_demotes_resident_blocks(make_controller):
 def test_rejected_gpu_budget_keeps_the_old_one(make_controller):
     """Scenario: set_budget(GPU) too small for the minimum, or for the staging of the tokens held,
     raises BudgetError and leaves the old budget in force (it used to keep the rejected one)."""
-    run = Run(make_controller(gpu_blocks=4, host_blocks=3, max_tokens=160))
+    run = Run(make_controller(gpu_blocks=4, host_blocks=7, max_tokens=160))
     for _ in range(4):
         run.step(30)
     before = run.ctl.stats()["gpu"]["budget_bytes"]

@@ -17,7 +17,8 @@ PACKAGE = Path(kvtier.__file__).parent
 
 # Floor of every module (longest prefix wins); an import must go to a strictly lower floor, or to
 # a sibling in the same subpackage (those must not form a circle either).
-# cli -> hf -> controller -> {policy, tiers, transfer} -> {blocks, layout, codec, config, errors}
+# cli -> {demo, verify} -> {planner, runner, bench, report} -> {hf, zoo} -> controller
+#   -> {policy, tiers, transfer} -> {blocks, layout, codec, config, errors}
 FLOORS = {
     "kvtier._version": 0,
     "kvtier.errors": 0,
@@ -26,6 +27,7 @@ FLOORS = {
     "kvtier.machine": 2,
     "kvtier.registry": 2,
     "kvtier.config": 3,
+    "kvtier.measured": 3,
     "kvtier.blocks": 4,
     "kvtier.layout": 4,
     "kvtier.tiers.codec": 4,
@@ -39,11 +41,15 @@ FLOORS = {
     "kvtier.transfer": 6,
     "kvtier.controller": 7,
     "kvtier.hf": 8,
-    "kvtier.demo": 9,
-    "kvtier.zoo": 9,
-    "kvtier.cli": 10,
-    "kvtier.cli_remote": 9.5,  # the store commands' remote half; cli.py imports it
-    "kvtier.__main__": 11,
+    "kvtier.zoo": 8,  # models fetched and loaded: below the jobs that run them
+    "kvtier.planner": 9,
+    "kvtier.runner": 9,
+    "kvtier.bench": 9,
+    "kvtier.report": 9,
+    "kvtier.demo": 10,
+    "kvtier.verify": 10,
+    "kvtier.cli": 11,
+    "kvtier.__main__": 12,
 }
 # (importer prefix, imported prefix) pairs that are refused even where the floors allow them
 FORBIDDEN = [("kvtier.hf", "kvtier.tiers")]

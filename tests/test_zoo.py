@@ -277,3 +277,14 @@ def test_real_smollm2_finds_the_needle():
         out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
     answer = tokenizer.decode(out[0, prompt_tokens:], skip_special_tokens=True)
     assert needle_found(answer), answer
+
+
+@pytest.mark.slow
+def test_shipped_smollm2_config_matches_the_fetched_model():
+    """Scenario: `kvtier plan smollm2` reads the shipped config; it must plan the real model."""
+    from kvtier.hf.shape import kv_shape, read_config
+
+    fetched = zoo.fetch("smollm2")  # once per machine; at once afterwards
+    shipped = zoo.config_dir("smollm2", cache_dir=fetched.parent / "nowhere")
+    assert shipped != fetched and (shipped / "config.json").is_file()
+    assert kv_shape(read_config(shipped)) == kv_shape(read_config(fetched))

@@ -93,6 +93,7 @@ class Streamer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Wait for the layer's gather into staging, add the new tokens there and to their
         blocks; returns attention's K and V views of the staging buffer."""
+        stalled = time.perf_counter()  # until staging is ready: the layer's prefetch stall
         prefetched = self._prefetched.pop(tiered_index, None)
         if prefetched is not None and prefetched.key != key:
             self.mover.finish(prefetched.ticket)
@@ -105,6 +106,7 @@ class Streamer:
                 "a disk block failed its checksum while streaming; its tokens cannot be "
                 "recomputed inside this cache. Re-run the prompt (the corrupt file is quarantined)"
             )
+        self.counters.prefetch_stall_s += time.perf_counter() - stalled
         stage = self.staging.buffer(tiered_index)
         _, k_view, v_view = write_tokens(stage, step.start, keys, values)
         self._write_new_tokens(step, tiered_index, stage)

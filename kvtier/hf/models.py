@@ -13,16 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from kvtier.blocks import FORMAT_VERSION
 from kvtier.errors import UnsupportedModelError
+from kvtier.hf.shape import sliding_windows, text_config
 from kvtier.layout import KVGeometry
 
 log = logging.getLogger(__name__)
-
-_MLA_KEYS = ("kv_lora_rank", "q_lora_rank")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,34 +42,9 @@ def describe(model: torch.nn.Module, *, model_key: str = "") -> ModelSpec:
     model_type = getattr(config, "model_type", type(model).__name__)
     if config is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no HF config; pass a HF model")
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(
-            f"model type {model_type!r} is encoder-decoder; kvtier tiers decoder-only models"
-        )
-    text = config.get_text_config(decoder=True)
-    if any(getattr(text, key, None) for key in _MLA_KEYS):
-        raise UnsupportedModelError(
-            f"model type {model_type!r} uses multi-head latent attention (MLA), whose cache "
-            "layout kvtier does not tier yet"
-        )
+    text = text_config(config)
     layers = _decoder_layers(model, model_type)
-    try:
-        reference = DynamicCache(config=text)
-    except Exception as exc:  # HF itself cannot build a dynamic cache for it
-        raise UnsupportedModelError(
-            f"model type {model_type!r}: transformers cannot describe its cache ({exc})"
-        ) from exc
-    windows: list[int | None] = []
-    for index, layer in enumerate(reference.layers):
-        if isinstance(layer, DynamicSlidingWindowLayer):
-            windows.append(int(layer.sliding_window))
-        elif type(layer) is DynamicLayer:
-            windows.append(None)
-        else:
-            raise UnsupportedModelError(
-                f"model type {model_type!r}: layer {index} uses a {type(layer).__name__} cache "
-                "(linear attention, shared or indexed KV), which kvtier does not tier"
-            )
+    windows = sliding_windows(text, model_type)
     if len(windows) != len(layers):
         raise UnsupportedModelError(
             f"model type {model_type!r}: {len(layers)} decoder layers but the config describes "

@@ -20,13 +20,19 @@ import numpy as np
 import torch
 
 from kvtier.errors import KVTierError, StoreCorruptError
+from kvtier.measured import (
+    ASSUMED,
+    ASSUMED_DISK_READ_GBPS,
+    ASSUMED_DISK_WRITE_GBPS,
+    disk_speeds,
+)
 
 log = logging.getLogger(__name__)
 
-# Disk speeds `codec="auto"` weighs the codecs against unless told otherwise: write+fsync and cold
-# read measured on the lent H100 host's virtio disk (DESIGN.md section 8).
-DEFAULT_WRITE_GBPS = 1.3
-DEFAULT_READ_GBPS = 1.9
+# Disk speeds `codec="auto"` weighs the codecs against when told none and `kvtier bench` has not
+# measured the store's file system (kvtier/measured.py says where these figures come from).
+DEFAULT_WRITE_GBPS = ASSUMED_DISK_WRITE_GBPS
+DEFAULT_READ_GBPS = ASSUMED_DISK_READ_GBPS
 SAMPLE_BYTES = 4 << 20  # bytes of the first tensor that `auto` measures the codecs on
 
 # Raw bytes per independently compressed lz4 chunk: chunks can be (de)compressed in parallel and
@@ -230,15 +236,17 @@ def choose_codec(sample: torch.Tensor, *, disk_write_gbps: float, disk_read_gbps
 class CodecChoice:
     """A store's codec: fixed, or for "auto" chosen on the first tensors written and then kept.
 
-    Thread-safe: many writer threads measure once between them.
+    The disk speeds it weighs codecs against: as given, else what `kvtier bench` measured on the
+    store's file system (`where` at the first write), else the assumed defaults. Thread-safe:
+    many writer threads measure once between them.
     """
 
     def __init__(
         self,
         spec: str | Codec,
         *,
-        disk_write_gbps: float = DEFAULT_WRITE_GBPS,
-        disk_read_gbps: float = DEFAULT_READ_GBPS,
+        disk_write_gbps: float | None = None,
+        disk_read_gbps: float | None = None,
     ) -> None:
         self._codec: Codec | None = None if spec == "auto" else Codec(spec)
         self._disk_gbps = (disk_write_gbps, disk_read_gbps)
@@ -259,15 +267,30 @@ class CodecChoice:
                     (t for t in tensors.values() if t.numel()), next(iter(tensors.values()))
                 )
                 sample = first.detach().reshape(-1)[: SAMPLE_BYTES // first.element_size()]
-                write_gbps, read_gbps = self._disk_gbps
+                write_gbps, read_gbps, source = self._speeds(where)
                 self._codec = choose_codec(
                     sample, disk_write_gbps=write_gbps, disk_read_gbps=read_gbps
                 )
                 log.info(
-                    "disk store %s: codec auto chose %s (assuming disk %.2f GB/s write, %.2f GB/s read)",
+                    "disk store %s: codec auto chose %s (disk %.2f GB/s write, %.2f GB/s read: %s)",
                     where,
                     self._codec.value,
                     write_gbps,
                     read_gbps,
+                    source,
                 )
             return self._codec
+
+    def _speeds(self, where: object) -> tuple[float, float, str]:
+        write_gbps, read_gbps = self._disk_gbps
+        if write_gbps is not None and read_gbps is not None:
+            return write_gbps, read_gbps, "as configured"
+        try:
+            measured = disk_speeds(str(where))
+        except OSError:  # the store path cannot be looked at: the write will say why
+            return DEFAULT_WRITE_GBPS, DEFAULT_READ_GBPS, ASSUMED
+        return (
+            measured.write.gbps if write_gbps is None else write_gbps,
+            measured.read.gbps if read_gbps is None else read_gbps,
+            measured.write.source,
+        )

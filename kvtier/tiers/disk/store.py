@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from kvtier.errors import BudgetError, ConfigError, KVTierError
-from kvtier.tiers.codec import DEFAULT_READ_GBPS, DEFAULT_WRITE_GBPS, Codec, CodecChoice
+from kvtier.tiers.codec import Codec, CodecChoice
 from kvtier.tiers.disk.areas import Owner, StoreLayout, check_format, temp_name
 from kvtier.tiers.disk.blockio import check_tensors, encode_block
 from kvtier.tiers.disk.files import link_durable, replace_link, touch, write_atomic
@@ -50,8 +50,8 @@ class DiskStore:
         codec: str | Codec = "auto",
         fingerprint: str,
         model_key: str = "",
-        disk_write_gbps: float = DEFAULT_WRITE_GBPS,
-        disk_read_gbps: float = DEFAULT_READ_GBPS,
+        disk_write_gbps: float | None = None,  # None: measured by `kvtier bench`, or assumed
+        disk_read_gbps: float | None = None,
     ) -> None:
         _check_options(budget_bytes, fingerprint, codec, disk_write_gbps, disk_read_gbps)
         self.root = Path(root).expanduser()
@@ -349,13 +349,17 @@ class DiskStore:
 
 
 def _check_options(
-    budget_bytes: object, fingerprint: object, codec: object, write_gbps: float, read_gbps: float
+    budget_bytes: object,
+    fingerprint: object,
+    codec: object,
+    write_gbps: float | None,
+    read_gbps: float | None,
 ) -> None:
     if not isinstance(budget_bytes, int) or budget_bytes < 0:
         raise ConfigError(f"disk budget_bytes = {budget_bytes!r}; use a byte count >= 0")
     if not isinstance(fingerprint, str) or not fingerprint:
         raise ConfigError("DiskStore needs the model fingerprint (a non-empty str)")
-    if not (write_gbps > 0 and read_gbps > 0):
+    if not all(speed is None or speed > 0 for speed in (write_gbps, read_gbps)):
         raise ConfigError(
             f"disk speeds {write_gbps} / {read_gbps} GB/s (write / read) must be "
             "positive; leave the defaults or pass measured speeds"

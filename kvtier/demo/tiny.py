@@ -1,6 +1,6 @@
-"""`kvtier demo`: a tiny random Llama generates through GPU, host and disk; DynamicCache checks it.
+"""`kvtier demo --tiny`: a tiny random Llama through GPU, host and disk; DynamicCache checks it.
 
-Builds everything locally (no downloads) and returns a DemoResult; it never prints (cli.py does).
+Builds everything locally (no downloads) and returns a TinyDemoResult; it never prints.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from transformers import (
 from kvtier.config import Config, load_config
 from kvtier.errors import ConfigError
 from kvtier.layout import MIN_GPU_BLOCKS, KVGeometry, tier_budgets
-from kvtier.sizes import format_size
+from kvtier.report import tier_table
+from kvtier.runner import CACHE_KWARG
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ PREFETCH_DEPTH = 1
 
 
 @dataclass(frozen=True, slots=True)
-class DemoResult:
+class TinyDemoResult:
     """What one demo run measured; `stats` is `TieredCache.stats()` at the end of the kvtier run."""
 
     tokens_match: bool
@@ -55,14 +56,14 @@ class DemoResult:
     stats: dict[str, Any]
 
 
-def run_demo(
+def run_tiny_demo(
     *,
     prompt_tokens: int = 3000,
     new_tokens: int = 32,
     seed: int = 0,
     store: str | os.PathLike[str] | None = None,
     json_path: str | os.PathLike[str] | None = None,
-) -> DemoResult:
+) -> TinyDemoResult:
     """Generate greedily with DynamicCache, then with TieredCache over all three tiers, and compare.
 
     The disk tier lives in `store`, or in a temporary folder removed afterwards. `json_path`, when
@@ -126,9 +127,9 @@ def run_demo(
     return result
 
 
-def _result(expected: list[int], got: list[int], **measured: Any) -> DemoResult:
+def _result(expected: list[int], got: list[int], **measured: Any) -> TinyDemoResult:
     first_mismatch = _first_mismatch(expected, got)
-    return DemoResult(
+    return TinyDemoResult(
         tokens_match=first_mismatch is None, first_mismatch=first_mismatch, **measured
     )
 
@@ -188,22 +189,14 @@ def _budgets(
     )
 
 
-def format_demo(result: DemoResult) -> str:
+def format_tiny_demo(result: TinyDemoResult) -> str:
     """A short table: blocks and bytes per tier, speed of both runs, whether the tokens match."""
     lines = [
-        f"kvtier demo: tiny random Llama, {result.prompt_tokens}-token prompt, "
+        f"kvtier demo --tiny: tiny random Llama, {result.prompt_tokens}-token prompt, "
         f"{result.new_tokens} new tokens, {result.seconds:.1f} s",
         "",
-        f"{'tier':<6}{'blocks':>8}{'bytes_used':>14}{'bytes_written':>16}{'bytes_read':>14}",
+        *tier_table(result.stats),
     ]
-    for tier in ("gpu", "host", "disk"):
-        counters = result.stats.get(tier, {})
-        lines.append(
-            f"{tier:<6}{counters.get('blocks', '-'):>8}"
-            f"{_size(counters.get('bytes_used')):>14}"
-            f"{_size(counters.get('bytes_written')):>16}"
-            f"{_size(counters.get('bytes_read')):>14}"
-        )
     lines += [
         "",
         f"{'run':<14}{'prefill s':>10}{'decode tok/s':>14}",
@@ -265,7 +258,7 @@ def _generate(
     sequences = model.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),
-        past_key_values=cache,
+        **{CACHE_KWARG: cache},
         max_new_tokens=new_tokens,
         do_sample=False,
         logits_processor=LogitsProcessorList([clock]),
@@ -281,7 +274,3 @@ def _first_mismatch(expected: list[int], got: list[int]) -> int | None:
         if a != b:
             return index
     return None if len(expected) == len(got) else min(len(expected), len(got))
-
-
-def _size(num_bytes: int | None) -> str:
-    return "-" if num_bytes is None else format_size(num_bytes)

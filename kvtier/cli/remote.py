@@ -1,8 +1,8 @@
 """`kvtier store ls|du|verify|gc|clear` given a remote tier's valkey:// URL instead of a directory.
 
-Part of the command line (it prints): cli.py's store group is a StoreGroup, which gives each
+Part of the command line (it prints): cli/store.py's group is a StoreGroup, which gives each
 command the options a URL takes and runs the remote variant here when PATH is a URL. The work
-is kvtier.tiers.remote.admin's. Moves into kvtier/cli/ with the CLI's split into a package.
+is kvtier.tiers.remote.admin's.
 """
 
 from __future__ import annotations

@@ -1,0 +1,216 @@
+"""Measure this machine for kvtier: the store's disk, the codecs on KV-like data, copies by size.
+
+Returns plain JSON-ready results (the bench file format measured.py reads); it never prints
+and never saves (the CLI calls measured.write_bench). Files go in a temporary folder inside the
+store path, removed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvtier._version import __version__
+from kvtier.errors import KVTierError
+from kvtier.machine import nearest_existing
+from kvtier.measured import BENCH_FORMAT, file_system_id
+from kvtier.tiers.codec import choose_codec, measure_codec
+from kvtier.tiers.disk.files import write_atomic
+
+COPY_SIZES = (64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+CODEC_SAMPLE_BYTES = 16 << 20
+_MIN_FILES = 4
+
+Progress = Callable[[str], None]  # called with each part's name once it is measured
+
+
+def run_bench(
+    store: str | os.PathLike[str],
+    *,
+    disk_bytes: int = 256 << 20,
+    copy_sizes: tuple[int, ...] = COPY_SIZES,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Every measurement, as the bench file holds it: disk (one entry, for `store`'s file
+    system), codec (ratio and GB/s per codec, and what `auto` would pick for this disk) and
+    copies (GB/s per kind and size)."""
+    done = progress or (lambda what: None)
+    disk = measure_disk(Path(store).expanduser(), total_bytes=disk_bytes)
+    done("disk")
+    codec = measure_codecs(disk["write_gbps"], disk["read_gbps"])
+    done("codecs")
+    copies = measure_copies(copy_sizes)
+    done("copies")
+    return {
+        "format": BENCH_FORMAT,
+        "measured_at": _now(),
+        "kvtier": __version__,
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "disk": [disk],
+        "codec": codec,
+        "copies": copies,
+    }
+
+
+def measure_disk(store: Path, *, total_bytes: int) -> dict[str, Any]:
+    """Write+fsync (the store's atomic write) then read back files totalling `total_bytes` in a
+    temporary folder inside `store`: the read after dropping each file's cached pages
+    (posix_fadvise, best effort) and again from the page cache. GB/s are 1e9 bytes per second."""
+    if total_bytes < _MIN_FILES << 20:
+        raise KVTierError(f"bench size {total_bytes} bytes is too small; use at least 4MiB")
+    file_bytes = min(32 << 20, total_bytes // _MIN_FILES)
+    files = total_bytes // file_bytes
+    payload = np.random.default_rng(0).integers(0, 256, file_bytes, dtype=np.uint8)
+    folder, made = _scratch(store)
+    try:
+        paths = [folder / f"block-{index}.bin" for index in range(files)]
+        start = time.perf_counter()
+        for path in paths:
+            write_atomic(path, [memoryview(payload)], temp_name=f".{path.name}.tmp")
+        write_s = time.perf_counter() - start
+        buffer = bytearray(file_bytes)
+        read_s = _read_all(paths, buffer, drop_cache=True)
+        cached_s = _read_all(paths, buffer, drop_cache=False)
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
+    moved = files * file_bytes
+    return {
+        "path": str(store),
+        "device": file_system_id(store),
+        "files": files,
+        "file_bytes": file_bytes,
+        "write_gbps": moved / write_s / 1e9,
+        "read_gbps": moved / read_s / 1e9,
+        "cached_read_gbps": moved / cached_s / 1e9,
+        "measured_at": _now(),
+    }
+
+
+def _scratch(store: Path) -> tuple[Path, Path]:
+    """A new folder inside `store` for the bench files, and the topmost folder this made (to
+    remove afterwards: the store itself if it did not exist yet)."""
+    existing = nearest_existing(store)
+    made = store if existing != store.absolute() else None
+    folder = store / f".kvtier-bench-{secrets.token_hex(4)}"
+    try:
+        folder.mkdir(parents=True)
+    except OSError as exc:
+        raise KVTierError(
+            f"cannot write at the store path {store} ({exc.strerror or exc}); point disk.path "
+            "at a writable directory (--set disk.path=DIR)"
+        ) from None
+    if made is not None:  # the first folder below what existed: everything this call created
+        made = existing / store.absolute().relative_to(existing).parts[0]
+    return folder, made or folder
+
+
+def _read_all(paths: list[Path], buffer: bytearray, *, drop_cache: bool) -> float:
+    """Seconds to read every file whole into `buffer`; first dropping their cached pages."""
+    if drop_cache and hasattr(os, "posix_fadvise"):
+        for path in paths:  # the files were fsynced: their pages are clean and can go
+            with path.open("rb", buffering=0) as file:
+                os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    view = memoryview(buffer)
+    start = time.perf_counter()
+    for path in paths:
+        with path.open("rb", buffering=0) as file:
+            done = 0
+            while done < len(buffer):
+                got = file.readinto(view[done:])
+                if not got:
+                    raise KVTierError(f"bench file {path} came back short; is the disk full?")
+                done += got
+    return max(time.perf_counter() - start, 1e-9)
+
+
+def kv_like_sample(num_bytes: int = CODEC_SAMPLE_BYTES) -> torch.Tensor:
+    """bf16 values shaped like K/V: per channel, a normal times a log-normal scale (channels of
+    one head differ by orders of magnitude in real K). Seeded, so runs compare."""
+    generator = torch.Generator().manual_seed(0)
+    channels = 128
+    rows = max(1, num_bytes // 2 // channels)
+    scale = torch.exp(torch.randn(channels, generator=generator))
+    values = torch.randn(rows, channels, generator=generator) * scale
+    return values.to(torch.bfloat16).reshape(-1)  # [rows * channels]
+
+
+def measure_codecs(disk_write_gbps: float, disk_read_gbps: float) -> dict[str, Any]:
+    """Ratio and one-thread GB/s of each codec on kv_like_sample(), and the codec `auto` picks
+    for a disk of these speeds (the same rule the store applies)."""
+    sample = kv_like_sample()
+    numbers = measure_codec(sample)
+    chosen = choose_codec(sample, disk_write_gbps=disk_write_gbps, disk_read_gbps=disk_read_gbps)
+    return {
+        "sample": "bf16, normal x log-normal channel scales",
+        "sample_bytes": sample.nbytes,
+        **numbers,
+        "auto_choice": chosen.value,
+    }
+
+
+def measure_copies(sizes: tuple[int, ...], *, repeats: int = 5) -> list[dict[str, Any]]:
+    """GB/s per copy size: pinned and pageable H2D and pinned D2H with CUDA; memory copies
+    (what the GPU tier's copies are on a CPU-only machine) always, through torch's copy_ with
+    its intra-op threads, as the mover makes them."""
+    rows = []
+    for size in sizes:
+        source, target = torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)
+        seconds = _best(lambda source=source, target=target: target.copy_(source), repeats)
+        rows.append({"kind": "host_memcpy", "bytes": size, "gbps": size / seconds / 1e9})
+    if torch.cuda.is_available():
+        rows += _cuda_copies(sizes, repeats)
+    return rows
+
+
+def _cuda_copies(sizes: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for size in sizes:
+        device = torch.empty(size, dtype=torch.uint8, device="cuda")
+        pinned = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        pageable = torch.empty(size, dtype=torch.uint8)
+        for kind, source, target in (
+            ("pinned_h2d", pinned, device),
+            ("pageable_h2d", pageable, device),
+            ("pinned_d2h", device, pinned),
+        ):
+            seconds = _cuda_best(source, target, repeats)
+            rows.append({"kind": kind, "bytes": size, "gbps": size / seconds / 1e9})
+    return rows
+
+
+def _cuda_best(source: torch.Tensor, target: torch.Tensor, repeats: int) -> float:
+    best = float("inf")
+    target.copy_(source, non_blocking=True)  # warm-up
+    for _ in range(repeats):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        target.copy_(source, non_blocking=True)
+        end.record()
+        end.synchronize()  # a benchmark: the one place kvtier waits on the device itself
+        best = min(best, begin.elapsed_time(end) / 1e3)
+    return max(best, 1e-9)
+
+
+def _best(action: Callable[[], object], repeats: int) -> float:
+    action()  # warm-up: first touch of the pages
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        best = min(best, time.perf_counter() - start)
+    return max(best, 1e-9)
+
+
+def _now() -> str:
+    return datetime.now().isoformat(timespec="seconds")

@@ -1,0 +1,106 @@
+"""`kvtier plan MODEL --context N`: where a context would live, from the model's config alone."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from kvtier.cli.common import config_options, load_cli_config, table_lines
+from kvtier.sizes import format_size
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+@click.command()
+@click.argument("model")
+@click.option(
+    "--context",
+    "tokens",
+    type=click.IntRange(min=1),
+    required=True,
+    help="Tokens of context (prompt plus generated).",
+)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="KV dtype; auto: bfloat16 with CUDA, float32 without (as `kvtier run`).",
+)
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
+def plan(
+    model: str,
+    tokens: int,
+    batch: int,
+    dtype: str,
+    config_path: str | None,
+    sets: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Plan a context of N tokens of MODEL under the configured budgets, reading only its
+    config (a directory with config.json, a cached hub id, or smollm2): KV bytes per token,
+    the smallest GPU budget that streams it, blocks and tokens per tier, bytes streamed per
+    decode step and their time from `kvtier bench` speeds, and the largest context that fits.
+    Exits 2 with the reason when the context cannot fit.
+
+    \b
+    Examples:
+      kvtier plan smollm2 --context 8192
+      kvtier plan ./my-model --context 200000 --set gpu.budget=4GiB --set host.budget=16GiB
+    """
+    from kvtier.planner import DTYPES, plan_model, require
+
+    cfg = load_cli_config(config_path, sets)
+    chosen = plan_model(model, cfg, tokens=tokens, batch=batch, dtype=DTYPES.get(dtype))
+    if as_json:
+        click.echo(json.dumps(chosen.to_dict(), indent=2))
+    else:
+        for line in plan_lines(chosen):
+            click.echo(line)
+    require(chosen)
+
+
+def plan_lines(chosen) -> list[str]:
+    """The plan as a person reads it: the model, the tiers, the decode step, the limit."""
+    g, p, step = chosen.geometry, chosen.plan, chosen.step
+    shape = chosen.shape
+    dtype = str(g.dtype).removeprefix("torch.")
+    lines = [
+        f"kvtier plan {chosen.model}: {p.tokens} tokens, batch {g.batch}, {dtype} KV",
+        f"model: {shape.model_type}, {len(shape.sliding_windows)} layers "
+        f"({len(shape.tiered_layers)} tiered), {shape.kv_heads} KV heads x {shape.head_dim}",
+        f"KV: {format_size(g.kv_bytes(1))} per token, {format_size(p.kv_bytes)} in all; "
+        f"blocks of {g.block_tokens} tokens ({format_size(g.block_bytes)})",
+        f"smallest GPU budget that streams it: {format_size(p.min_gpu_bytes)} "
+        f"(staging for {chosen.buffers} layers + 1 block)",
+        "",
+    ]
+    tokens = chosen.tier_tokens
+    rows = [("TIER", "BUDGET", "BLOCKS", "TOKENS", "KV")]
+    for name, blocks in (("gpu", p.gpu_blocks), ("host", p.host_blocks), ("disk", p.disk_blocks)):
+        held = min(p.kv_bytes, blocks * g.block_bytes)
+        rows.append(
+            (name, format_size(chosen.budgets[name]), str(blocks), str(tokens[name]), _size(held))
+        )
+    lines += table_lines(rows, right=(1, 2, 3, 4))
+    lines.append("")
+    if p.in_place:
+        lines.append("in place: every block fits the GPU budget; nothing is streamed per step")
+    else:
+        lines += [
+            f"staging: {format_size(p.staging_bytes)} of the GPU budget",
+            f"per decode step: {format_size(p.streamed_bytes_per_step)} streamed "
+            f"(host {format_size(step.host_bytes)}, disk {format_size(step.disk_bytes)}): "
+            f"at least {step.seconds * 1e3:.1f} ms of copies, compute not included",
+            f"  host->GPU {step.copy.gbps:.2f} GB/s, {step.copy.source}",
+            f"  disk read {step.disk_read.gbps:.2f} GB/s, {step.disk_read.source}",
+        ]
+    lines.append(f"largest context under these budgets: {chosen.largest_tokens} tokens")
+    return lines
+
+
+def _size(num_bytes: int) -> str:
+    return format_size(num_bytes) if num_bytes else "-"

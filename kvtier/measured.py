@@ -1,0 +1,121 @@
+"""This machine's measured speeds, as `kvtier bench` saved them, and the figures assumed without.
+
+Reads and writes one JSON file ($XDG_CACHE_HOME/kvtier/bench.json); never measures
+(kvtier/bench.py does). `codec = "auto"` (tiers/codec.py) and `kvtier plan` read it here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvtier.machine import nearest_existing
+
+log = logging.getLogger(__name__)
+
+BENCH_FORMAT = 1
+# Assumed when nothing is measured: the lent H100 host's virtio disk (write+fsync, cold read)
+# and its pageable H2D copies (pinned reached 55 GB/s), DESIGN.md section 8. Conservative for
+# the H2D side; a laptop SSD may be slower than this disk: run `kvtier bench`.
+ASSUMED_DISK_WRITE_GBPS = 1.3
+ASSUMED_DISK_READ_GBPS = 1.9
+ASSUMED_COPY_GBPS = 10.0
+ASSUMED = "assumed (DESIGN.md section 8 figures, not this machine: run `kvtier bench`)"
+
+
+@dataclass(frozen=True, slots=True)
+class Speed:
+    """A bandwidth in GB/s (1e9 bytes) and where the figure comes from (`source`, for people)."""
+
+    gbps: float
+    source: str  # "measured at PATH on DATE", "measured on DATE" or ASSUMED
+    measured: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSpeeds:
+    write: Speed
+    read: Speed
+
+
+def bench_file() -> Path:
+    """Where `kvtier bench` saves: $XDG_CACHE_HOME/kvtier/bench.json, else ~/.cache/kvtier/."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "kvtier" / "bench.json"
+
+
+def read_bench(path: Path | None = None) -> dict[str, Any] | None:
+    """The saved measurements, or None when there are none (or they are unreadable: a warning)."""
+    path = bench_file() if path is None else path
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s (%s); run `kvtier bench` to measure again", path, exc)
+        return None
+    if not isinstance(data, dict) or data.get("format") != BENCH_FORMAT:
+        log.warning("ignoring %s: not a format-%d kvtier bench file", path, BENCH_FORMAT)
+        return None
+    return data
+
+
+def write_bench(results: dict[str, Any], path: Path | None = None) -> Path:
+    """Save `results` (kvtier/bench.py's JSON) atomically; disk entries measured earlier on
+    other file systems are kept, so one file covers every store path measured."""
+    path = bench_file() if path is None else path
+    previous = read_bench(path) or {}
+    devices = {entry.get("device") for entry in results.get("disk", [])}
+    kept = [entry for entry in previous.get("disk", []) if entry.get("device") not in devices]
+    data = {**results, "format": BENCH_FORMAT, "disk": kept + list(results.get("disk", []))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=".bench-", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as stream:
+        stream.write(json.dumps(data, indent=2) + "\n")
+    os.chmod(temp, 0o644)  # mkstemp makes it private; speeds are no secret
+    os.replace(temp, path)
+    return path
+
+
+def file_system_id(path: str | os.PathLike[str]) -> int:
+    """The device number of the file system that holds `path` (or would, once created)."""
+    return nearest_existing(path).stat().st_dev
+
+
+def disk_speeds(store: str | os.PathLike[str], *, bench: dict | None = None) -> DiskSpeeds:
+    """Write+fsync and read speeds of the file system holding `store`: measured there by
+    `kvtier bench` (any path on the same file system), else ASSUMED."""
+    bench = read_bench() if bench is None else bench
+    entry = None
+    if bench is not None:
+        device = file_system_id(store)
+        entry = next((e for e in bench.get("disk", []) if e.get("device") == device), None)
+    if entry is None:
+        return DiskSpeeds(
+            Speed(ASSUMED_DISK_WRITE_GBPS, ASSUMED, False),
+            Speed(ASSUMED_DISK_READ_GBPS, ASSUMED, False),
+        )
+    source = f"measured at {entry.get('path')} on {str(entry.get('measured_at', '?'))[:10]}"
+    return DiskSpeeds(
+        Speed(float(entry["write_gbps"]), source, True),
+        Speed(float(entry["read_gbps"]), source, True),
+    )
+
+
+def copy_speed(copy_bytes: int, *, kind: str, bench: dict | None = None) -> Speed:
+    """GB/s of one copy of `copy_bytes` of `kind` ("pinned_h2d", "host_memcpy", ...), from the
+    measured size closest below it (or the smallest measured), else ASSUMED."""
+    bench = read_bench() if bench is None else bench
+    rows = [] if bench is None else [c for c in bench.get("copies", []) if c.get("kind") == kind]
+    if not rows:
+        return Speed(ASSUMED_COPY_GBPS, ASSUMED, False)
+    rows.sort(key=lambda c: c["bytes"])
+    below = [c for c in rows if c["bytes"] <= copy_bytes]
+    row = below[-1] if below else rows[0]
+    source = f"measured on {str(bench.get('measured_at', '?'))[:10]} ({kind.replace('_', ' ')})"
+    return Speed(float(row["gbps"]), source, True)

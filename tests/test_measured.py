@@ -1,0 +1,90 @@
+"""kvtier/measured.py: the saved `kvtier bench` results, and who reads them (codec = "auto")."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from kvtier import measured
+from kvtier.tiers.codec import CodecChoice
+
+
+@pytest.fixture(autouse=True)
+def cache_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _disk_entry(path, write=0.5, read=2.5):
+    return {
+        "path": str(path),
+        "device": measured.file_system_id(path),
+        "write_gbps": write,
+        "read_gbps": read,
+        "measured_at": "2030-01-02T03:04:05",
+    }
+
+
+def test_nothing_measured_means_assumed(tmp_path):
+    speeds = measured.disk_speeds(tmp_path / "store")
+    assert not speeds.write.measured and speeds.write.gbps == measured.ASSUMED_DISK_WRITE_GBPS
+    assert speeds.read.gbps == measured.ASSUMED_DISK_READ_GBPS
+    assert "kvtier bench" in speeds.read.source
+    copy = measured.copy_speed(1 << 20, kind="pinned_h2d")
+    assert copy.gbps == measured.ASSUMED_COPY_GBPS and not copy.measured
+
+
+def test_saved_disk_speeds_apply_to_any_path_on_that_file_system(tmp_path, cache_home):
+    path = measured.write_bench({"disk": [_disk_entry(tmp_path)], "measured_at": "2030-01-02"})
+    assert path == cache_home / "kvtier" / "bench.json"
+    speeds = measured.disk_speeds(tmp_path / "not" / "made" / "yet")
+    assert speeds.write.measured and (speeds.write.gbps, speeds.read.gbps) == (0.5, 2.5)
+    assert speeds.read.source == f"measured at {tmp_path} on 2030-01-02"
+
+
+def test_a_new_bench_keeps_other_file_systems_and_replaces_this_one(tmp_path):
+    other = {**_disk_entry(tmp_path), "device": -1, "path": "/elsewhere"}
+    measured.write_bench({"disk": [other, _disk_entry(tmp_path)]})
+    measured.write_bench({"disk": [_disk_entry(tmp_path, write=0.9)]})
+    disks = measured.read_bench()["disk"]
+    assert sorted(d["path"] for d in disks) == sorted(["/elsewhere", str(tmp_path)])
+    assert measured.disk_speeds(tmp_path).write.gbps == 0.9
+
+
+def test_copy_speed_takes_the_measured_size_at_or_below(tmp_path):
+    rows = [{"kind": "host_memcpy", "bytes": 1 << k, "gbps": float(k)} for k in (16, 20, 24)]
+    measured.write_bench({"copies": rows, "measured_at": "2030-01-02"})
+    assert measured.copy_speed(3 << 20, kind="host_memcpy").gbps == 20.0
+    assert measured.copy_speed(1, kind="host_memcpy").gbps == 16.0  # smaller than any measured
+    assert not measured.copy_speed(1 << 20, kind="pinned_h2d").measured
+
+
+@pytest.mark.parametrize("text", ["{not json", json.dumps({"format": 99}), json.dumps([1])])
+def test_a_broken_bench_file_is_ignored_with_a_warning(text, cache_home, caplog, tmp_path):
+    (cache_home / "kvtier").mkdir(parents=True)
+    (cache_home / "kvtier" / "bench.json").write_text(text)
+    with caplog.at_level(logging.WARNING, logger="kvtier.measured"):
+        assert not measured.disk_speeds(tmp_path).read.measured
+    assert "kvtier bench" in caplog.text
+
+
+def _choose(where, caplog) -> str:
+    choice = CodecChoice("auto")
+    with caplog.at_level(logging.INFO, logger="kvtier.tiers.codec"):
+        choice.resolve({"l0.kv": torch.randn(4096, dtype=torch.float32)}, where=where)
+    return caplog.text
+
+
+def test_codec_auto_says_assumed_without_a_bench(tmp_path, caplog):
+    """Scenario (issue 10): codec auto logged "assuming disk 1.30 GB/s write" as if measured."""
+    text = _choose(tmp_path, caplog)
+    assert "1.30 GB/s write, 1.90 GB/s read: assumed" in text
+
+
+def test_codec_auto_weighs_the_measured_disk(tmp_path, caplog):
+    measured.write_bench({"disk": [_disk_entry(tmp_path, write=0.25, read=0.75)]})
+    text = _choose(tmp_path / "store", caplog)
+    assert f"0.25 GB/s write, 0.75 GB/s read: measured at {tmp_path} on 2030-01-02" in text
