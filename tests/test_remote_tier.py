@@ -202,6 +202,22 @@ def test_batched_loads_keep_order_and_verify_every_block(
     assert stats["load_gbps"] == round(bandwidth / 1e9, 3)
 
 
+def test_a_closed_tier_still_saves_and_loads(
+    server: ValkeyProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: a mover thread's late save or load after close() is served in that thread
+    (the check threads are gone), not a RuntimeError from the stopped pool."""
+    remote = make_tier(spec_for(server))
+    remote.close()
+    layers = block_layers(remote.geometry)
+    assert remote.save(BLOCK, layers, parent_id=None)
+    outs = [empty_layers(remote.geometry) for _ in range(2)]
+    monkeypatch.setattr(tier_module, "BATCH_BYTES", 1)  # two batches: the overlapped path
+    assert remote.load_blocks([BLOCK, BLOCK], outs) == [ReadResult.OK] * 2
+    assert all(same_bits(a, b) for a, b in zip(layers, outs[0], strict=True))
+    remote.close()
+
+
 def test_models_never_share_keys(tier: RemoteTier) -> None:
     tier.save(BLOCK, block_layers(tier.geometry), parent_id=None)
     other = RemoteTier(tier.spec, tier.geometry, fingerprint="cd" * 16)

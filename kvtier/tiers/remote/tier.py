@@ -14,8 +14,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
@@ -40,6 +41,8 @@ from kvtier.tiers.remote.values import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 HEADER_CACHE = 4096  # verified block headers kept, so a layer read is one range read
 # Checks (hashing, which releases the GIL) run on these threads: a fetched batch of values is
@@ -222,7 +225,7 @@ class RemoteTier:
             parent_id=parent_id,
             labels={name: v for name, v in labels.items() if v},
             hmac_key=self.spec.hmac_key,
-            hash_map=self._checks.map,
+            hash_map=self._check_map,
         )
         client = self._clients.get()
         stored = client is not None and client.put_many([(server_key, value)])
@@ -311,12 +314,30 @@ class RemoteTier:
                 checking = None
                 results.extend(self._decode_blocks(blocks))
             else:
-                checking = self._checks.submit(self._decode_blocks, blocks)
+                checking = self._submit_check(blocks)
         self._count_many(results, [sum(t.nbytes for t in outs) for outs in layers], started)
         if self.spec.ttl_s and client is not None:
             hits = [self._key(k) for k, r in zip(keys, results, strict=True) if r]
             client.expire_many(hits, self.spec.ttl_s)  # a reused prefix stays while it is used
         return results
+
+    def _submit_check(
+        self, blocks: list[tuple[str, bytes | None, Sequence[torch.Tensor]]]
+    ) -> Future[list[ReadResult]]:
+        """Decode and check `blocks` on a check thread; in this thread after close()."""
+        try:
+            return self._checks.submit(self._decode_blocks, blocks)
+        except RuntimeError:  # shut down by close(): a late load still works, unoverlapped
+            done: Future[list[ReadResult]] = Future()
+            done.set_result(self._decode_blocks(blocks))
+            return done
+
+    def _check_map(self, function: Callable[[T], R], items: Iterable[T]) -> Iterable[R]:
+        """The check threads' map; the calling thread's after close() (a late save still works)."""
+        try:
+            return self._checks.map(function, items)
+        except RuntimeError:
+            return map(function, items)
 
     def _decode_blocks(
         self, blocks: Sequence[tuple[str, bytes | None, Sequence[torch.Tensor]]]
