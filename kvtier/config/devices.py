@@ -2,7 +2,8 @@
 
 `[gpu] budget` applies to each device that holds tiered layers; a `[gpu.devices]` table
 (`"cuda:1" = "4GiB"`) overrides it for one device. Percentages and "auto" are of that
-device's free memory. Names only what load.py needs; sizes become bytes here, once.
+device's free memory; a device this machine lacks takes only a size (for `kvtier plan --gpus`
+on a smaller machine; a cache never uses it). Sizes become bytes here, once.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from types import MappingProxyType
 
 from kvtier.config.keys import Layers
 from kvtier.config.sources import fail, quoted
-from kvtier.config.values import as_budget
+from kvtier.config.values import as_budget, parse_budget
+from kvtier.errors import shown
 from kvtier.machine import free_device_bytes
+from kvtier.sizes import MAX_BYTES
 
 PREFIX = "gpu.devices."
 # "cuda:0", "cuda:12"; "cpu" (the GPU tier of layers kept on the CPU) and "cpu:N" (tests)
@@ -37,11 +40,15 @@ def as_device_budgets(layers: Layers) -> Mapping[str, int]:
         if not _DEVICE.fullmatch(name):
             fail(f"unknown device {quoted(name)} in [gpu.devices]; {_EXAMPLE}", source)
         if free_device_bytes(name) is None:
-            fail(
-                f"[gpu.devices] names {quoted(name)}, a device this machine does not have; "
-                f"remove it or {_EXAMPLE}",
-                source,
-            )
+            # a device this machine lacks (a plan for a bigger machine): a size, unchecked
+            if not isinstance(parse_budget(layers, key), int):
+                fail(
+                    f"{key} = {shown(layers[key][0])} is a share of free memory, but this "
+                    f"machine has no {name} to measure; give a size such as '8GiB'",
+                    source,
+                )
+            out[name] = as_budget(layers, key, lambda: MAX_BYTES, f"the size of {name}")
+            continue
         out[name] = as_budget(
             layers, key, lambda name=name: free_device_bytes(name), f"free memory of {name}"
         )
