@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,14 @@ class KVGeometry:
     @property
     def single_device(self) -> bool:
         return len(self.devices) == 1
+
+    def layers_on(self, device: torch.device) -> int:
+        """Tiered layers whose GPU-tier copy lives on `device`."""
+        return sum(1 for d in self.layer_devices if d == device)
+
+    def device_block_bytes(self, device: torch.device) -> int:
+        """Bytes of one block's layers on `device` (a GPU slot's share of that device)."""
+        return self.layers_on(device) * self.layer_block_bytes
 
     @property
     def token_shape(self) -> tuple[int, int, int, int]:
@@ -79,21 +88,78 @@ def staging_tokens(geometry: KVGeometry, tokens: int) -> int:
     return geometry.blocks_for(tokens) * geometry.block_tokens
 
 
+# A step's new positions are written into staging (what attention reads) and into their blocks,
+# which are born on host when the GPU has no room: so the GPU needs staging and one slot, no more
+MIN_GPU_BLOCKS = 1
+
+
+def device_staging_bytes(geometry: KVGeometry, tokens: int, *, buffers: int) -> int:
+    """Bytes of the staging ring on each device assembling `tokens` positions: `buffers`
+    position-ordered buffers of one layer (buffers = prefetch_depth + 1), the same on every
+    device that holds a tiered layer."""
+    return buffers * staging_tokens(geometry, tokens) * geometry.token_bytes
+
+
 def staging_bytes(geometry: KVGeometry, tokens: int, *, buffers: int) -> int:
-    """GPU bytes of the staging ring assembling `tokens` positions: `buffers` position-ordered
-    buffers of one layer per device (buffers = prefetch_depth + 1)."""
-    per_buffer = staging_tokens(geometry, tokens) * geometry.token_bytes
-    return len(geometry.devices) * buffers * per_buffer
+    """GPU bytes of the staging ring assembling `tokens` positions, every device together."""
+    return len(geometry.devices) * device_staging_bytes(geometry, tokens, buffers=buffers)
+
+
+# -- per-device GPU budgets ----------------------------------------------------------------------
+# A block spans every tiered layer, so a GPU slot takes `device_block_bytes(d)` on each device d
+# and the slots one device's budget allows bound them all. The GPU pool's limit is given in bytes
+# of whole blocks: each device's room (budget less its staging) scaled by its share of the layers,
+# the tightest device winning. With one device that is exactly budget - staging.
+DeviceBudgets = Mapping[torch.device, int]
+
+
+def device_budgets(
+    geometry: KVGeometry, budget_bytes: int, overrides: Mapping[str, int] | None = None
+) -> dict[torch.device, int]:
+    """Each device's GPU budget: `budget_bytes` (gpu.budget applies to each device) unless
+    `overrides` (gpu.devices, by device name such as "cuda:1") names that device."""
+    overrides = overrides or {}
+    return {device: overrides.get(str(device), budget_bytes) for device in geometry.devices}
+
+
+def _device_room(
+    geometry: KVGeometry, device: torch.device, budget: int, tokens: int, buffers: int
+) -> int:
+    """Device `device`'s room under `budget` with staging for `tokens`, scaled to whole blocks."""
+    room = budget - device_staging_bytes(geometry, tokens, buffers=buffers)
+    return room * geometry.tiered_layers // geometry.layers_on(device)
+
+
+def tightest_device(
+    geometry: KVGeometry, budgets: DeviceBudgets, *, tokens: int, buffers: int
+) -> torch.device:
+    """The device whose budget bounds the GPU slots (staging for `tokens` taken out first)."""
+    return min(
+        geometry.devices,
+        key=lambda d: _device_room(geometry, d, budgets[d], tokens, buffers),
+    )
+
+
+def gpu_limit(geometry: KVGeometry, budgets: DeviceBudgets, *, tokens: int, buffers: int) -> int:
+    """The GPU pool's limit (bytes of whole blocks) under per-device `budgets` while staging holds
+    `tokens` positions (0: no staging): `limit // block_bytes` slots fit every device."""
+    device = tightest_device(geometry, budgets, tokens=tokens, buffers=buffers)
+    return _device_room(geometry, device, budgets[device], tokens, buffers)
+
+
+def device_min_bytes(
+    geometry: KVGeometry, device: torch.device, *, buffers: int, tokens: int = 0
+) -> int:
+    """The smallest budget of `device` that streams `tokens` positions (at least one block): its
+    staging plus its share of MIN_GPU_BLOCKS slots."""
+    tokens = max(tokens, geometry.block_tokens)
+    staging = device_staging_bytes(geometry, tokens, buffers=buffers)
+    return staging + MIN_GPU_BLOCKS * geometry.device_block_bytes(device)
 
 
 def step_blocks(tokens: int, block_tokens: int) -> int:
     """Blocks one step of `tokens` new positions can touch: it may start mid-block."""
     return math.ceil(tokens / block_tokens) + 1
-
-
-# A step's new positions are written into staging (what attention reads) and into their blocks,
-# which are born on host when the GPU has no room: so the GPU needs staging and one slot, no more
-MIN_GPU_BLOCKS = 1
 
 
 def min_gpu_bytes(geometry: KVGeometry, *, buffers: int, tokens: int = 0) -> int:
@@ -129,19 +195,32 @@ def tier_budgets(
 
 
 @dataclass(frozen=True, slots=True)
+class DevicePlan:
+    """One device's share of a ContextPlan's GPU tier (bytes)."""
+
+    device: torch.device
+    layers: int  # tiered layers on it
+    budget_bytes: int
+    staging_bytes: int
+    slot_bytes: int  # its share of the resident blocks
+    min_bytes: int  # the smallest budget of this device that streams the context
+
+
+@dataclass(frozen=True, slots=True)
 class ContextPlan:
     """Where a context of `tokens` positions would live under given budgets (bytes, blocks)."""
 
     tokens: int
     kv_bytes: int
     in_place: bool  # the whole context fits the GPU budget and is read in place
-    staging_bytes: int  # GPU bytes of the staging ring (0 in place)
+    staging_bytes: int  # GPU bytes of the staging ring (0 in place), every device together
     gpu_blocks: int  # blocks resident on the GPU
     host_blocks: int
     disk_blocks: int
-    min_gpu_bytes: int  # the smallest GPU budget that streams this context
+    min_gpu_bytes: int  # the smallest GPU budget (of each device) that streams this context
     streamed_bytes_per_step: int  # bytes copied up from host and disk per decode step
     problem: str | None  # one line saying why it cannot run, or None
+    devices: tuple[DevicePlan, ...] = ()  # per device, in first-use order
 
 
 def plan_context(
@@ -152,23 +231,43 @@ def plan_context(
     host_budget: int,
     disk_budget: int,
     buffers: int,
+    gpu_devices: Mapping[str, int] | None = None,
 ) -> ContextPlan:
     """Plan `tokens` positions over the tiers: in place if every block fits the GPU budget,
-    else streamed (staging + the GPU slots left), the rest on host, then disk."""
+    else streamed (staging + the GPU slots left), the rest on host, then disk.
+
+    `gpu_budget` applies to each device of the geometry, `gpu_devices` (gpu.devices: device
+    name -> bytes) overrides it for the devices it names."""
     blocks = geometry.blocks_for(tokens)
     block_bytes = geometry.block_bytes
-    need_gpu = min_gpu_bytes(geometry, buffers=buffers, tokens=tokens)
-    in_place = blocks * block_bytes <= gpu_budget
+    budgets = device_budgets(geometry, gpu_budget, gpu_devices)
+    in_place = blocks * block_bytes <= gpu_limit(geometry, budgets, tokens=0, buffers=buffers)
+    staging_tokens_held = 0 if in_place else tokens
     staging = 0 if in_place else staging_bytes(geometry, tokens, buffers=buffers)
-    gpu_blocks = blocks if in_place else max(0, min(blocks, (gpu_budget - staging) // block_bytes))
+    limit = gpu_limit(geometry, budgets, tokens=staging_tokens_held, buffers=buffers)
+    gpu_blocks = blocks if in_place else max(0, min(blocks, limit // block_bytes))
     host_blocks = min(blocks - gpu_blocks, host_budget // block_bytes)
     disk_blocks = blocks - gpu_blocks - host_blocks
+    devices = tuple(
+        DevicePlan(
+            device=device,
+            layers=geometry.layers_on(device),
+            budget_bytes=budgets[device],
+            staging_bytes=staging // len(budgets),
+            slot_bytes=gpu_blocks * geometry.device_block_bytes(device),
+            min_bytes=device_min_bytes(geometry, device, buffers=buffers, tokens=tokens),
+        )
+        for device in geometry.devices
+    )
+    short = [d for d in devices if d.budget_bytes < d.min_bytes]
     problem = None
-    if not in_place and gpu_budget < need_gpu:
+    if not in_place and short:
+        worst = short[0]
+        where = "" if geometry.single_device else f" on {worst.device}"
         problem = (
-            f"gpu budget {gpu_budget} bytes cannot stream {tokens} tokens: staging alone takes "
-            f"{staging} bytes; need at least {need_gpu} (raise gpu.budget or lower "
-            "policy.prefetch_depth)"
+            f"gpu budget {worst.budget_bytes} bytes{where} cannot stream {tokens} tokens: staging "
+            f"alone takes {staging // len(budgets)} bytes; need at least {worst.min_bytes} (raise "
+            "gpu.budget or lower policy.prefetch_depth)"
         )
     elif disk_blocks * block_bytes > disk_budget:
         problem = (
@@ -185,14 +284,21 @@ def plan_context(
         gpu_blocks=gpu_blocks,
         host_blocks=host_blocks,
         disk_blocks=disk_blocks,
-        min_gpu_bytes=need_gpu,
+        min_gpu_bytes=max(d.min_bytes for d in devices),
         streamed_bytes_per_step=streamed,
         problem=problem,
+        devices=devices,
     )
 
 
 def largest_context(
-    geometry: KVGeometry, *, gpu_budget: int, host_budget: int, disk_budget: int, buffers: int
+    geometry: KVGeometry,
+    *,
+    gpu_budget: int,
+    host_budget: int,
+    disk_budget: int,
+    buffers: int,
+    gpu_devices: Mapping[str, int] | None = None,
 ) -> int:
     """The most positions `plan_context` accepts under these budgets (0 if not even one)."""
 
@@ -204,6 +310,7 @@ def largest_context(
             host_budget=host_budget,
             disk_budget=disk_budget,
             buffers=buffers,
+            gpu_devices=gpu_devices,
         )
         return plan.problem is None
 

@@ -31,6 +31,19 @@ def free_gpu_bytes() -> int:
     return free_host_bytes() if nvml_free is None else nvml_free
 
 
+def free_device_bytes(name: str) -> int | None:
+    """Free memory of the device `name` ("cuda:1"; "cpu" or "cpu:N": available RAM), or None
+    when this machine has no such device."""
+    import torch
+
+    device = torch.device(name)
+    if device.type == "cpu":
+        return free_host_bytes()
+    if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+        return None
+    return int(torch.cuda.mem_get_info(device.index or 0)[0])
+
+
 def free_disk_bytes(path: str | os.PathLike[str]) -> int:
     """Free space on the file system that holds `path` (or its nearest existing ancestor)."""
     return int(shutil.disk_usage(nearest_existing(path)).free)

@@ -16,7 +16,7 @@ import torch
 from kvtier.config import Config
 from kvtier.errors import BudgetError, KVTierError
 from kvtier.hf.shape import KVShape, kv_shape, read_config
-from kvtier.layout import ContextPlan, KVGeometry, largest_context, plan_context
+from kvtier.layout import ContextPlan, DevicePlan, KVGeometry, largest_context, plan_context
 from kvtier.measured import Speed, copy_speed, disk_speeds
 from kvtier.zoo import config_dir
 
@@ -95,7 +95,18 @@ class ModelPlan:
             "disk_read_gbps": s.disk_read.gbps,
             "largest_tokens": self.largest_tokens,
             "problem": p.problem,
-        }
+        } | ({} if g.single_device else {"devices": [_device_dict(d) for d in p.devices]})
+
+
+def _device_dict(row: DevicePlan) -> dict[str, Any]:
+    return {
+        "device": str(row.device),
+        "tiered_layers": row.layers,
+        "budget_bytes": row.budget_bytes,
+        "staging_bytes": row.staging_bytes,
+        "slot_bytes": row.slot_bytes,
+        "min_bytes": row.min_bytes,
+    }
 
 
 def default_dtype() -> torch.dtype:
@@ -103,14 +114,28 @@ def default_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
+def split_devices(layers: int, gpus: int) -> tuple[torch.device, ...]:
+    """Devices of `layers` decoder layers split evenly over `gpus` GPUs in order, as accelerate's
+    device_map="auto" does for equal layers: the first `layers % gpus` GPUs take one more."""
+    share, extra = divmod(layers, gpus)
+    devices: list[torch.device] = []
+    for index in range(gpus):
+        devices += [torch.device("cuda", index)] * (share + (index < extra))
+    return tuple(devices)
+
+
 def geometry_for(
-    shape: KVShape, *, batch: int, dtype: torch.dtype, block_tokens: int
+    shape: KVShape, *, batch: int, dtype: torch.dtype, block_tokens: int, gpus: int = 0
 ) -> KVGeometry:
-    """The tiered KV geometry of `shape` on one device (GPU 0, else the CPU)."""
+    """The tiered KV geometry of `shape` on one device (GPU 0, else the CPU), or with `gpus` > 0
+    its decoder layers split over that many GPUs (`split_devices`)."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    layer_devices = (device,) * len(shape.sliding_windows)
+    if gpus > 0:
+        layer_devices = split_devices(len(shape.sliding_windows), gpus)
     return KVGeometry(
         layer_ids=shape.tiered_layers,
-        layer_devices=(device,) * len(shape.tiered_layers),
+        layer_devices=tuple(layer_devices[i] for i in shape.tiered_layers),
         batch=batch,
         kv_heads=shape.kv_heads,
         head_dim=shape.head_dim,
@@ -120,12 +145,19 @@ def geometry_for(
 
 
 def plan_model(
-    model: str, cfg: Config, *, tokens: int, batch: int = 1, dtype: torch.dtype | None = None
+    model: str,
+    cfg: Config,
+    *,
+    tokens: int,
+    batch: int = 1,
+    dtype: torch.dtype | None = None,
+    gpus: int = 0,
 ) -> ModelPlan:
     """Plan `tokens` positions of MODEL (a zoo name, a directory, a cached hub id) under cfg's
-    budgets from its config alone. A plan that cannot run has `plan.problem` set; `require`
-    turns it into a BudgetError."""
-    if tokens < 1 or batch < 1:
+    budgets from its config alone; `gpus` > 0 splits its layers over that many GPUs (gpu.budget
+    then applies to each). A plan that cannot run has `plan.problem` set; `require` turns it
+    into a BudgetError."""
+    if tokens < 1 or batch < 1 or gpus < 0:
         raise KVTierError(f"plan needs a context and batch of at least 1, got {tokens}, {batch}")
     directory = config_dir(model)
     shape = kv_shape(read_config(directory))
@@ -135,7 +167,7 @@ def plan_model(
             "so kvtier has nothing to plan"
         )
     geometry = geometry_for(
-        shape, batch=batch, dtype=dtype or default_dtype(), block_tokens=cfg.block_tokens
+        shape, batch=batch, dtype=dtype or default_dtype(), block_tokens=cfg.block_tokens, gpus=gpus
     )
     budgets = {
         "gpu": cfg.gpu.budget_bytes,
@@ -144,6 +176,7 @@ def plan_model(
     }
     buffers = cfg.policy.prefetch_depth + 1
     sizes = {f"{name}_budget": value for name, value in budgets.items()}
+    sizes["gpu_devices"] = cfg.gpu.devices
     plan = plan_context(geometry, tokens, buffers=buffers, **sizes)
     largest = largest_context(geometry, buffers=buffers, **sizes)
     step = step_time(geometry, plan, cfg)

@@ -135,3 +135,49 @@ def test_user_errors_are_one_line_exit_2(args, fragment, tmp_path):
 def test_help_has_an_example():
     result = CliRunner().invoke(cli.main, ["plan", "--help"])
     assert result.exit_code == 0 and "kvtier plan smollm2 --context 8192" in result.stdout
+
+
+def test_gpus_splits_layers_and_reports_each_device(tmp_path):
+    """Scenario: --gpus 2 splits smollm2's 30 layers 15/15; gpu.budget applies to each GPU and
+    [gpu.devices] overrides one (a size for a GPU this CPU machine lacks is allowed to plan)."""
+    sets = ["--set", "gpu.budget=300MiB", "--set", "gpu.devices.cuda:1=400MiB"]
+    sets += ["--set", "host.budget=1GiB", "--set", "disk.budget=4GiB"]
+    result = plan(
+        "smollm2", "--context", "70000", "--gpus", "2", *sets, "--json", tmp_path=tmp_path
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    rows = {row["device"]: row for row in data["devices"]}
+    assert list(rows) == ["cuda:0", "cuda:1"]
+    assert [row["tiered_layers"] for row in rows.values()] == [15, 15]
+    assert (
+        rows["cuda:0"]["budget_bytes"] == 300 << 20 and rows["cuda:1"]["budget_bytes"] == 400 << 20
+    )
+    for row in rows.values():  # the tighter cuda:0 bounds the slots both hold
+        assert row["staging_bytes"] + row["slot_bytes"] <= row["budget_bytes"]
+        assert row["slot_bytes"] == data["blocks"]["gpu"] * data["block_bytes"] // 2
+    room0 = rows["cuda:0"]["budget_bytes"] - rows["cuda:0"]["staging_bytes"]
+    assert data["blocks"]["gpu"] == room0 // (data["block_bytes"] // 2)
+    text = plan("smollm2", "--context", "70000", "--gpus", "2", *sets, tmp_path=tmp_path).stdout
+    assert "DEVICE" in text and "cuda:1      15  400.00 MiB" in text
+    assert "gpu   700.00 MiB" in text  # the tier's budget: both devices'
+
+
+def test_one_device_plan_has_no_device_table(tmp_path):
+    """Scenario: without --gpus (and with --gpus 1) the plan reads as before: no per-device rows."""
+    sets = ["--set", "gpu.budget=300MiB", "--set", "host.budget=1GiB"]
+    plain = plan("smollm2", "--context", "70000", *sets, tmp_path=tmp_path)
+    one = plan("smollm2", "--context", "70000", "--gpus", "1", *sets, tmp_path=tmp_path)
+    assert plain.exit_code == 0, plain.output
+    assert "DEVICE" not in plain.stdout and "devices" not in json.loads(
+        plan("smollm2", "--context", "70000", *sets, "--json", tmp_path=tmp_path).stdout
+    )
+    # one GPU named cuda:0 instead of this machine's CPU: the same numbers
+    assert one.stdout == plain.stdout
+
+
+def test_a_device_budget_too_small_names_the_device(tmp_path):
+    sets = ["--set", "gpu.budget=1GiB", "--set", "gpu.devices.cuda:1=64MiB"]
+    result = plan("smollm2", "--context", "200000", "--gpus", "2", *sets, tmp_path=tmp_path)
+    assert result.exit_code == 2
+    assert "gpu budget 67108864 bytes on cuda:1 cannot stream 200000 tokens" in result.stderr

@@ -99,7 +99,11 @@ def test_defaults_have_one_source_the_packaged_toml(tmp_path, monkeypatch):
     for name in schema:
         table = getattr(config, name.capitalize() + "Config", None)
         fields = (
-            [f.name for f in dataclasses.fields(table) if f.name not in ("settings", "spec")]
+            [
+                f.name
+                for f in dataclasses.fields(table)
+                if f.name not in ("settings", "spec", "devices")
+            ]
             if table
             else []
         )
@@ -714,3 +718,52 @@ def test_remote_table_round_trips_through_config_show(tmp_path):
     path.write_text(text)
     assert load_config(path) == cfg
     assert load_config().remote == config.RemoteConfig()  # url "": no remote tier
+
+
+# --- [gpu.devices] ---------------------------------------------------------------------------------
+def test_gpu_devices_override_the_budget_per_device(tmp_path):
+    """Scenario: [gpu.devices] in a file, a --set style table override on top; percentages of
+    that device's free memory; the table survives with_overrides and config show."""
+    from kvtier.config.render import to_toml
+
+    path = tmp_path / "kv.toml"
+    path.write_text('[gpu]\nbudget = "1GiB"\n[gpu.devices]\n"cpu:1" = "2GiB"\ncpu = "10%"\n')
+    cfg = load_config(path, gpu={"devices": {"cpu:2": 4096}})
+    assert cfg.gpu.budget_bytes == 1 << 30
+    assert cfg.gpu.devices["cpu:1"] == 2 << 30 and cfg.gpu.devices["cpu:2"] == 4096
+    assert 0 < cfg.gpu.devices["cpu"] < 2**63
+    assert cfg.sources["gpu.devices.cpu:2"] == "override"
+    assert cfg.with_overrides(host_budget="1GiB").gpu.devices["cpu:1"] == 2 << 30
+    assert cfg.to_dict()["gpu"]["devices"]["cpu:1"] == 2 << 30
+    again = tmp_path / "shown.toml"
+    again.write_text(to_toml(cfg))
+    assert dict(load_config(again).gpu.devices) == {
+        "cpu": cfg.gpu.devices["cpu"],
+        "cpu:1": 2 << 30,
+        "cpu:2": 4096,
+    }
+
+
+@pytest.mark.parametrize(
+    ("devices", "fragment"),
+    [
+        ({"cuda": "1GiB"}, "unknown device 'cuda' in [gpu.devices]; name a device with its index"),
+        ({"gpu1": "1GiB"}, "unknown device 'gpu1' in [gpu.devices]"),
+        ({"cpu:1": "3 parsecs"}, "gpu.devices.cpu:1 = '3 parsecs' is not a size"),
+        ({"cpu:1": 0}, "gpu.devices.cpu:1 = 0 resolves to 0 bytes"),
+        ({"cpu:1": "0%"}, "is not a percentage above 0%"),
+        ({"cuda:7": "40%"}, "this machine has no cuda:7 to measure; give a size"),
+        ("4GiB", "gpu.devices = '4GiB' is not a table"),
+    ],
+)
+def test_bad_gpu_devices_are_one_line_errors(devices, fragment):
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, gpu={"devices": devices})
+    assert fragment in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_gpu_devices_from_set_flags():
+    from kvtier.cli.common import parse_sets
+
+    overrides = parse_sets(["gpu.devices.cpu:1=2GiB", "gpu.budget=1GiB"])
+    assert load_config(None, **overrides).gpu.devices == {"cpu:1": 2 << 30}

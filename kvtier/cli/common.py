@@ -89,11 +89,12 @@ def _check_key(item: str, key: str) -> None:
 
     parts = key.split(".")
     policy_setting = len(parts) == 3 and parts[0] == "policy" and all(parts)
-    if key not in DEFAULTS and not policy_setting:
+    device_budget = len(parts) == 3 and parts[:2] == ["gpu", "devices"] and all(parts)
+    if key not in DEFAULTS and not policy_setting and not device_budget:
         hint = did_you_mean(key, list(DEFAULTS))
         raise ConfigError(
             f"--set {item!r}: unknown config key {key!r}; {hint}keys are {', '.join(DEFAULTS)} "
-            "(or policy.<name>.<setting>)"
+            "(or policy.<name>.<setting>, gpu.devices.<device>)"
         )
 
 

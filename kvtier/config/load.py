@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from kvtier.config.devices import PREFIX as DEVICE_PREFIX
+from kvtier.config.devices import as_device_budgets, device_keys
 from kvtier.config.keys import DEFAULTS, MAX_PREFETCH_DEPTH, Layers
 from kvtier.config.policies import as_policy_module, as_policy_name, as_policy_settings
 from kvtier.config.remote import RemoteConfig, as_remote
@@ -35,9 +37,13 @@ _GPU_FREE = "free GPU memory (available RAM without a GPU)"
 
 @dataclass(frozen=True, slots=True)
 class GpuConfig:
-    """The GPU tier; with CPU-only torch it is CPU memory."""
+    """The GPU tier; with CPU-only torch it is CPU memory.
+
+    `budget_bytes` applies to each device holding tiered layers; `devices` ([gpu.devices]) maps
+    a device name ("cuda:1") to its own budget instead."""
 
     budget_bytes: int
+    devices: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +119,8 @@ class Config:
             table, _, name = key.rpartition(".")
             owner = getattr(self, table) if table else self
             out[key] = getattr(owner, "budget_bytes" if name == "budget" else name)
+        for name, value in self.gpu.devices.items():
+            out[DEVICE_PREFIX + name] = value
         for name, value in self.policy.settings.items():
             out[f"policy.{self.policy.name}.{name}"] = value
         return out
@@ -128,6 +136,7 @@ class Config:
             into["budget_bytes" if name == "budget" else name] = (
                 str(value) if isinstance(value, Path) else value
             )
+        out["gpu"]["devices"] = dict(self.gpu.devices)
         out["policy"]["settings"] = dict(self.policy.settings)
         return out | {"sources": dict(self.sources), "specs": dict(self.specs)}
 
@@ -175,7 +184,8 @@ def _resolve(layers: Layers) -> Config:
     module = as_policy_module(layers)  # first: it registers the policies named below
     name = as_policy_name(layers, module)
     settings = as_policy_settings(layers, name)
-    keys = [*DEFAULTS, *(key for key in layers if key.startswith("policy.") and key.count(".") > 1)]
+    settings_keys = [key for key in layers if key.startswith("policy.") and key.count(".") > 1]
+    keys = [*DEFAULTS, *device_keys(layers), *settings_keys]
     specs = {key: layers[key][0] for key in keys}
     specs["disk.path"] = os.fspath(specs["disk.path"])  # a Path override: keep specs JSON-ready
     return Config(
@@ -183,7 +193,10 @@ def _resolve(layers: Layers) -> Config:
         prefill_chunk_tokens=as_int(
             layers, "prefill_chunk_tokens", "a positive integer (e.g. 4096)", 1
         ),
-        gpu=GpuConfig(budget_bytes=as_budget(layers, "gpu.budget", free_gpu_bytes, _GPU_FREE)),
+        gpu=GpuConfig(
+            budget_bytes=as_budget(layers, "gpu.budget", free_gpu_bytes, _GPU_FREE),
+            devices=as_device_budgets(layers),
+        ),
         host=HostConfig(
             budget_bytes=as_budget(layers, "host.budget", free_host_bytes, "available RAM")
         ),

@@ -71,7 +71,7 @@ def _escape(char: str) -> str:
 def _note(cfg: Config, key: str, value: object) -> str:
     source = cfg.sources.get(key, "default")
     written = toml_value(cfg.specs[key]) if key in cfg.specs and _literal(cfg.specs[key]) else None
-    if key in _BUDGET_KEYS:
+    if key in _BUDGET_KEYS or key.startswith("gpu.devices."):
         size = "no disk tier" if value == 0 else format_size(value)
         note = f"{size}; {written or value} from {source}"
     elif written is not None and written != toml_value(value) and key in DEFAULTS:

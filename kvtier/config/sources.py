@@ -126,13 +126,35 @@ def _flatten_table(name: str, value: object, source: str) -> Layers:
                     if setting_value is not None:
                         out[f"policy.{sub}.{setting}"] = (setting_value, source)
                 continue
+        if name == "gpu" and sub == "devices":  # [gpu.devices]: a budget per device
+            out.update(_device_table(sub_value, source))
+            continue
         if sub not in TABLES[name]:
             hint = did_you_mean(sub, list(TABLES[name]))
             what = quoted(f"{name}.{sub}") if isinstance(sub, str) else f"{shown(sub)} in [{name}]"
-            more = ", or a [policy.<name>] table of settings" if name == "policy" else ""
+            more = {
+                "policy": ", or a [policy.<name>] table of settings",
+                "gpu": ", or a [gpu.devices] table of budgets per device",
+            }.get(name, "")
             fail(f"unknown key {what}; {hint}[{name}] takes: {keys}{more}", source)
         if sub_value is not None:
             out[f"{name}.{sub}"] = (sub_value, source)
+    return out
+
+
+def _device_table(value: object, source: str) -> Layers:
+    if not isinstance(value, Mapping):
+        fail(
+            f"gpu.devices = {shown(value)} is not a table; write [gpu.devices] with a budget per "
+            'device, e.g. "cuda:1" = "4GiB"',
+            source,
+        )
+    out: Layers = {}
+    for device, budget in value.items():
+        if not isinstance(device, str):
+            fail(f"unknown device {shown(device)} in [gpu.devices]; name it like 'cuda:1'", source)
+        if budget is not None:
+            out[f"gpu.devices.{device}"] = (budget, source)
     return out
 
 

@@ -200,10 +200,12 @@ class TierController(Inspection):
         """Check that `tokens` positions can fit the budgets before any of them is computed
         (BudgetError with the reason otherwise) and reserve GPU room or start streaming."""
         budgets = self.placement.budgets
+        devices = self.placement.device_budgets
         plan = plan_context(
             self.geometry,
             tokens,
-            gpu_budget=budgets[self.placement.top],
+            gpu_budget=min(devices.values()),
+            gpu_devices={str(device): budget for device, budget in devices.items()},
             host_budget=budgets.get(Tier.HOST, 0),
             disk_budget=budgets.get(Tier.DISK, 0),
             buffers=self.staging.buffers,
@@ -389,15 +391,18 @@ class TierController(Inspection):
                 )
         self._invalidate()
 
-    def set_budget(self, tier: Tier, budget_bytes: int) -> None:
+    def set_budget(
+        self, tier: Tier, budget_bytes: int, *, device: torch.device | None = None
+    ) -> None:
         """Change a tier's budget at run time, moving down whatever no longer fits.
 
-        A budget that cannot work raises BudgetError and leaves the old budget in force.
+        The GPU budget applies to each device, or to `device` only. A budget that cannot work
+        raises BudgetError and leaves the old budget in force.
         """
         if self._step is not None:
             raise KVTierError("set_budget called in the middle of a forward pass")
         try:
-            self.budgets.set_budget(tier, budget_bytes)
+            self.budgets.set_budget(tier, budget_bytes, device=device)
         finally:
             self._invalidate()
 

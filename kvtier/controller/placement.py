@@ -17,7 +17,7 @@ from kvtier.controller.writes import PendingSave, WritesInFlight
 from kvtier.errors import BudgetError, KVTierError, StoreCorruptError
 from kvtier.layout import KVGeometry
 from kvtier.policy import Policy
-from kvtier.tiers import configured_budgets
+from kvtier.tiers import configured_budgets, configured_device_budgets
 from kvtier.tiers.base import Handle, TierStore
 from kvtier.tiers.gpu import StagingRing
 from kvtier.transfer import Lane, Mover
@@ -60,6 +60,10 @@ class Placement:
         self.writes = WritesInFlight(mover)
         configured = configured_budgets(cfg)
         self.budgets = {tier: configured[tier] for tier in self.order}
+        # the fastest tier lives on the model's devices, with a budget per device; its entry in
+        # `budgets` is their sum (what stats() reports)
+        self.device_budgets = configured_device_budgets(cfg, geometry)
+        self.budgets[self.top] = sum(self.device_budgets.values())
         self.version = 0
         # a failed save settled after a step committed waits here for the next step to raise it
         self.deferred: KVTierError | None = None
@@ -325,6 +329,9 @@ class Placement:
                     assert block.sealed and self.stores[tier].contains(handle), block
         top = self.stores[self.top]
         assert top.bytes_used + self.staging.bytes_used <= self.budgets[self.top]
+        for device, budget in self.device_budgets.items():
+            used = top.bytes_on(device) + self.staging.bytes_on(device)
+            assert used <= budget, f"{device}: {used} bytes over its {budget}-byte budget"
         for tier in self.order[1:]:
             assert self.stores[tier].bytes_used <= self.budgets[tier], tier
         for tier in self.order:

@@ -58,7 +58,7 @@ def describe(model: torch.nn.Module, *, model_key: str = "") -> ModelSpec:
             model_type,
             windows[0],
         )
-    devices = tuple(_device_of(layer) for layer in layers)
+    devices = tuple(execution_device(layer) for layer in layers)
     identity = fingerprint(model, model_key=model_key)
     return ModelSpec(model_type, tuple(layers), tuple(windows), devices, identity)
 
@@ -165,10 +165,34 @@ def _decoder_layers(model: torch.nn.Module, model_type: str) -> list[torch.nn.Mo
     return list(layers)
 
 
-def _device_of(module: torch.nn.Module) -> torch.device:
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where a decoder layer computes, so where its K/V arrive: the one place kvtier decides a
+    layer's device (the GPU tier of that layer lives there).
+
+    An accelerate hook's `execution_device` wins (on the layer, else on its first hooked
+    submodule): with `device_map` entries "cpu" or "disk" the weights sit on the meta device and
+    are brought to the execution device per call. Else the first parameter that is not on the
+    meta device; the CPU when there is none.
+    """
+    for part in module.modules():
+        device = _hook_device(getattr(part, "_hf_hook", None))
+        if device is not None:
+            return device
     for param in module.parameters():
-        return param.device
+        if param.device.type != "meta":
+            return param.device
     return torch.device("cpu")
+
+
+def _hook_device(hook: object) -> torch.device | None:
+    """An accelerate hook's execution device (a SequentialHook's first that has one), or None."""
+    if hook is None:
+        return None
+    for inner in getattr(hook, "hooks", None) or (hook,):
+        device = getattr(inner, "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return None
 
 
 def estimated_geometry(

@@ -12,7 +12,7 @@ import torch
 
 from kvtier.blocks import Tier
 from kvtier.config import Config
-from kvtier.layout import KVGeometry
+from kvtier.layout import KVGeometry, device_budgets, gpu_limit
 from kvtier.tiers.base import TierStore
 from kvtier.tiers.disk import DiskStore, DiskTier
 from kvtier.tiers.gpu import GpuPool
@@ -30,8 +30,9 @@ def build_stores(
     """The tier stores a config asks for, fastest first (the disk only with disk.budget > 0).
 
     `retire` receives GPU tensors a store replaces (the mover's `retire`)."""
+    gpu = gpu_limit(geometry, configured_device_budgets(cfg, geometry), tokens=0, buffers=1)
     stores: dict[Tier, TierStore] = {
-        Tier.GPU: GpuPool(geometry, limit_bytes=cfg.gpu.budget_bytes, retire=retire),
+        Tier.GPU: GpuPool(geometry, limit_bytes=gpu, retire=retire),
         Tier.HOST: HostPool(geometry, limit_bytes=cfg.host.budget_bytes),
     }
     owns_store = disk_store is None and cfg.disk.budget_bytes > 0
@@ -61,10 +62,17 @@ def build_stores(
 
 
 def configured_budgets(cfg: Config) -> dict[Tier, int]:
-    """The KV budget the config gives each tier, in bytes (the GPU's includes staging)."""
+    """The KV budget the config gives each tier, in bytes (the GPU's includes staging, and is
+    per device: see `configured_device_budgets`)."""
     return {
         Tier.GPU: cfg.gpu.budget_bytes,
         Tier.HOST: cfg.host.budget_bytes,
         Tier.DISK: cfg.disk.budget_bytes,
         Tier.REMOTE: 0,  # a shared cache, not room: it never holds a block's only copy
     }
+
+
+def configured_device_budgets(cfg: Config, geometry: KVGeometry) -> dict[torch.device, int]:
+    """The GPU budget of each device holding a tiered layer: gpu.budget applies to each one,
+    gpu.devices overrides it for the devices it names."""
+    return device_budgets(geometry, cfg.gpu.budget_bytes, cfg.gpu.devices)

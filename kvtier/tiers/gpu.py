@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from kvtier.blocks import BlockMeta, Tier
-from kvtier.layout import KVGeometry, staging_bytes, staging_tokens
+from kvtier.layout import KVGeometry, device_staging_bytes, staging_bytes, staging_tokens
 
 # how much a full pool grows at once (a quarter more), so growth copies stay amortized O(1)
 GROWTH = 1.25
@@ -65,6 +65,10 @@ class GpuPool:
 
     def room_blocks(self) -> int:
         return self.capacity_blocks() - self.used_slots
+
+    def bytes_on(self, device: torch.device) -> int:
+        """Bytes of the slot tensors on `device` (its layers' share of every slot)."""
+        return self.capacity_slots * self.geometry.device_block_bytes(device)
 
     def stats(self) -> dict[str, object]:
         return {"slot_bytes": self.bytes_used}
@@ -175,6 +179,12 @@ class StagingRing:
     @property
     def bytes_used(self) -> int:
         return self.bytes_for(self.capacity_tokens)
+
+    def bytes_on(self, device: torch.device) -> int:
+        """Bytes of the buffers on `device` (the same on every device with a tiered layer)."""
+        if device not in self.geometry.devices:
+            return 0
+        return device_staging_bytes(self.geometry, self.capacity_tokens, buffers=self.buffers)
 
     def ensure(self, tokens: int) -> bool:
         """Grow every buffer to hold `tokens` positions; True if they were reallocated."""
