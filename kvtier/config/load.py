@@ -20,6 +20,7 @@ from kvtier.config.values import (
     as_bool,
     as_budget,
     as_codec,
+    as_admit_after_hits,
     as_int,
     as_model_key,
     as_path,
@@ -57,6 +58,8 @@ class DiskConfig:
     persist: bool
     # names the model in block ids instead of a checksum of its weights; "" = compute it
     model_key: str = ""
+    # with persist: blocks are shared once reused this many times in the process (0: at once)
+    admit_after_hits: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +196,7 @@ def _resolve(layers: Layers) -> Config:
             codec=as_codec(layers),
             persist=as_bool(layers, "disk.persist"),
             model_key=as_model_key(layers),
+            admit_after_hits=as_admit_after_hits(layers),
         ),
         policy=PolicyConfig(
             name=name,
