@@ -17,10 +17,10 @@ from kvtier.config.policies import as_policy_module, as_policy_name, as_policy_s
 from kvtier.config.remote import RemoteConfig, as_remote
 from kvtier.config.sources import read_env, read_file, read_overrides
 from kvtier.config.values import (
+    as_admit_after_hits,
     as_bool,
     as_budget,
     as_codec,
-    as_admit_after_hits,
     as_int,
     as_model_key,
     as_path,

@@ -102,7 +102,9 @@ def choose(
     if best == len(tiers):
         reason = f"loading all {best} blocks is faster: {speeds} vs {prefill}"
     elif best:
-        reason = f"loading the first {best} of {len(tiers)} blocks is fastest: {speeds} vs {prefill}"
+        reason = (
+            f"loading the first {best} of {len(tiers)} blocks is fastest: {speeds} vs {prefill}"
+        )
     else:
         reason = f"recomputing is faster: {speeds} vs {prefill}"
     return Choice(best, load_s, recompute_s, reason)

@@ -60,7 +60,9 @@ class Placement:
         self.staging = staging
         self.counters = counters
         self.writes = WritesInFlight(mover)
-        self.persist = Persister(cfg, geometry, stores, table=table, writes=self.writes, mover=mover)
+        self.persist = Persister(
+            cfg, geometry, stores, table=table, writes=self.writes, mover=mover
+        )
         configured = configured_budgets(cfg)
         self.budgets = {tier: configured[tier] for tier in self.order}
         self.version = 0

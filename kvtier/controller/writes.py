@@ -94,7 +94,9 @@ class WritesInFlight:
         return any(save.source is tier and not save.copy for save in self._saves)
 
     def copies_pending(self, block: BlockMeta, destination: Tier) -> bool:
-        return any(s.copy and s.block is block and s.destination is destination for s in self._saves)
+        return any(
+            s.copy and s.block is block and s.destination is destination for s in self._saves
+        )
 
     def settle(self, *, wait_oldest: bool = False) -> Settled:
         """Collect the saves that are done (and the oldest one, waiting for it if asked)."""
