@@ -16,6 +16,7 @@ from kvtier.blocks import BlockMeta, BlockTable, Tier
 from kvtier.config import Config
 from kvtier.controller.budgets import Budgets
 from kvtier.controller.gather import Gather
+from kvtier.controller.index import INDEX
 from kvtier.controller.inspection import Inspection
 from kvtier.controller.placement import Placement
 from kvtier.controller.prefill import LayerMajor
@@ -95,6 +96,7 @@ class TierController(Inspection):
         self._step: Step | None = None
         self._pending_ids: torch.Tensor | None = None
         self.budgets.check_minimum()
+        INDEX.register(self)  # other caches of this model may reuse its sealed blocks
 
     # -- the step cycle ------------------------------------------------------------------------
     def note_tokens(self, token_ids: torch.Tensor | None) -> None:
