@@ -121,6 +121,10 @@ def run_phase(args: argparse.Namespace) -> dict:
     timed(model, cfg, warm)  # kernels, allocator, the store's first open
     if args.phase == "disk":  # a new process: only the persisted blocks are there
         row, _ = timed(model, cfg, prompt(args, 3, vocab))
+        # the same prompt computed whole (an empty store), for the exactness check
+        empty = cfg.with_overrides(disk_path=tempfile.mkdtemp(prefix="kvtier-bench-empty-"))
+        check, _ = timed(model, empty, prompt(args, 3, vocab))
+        row["computed_first_token"] = check["first_token"]
         return {"disk": row}
     rows = {}
     rows["first"], holder = timed(model, cfg, prompt(args, 1, vocab), keep_open=True)
@@ -185,8 +189,8 @@ def report(args: argparse.Namespace, rows: dict) -> None:
             f"{reuse.get('predicted_load_s', 0):>12.4f} {reuse.get('load_s', 0):>9.4f} "
             f"{reuse.get('predicted_recompute_s', 0):>17.4f}"
         )
-    same = rows["host"]["first_token"] == rows["disk"]["first_token"]
-    print(f"host and disk reuse give the same first token: {same}")
+    same = rows["disk"]["first_token"] == rows["disk"]["computed_first_token"]
+    print(f"disk reuse gives the first token computing the whole prompt gives: {same}")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from kvtier.blocks import BlockMeta, BlockTable, Tier
 from kvtier.config import Config
 from kvtier.controller.index import INDEX
+from kvtier.controller.stats import Counters
 from kvtier.controller.writes import PendingSave, WritesInFlight
 from kvtier.layout import KVGeometry
 from kvtier.tiers.base import TierStore
@@ -35,9 +36,12 @@ class Persister:
         table: BlockTable,
         writes: WritesInFlight,
         mover: Mover,
+        counters: Counters,
         hits: Callable[[str], int] = INDEX.hits,
     ) -> None:
         self.stores = stores
+        self.counters = counters
+        self.block_bytes = geometry.block_bytes
         self.table = table
         self.writes = writes
         self.mover = mover
@@ -132,6 +136,8 @@ class Persister:
                 log.warning("persist copy to %s failed: %s", save.destination.name, error)
             return
         self.counts["saved"] += 1
+        self.counters.tiers[save.destination].bytes_written += self.block_bytes
+        self.counters.tiers[save.source].bytes_read += self.block_bytes
         if save.destination not in self.stores or store.limit_bytes == 0:
             return  # the remote tier: shared, never one of the block's copies
         if not self._held(save.block) or save.destination in save.block.slots:

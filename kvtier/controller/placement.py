@@ -61,7 +61,7 @@ class Placement:
         self.counters = counters
         self.writes = WritesInFlight(mover)
         self.persist = Persister(
-            cfg, geometry, stores, table=table, writes=self.writes, mover=mover
+            cfg, geometry, stores, table=table, writes=self.writes, mover=mover, counters=counters
         )
         configured = configured_budgets(cfg)
         self.budgets = {tier: configured[tier] for tier in self.order}
