@@ -39,8 +39,10 @@ class Ticket:
     """Completion handle of one submission."""
 
     events: list[torch.cuda.Event] = field(default_factory=list)  # one per CUDA device used
-    # loads: (future -> bool, the CPU tensor it fills, where that goes on the GPU or None)
+    # loads: (future -> ReadResult or bool, the CPU tensor it fills, where that goes on the GPU
+    # or None); `sources` holds each load's Stored block, in the same order
     loads: list[tuple[Future, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    sources: list[Stored] = field(default_factory=list)
     saves: list[Future] = field(default_factory=list)  # future -> bytes written
     uploaded: bool = False
 
@@ -48,6 +50,15 @@ class Ticket:
     def background(self) -> bool:
         """True when it saves to a serialized store: settle it later with `done` / `finish`."""
         return bool(self.saves)
+
+    def failures(self) -> list[tuple[Stored, object]]:
+        """The loads that found their block missing or corrupt, with what the store said (a
+        ReadResult: MISSING or CORRUPT), once they are done (after `wait` / `finish`)."""
+        out = []
+        for (future, *_), source in zip(self.loads, self.sources, strict=True):
+            if future.done() and not future.result():
+                out.append((source, future.result()))
+        return out
 
     def done(self) -> bool:
         return (
@@ -201,6 +212,7 @@ class Mover:
         if now:
             future.result()  # the caller's next compute-ordered op may read it
         ticket.loads.append((future, landing, up))
+        ticket.sources.append(src)
 
     def _upload(self, ticket: Ticket) -> None:
         """Issue the bounce -> destination copies of finished loads (compute-stream order)."""

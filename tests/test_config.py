@@ -137,6 +137,7 @@ def test_every_key_read_from_toml(tmp_path):
         codec = "shuffle+lz4"
         persist = true
         model_key = "org/model@abc123"
+        admit_after_hits = 3
         [policy]
         name = "lru"
         module = ""
@@ -164,7 +165,9 @@ def test_every_key_read_from_toml(tmp_path):
     assert cfg.prefill_chunk_tokens == 1000
     assert cfg.gpu.budget_bytes == GIB
     assert cfg.host.budget_bytes == 123456
-    assert cfg.disk == config.DiskConfig(store, 2 * 10**9, "shuffle+lz4", True, "org/model@abc123")
+    assert cfg.disk == config.DiskConfig(
+        store, 2 * 10**9, "shuffle+lz4", True, "org/model@abc123", admit_after_hits=3
+    )
     assert cfg.policy == config.PolicyConfig("lru", 0, 512, 8)
     remote = cfg.remote
     assert (remote.url, remote.timeout_ms, remote.ttl_s, remote.persist) == (
@@ -460,6 +463,7 @@ def test_every_env_var(monkeypatch, tmp_path):
         "KVTIER_DISK_CODEC": "lz4",
         "KVTIER_DISK_PERSIST": "yes",
         "KVTIER_DISK_MODEL_KEY": "m@1",
+        "KVTIER_DISK_ADMIT_AFTER_HITS": "2",
         "KVTIER_POLICY_NAME": "lfu",
         "KVTIER_POLICY_MODULE": "json",  # any importable module; this one registers nothing
         "KVTIER_POLICY_SINK_TOKENS": "0",
@@ -483,7 +487,7 @@ def test_every_env_var(monkeypatch, tmp_path):
     cfg = load_config()
     assert (cfg.block_tokens, cfg.prefill_chunk_tokens) == (64, 2048)
     assert (cfg.gpu.budget_bytes, cfg.host.budget_bytes) == (GIB, 1000)
-    assert cfg.disk == config.DiskConfig(tmp_path / "s", DISK_FREE // 10, "lz4", True, "m@1")
+    assert cfg.disk == config.DiskConfig(tmp_path / "s", DISK_FREE // 10, "lz4", True, "m@1", 2)
     assert cfg.policy == config.PolicyConfig("lfu", 0, 16, 2, module="json")
     assert cfg.sources["disk.persist"] == "env KVTIER_DISK_PERSIST"
     assert (cfg.remote.timeout_ms, cfg.remote.ttl_s, cfg.remote.cluster) == (750, 60, True)
@@ -546,6 +550,7 @@ def test_every_flat_override(tmp_path):
         disk_codec="raw",
         disk_persist=True,
         disk_model_key="m@2",
+        disk_admit_after_hits=0,
         policy_name="lru",
         policy_module="",
         policy_sink_tokens=1,

@@ -19,6 +19,7 @@ from kvtier.config.policies import as_policy_module, as_policy_name, as_policy_s
 from kvtier.config.remote import RemoteConfig, as_remote
 from kvtier.config.sources import read_env, read_file, read_overrides
 from kvtier.config.values import (
+    as_admit_after_hits,
     as_bool,
     as_budget,
     as_codec,
@@ -63,6 +64,8 @@ class DiskConfig:
     persist: bool
     # names the model in block ids instead of a checksum of its weights; "" = compute it
     model_key: str = ""
+    # with persist: blocks are shared once reused this many times in the process (0: at once)
+    admit_after_hits: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +209,7 @@ def _resolve(layers: Layers) -> Config:
             codec=as_codec(layers),
             persist=as_bool(layers, "disk.persist"),
             model_key=as_model_key(layers),
+            admit_after_hits=as_admit_after_hits(layers),
         ),
         policy=PolicyConfig(
             name=name,

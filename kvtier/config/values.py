@@ -200,3 +200,15 @@ def _sized(parse: Callable[..., object], value: object, *, key: str, hint: str, 
         return parse(value, key=key, hint=hint)
     except ConfigError as error:
         raise ConfigError(with_source(str(error), source)) from None
+
+
+def as_admit_after_hits(layers: Layers) -> int:
+    """disk.admit_after_hits, which only means something with disk.persist = true."""
+    hits = as_int(layers, "disk.admit_after_hits", "an integer >= 0 (e.g. 2)", 0)
+    if hits and not as_bool(layers, "disk.persist"):
+        fail(
+            f"disk.admit_after_hits = {hits} is set but disk.persist is false; set disk.persist "
+            "= true, or drop disk.admit_after_hits",
+            layers["disk.admit_after_hits"][1],
+        )
+    return hits

@@ -16,13 +16,14 @@ from kvtier.blocks import BlockMeta, BlockTable, Tier
 from kvtier.config import Config
 from kvtier.controller.budgets import Budgets
 from kvtier.controller.gather import Gather
+from kvtier.controller.index import INDEX
 from kvtier.controller.inspection import Inspection
 from kvtier.controller.placement import Placement
 from kvtier.controller.prefill import LayerMajor
 from kvtier.controller.stats import Counters
 from kvtier.controller.step import Step
 from kvtier.controller.streaming import Streamer
-from kvtier.errors import BudgetError, KVTierError
+from kvtier.errors import BudgetError, KVTierError, StoreCorruptError
 from kvtier.layout import ContextPlan, KVGeometry, plan_context
 from kvtier.policy import make_policy
 from kvtier.tiers import build_stores
@@ -95,6 +96,7 @@ class TierController(Inspection):
         self._step: Step | None = None
         self._pending_ids: torch.Tensor | None = None
         self.budgets.check_minimum()
+        INDEX.register(self)  # other caches of this model may reuse its sealed blocks
 
     # -- the step cycle ------------------------------------------------------------------------
     def note_tokens(self, token_ids: torch.Tensor | None) -> None:
@@ -112,6 +114,8 @@ class TierController(Inspection):
         if new_tokens <= 0:
             raise KVTierError(f"a step must append at least one token, got {new_tokens}")
         self.placement.raise_deferred()
+        if self.placement.lost:
+            self._refuse_lost()
         ids = self._pending_ids
         self._pending_ids = None
         if ids is not None and ids.shape != (self.geometry.batch, new_tokens):
@@ -143,6 +147,14 @@ class TierController(Inspection):
                 self.streaming = True
                 self._fit_staging(end)
         self._step = Step(start=self.tokens, new=new_tokens, blocks=blocks, run=run)
+
+    def _refuse_lost(self) -> None:
+        start = min(self.placement.lost) * self.geometry.block_tokens
+        raise StoreCorruptError(
+            f"the cache lost the only copy of tokens from position {start} on (a stored block "
+            f"went missing or failed verification); crop the cache to {start} tokens or fewer "
+            "(cache.crop), or reset it and re-run the prompt"
+        )
 
     def begin_layer_major(self, new_tokens: int) -> None:
         """Start a prefill of `new_tokens` positions whose tiered layers each append all of them,
@@ -343,11 +355,17 @@ class TierController(Inspection):
         if tokens == self.tokens:
             return
         placement = self.placement
-        placement.finish_writes()
         bt = self.geometry.block_tokens
         keep = -(-tokens // bt)
+        if keep and tokens % bt and keep - 1 in placement.lost:
+            raise StoreCorruptError(
+                f"crop({tokens}) would keep part of block {keep - 1}, whose only copy was lost; "
+                f"crop to {(keep - 1) * bt} tokens or fewer"
+            )
+        placement.finish_writes()
         for block in self.table.truncate(keep):
             placement.drop(block)
+        placement.lost = {index for index in placement.lost if index < keep}
         self.tokens = tokens
         if keep and tokens % bt:
             self._reopen(self.table[keep - 1], tokens % bt)
@@ -411,6 +429,7 @@ class TierController(Inspection):
         self.placement.finish_writes()
         for block in self.table.truncate(0):
             self.placement.drop(block)
+        self.placement.lost.clear()
         self.tokens = 0
         self._step = None
         self._invalidate()

@@ -27,6 +27,7 @@ class Inspection:
             tokens=self.tokens,
             block_bytes=self.geometry.block_bytes,
             transfer=self.mover.stats(),
+            persist=self.placement.persist.counts,
         )
 
     def check_invariants(self) -> None:

@@ -12,9 +12,11 @@ import logging
 
 from kvtier.blocks import BlockMeta, BlockTable, Tier
 from kvtier.config import Config
+from kvtier.controller.lost import LostBlockError, lost_error
+from kvtier.controller.persist import Persister
 from kvtier.controller.stats import Counters
 from kvtier.controller.writes import PendingSave, WritesInFlight
-from kvtier.errors import BudgetError, KVTierError, StoreCorruptError
+from kvtier.errors import BudgetError, KVTierError
 from kvtier.layout import KVGeometry
 from kvtier.policy import Policy
 from kvtier.tiers import configured_budgets, configured_device_budgets
@@ -58,6 +60,9 @@ class Placement:
         self.staging = staging
         self.counters = counters
         self.writes = WritesInFlight(mover)
+        self.persist = Persister(
+            cfg, geometry, stores, table=table, writes=self.writes, mover=mover, counters=counters
+        )
         configured = configured_budgets(cfg)
         self.budgets = {tier: configured[tier] for tier in self.order}
         # the fastest tier lives on the model's devices, with a budget per device; its entry in
@@ -67,6 +72,9 @@ class Placement:
         self.version = 0
         # a failed save settled after a step committed waits here for the next step to raise it
         self.deferred: KVTierError | None = None
+        # indices of blocks whose only copy was lost (a stored file missing or corrupt): they
+        # stay in the table, with no copy, until a crop or reset drops them
+        self.lost: set[int] = set()
 
     def below(self, tier: Tier) -> Tier | None:
         """The next slower tier, or None for the slowest."""
@@ -206,10 +214,9 @@ class Placement:
         ticket = self.mover.submit([self._copy(block, source, tier, handle)], lane=Lane.NOW)
         if not self.mover.wait(ticket):
             self.stores[tier].free(handle)
-            raise StoreCorruptError(
-                f"disk block {block.block_id} is missing or corrupt (quarantined); its "
-                "tokens cannot be recomputed inside this cache: re-run the prompt"
-            )
+            error = lost_error(ticket, during="a promotion")
+            self.lose(error)
+            raise error
         self._landed(block, tier, handle)
         self._count(source, tier)
 
@@ -233,6 +240,21 @@ class Placement:
         self.writes.finish_block(block)  # no copy in flight may still read or write this one
         self.stores[tier].free(block.slots.pop(tier))
         self.version += 1
+
+    def lose(self, error: LostBlockError) -> None:
+        """Drop the copies `error` names (their files are gone or quarantined); a block left
+        with no copy joins `lost`."""
+        for store, key in error.lost:
+            for block in self.table:
+                tier = next(
+                    (t for t, h in block.slots.items() if self.stores[t] is store and h == key),
+                    None,
+                )
+                if tier is None:
+                    continue
+                self.free_copy(block, tier)
+                if not block.slots:
+                    self.lost.add(block.index)
 
     def drop(self, block: BlockMeta) -> None:
         """Free every copy of a block leaving the sequence."""
@@ -295,6 +317,10 @@ class Placement:
             self.free_copy(save.block, save.source)
         for save in settled.failed:
             self.stores[save.destination].free(save.handle)
+        for save, error in settled.copies:
+            self.persist.landed(save, error)
+            if error is None and save.destination in save.block.slots:
+                self.version += 1
         if settled.error is not None:
             raise settled.error
 
@@ -303,11 +329,16 @@ class Placement:
         failed meanwhile, a lost block met by a promotion) must not undo the step, so it is
         kept for `raise_deferred` at the start of the next one."""
         try:
-            if sealed and write_through:
+            if sealed and (write_through or self.persist.needs_host):
                 self.seal(sealed)
+            if sealed:
+                self.persist.add(sealed)
+            self.persist.pump()
+            if self.writes.saves_pending:
+                self.settle()
             self.promote()
         except KVTierError as error:
-            self.deferred = self.deferred or error
+            self.deferred = self.deferred or error  # a lost block is marked lost already
 
     def raise_deferred(self) -> None:
         error, self.deferred = self.deferred, None
@@ -323,7 +354,7 @@ class Placement:
     # -- checks (tests; cheap enough for debugging runs) ---------------------------------------
     def check_invariants(self) -> None:
         for block in self.table:
-            assert block.slots, f"block {block.index} is in no tier"
+            assert block.slots or block.index in self.lost, f"block {block.index} is in no tier"
             for tier, handle in block.slots.items():
                 if not self.stores[tier].holds_open_blocks:
                     assert block.sealed and self.stores[tier].contains(handle), block

@@ -12,10 +12,11 @@ import torch
 
 from kvtier.blocks import Tier
 from kvtier.controller.gather import Gather
+from kvtier.controller.lost import lost_error
 from kvtier.controller.placement import Placement
 from kvtier.controller.stats import Counters
 from kvtier.controller.step import Step, token_copies
-from kvtier.errors import KVTierError, StoreCorruptError
+from kvtier.errors import KVTierError
 from kvtier.tiers.base import TierStore
 from kvtier.tiers.gpu import StagingRing, write_tokens
 from kvtier.transfer import Lane, Mover, Ticket
@@ -83,10 +84,9 @@ class LayerMajor:
         copies = self.gather.copies(tiered_index, stage, self.step.start, self.placement.version)
         ticket = self.mover.submit(copies, lane=Lane.PREFETCH, target=stage)
         if not self.mover.wait(ticket):
-            raise StoreCorruptError(
-                "a disk block of the cached past failed its checksum; re-run the prompt (the "
-                "corrupt file is quarantined)"
-            )
+            error = lost_error(ticket, during="a layer-major prefill")
+            self.placement.lose(error)
+            raise error
 
     def _flush(self, tiered_index: int, stage: torch.Tensor) -> None:
         """Copy the layer's new positions from staging into their blocks' slots, once."""

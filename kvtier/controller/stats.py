@@ -36,6 +36,8 @@ class Counters:
     prefetch_stall_s: float = 0.0
     # prompt tokens whose KV came from stored blocks instead of being computed (prefix reuse)
     prefix_hit_tokens: int = 0
+    # the last prefix lookup: decision, reason, predictions (controller/reuse.py); None: none ran
+    reuse: dict | None = None
 
 
 def build_stats(
@@ -48,6 +50,7 @@ def build_stats(
     tokens: int,
     block_bytes: int,
     transfer: dict,
+    persist: dict | None = None,
 ) -> dict:
     """The JSON-ready stats of one controller (the schema `TieredCache.stats()` returns).
 
@@ -77,6 +80,9 @@ def build_stats(
         "block_bytes": block_bytes,
         "steps": counters.steps,
         "prefix_hit_tokens": counters.prefix_hit_tokens,
+        "reuse": counters.reuse,
+        "persist": dict(persist or {}),
+        "lost_blocks": sum(1 for block in table if not block.slots),
         "timings": {
             "gather_ms": round(counters.gather_s * 1e3, 3),
             "prefetch_stall_ms": round(counters.prefetch_stall_s * 1e3, 3),
@@ -139,7 +145,7 @@ def _held(table: BlockTable) -> dict[Tier, tuple[int, int, int, int]]:
     return {t: (copies[t], unique[t], unique_tokens[t], copy_tokens[t]) for t in Tier}
 
 
-BLOCK_MAP_LEGEND = "P pinned on the GPU, G GPU, H host, D disk (each block's fastest copy)"
+BLOCK_MAP_LEGEND = "P pinned on the GPU, G GPU, H host, D disk (each block's fastest copy), X lost"
 
 
 def block_map(table: BlockTable, *, pinned: Callable[[BlockMeta], bool]) -> str:
@@ -149,7 +155,7 @@ def block_map(table: BlockTable, *, pinned: Callable[[BlockMeta], bool]) -> str:
     out = []
     for block in table:
         if not block.slots:
-            out.append("?")  # a block mid-step, before its first slot: never seen between steps
+            out.append("X")  # its only copy was lost (or a block mid-step, before its slot)
             continue
         tier = block.fastest_tier()
         out.append("P" if tier is Tier.GPU and pinned(block) else letters[tier])

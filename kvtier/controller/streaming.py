@@ -15,10 +15,10 @@ import torch
 
 from kvtier.blocks import Tier
 from kvtier.controller.gather import Gather
+from kvtier.controller.lost import lost_error
 from kvtier.controller.placement import Placement
 from kvtier.controller.stats import Counters
 from kvtier.controller.step import Step, token_copies
-from kvtier.errors import StoreCorruptError
 from kvtier.layout import KVGeometry
 from kvtier.tiers.base import TierStore
 from kvtier.tiers.gpu import StagingRing, write_tokens
@@ -102,10 +102,9 @@ class Streamer:
             self.counters.sync_gathers += 1
             prefetched = _Prefetch(self._submit(tiered_index, key[1]), key)
         if not self.mover.wait(prefetched.ticket):
-            raise StoreCorruptError(
-                "a disk block failed its checksum while streaming; its tokens cannot be "
-                "recomputed inside this cache. Re-run the prompt (the corrupt file is quarantined)"
-            )
+            error = lost_error(prefetched.ticket, during="streaming")
+            self.placement.lose(error)
+            raise error
         self.counters.prefetch_stall_s += time.perf_counter() - stalled
         stage = self.staging.buffer(tiered_index)
         _, k_view, v_view = write_tokens(stage, step.start, keys, values)

@@ -7,7 +7,7 @@ what a settled copy means for placement is the caller's business (it gets the se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvtier.blocks import BlockMeta, Tier
 from kvtier.errors import KVTierError
@@ -17,13 +17,19 @@ from kvtier.transfer import Mover, Ticket
 
 @dataclass(slots=True)
 class PendingSave:
-    """A block copied from `source` into `handle` of `destination`, not yet durable."""
+    """A block copied from `source` into `handle` of `destination`, not yet durable.
+
+    `copy` False: a move (the source copy is freed when it lands); True: a persist copy (the
+    source stays; the destination becomes one more copy, or none for a store without room of
+    its own); `publish`: share it in the store once it lands (admit_after_hits)."""
 
     block: BlockMeta
     source: Tier
     destination: Tier
     handle: Handle
     ticket: Ticket
+    copy: bool = False
+    publish: bool = False
 
 
 @dataclass(slots=True)
@@ -33,6 +39,8 @@ class Settled:
     saved: list[PendingSave]
     failed: list[PendingSave]
     error: KVTierError | None
+    # persist copies that settled, each with its error (None when it landed)
+    copies: list[tuple[PendingSave, KVTierError | None]] = field(default_factory=list)
 
 
 class WritesInFlight:
@@ -51,15 +59,27 @@ class WritesInFlight:
             self.mover.finish(previous)
         self._through[block.index] = ticket
 
+    def through_pending(self, block: BlockMeta) -> bool:
+        """Whether `block`'s write-through to host is still on its way."""
+        ticket = self._through.get(block.index)
+        return ticket is not None and not ticket.done()
+
     def reap_through(self) -> None:
         for index in [i for i, ticket in self._through.items() if ticket.done()]:
             del self._through[index]
 
     def finish_block(self, block: BlockMeta) -> None:
-        """Wait for a write-through of `block` (before freeing either of its copies)."""
+        """Wait for a write-through of `block`, and for persist copies reading it (before
+        freeing any of its copies); a failed persist copy is settled later, never raised here."""
         ticket = self._through.pop(block.index, None)
         if ticket is not None:
             self.mover.finish(ticket)
+        for save in self._saves:
+            if save.copy and save.block is block:
+                try:
+                    self.mover.finish(save.ticket)
+                except KVTierError:
+                    pass  # `settle` reports it
 
     # -- saves ---------------------------------------------------------------------------------
     def add_save(self, save: PendingSave) -> None:
@@ -70,11 +90,17 @@ class WritesInFlight:
         return bool(self._saves)
 
     def saves_from(self, tier: Tier) -> bool:
-        return any(save.source is tier for save in self._saves)
+        """Whether a move out of `tier` is in flight (its room is on its way)."""
+        return any(save.source is tier and not save.copy for save in self._saves)
+
+    def copies_pending(self, block: BlockMeta, destination: Tier) -> bool:
+        return any(
+            s.copy and s.block is block and s.destination is destination for s in self._saves
+        )
 
     def settle(self, *, wait_oldest: bool = False) -> Settled:
         """Collect the saves that are done (and the oldest one, waiting for it if asked)."""
-        keep, saved, failed, error = [], [], [], None
+        keep, saved, failed, copies, error = [], [], [], [], None
         for index, save in enumerate(self._saves):
             if not ((wait_oldest and index == 0) or save.ticket.done()):
                 keep.append(save)
@@ -82,12 +108,18 @@ class WritesInFlight:
             try:
                 self.mover.finish(save.ticket)
             except KVTierError as exc:
-                error = error or exc
-                failed.append(save)
+                if save.copy:
+                    copies.append((save, exc))  # a persist copy: a warning, not an error
+                else:
+                    error = error or exc
+                    failed.append(save)
+                continue
+            if save.copy:
+                copies.append((save, None))
                 continue
             saved.append(save)
         self._saves = keep
-        return Settled(saved, failed, error)
+        return Settled(saved, failed, error, copies)
 
     # -- this step's token writes --------------------------------------------------------------
     def add_step(self, ticket: Ticket) -> None:

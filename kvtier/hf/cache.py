@@ -21,6 +21,7 @@ from kvtier.errors import KVTierError
 from kvtier.hf import attention
 from kvtier.hf.hooks import HookSet
 from kvtier.hf.models import describe, estimated_geometry
+from kvtier.hf.reuse import ReuseState
 from kvtier.layout import ContextPlan, KVGeometry, plan_context
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class TieredCache(Cache):
         self._attention_model = model if attention.install(model) else None
         self._model_config = model.config
         self._dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        self.reuse = ReuseState(model)  # prefix reuse at the first forward (hf/reuse.py)
 
     @property
     def prefill_chunk_tokens(self) -> int:
@@ -241,14 +243,19 @@ class TieredCache(Cache):
                 dtype=key_states.dtype,
                 block_tokens=self.cfg.block_tokens,
             )
-            self.controller = TierController(self.cfg, geometry, fingerprint=self.spec.fingerprint)
-            self.controller.note_tokens(self._pending_ids)
-            self._pending_ids = None
-            if self._expected:
-                self.controller.plan(self._expected)
-                self._expected = 0
-            if self._layer_major is not None:
-                self._begin_layer_major()
+            self.make_controller(geometry)
+        return self.controller
+
+    def make_controller(self, geometry: KVGeometry) -> TierController:
+        """Build the controller for `geometry` (at the first K/V, or earlier for prefix reuse)."""
+        self.controller = TierController(self.cfg, geometry, fingerprint=self.spec.fingerprint)
+        self.controller.note_tokens(self._pending_ids)
+        self._pending_ids = None
+        if self._expected:
+            self.controller.plan(self._expected)
+            self._expected = 0
+        if self._layer_major is not None:
+            self._begin_layer_major()
         return self.controller
 
     # -- prefill (hf/prefill.py drives these) --------------------------------------------------

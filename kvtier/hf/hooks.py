@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kvtier.hf import prefill
+from kvtier.hf import prefill, reuse
 
 # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name still works)
 _CACHE_KWARGS = ("cache", "past_key_values")
@@ -130,6 +130,9 @@ def _model_forward(ref: weakref.ref, original, *args: Any, **kwargs: Any):
     total = source.shape[1]
     if total > 1:
         cache.expect(total)  # a job that cannot fit is refused now, before any of it runs
+        kwargs, skipped = reuse.skip_prefix(cache, kwargs, total)  # a stored prefix: loaded
+        total -= skipped
+    reuse.note_call(cache, total)
     chunk = cache.prefill_chunk_tokens
     mask = kwargs.get("attention_mask")
     if total <= chunk or (mask is not None and mask.dim() != 2):

@@ -45,9 +45,10 @@ def build_stores(
             model_key=cfg.disk.model_key,
         )
     if disk_store is not None:
-        stores[Tier.DISK] = DiskTier(
-            disk_store, geometry, persist=cfg.disk.persist, owns_store=owns_store
-        )
+        # with admit_after_hits, a block is shared only once reused enough (the controller
+        # publishes it then); until then what reaches disk is private
+        shared = cfg.disk.persist and cfg.disk.admit_after_hits == 0
+        stores[Tier.DISK] = DiskTier(disk_store, geometry, persist=shared, owns_store=owns_store)
     if cfg.remote.spec is not None:  # the slowest: connects now, RemoteError if it cannot
         from kvtier.tiers.remote.tier import RemoteTier
 

@@ -1,0 +1,114 @@
+"""Load or recompute: the predicted seconds of loading a stored prefix against computing it.
+
+Loading a block costs a fixed overhead per block plus its bytes over the source's bandwidth
+(measured by `kvtier bench` or by the remote tier itself, else assumed); computing costs its
+tokens over the model's prefill speed (measured in this process, else a conservative default
+that makes loading look good: a wrong "load" costs at most a few times a recompute, a wrong
+"recompute" of a long prompt costs the whole prefill). Pure arithmetic: nothing is moved here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvtier.blocks import Tier
+from kvtier.measured import ASSUMED, copy_speed, disk_speeds
+
+# Per-block overhead of a load, seconds: a copy's Python and launch cost for memory tiers; an
+# open, a header parse and a checksum pass set-up for a block file; a round trip to the server.
+# Assumed, not measured (a 64-token fp32 SmolLM2 block took ~1 ms from disk on the 2-core VM).
+BLOCK_OVERHEAD_S = {Tier.GPU: 20e-6, Tier.HOST: 20e-6, Tier.DISK: 300e-6, Tier.REMOTE: 500e-6}
+# A Valkey server on a 10 GbE link after the block checksum (docs/remote.md measured ~0.3 GB/s
+# on loopback in the 2-core container, where blake2b is the bottleneck).
+ASSUMED_REMOTE_GBPS = 0.3
+# Prefill FLOP/s assumed before a prefill ran in this process: low on purpose (a few percent of
+# an H100's bf16 peak, a slow laptop core), so an unmeasured model prefers loading.
+ASSUMED_PREFILL_FLOPS = {"cuda": 50e12, "cpu": 10e9}
+
+
+@dataclass(frozen=True, slots=True)
+class Bandwidths:
+    """GB/s a block comes into the cache from each tier, and where each figure comes from."""
+
+    gbps: dict[Tier, float]
+    sources: dict[Tier, str]
+
+
+def bandwidths(*, cuda: bool, layer_bytes: int, disk_path: object, remote_gbps: float | None):
+    """The load bandwidth of every tier: copies at `layer_bytes` per copy (one block layer)."""
+    kind = "pinned_h2d" if cuda else "host_memcpy"
+    copy = copy_speed(layer_bytes, kind=kind)
+    disk = disk_speeds(disk_path).read
+    # a disk or remote block lands in host memory, then goes up: both legs count on CUDA
+    up = 1 / (copy.gbps) if cuda else 0.0
+    gbps = {
+        Tier.GPU: copy.gbps * (10 if cuda else 1),  # device to device, or a host memcpy
+        Tier.HOST: copy.gbps,
+        Tier.DISK: 1 / (1 / disk.gbps + up),
+        Tier.REMOTE: 1 / (1 / (remote_gbps or ASSUMED_REMOTE_GBPS) + up),
+    }
+    remote = "measured by this process's remote tier" if remote_gbps else "assumed"
+    sources = {Tier.GPU: copy.source, Tier.HOST: copy.source, Tier.DISK: disk.source}
+    return Bandwidths(gbps, sources | {Tier.REMOTE: remote})
+
+
+def assumed_prefill_rate(*, flops_per_token: float, cuda: bool) -> float:
+    """Tokens per second assumed before any prefill of this model was measured."""
+    return ASSUMED_PREFILL_FLOPS["cuda" if cuda else "cpu"] / max(flops_per_token, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """How many of the stored prefix's blocks to load (the rest is recomputed), and why; the
+    predictions are for the blocks loaded (for all stored ones when none is)."""
+
+    blocks: int
+    predicted_load_s: float
+    predicted_recompute_s: float
+    reason: str
+
+    @property
+    def decision(self) -> str:
+        return "load" if self.blocks else "recompute"
+
+
+def choose(
+    tiers: list[Tier],
+    *,
+    block_bytes: int,
+    block_tokens: int,
+    bandwidth: Bandwidths,
+    prefill_rate: float,
+    rate_source: str,
+) -> Choice:
+    """The cut that minimises load time of blocks [0, m) plus recompute time of [m, n), where
+    `tiers[i]` is where stored block i would come from. Ties go to loading."""
+    per_block = [BLOCK_OVERHEAD_S[t] + block_bytes / (bandwidth.gbps[t] * 1e9) for t in tiers]
+    compute = block_tokens / prefill_rate
+    best, best_cost, loaded = 0, compute * len(tiers), 0.0
+    for count, seconds in enumerate(per_block, start=1):
+        loaded += seconds
+        cost = loaded + compute * (len(tiers) - count)
+        if cost <= best_cost:
+            best, best_cost = count, cost
+    compared = best or len(tiers)  # the blocks both predictions are about
+    load_s, recompute_s = sum(per_block[:compared]), compute * compared
+    used = sorted(set(tiers[:compared]))
+    speeds = ", ".join(
+        f"{t.name.lower()} {bandwidth.gbps[t]:.3g} GB/s ({_short(bandwidth.sources[t])})"
+        for t in used
+    )
+    prefill = f"prefill {prefill_rate:,.0f} tok/s ({rate_source})"
+    if best == len(tiers):
+        reason = f"loading all {best} blocks is faster: {speeds} vs {prefill}"
+    elif best:
+        reason = (
+            f"loading the first {best} of {len(tiers)} blocks is fastest: {speeds} vs {prefill}"
+        )
+    else:
+        reason = f"recomputing is faster: {speeds} vs {prefill}"
+    return Choice(best, load_s, recompute_s, reason)
+
+
+def _short(source: str) -> str:
+    return "assumed" if source == ASSUMED else source

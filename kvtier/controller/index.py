@@ -1,0 +1,69 @@
+"""The process's reuse index: live controllers by model fingerprint, hits, prefill speed.
+
+One per process (`INDEX`), like the policy registry: it holds controllers weakly (a closed or
+collected cache's blocks are gone, and so are its entries), counts how often each block id was
+reused here (`disk.admit_after_hits`), and keeps the prefill speed measured per model. It
+never moves or frees a block; the reuse code reads other controllers' tables through it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+
+class ReuseIndex:
+    """Where a new sequence finds blocks other caches of this process hold (GPU, host, disk)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._controllers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._hits: Counter[str] = Counter()
+        self._prefill: dict[str, tuple[int, float]] = {}  # fingerprint -> (tokens, seconds)
+
+    def register(self, controller: Any) -> None:
+        """Make `controller`'s sealed blocks findable by other controllers of the same model."""
+        with self._lock:
+            self._controllers.add(controller)
+
+    def controllers(self, fingerprint: str) -> Iterator[Any]:
+        """Live controllers of the model with this fingerprint (a snapshot)."""
+        with self._lock:
+            found = [c for c in self._controllers if c.fingerprint == fingerprint]
+        yield from found
+
+    def hit(self, block_id: str) -> int:
+        """Count one reuse of `block_id`; the count so far."""
+        with self._lock:
+            self._hits[block_id] += 1
+            return self._hits[block_id]
+
+    def hits(self, block_id: str) -> int:
+        with self._lock:
+            return self._hits[block_id]
+
+    def record_prefill(self, fingerprint: str, tokens: int, seconds: float) -> None:
+        """One measured prefill call: `tokens` computed in `seconds` of wall time."""
+        if tokens <= 0 or seconds <= 0:
+            return
+        with self._lock:
+            total, spent = self._prefill.get(fingerprint, (0, 0.0))
+            self._prefill[fingerprint] = (total + tokens, spent + seconds)
+
+    def prefill_rate(self, fingerprint: str) -> float | None:
+        """Tokens per second of this model's prefills measured in this process, or None."""
+        with self._lock:
+            total, spent = self._prefill.get(fingerprint, (0, 0.0))
+        return total / spent if spent > 0 else None
+
+    def clear(self) -> None:
+        """Forget hits and measured speeds (tests)."""
+        with self._lock:
+            self._hits.clear()
+            self._prefill.clear()
+
+
+INDEX = ReuseIndex()

