@@ -45,7 +45,7 @@ def test_host_slabs_are_pinned_exactly(tiny_model, tmp_path):
     model, config = tiny_model("llama")
     model = copy.deepcopy(model).cuda()
     cfg = tiered_config(config, tmp_path, 316, gpu_blocks=6, host_blocks=7)
-    with kvtier.offload(model, cfg) as cache:
+    with kvtier.TieredCache(model, cfg) as cache:
         model.generate(random_prompt(300).cuda(), past_key_values=cache, max_new_tokens=16)
         host = cache.controller.stores[Tier.HOST]
         host.finish_pinning()
