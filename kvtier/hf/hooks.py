@@ -205,7 +205,8 @@ def _cache_forward(cache: StepDriver, original, args: tuple, kwargs: dict):
         cache.expect(total)  # a job that cannot fit is refused now, before any of it runs
     chunk = cache.prefill_chunk_tokens
     mask = kwargs.get("attention_mask")
-    if total <= chunk or (mask is not None and mask.dim() != 2):
+    whole = total <= chunk or (mask is not None and mask.dim() != 2)
+    if whole or not prefill.splittable(kwargs):
         with cache.forward_step(kwargs.get("input_ids"), total):
             return original(**kwargs)
     layers = cache.layer_major_layers(kwargs, total)
