@@ -184,7 +184,7 @@ def _model_forward(ref: weakref.ref, original, *args: Any, **kwargs: Any):
     cache = None if hooks is None else hooks.driver_for(passed_cache(kwargs))
     if cache is None or len(args) > 1:
         return original(*args, **kwargs)
-    previous, hooks.active = hooks.active, weakref.ref(cache)
+    previous, hooks.active = hooks.active, hooks._drivers[cache.hook_token]
     try:
         return _cache_forward(cache, original, args, kwargs)
     finally:
