@@ -21,7 +21,8 @@ from kvtier.errors import (
 )
 
 if TYPE_CHECKING:
-    from kvtier.hf.cache import TieredCache, offload
+    from kvtier.hf.cache import TieredCache
+    from kvtier.hf.offload import offload
     from kvtier.policy import Policy
     from kvtier.registry import register_policy
 
@@ -44,7 +45,7 @@ __all__ = [
 # Public name -> the module that defines it, imported on first access.
 _LAZY = {
     "TieredCache": "kvtier.hf.cache",
-    "offload": "kvtier.hf.cache",
+    "offload": "kvtier.hf.offload",
     "Policy": "kvtier.policy",
     "register_policy": "kvtier.registry",
 }

@@ -45,10 +45,31 @@ def test_host_slabs_are_pinned_exactly(tiny_model, tmp_path):
     model, config = tiny_model("llama")
     model = copy.deepcopy(model).cuda()
     cfg = tiered_config(config, tmp_path, 316, gpu_blocks=6, host_blocks=7)
-    with kvtier.offload(model, cfg) as cache:
+    with kvtier.TieredCache(model, cfg) as cache:
         model.generate(random_prompt(300).cuda(), past_key_values=cache, max_new_tokens=16)
         host = cache.controller.stores[Tier.HOST]
         host.finish_pinning()
         assert host.pinned_bytes == host.bytes_used > 0
         assert host.bytes_used <= cfg.host.budget_bytes
         cache.controller.check_invariants()
+
+
+def test_keys_and_values_on_gpu_match_dynamic_cache(tiny_model, tmp_path):
+    """Scenario: on CUDA, .keys/.values gathered from GPU, host and disk equal DynamicCache's
+    and lie on the layer's device; two caches on one model, the first closed, the second works."""
+    model, config = tiny_model("llama")
+    model = copy.deepcopy(model).cuda()
+    ids = random_prompt(300).cuda()
+    expected = reference_generate(model, ids, max_new_tokens=16)
+    cfg = tiered_config(config, tmp_path, 316, gpu_blocks=6, host_blocks=8)
+    first = kvtier.TieredCache(model, cfg)
+    with kvtier.TieredCache(model, cfg) as cache:
+        first.close()
+        got = reference_generate(model, ids, cache=cache, max_new_tokens=16)
+        assert torch.equal(expected.sequences, got.sequences)
+        stats = cache.stats()
+        assert all(stats[tier]["blocks"] > 0 for tier in ("gpu", "host", "disk")), stats
+        for want, have in zip(expected.past_key_values.layers, cache.layers, strict=True):
+            assert have.keys.device == want.keys.device
+            torch.testing.assert_close(have.keys, want.keys, atol=1e-4, rtol=0)
+            torch.testing.assert_close(have.values, want.values, atol=1e-4, rtol=0)

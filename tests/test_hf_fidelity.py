@@ -309,26 +309,6 @@ def test_mask_sizes_and_query_offset(kind: str, tiny_model: Any, tmp_path: Any) 
     assert got == expected
 
 
-@pytest.mark.slow
-def test_offload_context_manager_removes_hooks(tiny_model: Any, tmp_path: Any) -> None:
-    """Scenario: `with kvtier.offload(...)` hooks the model, generates exactly, leaves no hook behind."""
-    model, config = tiny_model("llama")
-    prompt = random_prompt(200, seed=10)
-    cfg = tiered_config(config, tmp_path / "store", 200 + NEW_TOKENS, host_blocks=5)
-    before = hook_ids(model)
-
-    expected = reference_generate(model, prompt, max_new_tokens=NEW_TOKENS)
-    with kvtier.offload(model, cfg) as cache:
-        assert isinstance(cache, kvtier.TieredCache)
-        assert hook_ids(model) != before, "offload() installed no forward hook"
-        got = reference_generate(model, prompt, cache=cache, max_new_tokens=NEW_TOKENS)
-        stats = cache.stats()
-
-    assert hook_ids(model) == before
-    assert_same_generation(expected, got)
-    assert_all_tiers_used(stats)
-
-
 def test_close_removes_hooks(tiny_model: Any, tmp_path: Any) -> None:
     """Scenario: TieredCache(model) hooks the model; close() puts every hook back as it was."""
     model, config = tiny_model("llama")

@@ -3,6 +3,7 @@ inputs; the logits equal DynamicCache's and the past is never read back per chun
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from conftest import (
 )
 
 import kvtier
-from kvtier.hf import prefill
+from kvtier.hf import hooks, prefill
 from kvtier.layout import staging_bytes
 
 
@@ -137,3 +138,46 @@ def test_layer_major_failure_leaves_no_half_prefill(
         expected = reference_generate(model, prompt, max_new_tokens=4)
     got, _ = tiered_generate(model, cfg, prompt, max_new_tokens=4)
     assert_same_generation(expected, got)
+
+
+class _RecordingDriver:
+    """A StepDriver that records the steps a model call is cut into."""
+
+    prefill_chunk_tokens = 16
+    in_forward = False
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def expect(self, new_tokens: int) -> None:
+        pass
+
+    def cached_tokens(self) -> int:
+        return sum(self.steps)
+
+    def layer_major_layers(self, kwargs: dict, new_tokens: int) -> None:
+        return None
+
+    def forward_step(self, input_ids: Any, new_tokens: int) -> Any:
+        self.steps.append(new_tokens)
+        return contextlib.nullcontext()
+
+
+def test_a_call_with_image_inputs_is_not_cut_into_chunks() -> None:
+    """Scenario: a prompt longer than a chunk that carries `pixel_values` runs as one step
+    (cutting it would hand an image's features to a chunk without its image tokens: Gemma 3's
+    "Image features and image tokens do not match"); without them it is chunked."""
+    ids = torch.arange(40).unsqueeze(0)
+    calls: list[dict] = []
+
+    def original(**kwargs: Any) -> None:
+        calls.append(kwargs)
+
+    driver = _RecordingDriver()
+    hooks._cache_forward(driver, original, (), {"input_ids": ids, "pixel_values": torch.ones(1)})
+    assert driver.steps == [40] and calls[0]["input_ids"].shape == (1, 40)
+    assert not prefill.splittable({"input_ids": ids, "pixel_values": torch.ones(1)})
+
+    driver = _RecordingDriver()
+    hooks._cache_forward(driver, original, (), {"input_ids": ids, "attention_mask": ids > -1})
+    assert driver.steps == [16, 16, 8]

@@ -146,7 +146,7 @@ def test_all_logits_requested_means_no_reuse(tiny_model: Any, tmp_path: Path) ->
     ids = random_prompt(PROMPT)
     cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, disk_persist=True)
     tiered_generate(model, cfg, ids)
-    with kvtier.offload(model, cfg) as cache, torch.no_grad():
+    with kvtier.TieredCache(model, cfg) as cache, torch.no_grad():
         logits = model(ids, past_key_values=cache).logits
         assert cache.stats()["prefix_hit_tokens"] == 0
     with torch.no_grad():
@@ -224,7 +224,7 @@ def test_only_copy_lost_mid_decode(damage: str, tiny_model: Any, tmp_path: Path)
     ids = random_prompt(PROMPT)
     cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, host_blocks=2)
     expected = reference_generate(model, ids, max_new_tokens=1)
-    with kvtier.offload(model, cfg) as cache, torch.no_grad():
+    with kvtier.TieredCache(model, cfg) as cache, torch.no_grad():
         model(ids, past_key_values=cache, logits_to_keep=1)
         controller = cache.controller
         on_disk = [b for b in controller.table if b.slots and set(b.slots) == {Tier.DISK}]

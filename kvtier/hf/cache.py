@@ -1,15 +1,19 @@
 """TieredCache: a transformers Cache whose full-attention layers live in kvtier's tiers.
 
 Sliding-window layers keep HF's own bounded layer on the device; every other layer is a
-TieredLayer that hands its K/V to the TierController. Pass the cache to `generate()` (or a
-plain forward loop) as `past_key_values`.
+TieredLayer (hf/layer.py) that hands its K/V to the TierController. Pass the cache to
+`generate()` (or a plain forward loop) as `past_key_values` (or `cache`). What a cache holds
+outside itself (controller, hook attachment, attention switch) is released by `close()` or, for
+a cache dropped without it, when it is garbage-collected.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -19,7 +23,8 @@ from kvtier.config import Config, load_config
 from kvtier.controller import TierController
 from kvtier.errors import KVTierError
 from kvtier.hf import attention
-from kvtier.hf.hooks import HookSet
+from kvtier.hf.hooks import ModelHooks
+from kvtier.hf.layer import TieredLayer, warn_if_long
 from kvtier.hf.models import describe, estimated_geometry
 from kvtier.hf.reuse import ReuseState
 from kvtier.layout import ContextPlan, KVGeometry, plan_context
@@ -27,64 +32,13 @@ from kvtier.layout import ContextPlan, KVGeometry, plan_context
 log = logging.getLogger(__name__)
 
 
-class TieredLayer(CacheLayerMixin):
-    """One full-attention layer; its state lives in the cache's controller."""
-
-    is_sliding = False
-    is_croppable = True
-    is_compileable = False
-
-    def __init__(self, cache: TieredCache, tiered_index: int) -> None:
-        super().__init__()
-        self._cache = cache
-        self.tiered_index = tiered_index
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        controller = self._cache._controller_for(key_states)
-        return controller.append(self.tiered_index, key_states, value_states)
-
-    def get_seq_length(self) -> int:
-        return self._cache.cached_tokens()
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    @property
-    def batch_size(self) -> int:
-        controller = self._cache.controller
-        return -1 if controller is None else controller.geometry.batch
-
-    # crop / reorder / reset act on the whole controller once, from TieredCache
-    def crop(self, tokens_to_remove: int) -> None:
-        pass
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        pass
-
-    def reset(self) -> None:
-        pass
-
-    def offload(self) -> None:
-        pass
-
-    def prefetch(self) -> None:
-        pass
-
-
 class TieredCache(Cache):
     """A `transformers.Cache` that keeps full-attention KV in GPU, pinned host and disk tiers.
 
-    Creating it installs hooks on `model` (layer-ahead prefetch, chunked prefill, token ids for
-    block ids); `close()` removes them. Use one cache per sequence batch.
+    Creating it attaches it to the hooks on `model` (layer-ahead prefetch, chunked prefill,
+    token ids for block ids; installed by the first cache on the model, shared by every other);
+    `close()` detaches it and frees its tiers. Any number of caches may live on one model, each
+    independent; use one per sequence batch.
     """
 
     def __init__(
@@ -108,24 +62,42 @@ class TieredCache(Cache):
             else:
                 layers.append(DynamicSlidingWindowLayer(sliding_window=window))
         super().__init__(layers=layers)
-        self.controller: TierController | None = None
+        self._held = _Held()
         self.in_forward = False
         self._pending_ids: torch.Tensor | None = None  # token ids seen before the controller
         self._expected = 0  # positions the first call brings, planned once the controller exists
         self._pretend: int | None = None  # the length reported while prefill stubs the layers
         self._layer_major: tuple[torch.Tensor | None, int] | None = None  # (ids, positions)
         self._tiered_count = len(self.spec.tiered_layers)
-        self._hooks: HookSet | None = HookSet(
+        self._gathered: tuple[tuple, torch.Tensor] | None = None  # (key, [tokens, 2, b, h, d])
+        self._gather_warned = False
+        self._hooks, self.hook_token = ModelHooks.attach(
             model,
             self,
             decoder_layers=self.spec.decoder_layers,
             tiered_layers=self.spec.tiered_layers,
         )
+        self._held.detach = functools.partial(self._hooks.detach, self.hook_token)
         # HF's SDPA becomes kvtier's (same results; prefill chunks without a materialized mask)
-        self._attention_model = model if attention.install(model) else None
+        if attention.install(model):
+            self._held.attention_model = model
         self._model_config = model.config
         self._dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         self.reuse = ReuseState(model)  # prefix reuse at the first forward (hf/reuse.py)
+        # a cache dropped without close() frees its tiers and hooks when it is collected
+        self._finalizer = weakref.finalize(self, self._held.release)
+
+    @property
+    def controller(self) -> TierController | None:
+        return self._held.controller
+
+    @controller.setter
+    def controller(self, controller: TierController | None) -> None:
+        self._held.controller = controller
+
+    @property
+    def closed(self) -> bool:
+        return self._held.closed
 
     @property
     def prefill_chunk_tokens(self) -> int:
@@ -168,27 +140,61 @@ class TieredCache(Cache):
             )
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise KVTierError("TieredCache does not support selecting batch rows of a filled cache")
+        if self.get_seq_length():
+            raise KVTierError(
+                "TieredCache cannot select batch rows of a filled cache; run the rows you keep "
+                "through a new TieredCache (or use DynamicCache for this)"
+            )
 
     # -- kvtier surface ------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Per-tier bytes and blocks, transfer counters and timings (JSON-serialisable)."""
+        """Per-tier bytes and blocks, transfer counters and timings (JSON-serialisable); after
+        close(), the stats as they were when it closed."""
+        if self._held.final_stats is not None:
+            return self._held.final_stats
         if self.controller is None:
             empty = {"bytes_used": 0, "blocks": 0, "bytes_written": 0, "bytes_read": 0}
             return {"gpu": dict(empty), "host": dict(empty), "disk": dict(empty), "tokens": 0}
         return self.controller.stats()
 
     def close(self) -> None:
-        """Remove the model hooks and free every tier (persisted disk blocks stay)."""
-        if self._hooks is not None:
-            self._hooks.remove()
-            self._hooks = None
-        if self._attention_model is not None:
-            attention.uninstall(self._attention_model)
-            self._attention_model = None
-        if self.controller is not None:
-            self.controller.close()
-            self.controller = None
+        """Detach from the model's hooks (removed with the last cache on the model) and free
+        every tier (persisted disk blocks stay). Using the cache afterwards raises KVTierError."""
+        self._gathered = None
+        self._finalizer()
+
+    def gathered(self, tiered_index: int, kv: int) -> torch.Tensor | None:
+        """Tiered layer `tiered_index`'s K (kv=0) or V (kv=1) `[batch, kv_heads, tokens,
+        head_dim]` as a new tensor, or None before the first update (as DynamicLayer)."""
+        self._check_open()
+        controller = self.controller
+        if controller is None:
+            return None
+        key = (id(controller), controller.epoch, controller.tokens, tiered_index)
+        if self._gathered is None or self._gathered[0] != key:
+            self._gathered = None  # drop the previous layer's copy before making this one
+            layer = controller.read_layer(tiered_index)  # [tokens, 2, batch, kv_heads, head_dim]
+            if not self._gather_warned:
+                self._gather_warned = warn_if_long(tiered_index, layer.nbytes, layer.device)
+            self._gathered = (key, layer)
+        # a permuted view made contiguous is always a copy: the caller owns what it gets
+        return self._gathered[1][:, kv].permute(1, 2, 0, 3).contiguous()
+
+    def __getitem__(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`(keys, values)` of model layer `layer_idx` (the legacy tuple view of one layer)."""
+        layer = self.layers[layer_idx]
+        return layer.keys, layer.values
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, object]]:
+        """Per layer `(keys, values, sliding window tensor or None)`, as DynamicCache yields."""
+        for layer in self.layers:
+            yield layer.keys, layer.values, getattr(layer, "_sliding_window_tensor", None)
+
+    def _check_open(self) -> None:
+        if self._held.closed:
+            raise KVTierError(
+                "this TieredCache is closed; create a new TieredCache (or use kvtier.offload)"
+            )
 
     def __enter__(self) -> TieredCache:
         return self
@@ -200,12 +206,12 @@ class TieredCache(Cache):
     def forward_step(self, input_ids: torch.Tensor | None, new_tokens: int) -> Iterator[None]:
         """Bracket one model call: token ids for block ids, slots reserved, first prefetches."""
         self.in_forward = True
+        self._gathered = None  # a copy made for keys / values is stale once the step runs
         try:
             if self.controller is not None:
                 self.controller.note_tokens(input_ids)
                 self.controller.begin_step(new_tokens)
-                if self._hooks is not None:
-                    self._hooks.set_prefetching(self.controller.streaming)
+                self._hooks.set_prefetching(self.controller.streaming)
                 self.prefetch_from(0)
             else:
                 self._pending_ids = input_ids
@@ -231,6 +237,7 @@ class TieredCache(Cache):
 
     def _controller_for(self, key_states: torch.Tensor) -> TierController:
         if self.controller is None:
+            self._check_open()
             devices = [self.spec.layer_devices[i] for i in self.spec.tiered_layers]
             # the first tiered layer's device comes from the tensor itself (accelerate offload)
             devices[0] = key_states.device
@@ -324,7 +331,7 @@ class TieredCache(Cache):
         layer, so none can go to disk before)."""
         mask = kwargs.get("attention_mask")
         possible = (
-            self._attention_model is not None
+            self._held.attention_model is not None
             and all(window is None for window in self.spec.sliding_windows)
             and (mask is None or bool(mask.all()))
         )
@@ -344,11 +351,26 @@ class TieredCache(Cache):
             self.controller.plan(self.controller.tokens + new_tokens)
 
 
-@contextlib.contextmanager
-def offload(model: torch.nn.Module, config: Config | None = None) -> Iterator[TieredCache]:
-    """Install kvtier on `model` for the block; yields the TieredCache, removes all on exit."""
-    cache = TieredCache(model, config)
-    try:
-        yield cache
-    finally:
-        cache.close()
+class _Held:
+    """What a TieredCache holds outside itself, released once: by close() or when the cache is
+    garbage-collected (so it must not refer to the cache)."""
+
+    def __init__(self) -> None:
+        self.controller: TierController | None = None
+        self.detach: functools.partial | None = None  # leaves the model's hooks
+        self.attention_model: torch.nn.Module | None = None
+        self.closed = False
+        self.final_stats: dict | None = None
+
+    def release(self) -> None:
+        self.closed = True
+        if self.detach is not None:
+            self.detach()
+            self.detach = None
+        if self.attention_model is not None:
+            attention.uninstall(self.attention_model)
+            self.attention_model = None
+        if self.controller is not None:
+            self.final_stats = self.controller.stats()
+            self.controller.close()
+            self.controller = None

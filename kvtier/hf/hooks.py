@@ -1,15 +1,19 @@
 """Hooks on a HF model: step start (token ids, chunked prefill), layer-ahead prefetch.
 
-The model's forward is wrapped so kvtier sees each call's input ids and can split a long
-prompt into `prefill_chunk_tokens` chunks; while the cache streams layers, forward pre-hooks
-on the decoder layers start the prefetch of the next `prefetch_depth` tiered layers and the
-last layer's post-hook starts layer 0 of the next step. Hooks hold the cache weakly and do
-nothing for any other cache.
+One ModelHooks per model, shared by every TieredCache on it (reference-counted: the last cache to
+detach removes it). The model's forward is wrapped so kvtier sees each call's input ids and can
+split a long prompt into `prefill_chunk_tokens` chunks; the wrapper serves the cache passed in
+that call's `cache=` / `past_key_values=` keyword and runs any other call untouched. While a
+cache streams layers, forward pre-hooks on the decoder layers start the prefetch of the next
+`prefetch_depth` tiered layers for the cache of the call in progress, and the last layer's
+post-hook starts layer 0 of the next step. Caches are held weakly.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import itertools
 import weakref
 from typing import Any, Protocol
 
@@ -18,11 +22,12 @@ import torch
 from kvtier.hf import prefill, reuse
 
 # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name still works)
-_CACHE_KWARGS = ("cache", "past_key_values")
+CACHE_KWARGS = ("cache", "past_key_values")
+_ATTRIBUTE = "_kvtier_hooks"  # on the model: its ModelHooks while any cache is attached
 
 
 class StepDriver(prefill.PrefillDriver, Protocol):
-    """What the hooks drive: the cache they were installed for (TieredCache implements it)."""
+    """What the hooks drive: a cache attached to them (TieredCache implements it)."""
 
     in_forward: bool
     prefill_chunk_tokens: int
@@ -46,30 +51,81 @@ class StepDriver(prefill.PrefillDriver, Protocol):
         ...
 
 
-class HookSet:
-    """Installed hooks of one driver on one model; `remove()` restores the model."""
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword the model's forward (and generate) takes its cache by: `cache` from
+    transformers 5.24 on, `past_key_values` before (5.24 still accepts it, with a warning)."""
+    parameters = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def passed_cache(kwargs: dict) -> Any:
+    """The cache a forward or generate call was given, under either name, or None."""
+    for name in CACHE_KWARGS:
+        cache = kwargs.get(name)
+        if cache is not None:
+            return cache
+    return None
+
+
+class ModelHooks:
+    """kvtier's hooks on one model, shared by the caches attached to it."""
 
     def __init__(
         self,
         model: torch.nn.Module,
-        driver: StepDriver,
         *,
         decoder_layers: tuple[torch.nn.Module, ...],
         tiered_layers: tuple[int, ...],
     ) -> None:
         self.model = model
-        self._ref = ref = weakref.ref(driver)
         self._layers = decoder_layers
         # for each decoder layer: the first tiered index at or after it
         self._next_tiered = [
             sum(1 for t in tiered_layers if t < i) for i in range(len(decoder_layers))
         ]
+        self._drivers: dict[int, weakref.ref] = {}  # token -> attached cache
+        self._tokens = itertools.count(1)
+        self.active: weakref.ref | None = None  # the cache of the forward call in progress
         self._handles: list = []  # the layer hooks, present only while layers are prefetched
         self._had_forward = "forward" in model.__dict__
         self._original_forward = model.forward
+        ref = weakref.ref(self)
         model.forward = functools.wraps(self._original_forward)(
             functools.partial(_model_forward, ref, self._original_forward)
         )
+
+    @classmethod
+    def attach(
+        cls,
+        model: torch.nn.Module,
+        driver: StepDriver,
+        *,
+        decoder_layers: tuple[torch.nn.Module, ...],
+        tiered_layers: tuple[int, ...],
+    ) -> tuple[ModelHooks, int]:
+        """The model's hooks (installed now if no cache had them) and `driver`'s token in them."""
+        hooks = model.__dict__.get(_ATTRIBUTE)
+        if hooks is None:
+            hooks = cls(model, decoder_layers=decoder_layers, tiered_layers=tiered_layers)
+            model.__dict__[_ATTRIBUTE] = hooks
+        token = next(hooks._tokens)
+        hooks._drivers[token] = weakref.ref(driver)
+        return hooks, token
+
+    def detach(self, token: int) -> None:
+        """Forget one cache; after the last, remove every hook and restore the model."""
+        self._drivers.pop(token, None)
+        if not self._drivers:
+            self.remove()
+
+    @property
+    def attached(self) -> int:
+        return len(self._drivers)
+
+    def driver_for(self, cache: Any) -> StepDriver | None:
+        """`cache` if it is attached to these hooks (a TieredCache of this model), else None."""
+        ref = self._drivers.get(getattr(cache, "hook_token", None))
+        return cache if ref is not None and ref() is cache else None
 
     @property
     def prefetching(self) -> bool:
@@ -77,7 +133,7 @@ class HookSet:
 
     def set_prefetching(self, enabled: bool) -> None:
         """Install (or remove) the per-layer hooks that start prefetches: needed only while the
-        cache streams layers; a layer with no hooks costs the model's forward nothing extra."""
+        cache of the call streams layers; a layer with no hooks costs the forward nothing."""
         if enabled == self.prefetching:
             return
         if not enabled:
@@ -85,41 +141,58 @@ class HookSet:
                 handle.remove()
             self._handles.clear()
             return
+        ref = weakref.ref(self)
         for layer, tiered_index in zip(self._layers, self._next_tiered, strict=True):
-            hook = functools.partial(_layer_pre_hook, self._ref, tiered_index)
+            hook = functools.partial(_layer_pre_hook, ref, tiered_index)
             self._handles.append(layer.register_forward_pre_hook(hook))
-        last = functools.partial(_last_post_hook, self._ref)
+        last = functools.partial(_last_post_hook, ref)
         self._handles.append(self._layers[-1].register_forward_hook(last))
 
     def remove(self) -> None:
         self.set_prefetching(False)
+        self._drivers.clear()
         if self._original_forward is not None:
             if self._had_forward:
                 self.model.forward = self._original_forward
             else:
                 self.model.__dict__.pop("forward", None)
             self._original_forward = None
+        if self.model.__dict__.get(_ATTRIBUTE) is self:
+            del self.model.__dict__[_ATTRIBUTE]
+
+
+def _active(ref: weakref.ref) -> StepDriver | None:
+    hooks = ref()
+    cache = None if hooks is None or hooks.active is None else hooks.active()
+    return cache if cache is not None and cache.in_forward else None
 
 
 def _layer_pre_hook(ref: weakref.ref, tiered_index: int, module, args) -> None:
-    cache = ref()
-    if cache is None or not cache.in_forward:
-        return
-    cache.prefetch_from(tiered_index)
+    cache = _active(ref)
+    if cache is not None:
+        cache.prefetch_from(tiered_index)
 
 
 def _last_post_hook(ref: weakref.ref, module, args, output) -> None:
-    cache = ref()
-    if cache is None or not cache.in_forward:
-        return
-    cache.prefetch_from(0)
+    cache = _active(ref)
+    if cache is not None:
+        cache.prefetch_from(0)
 
 
 def _model_forward(ref: weakref.ref, original, *args: Any, **kwargs: Any):
-    cache = ref()
-    passed = any(kwargs.get(name) is cache for name in _CACHE_KWARGS)
-    if cache is None or not passed or len(args) > 1:
+    hooks = ref()
+    cache = None if hooks is None else hooks.driver_for(passed_cache(kwargs))
+    if cache is None or len(args) > 1:
         return original(*args, **kwargs)
+    previous, hooks.active = hooks.active, hooks._drivers[cache.hook_token]
+    try:
+        return _cache_forward(cache, original, args, kwargs)
+    finally:
+        hooks.active = previous
+
+
+def _cache_forward(cache: StepDriver, original, args: tuple, kwargs: dict):
+    """One model call through `cache`: planned, then whole, chunk by chunk or layer by layer."""
     if args:
         kwargs["input_ids"] = args[0]
     source = kwargs.get("input_ids")
@@ -135,7 +208,8 @@ def _model_forward(ref: weakref.ref, original, *args: Any, **kwargs: Any):
     reuse.note_call(cache, total)
     chunk = cache.prefill_chunk_tokens
     mask = kwargs.get("attention_mask")
-    if total <= chunk or (mask is not None and mask.dim() != 2):
+    whole = total <= chunk or (mask is not None and mask.dim() != 2)
+    if whole or not prefill.splittable(kwargs):
         with cache.forward_step(kwargs.get("input_ids"), total):
             return original(**kwargs)
     layers = cache.layer_major_layers(kwargs, total)

@@ -40,6 +40,16 @@ class PrefillDriver(Protocol):
         ...
 
 
+def splittable(kwargs: dict) -> bool:
+    """Whether a call can be cut into chunks: every tensor it passes is one `chunk_kwargs`
+    knows how to cut (an image's `pixel_values` belongs to the chunk with its image tokens,
+    and which that is only the model knows, so such a call runs whole)."""
+    return all(
+        name in _SEQ_KWARGS or name == "attention_mask" or not isinstance(value, torch.Tensor)
+        for name, value in kwargs.items()
+    )
+
+
 def chunk_kwargs(kwargs: dict, start: int, end: int, total: int) -> dict:
     """The model-call keyword arguments of positions [start, end) of a `total`-long input."""
     part = dict(kwargs)

@@ -101,7 +101,7 @@ def skip_prefix(cache: Any, kwargs: dict, total: int) -> tuple[dict, int]:
 
 def _reusable(cache: Any, kwargs: dict, total: int, keep: object) -> bool:
     """Whether this call may skip a stored prefix: the first of a sequence (nothing cached),
-    token ids known, only the last positions' logits wanted, no padding, default positions,
+    token ids known, nothing but sequence tensors passed (no image inputs), only the last positions' logits wanted, no padding, default positions,
     every layer tiered (HF's sliding-window layers keep no stored blocks), no autocast (the K/V
     dtype must be the weights')."""
     input_ids = kwargs.get("input_ids")
@@ -109,6 +109,8 @@ def _reusable(cache: Any, kwargs: dict, total: int, keep: object) -> bool:
         return False
     if kwargs.get("inputs_embeds") is not None or isinstance(keep, bool):
         return False
+    if not prefill.splittable(kwargs):
+        return False  # e.g. pixel_values: which positions an image fills only the model knows
     if not isinstance(keep, int) or keep < 1:
         return False  # logits_to_keep = 0 asks for every position's logits: compute them all
     controller = cache.controller
