@@ -158,6 +158,12 @@ class _RecordingDriver:
     def layer_major_layers(self, kwargs: dict, new_tokens: int) -> None:
         return None
 
+    def skip_stored_prefix(self, kwargs: dict, total: int) -> tuple[dict, int]:
+        return kwargs, 0
+
+    def note_call(self, total: int) -> None:
+        pass
+
     def forward_step(self, input_ids: Any, new_tokens: int) -> Any:
         self.steps.append(new_tokens)
         return contextlib.nullcontext()

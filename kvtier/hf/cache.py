@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 from kvtier.config import Config, load_config
 from kvtier.controller import TierController
 from kvtier.errors import KVTierError
-from kvtier.hf import attention
+from kvtier.hf import attention, reuse
 from kvtier.hf.hooks import ModelHooks
 from kvtier.hf.layer import TieredLayer, warn_if_long
 from kvtier.hf.models import describe, estimated_geometry
@@ -318,6 +318,14 @@ class TieredCache(Cache):
             disk_budget=cfg.disk.budget_bytes,
             buffers=cfg.policy.prefetch_depth + 1,
         )
+
+    def skip_stored_prefix(self, kwargs: dict, total: int) -> tuple[dict, int]:
+        """StepDriver: load this call's stored prefix, if any (hf/reuse.py decides)."""
+        return reuse.skip_prefix(self, kwargs, total)
+
+    def note_call(self, total: int) -> None:
+        """StepDriver: a model call begins (ends the previous prefill's timing)."""
+        reuse.note_call(self, total)
 
     def layer_major_layers(
         self, kwargs: dict, new_tokens: int

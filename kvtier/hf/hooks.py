@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kvtier.hf import prefill, reuse
+from kvtier.hf import prefill
 
 # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name still works)
 CACHE_KWARGS = ("cache", "past_key_values")
@@ -48,6 +48,15 @@ class StepDriver(prefill.PrefillDriver, Protocol):
         self, kwargs: dict, new_tokens: int
     ) -> tuple[torch.nn.Module, ...] | None:
         """The decoder layers to prefill this call layer by layer, or None for chunk by chunk."""
+        ...
+
+    def skip_stored_prefix(self, kwargs: dict, total: int) -> tuple[dict, int]:
+        """Load a stored prefix of this call's prompt; the call's arguments for the positions
+        left to compute, and how many were loaded (0: `kwargs` unchanged)."""
+        ...
+
+    def note_call(self, total: int) -> None:
+        """A model call of `total` positions to compute begins (prefill timing)."""
         ...
 
 
@@ -203,9 +212,9 @@ def _cache_forward(cache: StepDriver, original, args: tuple, kwargs: dict):
     total = source.shape[1]
     if total > 1:
         cache.expect(total)  # a job that cannot fit is refused now, before any of it runs
-        kwargs, skipped = reuse.skip_prefix(cache, kwargs, total)  # a stored prefix: loaded
+        kwargs, skipped = cache.skip_stored_prefix(kwargs, total)  # a stored prefix: loaded
         total -= skipped
-    reuse.note_call(cache, total)
+    cache.note_call(total)
     chunk = cache.prefill_chunk_tokens
     mask = kwargs.get("attention_mask")
     whole = total <= chunk or (mask is not None and mask.dim() != 2)
