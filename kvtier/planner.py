@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
+from kvtier.blocks import Tier
 from kvtier.config import Config
+from kvtier.controller import costs
 from kvtier.errors import BudgetError, KVTierError
 from kvtier.hf.shape import KVShape, kv_shape, read_config
 from kvtier.layout import ContextPlan, DevicePlan, KVGeometry, largest_context, plan_context
@@ -37,6 +39,18 @@ class StepTime:
 
 
 @dataclass(frozen=True, slots=True)
+class RemotePlan:
+    """The remote tier beside the others: a shared cache of sealed blocks, never a block's only
+    copy, so it adds no room to the plan; what loading the context's stored prefix would take."""
+
+    url: str  # redacted: no password, no HMAC key
+    blocks: int  # whole blocks of the context, the part a stored prefix can cover
+    load_s: float  # those blocks from the server into the cache, at `gbps`
+    gbps: float
+    source: str  # where `gbps` comes from
+
+
+@dataclass(frozen=True, slots=True)
 class ModelPlan:
     """Where a context of `plan.tokens` positions of `model` would live under `budgets`."""
 
@@ -49,6 +63,7 @@ class ModelPlan:
     plan: ContextPlan
     largest_tokens: int
     step: StepTime
+    remote: RemotePlan | None = None  # with a [remote] url
 
     @property
     def tier_tokens(self) -> dict[str, int]:
@@ -95,7 +110,20 @@ class ModelPlan:
             "disk_read_gbps": s.disk_read.gbps,
             "largest_tokens": self.largest_tokens,
             "problem": p.problem,
-        } | ({} if g.single_device else {"devices": [_device_dict(d) for d in p.devices]})
+        } | (
+            ({} if g.single_device else {"devices": [_device_dict(d) for d in p.devices]})
+            | ({} if self.remote is None else {"remote": _remote_dict(self.remote)})
+        )
+
+
+def _remote_dict(row: RemotePlan) -> dict[str, Any]:
+    return {
+        "url": row.url,
+        "blocks": row.blocks,
+        "load_s": row.load_s,
+        "gbps": row.gbps,
+        "source": row.source,
+    }
 
 
 def _device_dict(row: DevicePlan) -> dict[str, Any]:
@@ -180,7 +208,29 @@ def plan_model(
     plan = plan_context(geometry, tokens, buffers=buffers, **sizes)
     largest = largest_context(geometry, buffers=buffers, **sizes)
     step = step_time(geometry, plan, cfg)
-    return ModelPlan(model, directory, shape, geometry, budgets, buffers, plan, largest, step)
+    remote = remote_plan(geometry, plan, cfg)
+    return ModelPlan(
+        model, directory, shape, geometry, budgets, buffers, plan, largest, step, remote
+    )
+
+
+def remote_plan(geometry: KVGeometry, plan: ContextPlan, cfg: Config) -> RemotePlan | None:
+    """The remote tier's line of the plan (None without a [remote] url). Its speed is the
+    cost model's: the tier measures the server only once it loads, so a plan, which connects
+    to nothing, uses the assumed figure (docs/remote.md has measured ones)."""
+    spec = cfg.remote.spec
+    if spec is None:
+        return None
+    blocks = plan.tokens // geometry.block_tokens
+    speeds = costs.bandwidths(
+        cuda=torch.cuda.is_available(),
+        layer_bytes=geometry.layer_block_bytes,
+        disk_path=cfg.disk.path,
+        remote_gbps=None,
+    )
+    gbps = speeds.gbps[Tier.REMOTE]
+    per_block = costs.BLOCK_OVERHEAD_S[Tier.REMOTE] + geometry.block_bytes / (gbps * 1e9)
+    return RemotePlan(spec.redacted(), blocks, blocks * per_block, gbps, speeds.sources[Tier.REMOTE])
 
 
 def step_time(geometry: KVGeometry, plan: ContextPlan, cfg: Config) -> StepTime:

@@ -181,3 +181,21 @@ def test_a_device_budget_too_small_names_the_device(tmp_path):
     result = plan("smollm2", "--context", "200000", "--gpus", "2", *sets, tmp_path=tmp_path)
     assert result.exit_code == 2
     assert "gpu budget 67108864 bytes on cuda:1 cannot stream 200000 tokens" in result.stderr
+
+
+def test_a_remote_tier_is_shown_without_connecting_or_leaking_its_password(tmp_path):
+    """Scenario (issue 13): `kvtier plan` shows the remote tier. Nothing listens on the port
+    (the plan reads config only), and the URL's password never reaches the output."""
+    url = "--set", "remote.url=valkey://fleet:hunter2@127.0.0.1:1"
+    result = plan("smollm2", "--context", "1000", *url, tmp_path=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "remote: valkey://fleet:***@127.0.0.1:1" in result.output
+    assert "hunter2" not in result.output
+    blocks = 1000 // 256
+    assert f"a stored prefix of all {blocks} whole blocks" in result.output
+    result = plan("smollm2", "--context", "1000", "--json", *url, tmp_path=tmp_path)
+    remote = json.loads(result.output)["remote"]
+    assert remote["blocks"] == blocks and remote["load_s"] > 0 and remote["source"] == "assumed"
+    assert "hunter2" not in result.output
+    plain = json.loads(plan("smollm2", "--context", "1000", "--json", tmp_path=tmp_path).output)
+    assert "remote" not in plain

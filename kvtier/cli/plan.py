@@ -117,6 +117,14 @@ def plan_lines(chosen) -> list[str]:
             f"  host->GPU {step.copy.gbps:.2f} GB/s, {step.copy.source}",
             f"  disk read {step.disk_read.gbps:.2f} GB/s, {step.disk_read.source}",
         ]
+    if chosen.remote is not None:
+        r = chosen.remote
+        lines += [
+            f"remote: {r.url}",
+            "  a shared cache beside the tiers: never a block's only copy, so no room here",
+            f"  a stored prefix of all {r.blocks} whole blocks would load in ~{r.load_s:.2f} s "
+            f"at {r.gbps:.2f} GB/s ({r.source}; the tier measures the server once it loads)",
+        ]
     lines.append(f"largest context under these budgets: {chosen.largest_tokens} tokens")
     return lines
 
