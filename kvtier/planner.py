@@ -230,7 +230,9 @@ def remote_plan(geometry: KVGeometry, plan: ContextPlan, cfg: Config) -> RemoteP
     )
     gbps = speeds.gbps[Tier.REMOTE]
     per_block = costs.BLOCK_OVERHEAD_S[Tier.REMOTE] + geometry.block_bytes / (gbps * 1e9)
-    return RemotePlan(spec.redacted(), blocks, blocks * per_block, gbps, speeds.sources[Tier.REMOTE])
+    return RemotePlan(
+        spec.redacted(), blocks, blocks * per_block, gbps, speeds.sources[Tier.REMOTE]
+    )
 
 
 def step_time(geometry: KVGeometry, plan: ContextPlan, cfg: Config) -> StepTime:
