@@ -1,12 +1,14 @@
-"""Measure this machine for kvtier: the store's disk, the codecs on KV-like data, copies by size.
+"""Measure this machine for kvtier: the store's disk, the codecs on KV-like data, copies by size,
+and the remote tier's server when one is configured.
 
 Returns plain JSON-ready results (the bench file format measured.py reads); it never prints
 and never saves (the CLI calls measured.write_bench). Files go in a temporary folder inside the
-store path, removed afterwards.
+store path, removed afterwards; remote values go under a scratch fingerprint, deleted afterwards.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import shutil
@@ -14,21 +16,31 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from kvtier._version import __version__
-from kvtier.errors import KVTierError
+from kvtier.errors import KVTierError, RemoteError
+from kvtier.layout import CPU, KVGeometry
 from kvtier.machine import nearest_existing
-from kvtier.measured import BENCH_FORMAT, file_system_id
+from kvtier.measured import BENCH_FORMAT, file_system_id, remote_nodes
 from kvtier.tiers.codec import choose_codec, measure_codec
 from kvtier.tiers.disk.files import write_atomic
+
+if TYPE_CHECKING:
+    from kvtier.tiers.remote.url import RemoteSpec
 
 COPY_SIZES = (64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
 CODEC_SAMPLE_BYTES = 16 << 20
 _MIN_FILES = 4
+# The remote bench's blocks: 16 layers of 64 tokens x 8 KV heads x 128 bf16 channels, 4 MiB a
+# block (a Llama-3-8B-like layer shape), stored under a fingerprint no model has.
+REMOTE_GEOMETRY = KVGeometry(tuple(range(16)), (CPU,) * 16, 1, 8, 128, torch.bfloat16, 64)
+REMOTE_FINGERPRINT = "kvtier-bench"
+REMOTE_TTL_S = 600  # the scratch values expire even if deleting them fails
+REMOTE_LOAD_REPEATS = 3
 
 Progress = Callable[[str], None]  # called with each part's name once it is measured
 
@@ -38,11 +50,14 @@ def run_bench(
     *,
     disk_bytes: int = 256 << 20,
     copy_sizes: tuple[int, ...] = COPY_SIZES,
+    remote: RemoteSpec | None = None,
+    remote_bytes: int = 64 << 20,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Every measurement, as the bench file holds it: disk (one entry, for `store`'s file
-    system), codec (ratio and GB/s per codec, and what `auto` would pick for this disk) and
-    copies (GB/s per kind and size)."""
+    system), codec (ratio and GB/s per codec, and what `auto` would pick for this disk),
+    copies (GB/s per kind and size) and, with a `remote` server, remote (one entry: its save
+    and load GB/s, or an error when it could not be measured)."""
     done = progress or (lambda what: None)
     disk = measure_disk(Path(store).expanduser(), total_bytes=disk_bytes)
     done("disk")
@@ -50,6 +65,10 @@ def run_bench(
     done("codecs")
     copies = measure_copies(copy_sizes)
     done("copies")
+    servers = []
+    if remote is not None:
+        servers.append(measure_remote(remote, total_bytes=remote_bytes))
+        done("remote")
     return {
         "format": BENCH_FORMAT,
         "measured_at": _now(),
@@ -60,6 +79,7 @@ def run_bench(
         "disk": [disk],
         "codec": codec,
         "copies": copies,
+        **({"remote": servers} if remote is not None else {}),
     }
 
 
@@ -93,6 +113,61 @@ def measure_disk(store: Path, *, total_bytes: int) -> dict[str, Any]:
         "write_gbps": moved / write_s / 1e9,
         "read_gbps": moved / read_s / 1e9,
         "cached_read_gbps": moved / cached_s / 1e9,
+        "measured_at": _now(),
+    }
+
+
+def measure_remote(spec: RemoteSpec, *, total_bytes: int) -> dict[str, Any]:
+    """Save blocks of REMOTE_GEOMETRY totalling about `total_bytes` (one at least) to the
+    server one at a time, as write-through does, then load them back in one `load_blocks` call
+    (best of REMOTE_LOAD_REPEATS), block checks included; then delete them. GB/s count the raw
+    KV bytes (as the tier's own load_gbps). A server that cannot be used gives an entry with
+    `error` (one line, no password) instead of speeds: never an exception."""
+    from kvtier.tiers.remote.client import RemoteClient
+    from kvtier.tiers.remote.tier import RemoteTier
+    from kvtier.tiers.remote.values import block_key
+
+    entry: dict[str, Any] = {"url": spec.redacted(), "nodes": remote_nodes(spec)}
+    geometry = REMOTE_GEOMETRY
+    blocks = max(1, total_bytes // geometry.block_bytes)
+    scratch = dataclasses.replace(spec, ttl_s=REMOTE_TTL_S)
+    try:
+        client = RemoteClient.connect(scratch)
+    except RemoteError as error:
+        return {**entry, "error": str(error), "measured_at": _now()}
+    tier = RemoteTier(scratch, geometry, fingerprint=REMOTE_FINGERPRINT, client=client)
+    keys = [f"{index:032x}" for index in range(blocks)]
+    try:
+        generator = torch.Generator().manual_seed(0)
+        shape = (geometry.block_tokens, *geometry.token_shape)
+        layers = tuple(
+            torch.randn(shape, generator=generator).to(geometry.dtype) for _ in geometry.layer_ids
+        )
+        start = time.perf_counter()
+        for key in keys:
+            if not tier.save(key, layers, parent_id=None):
+                return {**entry, "error": "the server did not store a block", "measured_at": _now()}
+        save_s = time.perf_counter() - start
+        targets = [[torch.empty_like(t) for t in layers] for _ in keys]
+        load_s = float("inf")
+        for _ in range(REMOTE_LOAD_REPEATS):
+            start = time.perf_counter()
+            results = tier.load_blocks(keys, targets)
+            load_s = min(load_s, time.perf_counter() - start)
+            if not all(results):
+                found = sum(1 for result in results if result)
+                problem = f"only {found} of {blocks} saved blocks loaded back"
+                return {**entry, "error": problem, "measured_at": _now()}
+    finally:
+        client.delete_many([block_key(REMOTE_FINGERPRINT, key) for key in keys])
+        tier.close()
+    moved = blocks * geometry.block_bytes
+    return {
+        **entry,
+        "blocks": blocks,
+        "block_bytes": geometry.block_bytes,
+        "save_gbps": moved / max(save_s, 1e-9) / 1e9,
+        "load_gbps": moved / max(load_s, 1e-9) / 1e9,
         "measured_at": _now(),
     }
 

@@ -12,9 +12,12 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvtier.machine import nearest_existing
+
+if TYPE_CHECKING:
+    from kvtier.tiers.remote.url import RemoteSpec
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,9 @@ BENCH_FORMAT = 1
 ASSUMED_DISK_WRITE_GBPS = 1.3
 ASSUMED_DISK_READ_GBPS = 1.9
 ASSUMED_COPY_GBPS = 10.0
+# A Valkey server on a 10 GbE link after the block checksum (docs/remote.md measured ~0.3 GB/s
+# on loopback in the 2-core container, where blake2b is the bottleneck).
+ASSUMED_REMOTE_GBPS = 0.3
 ASSUMED = "assumed (DESIGN.md section 8 figures, not this machine: run `kvtier bench`)"
 
 
@@ -67,12 +73,18 @@ def read_bench(path: Path | None = None) -> dict[str, Any] | None:
 
 def write_bench(results: dict[str, Any], path: Path | None = None) -> Path:
     """Save `results` (kvtier/bench.py's JSON) atomically; disk entries measured earlier on
-    other file systems are kept, so one file covers every store path measured."""
+    other file systems, and remote entries of other servers, are kept, so one file covers
+    every store path and server measured. A remote entry with an error is not saved."""
     path = bench_file() if path is None else path
     previous = read_bench(path) or {}
     devices = {entry.get("device") for entry in results.get("disk", [])}
     kept = [entry for entry in previous.get("disk", []) if entry.get("device") not in devices]
     data = {**results, "format": BENCH_FORMAT, "disk": kept + list(results.get("disk", []))}
+    # a server that did not answer keeps what was measured on it before
+    servers = [entry for entry in results.get("remote", []) if "load_gbps" in entry]
+    nodes = {entry.get("nodes") for entry in servers}
+    others = [entry for entry in previous.get("remote", []) if entry.get("nodes") not in nodes]
+    data["remote"] = others + servers
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=".bench-", suffix=".json", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as stream:
@@ -119,3 +131,22 @@ def copy_speed(copy_bytes: int, *, kind: str, bench: dict | None = None) -> Spee
     row = below[-1] if below else rows[0]
     source = f"measured on {str(bench.get('measured_at', '?'))[:10]} ({kind.replace('_', ' ')})"
     return Speed(float(row["gbps"]), source, True)
+
+
+def remote_nodes(spec: RemoteSpec) -> str:
+    """What a remote measurement is filed under: the server addresses and database, no secrets
+    (another process configured for the same server finds it)."""
+    return ",".join(str(node) for node in spec.nodes) + f"/{spec.db}"
+
+
+def remote_speed(spec: RemoteSpec, *, bench: dict | None = None) -> Speed:
+    """GB/s of loading blocks from the server `spec` names, as `kvtier bench` measured it (with
+    the block checks), else ASSUMED_REMOTE_GBPS with source "assumed"."""
+    bench = read_bench() if bench is None else bench
+    nodes = remote_nodes(spec)
+    entries = [] if bench is None else bench.get("remote", [])
+    entry = next((e for e in entries if e.get("nodes") == nodes and "load_gbps" in e), None)
+    if entry is None:
+        return Speed(ASSUMED_REMOTE_GBPS, "assumed", False)
+    date = str(entry.get("measured_at", "?"))[:10]
+    return Speed(float(entry["load_gbps"]), f"measured by kvtier bench on {date}", True)

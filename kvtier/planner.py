@@ -216,8 +216,8 @@ def plan_model(
 
 def remote_plan(geometry: KVGeometry, plan: ContextPlan, cfg: Config) -> RemotePlan | None:
     """The remote tier's line of the plan (None without a [remote] url). Its speed is the
-    cost model's: the tier measures the server only once it loads, so a plan, which connects
-    to nothing, uses the assumed figure (docs/remote.md has measured ones)."""
+    cost model's: a plan connects to nothing, so it is what `kvtier bench` measured on this
+    server, else the assumed figure (docs/remote.md has measured ones)."""
     spec = cfg.remote.spec
     if spec is None:
         return None
@@ -227,6 +227,7 @@ def remote_plan(geometry: KVGeometry, plan: ContextPlan, cfg: Config) -> RemoteP
         layer_bytes=geometry.layer_block_bytes,
         disk_path=cfg.disk.path,
         remote_gbps=None,
+        remote_spec=spec,
     )
     gbps = speeds.gbps[Tier.REMOTE]
     per_block = costs.BLOCK_OVERHEAD_S[Tier.REMOTE] + geometry.block_bytes / (gbps * 1e9)

@@ -1,4 +1,5 @@
-"""`kvtier bench`: measure this machine's disk, codecs and copies; save what kvtier reads."""
+"""`kvtier bench`: measure this machine's disk, codecs, copies and remote server; save what kvtier
+reads."""
 
 from __future__ import annotations
 
@@ -15,24 +16,26 @@ from kvtier.sizes import format_size, parse_size
 @config_options
 @click.option(
     "--size",
-    default="256MiB",
-    show_default=True,
-    help="Bytes written to and read back from the store path.",
+    default=None,
+    help="Bytes written to and read back from the store path (default 256MiB) and the remote "
+    "server (default 64MiB).",
 )
 @click.option("--no-save", is_flag=True, help="Measure and print only; keep the saved results.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 def bench(
-    config_path: str | None, sets: tuple[str, ...], size: str, no_save: bool, as_json: bool
+    config_path: str | None, sets: tuple[str, ...], size: str | None, no_save: bool, as_json: bool
 ) -> None:
     """Measure what kvtier's choices depend on, at the store path (disk.path): disk write+fsync
     and read, codec ratio and speed on KV-like data, and copies by size (pinned / pageable with
-    a GPU, memory copies without). Saves the results, which `codec = "auto"` and `kvtier plan`
-    read instead of assumed figures.
+    a GPU, memory copies without); with a [remote] url, saving and loading blocks on that
+    server (scratch values, deleted afterwards). Saves the results, which `codec = "auto"`,
+    `kvtier plan` and the load-or-recompute choice read instead of assumed figures.
 
     \b
     Examples:
       kvtier bench
       kvtier bench --set disk.path=/nvme/kv --size 1GiB
+      kvtier bench --set remote.url=valkey://cache.internal:6379
     """
     from tqdm import tqdm
 
@@ -40,15 +43,23 @@ def bench(
     from kvtier.measured import write_bench
 
     cfg = load_cli_config(config_path, sets)
-    total = parse_size(size, key="--size")
-    bar = tqdm(total=3, desc="kvtier bench", unit="part", file=sys.stderr, leave=False)
+    total = None if size is None else parse_size(size, key="--size")
+    remote = cfg.remote.spec
+    parts = 3 if remote is None else 4
+    bar = tqdm(total=parts, desc="kvtier bench", unit="part", file=sys.stderr, leave=False)
 
     def progress(what: str) -> None:
         bar.set_postfix_str(f"{what} done")
         bar.update()
 
     try:
-        results = run_bench(cfg.disk.path, disk_bytes=total, progress=progress)
+        results = run_bench(
+            cfg.disk.path,
+            disk_bytes=total or 256 << 20,
+            remote=remote,
+            remote_bytes=total or 64 << 20,
+            progress=progress,
+        )
     finally:
         bar.close()
     saved = None if no_save else write_bench(results)
@@ -58,11 +69,14 @@ def bench(
     for line in bench_lines(results):
         click.echo(line)
     if saved is not None:
-        click.echo(f'saved to {saved} (codec = "auto" and kvtier plan read it)')
+        click.echo(
+            f'saved to {saved} (codec = "auto", kvtier plan and the load-or-recompute choice read it)'
+        )
 
 
 def bench_lines(results: dict) -> list[str]:
-    """The measurements as a table: disk, codecs, copies by size."""
+    """The measurements as a table: disk, codecs, copies by size, the remote server (a warning
+    line instead when it could not be measured)."""
     (disk,) = results["disk"]
     cuda = results["cuda"] or "no CUDA"
     lines = [
@@ -88,6 +102,14 @@ def bench_lines(results: dict) -> list[str]:
     for copy in results["copies"]:
         what = copy["kind"].replace("_", " ")
         rows.append((what, format_size(copy["bytes"]), f"{copy['gbps']:.2f}", "best of 5"))
+    for server in results.get("remote", []):
+        if "error" in server:
+            rows.append(("remote", "-", "-", f"warning: not measured, {server['error']}"))
+            continue
+        blocks = f"{server['blocks']} x {format_size(server['block_bytes'])}"
+        speeds = f"{server['save_gbps']:.2f} / {server['load_gbps']:.2f}"
+        rows.append(("remote", blocks, speeds, "save / load, block checks included"))
     lines += table_lines(rows, right=(2,))
     lines += ["", f'codec = "auto" would choose {codec["auto_choice"]} for this disk']
+    lines += [f"remote: {server['url']}" for server in results.get("remote", [])]
     return lines

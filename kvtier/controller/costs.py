@@ -10,17 +10,18 @@ that makes loading look good: a wrong "load" costs at most a few times a recompu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvtier.blocks import Tier
-from kvtier.measured import ASSUMED, copy_speed, disk_speeds
+from kvtier.measured import ASSUMED, ASSUMED_REMOTE_GBPS, copy_speed, disk_speeds, remote_speed
+
+if TYPE_CHECKING:
+    from kvtier.tiers.remote.url import RemoteSpec
 
 # Per-block overhead of a load, seconds: a copy's Python and launch cost for memory tiers; an
 # open, a header parse and a checksum pass set-up for a block file; a round trip to the server.
 # Assumed, not measured (a 64-token fp32 SmolLM2 block took ~1 ms from disk on the 2-core VM).
 BLOCK_OVERHEAD_S = {Tier.GPU: 20e-6, Tier.HOST: 20e-6, Tier.DISK: 300e-6, Tier.REMOTE: 500e-6}
-# A Valkey server on a 10 GbE link after the block checksum (docs/remote.md measured ~0.3 GB/s
-# on loopback in the 2-core container, where blake2b is the bottleneck).
-ASSUMED_REMOTE_GBPS = 0.3
 # Prefill FLOP/s assumed before a prefill ran in this process: low on purpose (a few percent of
 # an H100's bf16 peak, a slow laptop core), so an unmeasured model prefers loading.
 ASSUMED_PREFILL_FLOPS = {"cuda": 50e12, "cpu": 10e9}
@@ -34,22 +35,36 @@ class Bandwidths:
     sources: dict[Tier, str]
 
 
-def bandwidths(*, cuda: bool, layer_bytes: int, disk_path: object, remote_gbps: float | None):
-    """The load bandwidth of every tier: copies at `layer_bytes` per copy (one block layer)."""
+def bandwidths(
+    *,
+    cuda: bool,
+    layer_bytes: int,
+    disk_path: object,
+    remote_gbps: float | None,
+    remote_spec: RemoteSpec | None = None,
+) -> Bandwidths:
+    """The load bandwidth of every tier: copies at `layer_bytes` per copy (one block layer).
+    The remote tier's is `remote_gbps` (the tier's own measurement in this process), else what
+    `kvtier bench` measured on the server `remote_spec` names, else ASSUMED_REMOTE_GBPS."""
     kind = "pinned_h2d" if cuda else "host_memcpy"
     copy = copy_speed(layer_bytes, kind=kind)
     disk = disk_speeds(disk_path).read
+    if remote_gbps:
+        remote, remote_source = remote_gbps, "measured by this process's remote tier"
+    else:
+        saved = remote_speed(remote_spec) if remote_spec is not None else None
+        remote = saved.gbps if saved is not None else ASSUMED_REMOTE_GBPS
+        remote_source = saved.source if saved is not None else "assumed"
     # a disk or remote block lands in host memory, then goes up: both legs count on CUDA
     up = 1 / (copy.gbps) if cuda else 0.0
     gbps = {
         Tier.GPU: copy.gbps * (10 if cuda else 1),  # device to device, or a host memcpy
         Tier.HOST: copy.gbps,
         Tier.DISK: 1 / (1 / disk.gbps + up),
-        Tier.REMOTE: 1 / (1 / (remote_gbps or ASSUMED_REMOTE_GBPS) + up),
+        Tier.REMOTE: 1 / (1 / remote + up),
     }
-    remote = "measured by this process's remote tier" if remote_gbps else "assumed"
     sources = {Tier.GPU: copy.source, Tier.HOST: copy.source, Tier.DISK: disk.source}
-    return Bandwidths(gbps, sources | {Tier.REMOTE: remote})
+    return Bandwidths(gbps, sources | {Tier.REMOTE: remote_source})
 
 
 def assumed_prefill_rate(*, flops_per_token: float, cuda: bool) -> float:

@@ -136,6 +136,7 @@ def _choose(controller: Any, found: list[Found], flops_per_token: float) -> Choi
             layer_bytes=g.layer_block_bytes,
             disk_path=controller.cfg.disk.path,
             remote_gbps=remote_gbps,
+            remote_spec=remote.spec if remote is not None else None,
         ),
         prefill_rate=rate,
         rate_source="measured in this process" if measured else "assumed",
