@@ -124,3 +124,15 @@ def test_a_server_that_is_down_is_one_warning_row_and_the_rest_is_saved(tmp_path
     saved = measured.read_bench()
     assert saved["disk"] and saved["copies"]
     assert saved["remote"] == before, "a failed measurement keeps the earlier one"
+
+
+def test_a_wrong_password_is_a_warning_row_without_the_password(tmp_path, server):
+    store = ["--set", f"disk.path={tmp_path / 'store'}", "--set", "disk.budget=1GiB"]
+    url = f"remote.url=valkey://fleet:wrong-{PASSWORD}@{server.node}"
+    args = ["bench", *store, "--set", url, "--set", "remote.timeout_ms=300", "--size", "4MiB"]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    assert PASSWORD not in result.output
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("remote ")]
+    assert "warning: not measured" in row
+    assert "remote" not in measured.read_bench() or not measured.read_bench()["remote"]

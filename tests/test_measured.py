@@ -88,3 +88,20 @@ def test_codec_auto_weighs_the_measured_disk(tmp_path, caplog):
     measured.write_bench({"disk": [_disk_entry(tmp_path, write=0.25, read=0.75)]})
     text = _choose(tmp_path / "store", caplog)
     assert f"0.25 GB/s write, 0.75 GB/s read: measured at {tmp_path} on 2030-01-02" in text
+
+
+def test_remote_speed_is_filed_by_server_and_assumed_elsewhere():
+    from kvtier.tiers.remote.url import parse_remote
+
+    spec = parse_remote({"url": "valkey://kv:secret@10.0.0.5:6379/2"})
+    assert measured.remote_nodes(spec) == "10.0.0.5:6379/2"
+    assumed = measured.remote_speed(spec)
+    assert (assumed.gbps, assumed.source, assumed.measured) == (0.3, "assumed", False)
+    entry = {"nodes": "10.0.0.5:6379/2", "load_gbps": 1.5, "measured_at": "2030-01-02T03:04:05"}
+    failed = {"nodes": "10.0.0.6:6379/0", "error": "down"}
+    measured.write_bench({"remote": [entry, failed]})
+    assert measured.read_bench()["remote"] == [entry], "a failed measurement is not saved"
+    speed = measured.remote_speed(parse_remote({"url": "valkey://10.0.0.5:6379/2"}))
+    assert speed.measured and speed.gbps == 1.5
+    assert speed.source == "measured by kvtier bench on 2030-01-02"
+    assert not measured.remote_speed(parse_remote({"url": "valkey://10.0.0.5:6379"})).measured
