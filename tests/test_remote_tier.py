@@ -585,10 +585,13 @@ def test_generation_with_a_remote_tier_is_exact(tiny_model, tmp_path: Path, serv
     assert "\n" not in str(error.value) and "nope" not in str(error.value)
 
 
-def _remote_reuse_setup(tiny_model, tmp_path: Path, server: ValkeyProcess, length: int):
+def _remote_reuse_setup(
+    tiny_model, tmp_path: Path, server: ValkeyProcess, length: int, host_blocks: int = 7
+):
     """A first cache writes a `length`-token prompt through to the server; returns the model,
     the prompt, the second run's config (its own empty disk store: hits come from the server
-    only), the chain of the prompt's full blocks and the oracle's output."""
+    only; `host_blocks` of host room), the chain of the prompt's full blocks and the oracle's
+    output."""
     from conftest import BLOCK_TOKENS, random_prompt, reference_generate, tiered_config
 
     import kvtier
@@ -601,7 +604,7 @@ def _remote_reuse_setup(tiny_model, tmp_path: Path, server: ValkeyProcess, lengt
     remote = {"remote_url": f"valkey://{server.node}", "remote_persist": True}
     # host and disk used too: making room for a later remote block demotes earlier ones
     first = tiered_config(config, tmp_path / "a", length + 40, **remote)
-    second = tiered_config(config, tmp_path / "b", length + 40, **remote)
+    second = tiered_config(config, tmp_path / "b", length + 40, host_blocks=host_blocks, **remote)
     kvtier_cache = kvtier.TieredCache(model, first)
     try:
         model.generate(prompt, past_key_values=kvtier_cache, max_new_tokens=2, do_sample=False)
@@ -633,7 +636,7 @@ def test_remote_prefix_loads_in_one_batched_call(
     tiny_model, tmp_path: Path, server: ValkeyProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Scenario: a 12-block prefix on the server is loaded by one load_blocks call (not one
-    range read per layer and block) into GPU, host and disk slots; tokens and logits exact."""
+    range read per layer and block) into GPU and host slots; tokens and logits exact."""
     from conftest import BLOCK_TOKENS, assert_same_generation, tiered_generate
 
     model, prompt, cfg, chain, expected = _remote_reuse_setup(tiny_model, tmp_path, server, 200)
@@ -646,6 +649,25 @@ def test_remote_prefix_loads_in_one_batched_call(
     block_bytes = stats["remote"]["loaded_bytes"] // len(chain)
     assert stats["remote"]["bytes_read"] == len(chain) * block_bytes
     assert stats["remote"]["hits"] == len(chain) and stats["remote"]["rejected"] == 0
+
+
+def test_remote_prefix_larger_than_memory_loads_in_rounds(
+    tiny_model, tmp_path: Path, server: ValkeyProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: GPU and host hold fewer than the 12 remote blocks: the ones they have room
+    for load in one call, are then moved down to disk to make room for the rest (as a
+    prefill does), and the whole prefix is reused, as block by block did; exact."""
+    from conftest import BLOCK_TOKENS, assert_same_generation, tiered_generate
+
+    model, prompt, cfg, chain, expected = _remote_reuse_setup(
+        tiny_model, tmp_path, server, 200, host_blocks=2
+    )
+    calls = _count_load_blocks(monkeypatch)
+    got, stats = tiered_generate(model, cfg, prompt)
+    assert_same_generation(expected, got)
+    assert len(calls) > 1 and sum(calls) == len(chain) == 12
+    assert stats["prefix_hit_tokens"] == len(chain) * BLOCK_TOKENS
+    assert stats["disk"]["blocks"] > 0
 
 
 @pytest.mark.parametrize("damage", ["flip", "delete"])

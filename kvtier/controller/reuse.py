@@ -5,7 +5,7 @@ controller/index.py), then this controller's disk store (the shared area that ea
 other processes persisted), then the remote server; costs.py decides how much of the chain to
 load; each block is copied into the fastest tier with room (a disk block may also stay on disk,
 adopted), one mover ticket per block, except the chain's remote run, which comes in one
-`RemoteTier.load_blocks` call (pipelined MGETs). A block that fails to load (missing, or failing verification: the store quarantines
+`RemoteTier.load_blocks` call (pipelined MGETs; more only when memory runs short). A block that fails to load (missing, or failing verification: the store quarantines
 it) ends the prefix there and the caller computes the rest. Sealed blocks only.
 """
 
@@ -205,34 +205,60 @@ def _append_sealed(controller: Any, item: Found, rows: list[list[int]]) -> Block
 def _load_remote(
     controller: Any, items: list[Found], rows: list[list[int]]
 ) -> tuple[int, str | None]:
-    """Append the remote blocks `items` (a run of the chain) to the table with one
-    `RemoteTier.load_blocks` call; how many landed, and why the rest did not (None: all did).
+    """Append the remote blocks `items` (the chain's last run) to the table, as many per
+    `RemoteTier.load_blocks` call as the memory tiers have room for at once (all of them but
+    under memory pressure); how many landed, and why the rest did not (None: all did).
 
-    Room for every block is found first; a block gets its slot in the table only once its
-    bytes are in, so making room for a later block never moves an earlier one that has not
-    landed. Blocks land in their memory slots when those are CPU tensors (host), else in
-    bounce buffers copied up by one mover ticket (GPU). The first block that is missing, fails
-    its checks or finds no room ends the run: it and the ones after are freed and truncated.
+    A block gets its slot in the table only once its bytes are in, so making room for a later
+    block never moves one that has not landed; when room runs out, the blocks found room for
+    are loaded, and the next round can move them down (as a prefill does) to make more.
     """
-    table, g, stores = controller.table, controller.geometry, controller.stores
-    rooms: list[tuple[BlockMeta, Tier, Handle]] = []
-    failure = None
+    landed = 0
+    while landed < len(items):
+        rooms = _rooms(controller, items[landed:], rows)
+        if not rooms:  # not even after moving every landed block it could
+            return landed, "no room in the GPU, host or disk tier"
+        count, failure = _land(controller, rooms)
+        landed += count
+        if failure is not None:
+            return landed, failure
+    return landed, None
+
+
+def _rooms(
+    controller: Any, items: list[Found], rows: list[list[int]]
+) -> list[tuple[BlockMeta, Tier, Handle]]:
+    """Append `items` to the table, each with room in a memory tier (no slot set yet), until
+    one finds none (it is truncated again)."""
+    rooms = []
     for item in items:
         block = _append_sealed(controller, item, rows)
         tier, handle = _room(controller, block, item)
         if tier is None:
-            table.truncate(block.index)
-            failure = "no room in the GPU, host or disk tier"
+            controller.table.truncate(block.index)
             break
         rooms.append((block, tier, handle))
+    return rooms
+
+
+def _land(controller: Any, rooms: list[tuple[BlockMeta, Tier, Handle]]) -> tuple[int, str | None]:
+    """Load the remote blocks of `rooms` into their rooms with one load_blocks call; how many
+    landed (the first missing or failing block and those after it are freed and truncated),
+    and why not all did.
+
+    Host slots are the CPU tensors it fills; a GPU slot gets a bounce buffer (pinned on CUDA)
+    that one mover ticket copies up.
+    """
+    table, g, stores = controller.table, controller.geometry, controller.stores
     targets = [
         stores[tier].block_target(handle, parent_id=table.parent_id(block))
         for block, tier, handle in rooms
     ]
     landing = [tuple(_landing(view) for view in target) for target in targets]
     keys = [block.block_id for block, _, _ in rooms]
-    results = stores[Tier.REMOTE].load_blocks(keys, landing) if rooms else []
+    results = stores[Tier.REMOTE].load_blocks(keys, landing)
     landed = next((i for i, result in enumerate(results) if not result), len(results))
+    failure = None
     if landed < len(results):
         why = reason(results[landed])
         log.warning("prefix reuse: remote block %s %s; computing from there", keys[landed], why)
