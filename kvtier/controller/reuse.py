@@ -5,8 +5,9 @@ controller/index.py), then this controller's disk store (the shared area that ea
 other processes persisted), then the remote server; costs.py decides how much of the chain to
 load; each block is copied into the fastest tier with room (a disk block may also stay on disk,
 adopted), one mover ticket per block, except the chain's remote run, which comes in one
-`RemoteTier.load_blocks` call (pipelined MGETs; more only when memory runs short). A block that fails to load (missing, or failing verification: the store quarantines
-it) ends the prefix there and the caller computes the rest. Sealed blocks only.
+`RemoteTier.load_blocks` call (pipelined MGETs; more only when memory runs short). A block
+that fails to load (missing, or failing verification: the store quarantines it) ends the
+prefix there and the caller computes the rest. Sealed blocks only.
 """
 
 from __future__ import annotations
