@@ -583,3 +583,132 @@ def test_generation_with_a_remote_tier_is_exact(tiny_model, tmp_path: Path, serv
     finally:
         cache.close()
     assert "\n" not in str(error.value) and "nope" not in str(error.value)
+
+
+def _remote_reuse_setup(
+    tiny_model, tmp_path: Path, server: ValkeyProcess, length: int, host_blocks: int = 7
+):
+    """A first cache writes a `length`-token prompt through to the server; returns the model,
+    the prompt, the second run's config (its own empty disk store: hits come from the server
+    only; `host_blocks` of host room), the chain of the prompt's full blocks and the oracle's
+    output."""
+    from conftest import BLOCK_TOKENS, random_prompt, reference_generate, tiered_config
+
+    import kvtier
+    from kvtier.controller.index import INDEX
+    from kvtier.controller.reuse import prompt_chain
+
+    INDEX.clear()
+    model, config = tiny_model("llama")
+    prompt = random_prompt(length, seed=5)
+    remote = {"remote_url": f"valkey://{server.node}", "remote_persist": True}
+    # host and disk used too: making room for a later remote block demotes earlier ones
+    first = tiered_config(config, tmp_path / "a", length + 40, **remote)
+    second = tiered_config(config, tmp_path / "b", length + 40, host_blocks=host_blocks, **remote)
+    kvtier_cache = kvtier.TieredCache(model, first)
+    try:
+        model.generate(prompt, past_key_values=kvtier_cache, max_new_tokens=2, do_sample=False)
+    finally:
+        kvtier_cache.close()
+    INDEX.clear()  # no measured prefill speed: the cost model's defaults choose "load"
+    chain = prompt_chain(
+        prompt.tolist(),
+        block_tokens=BLOCK_TOKENS,
+        blocks=length // BLOCK_TOKENS,
+        fingerprint=kvtier_cache.spec.fingerprint,
+    )
+    return model, prompt, second, chain, reference_generate(model, prompt)
+
+
+def _count_load_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = RemoteTier.load_blocks
+
+    def counted(self, keys, layers):
+        calls.append(len(keys))
+        return original(self, keys, layers)
+
+    monkeypatch.setattr(RemoteTier, "load_blocks", counted)
+    return calls
+
+
+def test_remote_prefix_loads_in_one_batched_call(
+    tiny_model, tmp_path: Path, server: ValkeyProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: a 12-block prefix on the server is loaded by one load_blocks call (not one
+    range read per layer and block) into GPU and host slots; tokens and logits exact."""
+    from conftest import BLOCK_TOKENS, assert_same_generation, tiered_generate
+
+    model, prompt, cfg, chain, expected = _remote_reuse_setup(tiny_model, tmp_path, server, 200)
+    calls = _count_load_blocks(monkeypatch)
+    got, stats = tiered_generate(model, cfg, prompt)
+    assert_same_generation(expected, got)
+    assert calls == [len(chain)] and len(chain) == 12
+    assert stats["reuse"]["loaded_blocks"]["remote"] == len(chain)
+    assert stats["prefix_hit_tokens"] == len(chain) * BLOCK_TOKENS
+    block_bytes = stats["remote"]["loaded_bytes"] // len(chain)
+    assert stats["remote"]["bytes_read"] == len(chain) * block_bytes
+    assert stats["remote"]["hits"] == len(chain) and stats["remote"]["rejected"] == 0
+
+
+def test_remote_prefix_larger_than_memory_loads_in_rounds(
+    tiny_model, tmp_path: Path, server: ValkeyProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: GPU and host hold fewer than the 12 remote blocks: the ones they have room
+    for load in one call, are then moved down to disk to make room for the rest (as a
+    prefill does), and the whole prefix is reused, as block by block did; exact."""
+    from conftest import BLOCK_TOKENS, assert_same_generation, tiered_generate
+
+    model, prompt, cfg, chain, expected = _remote_reuse_setup(
+        tiny_model, tmp_path, server, 200, host_blocks=2
+    )
+    calls = _count_load_blocks(monkeypatch)
+    got, stats = tiered_generate(model, cfg, prompt)
+    assert_same_generation(expected, got)
+    assert len(calls) > 1 and sum(calls) == len(chain) == 12
+    assert stats["prefix_hit_tokens"] == len(chain) * BLOCK_TOKENS
+    assert stats["disk"]["blocks"] > 0
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_bad_remote_block_mid_chain_stops_reuse_there(
+    damage: str,
+    tiny_model,
+    tmp_path: Path,
+    server: ValkeyProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Scenario: block 5 of a 12-block remote prefix is bit-flipped or deleted on the server:
+    blocks 0-4 are loaded (one load_blocks call), the rest computed, tokens and logits exact."""
+    from conftest import BLOCK_TOKENS, assert_same_generation, tiered_generate
+
+    model, prompt, cfg, chain, expected = _remote_reuse_setup(tiny_model, tmp_path, server, 200)
+    raw = server.client()
+    key = block_key(kvtier_fingerprint(model, cfg), chain[5])
+    if damage == "flip":
+        raw.set(key, bytes(_flip_payload_byte(raw.get(key))))
+    else:
+        raw.delete(key)
+    calls = _count_load_blocks(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="kvtier.controller.reuse"):
+        got, stats = tiered_generate(model, cfg, prompt)
+    assert_same_generation(expected, got)
+    assert stats["prefix_hit_tokens"] == 5 * BLOCK_TOKENS
+    assert stats["reuse"]["loaded_blocks"]["remote"] == 5
+    if damage == "flip":  # a deleted value is not in the stored prefix: nothing to warn about
+        assert calls == [12]
+        assert "stopped: remote block" in stats["reuse"]["reason"]
+        assert any(chain[5] in r.getMessage() for r in caplog.records)
+    else:
+        assert calls == [5]
+    block_bytes = stats["remote"]["loaded_bytes"] // stats["remote"]["hits"]
+    assert stats["remote"]["bytes_read"] == 5 * block_bytes
+
+
+def kvtier_fingerprint(model, cfg) -> str:
+    import kvtier
+
+    probe = kvtier.TieredCache(model, cfg)
+    probe.close()
+    return probe.spec.fingerprint

@@ -4,8 +4,10 @@ It looks in the process's other live controllers (their GPU, host and disk copie
 controller/index.py), then this controller's disk store (the shared area that earlier runs and
 other processes persisted), then the remote server; costs.py decides how much of the chain to
 load; each block is copied into the fastest tier with room (a disk block may also stay on disk,
-adopted). A block that fails to load (missing, or failing verification: the store quarantines
-it) ends the prefix there and the caller computes the rest. Sealed blocks only.
+adopted), one mover ticket per block, except the chain's remote run, which comes in one
+`RemoteTier.load_blocks` call (pipelined MGETs; more only when memory runs short). A block
+that fails to load (missing, or failing verification: the store quarantines it) ends the
+prefix there and the caller computes the rest. Sealed blocks only.
 """
 
 from __future__ import annotations
@@ -108,11 +110,19 @@ def load_prefix(
     started = time.perf_counter()
     loaded: list[tuple[BlockMeta, Found]] = []
     failure = None
-    for item in found[: choice.blocks]:
+    chosen = found[: choice.blocks]
+    local = [item for item in chosen if item.tier is not Tier.REMOTE]  # find_prefix: remote last
+    for item in local:
         failure = _load_one(controller, item, rows)
         if failure is not None:
             break
         loaded.append((controller.table[len(loaded)], item))
+    if failure is None and len(chosen) > len(local):
+        remote = chosen[len(local) :]
+        landed, failure = _load_remote(controller, remote, rows)
+        loaded += [
+            (controller.table[len(loaded) + i], item) for i, item in enumerate(remote[:landed])
+        ]
     controller.tokens = len(loaded) * g.block_tokens
     controller.counters.prefix_hit_tokens += controller.tokens
     _after_load(controller, loaded)
@@ -146,13 +156,8 @@ def _choose(controller: Any, found: list[Found], flops_per_token: float) -> Choi
 def _load_one(controller: Any, item: Found, rows: list[list[int]]) -> str | None:
     """Append block `item` to the table with a copy in the fastest tier with room; None when
     it landed, else why not (the table is left as before)."""
-    table, bt = controller.table, controller.geometry.block_tokens
-    block = table.open_block()
-    start = block.index * bt
-    block.extend_ids([row[start : start + bt] for row in rows])
-    block.tokens = bt
-    table.seal(block, controller.fingerprint)
-    assert block.block_id == item.block_id, "a block sealed from the prompt has another id"
+    table = controller.table
+    block = _append_sealed(controller, item, rows)
     tier, handle = _room(controller, block, item)
     if tier is None:
         table.truncate(block.index)
@@ -185,6 +190,104 @@ def _load_one(controller: Any, item: Found, rows: list[list[int]]) -> str | None
     if item.owner is None:
         counters.tiers[item.tier].bytes_read += controller.geometry.block_bytes
     return None
+
+
+def _append_sealed(controller: Any, item: Found, rows: list[list[int]]) -> BlockMeta:
+    """The next block of the prompt, appended to the table and sealed: it must be `item`."""
+    table, bt = controller.table, controller.geometry.block_tokens
+    block = table.open_block()
+    start = block.index * bt
+    block.extend_ids([row[start : start + bt] for row in rows])
+    block.tokens = bt
+    table.seal(block, controller.fingerprint)
+    assert block.block_id == item.block_id, "a block sealed from the prompt has another id"
+    return block
+
+
+def _load_remote(
+    controller: Any, items: list[Found], rows: list[list[int]]
+) -> tuple[int, str | None]:
+    """Append the remote blocks `items` (the chain's last run) to the table, as many per
+    `RemoteTier.load_blocks` call as the memory tiers have room for at once (all of them but
+    under memory pressure); how many landed, and why the rest did not (None: all did).
+
+    A block gets its slot in the table only once its bytes are in, so making room for a later
+    block never moves one that has not landed; when room runs out, the blocks found room for
+    are loaded, and the next round can move them down (as a prefill does) to make more.
+    """
+    landed = 0
+    while landed < len(items):
+        rooms = _rooms(controller, items[landed:], rows)
+        if not rooms:  # not even after moving every landed block it could
+            return landed, "no room in the GPU, host or disk tier"
+        count, failure = _land(controller, rooms)
+        landed += count
+        if failure is not None:
+            return landed, failure
+    return landed, None
+
+
+def _rooms(
+    controller: Any, items: list[Found], rows: list[list[int]]
+) -> list[tuple[BlockMeta, Tier, Handle]]:
+    """Append `items` to the table, each with room in a memory tier (no slot set yet), until
+    one finds none (it is truncated again)."""
+    rooms = []
+    for item in items:
+        block = _append_sealed(controller, item, rows)
+        tier, handle = _room(controller, block, item)
+        if tier is None:
+            controller.table.truncate(block.index)
+            break
+        rooms.append((block, tier, handle))
+    return rooms
+
+
+def _land(controller: Any, rooms: list[tuple[BlockMeta, Tier, Handle]]) -> tuple[int, str | None]:
+    """Load the remote blocks of `rooms` into their rooms with one load_blocks call; how many
+    landed (the first missing or failing block and those after it are freed and truncated),
+    and why not all did.
+
+    Host slots are the CPU tensors it fills; a GPU slot gets a bounce buffer (pinned on CUDA)
+    that one mover ticket copies up.
+    """
+    table, g, stores = controller.table, controller.geometry, controller.stores
+    targets = [
+        stores[tier].block_target(handle, parent_id=table.parent_id(block))
+        for block, tier, handle in rooms
+    ]
+    landing = [tuple(_landing(view) for view in target) for target in targets]
+    keys = [block.block_id for block, _, _ in rooms]
+    results = stores[Tier.REMOTE].load_blocks(keys, landing)
+    landed = next((i for i, result in enumerate(results) if not result), len(results))
+    failure = None
+    if landed < len(results):
+        why = reason(results[landed])
+        log.warning("prefix reuse: remote block %s %s; computing from there", keys[landed], why)
+        failure = f"remote block {keys[landed]} {why}"
+    uploads = [
+        (landing[i], targets[i]) for i in range(landed) if landing[i][0] is not targets[i][0]
+    ]
+    if uploads:
+        controller.mover.finish(controller.mover.submit(uploads, lane=Lane.NOW))
+    for _, tier, handle in rooms[landed:]:
+        stores[tier].free(handle)
+    if landed < len(rooms):
+        table.truncate(rooms[landed][0].index)
+    counters = controller.counters
+    for block, tier, handle in rooms[:landed]:
+        block.slots[tier] = handle
+        counters.tiers[tier].bytes_written += g.block_bytes
+        counters.tiers[Tier.REMOTE].bytes_read += g.block_bytes
+    return landed, failure
+
+
+def _landing(view: torch.Tensor) -> torch.Tensor:
+    """Where a remote layer lands: the slot itself when it is a contiguous CPU view, else a
+    bounce buffer (pinned when the slot is on a GPU) that the mover copies up."""
+    if view.device.type == "cpu" and view.is_contiguous():
+        return view
+    return torch.empty(view.shape, dtype=view.dtype, pin_memory=view.device.type == "cuda")
 
 
 def _room(controller: Any, block: BlockMeta, item: Found) -> tuple[Tier | None, Handle | None]:
