@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvtier.errors import KVTierError
 from kvtier.tiers.base import Endpoint, Stored
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,9 @@ class Mover:
         by_device: dict[torch.device | None, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for source, destination in copies:
             for src, dst in _per_layer(source, destination):
-                if isinstance(dst, Stored):
+                if isinstance(dst, Stored) and isinstance(src, Stored):
+                    ticket.saves.append(self.pool.submit(_relay, src, dst))
+                elif isinstance(dst, Stored):
                     ticket.saves.append(self.pool.submit(_save, dst, src))
                 elif isinstance(src, Stored):
                     self._load(ticket, src, dst, now=lane is Lane.NOW)
@@ -260,6 +263,16 @@ def _per_layer(source: Endpoint, destination: Endpoint) -> list[tuple[Endpoint, 
         assert isinstance(destination, tuple) and len(source) == len(destination)
         return list(zip(source, destination, strict=True))
     return [(source, destination)]
+
+
+def _relay(source: Stored, destination: Stored) -> int:
+    """A whole block from one serialized store to another, through host memory (a disk file
+    sent on to the server): verified when read, so a bad file is an error, never sent."""
+    layers = tuple(source.store.layer_buffer() for _ in source.store.geometry.layer_ids)
+    result = source.store.load_block(source.key, layers)
+    if not result:
+        raise KVTierError(f"block {source.key} could not be read to relay it ({result.value})")
+    return _save(destination, layers)
 
 
 def _save(destination: Stored, layers: tuple[torch.Tensor, ...]) -> int:

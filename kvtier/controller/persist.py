@@ -74,14 +74,14 @@ class Persister:
         return self.admit_after_hits == 0 or self.hits(block.block_id) >= self.admit_after_hits
 
     def pump(self) -> None:
-        """Submit the queued saves whose block has a host copy to read (else wait for it)."""
+        """Submit the queued saves whose block has a copy to read (else wait for it)."""
         if not self._queue:
             return
         waiting = []
         for block, tier in self._queue:
             if not self._held(block):
                 continue  # cropped or reset away
-            source = self._source(block)
+            source = self._source(block, tier)
             if source is None:
                 waiting.append((block, tier))
             else:
@@ -92,19 +92,26 @@ class Persister:
         index = block.index
         return index < len(self.table) and self.table[index] is block and block.sealed
 
-    def _source(self, block: BlockMeta) -> Tier | None:
-        """A copy the I/O threads can read now: host memory, written through already."""
+    def _source(self, block: BlockMeta, target: Tier) -> Tier | None:
+        """A copy the I/O threads can read now: host memory, written through already; else,
+        for the server, the block's disk file once it is written (a host tier too small to
+        keep a block until its save ran sends it on to disk first)."""
+        if target in block.slots:
+            return target  # on disk already: _submit shares it
         for tier in sorted(block.slots):
             store = self.stores[tier]
             on_cpu = tier is Tier.HOST or (tier is Tier.GPU and not self.needs_host)
             if store.holds_open_blocks and on_cpu and not self.writes.through_pending(block):
                 return tier
+        if target is Tier.REMOTE and Tier.DISK in block.slots:
+            if not self.writes.saving(block, Tier.DISK):
+                return Tier.DISK  # relayed through host memory by the mover
         return None
 
     def _submit(self, block: BlockMeta, tier: Tier, source: Tier) -> None:
         store = self.stores[tier]
         publish = tier is Tier.DISK and self.admit_after_hits > 0
-        if tier in block.slots:  # on disk already (evicted there, privately): share it
+        if source is tier:  # on disk already (evicted there, privately): share it
             if publish:
                 store.publish(block.block_id)
             return

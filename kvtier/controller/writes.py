@@ -93,6 +93,10 @@ class WritesInFlight:
         """Whether a move out of `tier` is in flight (its room is on its way)."""
         return any(save.source is tier and not save.copy for save in self._saves)
 
+    def saving(self, block: BlockMeta, destination: Tier) -> bool:
+        """Whether any save of `block` to `destination` (a move or a copy) is still pending."""
+        return any(s.block is block and s.destination is destination for s in self._saves)
+
     def copies_pending(self, block: BlockMeta, destination: Tier) -> bool:
         return any(
             s.copy and s.block is block and s.destination is destination for s in self._saves

@@ -217,6 +217,10 @@ class DiskTier:
         it was reused `admit_after_hits` times. True if it is shared now."""
         return self.store.publish(key)
 
+    def layer_buffer(self) -> torch.Tensor:
+        """An empty CPU tensor of one layer of one block, as `load_block` fills."""
+        return self._buffer()
+
     def _buffer(self) -> torch.Tensor:
         g = self.geometry
         return torch.empty((g.block_tokens, *g.token_shape), dtype=g.dtype)

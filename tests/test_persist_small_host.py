@@ -1,0 +1,57 @@
+"""`remote.persist` writes every sealed block through to the server, even when the host tier is
+too small to hold a block until its save runs: the block's disk file is relayed instead."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import (
+    BLOCK_TOKENS,
+    generation_mismatches,
+    random_prompt,
+    reference_generate,
+    tiered_config,
+    tiered_generate,
+)
+from test_remote_tier import server  # noqa: F401  (the fixture)
+from valkey_servers import ValkeyProcess
+
+import kvtier
+from kvtier.blocks import Tier
+from kvtier.controller.index import INDEX
+from kvtier.controller.reuse import prompt_chain
+
+
+@pytest.mark.parametrize("host_blocks", [7, 2])
+def test_every_sealed_block_reaches_the_server(
+    tiny_model,
+    tmp_path: Path,
+    server: ValkeyProcess,  # noqa: F811
+    host_blocks: int,
+) -> None:
+    INDEX.clear()
+    model, config = tiny_model("llama")
+    length = 200
+    prompt = random_prompt(length, seed=5)
+    remote = {"remote_url": f"valkey://{server.node}", "remote_persist": True}
+    cfg = tiered_config(config, tmp_path / "a", length + 40, host_blocks=host_blocks, **remote)
+    cache = kvtier.TieredCache(model, cfg)
+    try:
+        model.generate(prompt, past_key_values=cache, max_new_tokens=2, do_sample=False)
+        remote_tier = cache.controller.stores[Tier.REMOTE]
+        chain = prompt_chain(
+            prompt.tolist(),
+            block_tokens=BLOCK_TOKENS,
+            blocks=length // BLOCK_TOKENS,
+            fingerprint=cache.spec.fingerprint,
+        )
+    finally:
+        cache.close()
+    assert remote_tier.stored_prefix(chain) == len(chain)
+    # a cache with an empty disk store of its own loads all of them from the server, exactly
+    INDEX.clear()
+    fresh = tiered_config(config, tmp_path / "b", length + 40, **remote)
+    got, stats = tiered_generate(model, fresh, prompt)
+    assert not generation_mismatches(reference_generate(model, prompt), got)
+    assert stats["prefix_hit_tokens"] == len(chain) * BLOCK_TOKENS, stats["reuse"]
