@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from kvtier.blocks import BlockMeta, Tier
+from kvtier.layout import KVGeometry
 
 Handle = int | str  # a slot number (memory stores) or a key (serialized stores)
 
@@ -105,6 +106,35 @@ class TierStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class SerializedEndpoints:
+    """The TierStore methods every serialized store (disk, remote) shares: handles are block
+    keys, every copy is a whole `Stored` block or one layer of it, and nothing is held in
+    contiguous runs; `layer_buffer()` is one layer of one block in host memory, as
+    `load_block` fills it. The class sets `geometry`."""
+
+    geometry: KVGeometry
+
+    def release(self) -> None:
+        pass
+
+    def contiguous(self, first: str, second: str) -> bool:
+        return False
+
+    def source(self, key: str, tiered_index: int, count: int = 1) -> Stored:
+        assert count == 1, "serialized blocks are read one at a time"
+        return Stored(self, key, tiered_index)
+
+    def block_source(self, key: str) -> Stored:
+        return Stored(self, key)
+
+    def block_target(self, key: str, *, parent_id: str | None) -> Stored:
+        return Stored(self, key, parent_id=parent_id)
+
+    def layer_buffer(self) -> torch.Tensor:
+        g = self.geometry
+        return torch.empty((g.block_tokens, *g.token_shape), dtype=g.dtype)
 
 
 @runtime_checkable

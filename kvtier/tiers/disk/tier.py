@@ -16,7 +16,7 @@ import torch
 from kvtier.blocks import BlockMeta, Tier
 from kvtier.errors import BudgetError, KVTierError, StoreCorruptError
 from kvtier.layout import KVGeometry
-from kvtier.tiers.base import Stored
+from kvtier.tiers.base import SerializedEndpoints
 from kvtier.tiers.codec import CHUNK_BYTES
 from kvtier.tiers.disk.format import ReadResult
 from kvtier.tiers.disk.store import DiskStore
@@ -30,7 +30,7 @@ def max_file_bytes(geometry: KVGeometry) -> int:
     return geometry.tiered_layers * (per_tensor + 384) + 512
 
 
-class DiskTier:
+class DiskTier(SerializedEndpoints):
     """A DiskStore holding whole blocks, one `l{layer_id}.kv` tensor per tiered layer.
 
     `persist` (disk.persist): saves go to the shared area too, and outlive this process (GC
@@ -100,22 +100,6 @@ class DiskTier:
         self.store.budget_bytes = limit_bytes
         return []
 
-    def release(self) -> None:
-        pass
-
-    def contiguous(self, first: str, second: str) -> bool:
-        return False
-
-    def source(self, key: str, tiered_index: int, count: int = 1) -> Stored:
-        assert count == 1, "disk blocks are read one at a time"
-        return Stored(self, key, tiered_index)
-
-    def block_source(self, key: str) -> Stored:
-        return Stored(self, key)
-
-    def block_target(self, key: str, *, parent_id: str | None) -> Stored:
-        return Stored(self, key, parent_id=parent_id)
-
     def reorder_rows(
         self,
         key: str,
@@ -128,7 +112,7 @@ class DiskTier:
         """Rewrite a block with its batch rows permuted under its new id (the content changed)."""
         if new_key is None or new_key == key:
             return key  # rows unchanged by this reorder (e.g. the prompt all beams share)
-        tensors = {name: self._buffer() for name in self._names}
+        tensors = {name: self.layer_buffer() for name in self._names}
         result = self.store.read_into(key, tensors)
         if result is ReadResult.CORRUPT:
             raise StoreCorruptError(f"disk block {key} failed verification (quarantined)")
@@ -216,14 +200,6 @@ class DiskTier:
         """Put a block this tier holds into the shared area (a hard link, no rewrite); e.g. once
         it was reused `admit_after_hits` times. True if it is shared now."""
         return self.store.publish(key)
-
-    def layer_buffer(self) -> torch.Tensor:
-        """An empty CPU tensor of one layer of one block, as `load_block` fills."""
-        return self._buffer()
-
-    def _buffer(self) -> torch.Tensor:
-        g = self.geometry
-        return torch.empty((g.block_tokens, *g.token_shape), dtype=g.dtype)
 
     def stats(self) -> dict[str, object]:
         figures = self.store.stats()

@@ -23,7 +23,7 @@ import torch
 from kvtier.blocks import BlockMeta, Tier
 from kvtier.errors import KVTierError
 from kvtier.layout import KVGeometry
-from kvtier.tiers.base import Stored
+from kvtier.tiers.base import SerializedEndpoints
 from kvtier.tiers.disk.blockio import check_tensors
 from kvtier.tiers.disk.format import ReadResult
 from kvtier.tiers.remote.client import RemoteClient
@@ -53,7 +53,7 @@ CHECK_THREADS = 2
 BATCH_BYTES = 8 << 20  # values per MGET: about this many bytes (one value at least)
 
 
-class RemoteTier:
+class RemoteTier(SerializedEndpoints):
     """Blocks of one model and geometry on a Valkey server or cluster; thread-safe.
 
     Connects at construction: RemoteError (one line) for a wrong password, an unknown host or
@@ -84,7 +84,7 @@ class RemoteTier:
         self._warned: set[str] = set()
         self._clients = ThreadClients(spec, client or self._connect(spec), self._warned)
         self._names = tuple(f"l{layer_id}.kv" for layer_id in geometry.layer_ids)
-        sample = self._buffer()
+        sample = self.layer_buffer()
         shapes = dict.fromkeys(self._names, sample)
         self._head_bytes = head_bound("0" * 32, shapes, self._key("0" * 32))
         self._headers: OrderedDict[str, Located] = OrderedDict()
@@ -139,22 +139,6 @@ class RemoteTier:
     def set_limit(self, limit_bytes: int) -> list[str]:
         return []
 
-    def release(self) -> None:
-        pass
-
-    def contiguous(self, first: str, second: str) -> bool:
-        return False
-
-    def source(self, key: str, tiered_index: int, count: int = 1) -> Stored:
-        assert count == 1, "remote blocks are read one at a time"
-        return Stored(self, key, tiered_index)
-
-    def block_source(self, key: str) -> Stored:
-        return Stored(self, key)
-
-    def block_target(self, key: str, *, parent_id: str | None) -> Stored:
-        return Stored(self, key, parent_id=parent_id)
-
     def reorder_rows(
         self,
         key: str,
@@ -168,7 +152,7 @@ class RemoteTier:
         other processes may use it)."""
         if new_key is None or new_key == key:
             return key
-        layers = [self._buffer() for _ in self._names]
+        layers = [self.layer_buffer() for _ in self._names]
         if not self.load_block(key, layers):
             raise KVTierError(f"remote block {key} is gone from the server; re-run the prompt")
         permuted = tuple(t.index_select(2, rows.to("cpu")) for t in layers)
@@ -374,10 +358,6 @@ class RemoteTier:
     # -- helpers -------------------------------------------------------------------------------
     def _key(self, block_id: str) -> str:
         return block_key(self.fingerprint, block_id)
-
-    def _buffer(self) -> torch.Tensor:
-        g = self.geometry
-        return torch.empty((g.block_tokens, *g.token_shape), dtype=g.dtype)
 
     def _located(self, key: str, *, refresh: bool = False) -> Located | ReadResult:
         """The block's verified header: cached, or from one range read of the value's start."""
