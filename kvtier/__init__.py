@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from kvtier.hf.offload import offload
     from kvtier.policy import Policy
     from kvtier.registry import register_policy
+    from kvtier.tiers.host import release_pinned_memory
 
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "load_config",
     "offload",
     "register_policy",
+    "release_pinned_memory",
 ]
 
 # Public name -> the module that defines it, imported on first access.
@@ -48,6 +50,7 @@ _LAZY = {
     "offload": "kvtier.hf.offload",
     "Policy": "kvtier.policy",
     "register_policy": "kvtier.registry",
+    "release_pinned_memory": "kvtier.tiers.host",
 }
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

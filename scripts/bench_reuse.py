@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, help="prefill_chunk_tokens (4096; --tiny 256)")
     parser.add_argument("--gpu-budget", default=None, help='"8GiB" (--tiny "4MiB")')
     parser.add_argument("--host-budget", default=None, help='"24GiB" (--tiny "16MiB")')
-    parser.add_argument("--disk-budget", default=None, help='"64GiB" (--tiny "64MiB")')
+    parser.add_argument("--disk-budget", default=None, help='"50%" of free disk (--tiny "64MiB")')
     parser.add_argument("--store", default=None, help="disk store (a new temp dir)")
     parser.add_argument("--out", default=None, help="JSON results file")
     parser.add_argument("--phase", default="same", choices=["same", "disk"], help=argparse.SUPPRESS)
@@ -167,7 +167,7 @@ def main() -> None:
     defaults = (
         (1024, 64, 256, "4MiB", "16MiB", "64MiB")
         if args.tiny
-        else (32768, 256, 4096, "8GiB", "24GiB", "64GiB")
+        else (32768, 256, 4096, "8GiB", "24GiB", "50%")
     )
     names = ("tokens", "block_tokens", "chunk", "gpu_budget", "host_budget", "disk_budget")
     for name, default in zip(names, defaults, strict=True):

@@ -74,6 +74,7 @@ def test_defaults(machine):
     assert cfg.disk.path == machine.home / ".cache" / "kvtier"
     assert cfg.disk.budget_bytes == int(DISK_FREE * 0.8)
     assert (cfg.disk.codec, cfg.disk.persist) == ("auto", False)
+    assert cfg.host.keep_pinned is True
     assert cfg.policy == config.PolicyConfig("sink_recent", 64, 1024, 1)
     assert set(cfg.sources.values()) == {"default"}
     assert list(cfg.sources) == list(config.DEFAULTS)
@@ -131,6 +132,7 @@ def test_every_key_read_from_toml(tmp_path):
         budget = "1GiB"
         [host]
         budget = 123456
+        keep_pinned = false
         [disk]
         path = "{store}"
         budget = "2 GB"
@@ -164,7 +166,7 @@ def test_every_key_read_from_toml(tmp_path):
     assert cfg.block_tokens == 128
     assert cfg.prefill_chunk_tokens == 1000
     assert cfg.gpu.budget_bytes == GIB
-    assert cfg.host.budget_bytes == 123456
+    assert cfg.host == config.HostConfig(123456, keep_pinned=False)
     assert cfg.disk == config.DiskConfig(
         store, 2 * 10**9, "shuffle+lz4", True, "org/model@abc123", admit_after_hits=3
     )
@@ -350,6 +352,7 @@ def test_percent_resolving_to_zero_disk_warns(monkeypatch, caplog):
         ("prefill_chunk_tokens = 0\n", ["prefill_chunk_tokens = 0 is not a positive integer"]),
         ("[disk]\npersist = 3\n", ["disk.persist = 3 is not a boolean; use true or false"]),
         ('[disk]\npersist = "yes"\n', ["disk.persist = 'yes' is not a boolean"]),
+        ("[host]\nkeep_pinned = 1\n", ["host.keep_pinned = 1 is not a boolean; use true or false"]),
         ("[disk]\nmodel_key = 3\n", ["disk.model_key = 3 is not a model name", "'org/model@rev'"]),
         (
             '[host]\nbudget = "3 parsecs"\n',
@@ -458,6 +461,7 @@ def test_every_env_var(monkeypatch, tmp_path):
         "KVTIER_PREFILL_CHUNK_TOKENS": " 2048 ",
         "KVTIER_GPU_BUDGET": "1GiB",
         "KVTIER_HOST_BUDGET": "1000",
+        "KVTIER_HOST_KEEP_PINNED": "no",
         "KVTIER_DISK_PATH": str(tmp_path / "s"),
         "KVTIER_DISK_BUDGET": "10%",
         "KVTIER_DISK_CODEC": "lz4",
@@ -487,6 +491,7 @@ def test_every_env_var(monkeypatch, tmp_path):
     cfg = load_config()
     assert (cfg.block_tokens, cfg.prefill_chunk_tokens) == (64, 2048)
     assert (cfg.gpu.budget_bytes, cfg.host.budget_bytes) == (GIB, 1000)
+    assert cfg.host.keep_pinned is False
     assert cfg.disk == config.DiskConfig(tmp_path / "s", DISK_FREE // 10, "lz4", True, "m@1", 2)
     assert cfg.policy == config.PolicyConfig("lfu", 0, 16, 2, module="json")
     assert cfg.sources["disk.persist"] == "env KVTIER_DISK_PERSIST"
@@ -545,6 +550,7 @@ def test_every_flat_override(tmp_path):
         prefill_chunk_tokens=7,
         gpu_budget="1MiB",
         host_budget=2**21,
+        host_keep_pinned=True,
         disk_path=tmp_path,
         disk_budget="1KB",
         disk_codec="raw",
@@ -579,7 +585,8 @@ def test_every_flat_override(tmp_path):
 def test_unknown_override():
     message = config_error(gpu_budge="1GiB")
     assert "unknown override 'gpu_budge'; did you mean 'gpu_budget'?" in message
-    assert "policy_prefetch_depth" in message
+    assert "host_keep_pinned" in message and "policy_<key>" in message
+    assert "did you mean 'policy_prefetch_depth'" in config_error(policy_prefech_depth=1)
 
 
 def test_table_overrides_and_none():
@@ -661,7 +668,7 @@ def test_relative_disk_path_is_relative_to_the_file_or_cwd(monkeypatch, tmp_path
 
 def test_to_dict_is_json_ready():
     data = json.loads(json.dumps(load_config(host_budget=1000).to_dict()))
-    assert data["host"] == {"budget_bytes": 1000}
+    assert data["host"] == {"budget_bytes": 1000, "keep_pinned": True}
     assert data["disk"]["path"].endswith("/.cache/kvtier")
     assert data["sources"]["host.budget"] == "override"
     assert data["specs"]["gpu.budget"] == "auto"

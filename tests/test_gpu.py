@@ -73,3 +73,26 @@ def test_keys_and_values_on_gpu_match_dynamic_cache(tiny_model, tmp_path):
             assert have.keys.device == want.keys.device
             torch.testing.assert_close(have.keys, want.keys, atol=1e-4, rtol=0)
             torch.testing.assert_close(have.values, want.values, atol=1e-4, rtol=0)
+
+
+def test_second_cache_takes_the_first_caches_pinned_slabs(tiny_model, tmp_path):
+    """Scenario: a cache closed in this process leaves its registered host slabs to the next
+    cache, whose slabs are pinned from their first use (nothing registered anew), and
+    release_pinned_memory() frees them."""
+    kvtier.release_pinned_memory()
+    model, config = tiny_model("llama")
+    model = copy.deepcopy(model).cuda()
+    cfg = tiered_config(config, tmp_path, 316, gpu_blocks=6, host_blocks=7)
+    prompt = random_prompt(300).cuda()
+    with kvtier.TieredCache(model, cfg) as cache:
+        first = model.generate(prompt, past_key_values=cache, max_new_tokens=8)
+        host = cache.controller.stores[Tier.HOST]
+        host.finish_pinning()
+        kept = host.bytes_used
+    with kvtier.TieredCache(model, cfg) as cache:
+        second = model.generate(prompt, past_key_values=cache, max_new_tokens=8)
+        host = cache.controller.stores[Tier.HOST]
+        assert host._pinner is None  # every slab came registered
+        assert host.pinned_bytes == host.bytes_used == kept
+    assert torch.equal(first, second)
+    assert kvtier.release_pinned_memory() == kept

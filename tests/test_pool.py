@@ -11,6 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import kvtier
 from kvtier.blocks import Tier
 from kvtier.layout import KVGeometry
+from kvtier.tiers import host as host_module
 from kvtier.tiers.gpu import GpuPool, StagingRing
 from kvtier.tiers.host import HostPool
 from kvtier.tiers.pool import SlabPool
@@ -388,3 +389,83 @@ def test_gpu_pool_reserve_and_shrink():
     assert pool.allocate() is None  # full at the lower limit
     pool.close()
     assert pool.bytes_used == 0
+
+
+# -- pinned slabs kept between pools ---------------------------------------------------------------
+class _FakePinning:
+    """cudaHostRegister/Unregister stand-ins: CPU tests of which buffers get pinned when."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.registered: set[int] = set()
+        self.calls = 0
+        monkeypatch.setattr(host_module, "register", self.register)
+        monkeypatch.setattr(host_module, "unregister", self.unregister)
+        monkeypatch.setattr(host_module, "KEPT", host_module.KeptSlabs())
+
+    def register(self, buffer: torch.Tensor) -> bool:
+        self.calls += 1
+        self.registered.add(buffer.data_ptr())
+        return True
+
+    def unregister(self, buffer: torch.Tensor) -> bool:
+        self.registered.remove(buffer.data_ptr())
+        return True
+
+
+def _pinned_pool(limit: int, *, layout: KVGeometry = LAYOUT, keep: bool = True) -> HostPool:
+    pool = HostPool(layout, limit_bytes=limit, pin=True, keep_pinned=keep)
+    while pool.allocate() is not None:
+        pass
+    pool.finish_pinning()
+    return pool
+
+
+def test_closed_pool_slabs_serve_the_next_pool_without_registering(monkeypatch):
+    """Scenario: a second cache of the process takes the first one's pinned slabs as they are
+    (registering stalls the GPU; PyTorch's pinned allocator keeps its blocks the same way)."""
+    pins = _FakePinning(monkeypatch)
+    first = _pinned_pool(8 * SLOT)
+    pointers = {first.source(slot, 0).data_ptr() for slot in (0, 4)}
+    assert first.pinned_bytes == first.bytes_used and pins.calls == 4  # 4 slabs of 2 slots
+    first.close()
+    assert first.pinned_bytes == 0 and len(pins.registered) == 4
+    assert host_module.KEPT.nbytes == 8 * SLOT
+    second = HostPool(LAYOUT, limit_bytes=8 * SLOT, pin=True)
+    second.allocate()
+    assert second.pinned_bytes == 2 * SLOT  # pinned at once: no registration to wait for
+    while second.allocate() is not None:
+        pass
+    assert pins.calls == 4 and host_module.KEPT.nbytes == 0
+    assert {second.source(s, 0).data_ptr() for s in range(8)} >= pointers
+    second.source(3, 1).fill_(7.0)  # the views have the pool's shape and dtype
+    assert second.source(3, 1).dtype == LAYOUT.dtype and bool((second.source(3, 1) == 7.0).all())
+    second.close()
+    assert kvtier.release_pinned_memory() == 8 * SLOT
+    assert not pins.registered and host_module.KEPT.nbytes == 0
+
+
+def test_keep_pinned_false_unregisters_on_close(monkeypatch):
+    pins = _FakePinning(monkeypatch)
+    _pinned_pool(4 * SLOT, keep=False).close()
+    assert not pins.registered and host_module.KEPT.nbytes == 0
+
+
+def test_a_pool_of_another_slab_size_frees_the_kept_slabs_first(monkeypatch):
+    """Scenario: kept slabs never double the RAM: a pool whose slabs differ in size unregisters
+    and drops them before it allocates its own."""
+    pins = _FakePinning(monkeypatch)
+    _pinned_pool(8 * SLOT).close()
+    other = _geometry((torch.device("cpu"),) * 2, 16, 1, 2, 8, torch.float32)
+    pool = _pinned_pool(8 * other.block_bytes, layout=other)
+    assert host_module.KEPT.nbytes == 0 and len(pins.registered) == 4  # only the new pool's
+    assert pins.calls == 8
+    pool.close()
+
+
+def test_slabs_are_not_kept_when_ram_runs_short(monkeypatch):
+    pins = _FakePinning(monkeypatch)
+    pool = _pinned_pool(4 * SLOT)
+    short = type("Memory", (), {"available": 5, "total": 100})()
+    monkeypatch.setattr(host_module.psutil, "virtual_memory", lambda: short)
+    pool.close()
+    assert not pins.registered and host_module.KEPT.nbytes == 0

@@ -187,3 +187,24 @@ def test_a_call_with_image_inputs_is_not_cut_into_chunks() -> None:
     driver = _RecordingDriver()
     hooks._cache_forward(driver, original, (), {"input_ids": ids, "attention_mask": ids > -1})
     assert driver.steps == [16, 16, 8]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden_on_host", [False, True])
+def test_layer_major_on_cuda_with_hidden_states_on_host(
+    hidden_on_host: bool, tiny_model: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: on CUDA, layer-major prefill whose hidden states wait between layers in pinned
+    host memory (copied on a side stream, the next chunk's upload overlapping this one's layer)
+    gives DynamicCache's tokens and logits, as it does with them left on the GPU."""
+    model, config = tiny_model("llama", attn_implementation="sdpa")
+    model = model.cuda()
+    prompt = random_prompt(400, seed=43).cuda()
+    if hidden_on_host:
+        monkeypatch.setattr(prefill, "GPU_HIDDEN_BYTES", 0)
+    cfg = _streaming_config(config, tmp_path / "store", 420)
+    calls = _count_layer_major(monkeypatch)
+    expected = reference_generate(model, prompt, max_new_tokens=12)
+    got, _ = tiered_generate(model, cfg, prompt, max_new_tokens=12)
+    assert_same_generation(expected, got)
+    assert calls == [400]

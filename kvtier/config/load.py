@@ -52,6 +52,7 @@ class HostConfig:
     """Pinned host RAM."""
 
     budget_bytes: int
+    keep_pinned: bool = True  # closed caches' pinned slabs serve the next cache (tiers/host.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +202,8 @@ def _resolve(layers: Layers) -> Config:
             devices=as_device_budgets(layers),
         ),
         host=HostConfig(
-            budget_bytes=as_budget(layers, "host.budget", free_host_bytes, "available RAM")
+            budget_bytes=as_budget(layers, "host.budget", free_host_bytes, "available RAM"),
+            keep_pinned=as_bool(layers, "host.keep_pinned"),
         ),
         disk=DiskConfig(
             path=disk_path,

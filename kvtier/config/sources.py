@@ -190,9 +190,10 @@ def read_env(environ: Mapping[str, str], *, ignore: Collection[str] = ()) -> Lay
 
 
 def _override_names() -> str:
-    """The flat override names for a message: [remote]'s as remote_<key>, to keep it one line."""
-    short = [name for name in OVERRIDE_NAMES if not name.startswith("remote_")]
-    return ", ".join([*short, "remote_url", "remote_<key>"])
+    """The flat override names for a message: [policy]'s and [remote]'s as policy_<key> and
+    remote_<key>, to keep it one line."""
+    short = [name for name in OVERRIDE_NAMES if not name.startswith(("remote_", "policy_"))]
+    return ", ".join([*short, "policy_name", "policy_<key>", "remote_url", "remote_<key>"])
 
 
 def read_overrides(overrides: Mapping[str, object]) -> Layers:

@@ -33,7 +33,9 @@ def build_stores(
     gpu = gpu_limit(geometry, configured_device_budgets(cfg, geometry), tokens=0, buffers=1)
     stores: dict[Tier, TierStore] = {
         Tier.GPU: GpuPool(geometry, limit_bytes=gpu, retire=retire),
-        Tier.HOST: HostPool(geometry, limit_bytes=cfg.host.budget_bytes),
+        Tier.HOST: HostPool(
+            geometry, limit_bytes=cfg.host.budget_bytes, keep_pinned=cfg.host.keep_pinned
+        ),
     }
     owns_store = disk_store is None and cfg.disk.budget_bytes > 0
     if owns_store:
