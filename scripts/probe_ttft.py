@@ -10,6 +10,8 @@ length of its run (none of these patches is a user setting):
   hidden_gpu     layer-major, hidden states kept on the GPU between layers
   no_pin         host slabs stay pageable (no cudaHostRegister)
   cached_pin     host slabs from PyTorch's caching pinned allocator (kept between caches)
+  all_fit        kvtier with every block on the GPU (the decode step against DynamicCache's)
+  all_fit_flash  the same, decode attention forced to SDPA's flash backend
 
 Then torch.profiler tables (self CPU and CUDA time) of one streaming prefill and of the decode
 steps all-fit and streaming. Writes JSON and the tables under --out.
@@ -40,6 +42,7 @@ from transformers import DynamicCache, LogitsProcessor
 import kvtier
 import kvtier.hf.prefill as hf_prefill
 from kvtier.blocks import Tier
+from kvtier.hf import attention as kvtier_attention
 from kvtier.hf.cache import TieredCache
 from kvtier.tiers.host import HostPool
 
@@ -60,12 +63,28 @@ def _cached_pinned_slab(self, device, count):
     return torch.empty(shape, dtype=g.dtype, pin_memory=torch.cuda.is_available())
 
 
+def _flash_decode(original):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def attention(module, query, *args, **kwargs):
+        if query.shape[2] != 1:
+            return original(module, query, *args, **kwargs)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return original(module, query, *args, **kwargs)
+
+    return attention
+
+
 VARIANTS = {
     "kvtier": lambda: contextlib.nullcontext(),
     "chunk_major": lambda: patched(TieredCache, "layer_major_layers", lambda *a, **k: None),
     "hidden_gpu": lambda: patched(hf_prefill, "GPU_HIDDEN_BYTES", 1 << 62),
     "no_pin": lambda: patched(HostPool, "_register", lambda self, slab: False),
     "cached_pin": lambda: contextlib.ExitStack(),  # filled in run_kvtier
+    "all_fit": lambda: contextlib.nullcontext(),
+    "all_fit_flash": lambda: patched(
+        kvtier_attention, "attention", _flash_decode(kvtier_attention.attention)
+    ),
 }
 
 
@@ -120,44 +139,54 @@ def tables(prof, title: str) -> str:
 
 
 def profiles(args, model, ids, store: str) -> str:
+    """torch.profiler tables and cProfile's own-time list of 16 decode steps, DynamicCache's
+    next to kvtier's all-fit and streaming ones; with --profile-prefill, a streaming prefill."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     out = []
-    cfg = benchlib.kvtier_config(model, args.context + 16, args.share, store, chunk=args.chunk)
-    with (
-        kvtier.TieredCache(model, cfg) as cache,
-        torch.profiler.profile(activities=activities) as p,
-    ):
-        benchlib.timed_generate(model, ids, cache, 1)
-    out.append(tables(p, f"prefill {args.context}, {args.share} of KV on GPU"))
-    for share, python in ((1.0, False), (args.share, False), (1.0, True), (args.share, True)):
-        cfg = benchlib.kvtier_config(model, args.context + 16, share, store, chunk=args.chunk)
-        prof = cProfile.Profile() if python else torch.profiler.profile(activities=activities)
-        with kvtier.TieredCache(model, cfg) as cache, torch.no_grad():
-            model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                past_key_values=cache,
-                max_new_tokens=17,
-                min_new_tokens=17,
-                do_sample=False,
-                logits_processor=[StartProfiler(prof)],
-                pad_token_id=0,
-            )
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+    if args.profile_prefill:
+        cfg = benchlib.kvtier_config(model, args.context + 16, args.share, store, chunk=args.chunk)
+        with (
+            kvtier.TieredCache(model, cfg) as cache,
+            torch.profiler.profile(activities=activities) as p,
+        ):
+            benchlib.timed_generate(model, ids, cache, 1)
+        out.append(tables(p, f"prefill {args.context}, {args.share} of KV on GPU"))
+    for share in (None, 1.0, args.share):
+        for python in (False, True):
+            prof = cProfile.Profile() if python else torch.profiler.profile(activities=activities)
+            with contextlib.ExitStack() as stack:
+                if share is None:
+                    cache, name = DynamicCache(), "DynamicCache"
+                else:
+                    cfg = benchlib.kvtier_config(
+                        model, args.context + 16, share, store, chunk=args.chunk
+                    )
+                    cache = stack.enter_context(kvtier.TieredCache(model, cfg))
+                    name = f"kvtier, {share} of KV on GPU"
+                with torch.no_grad():
+                    model.generate(
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        past_key_values=cache,
+                        max_new_tokens=17,
+                        min_new_tokens=17,
+                        do_sample=False,
+                        logits_processor=[StartProfiler(prof)],
+                        pad_token_id=0,
+                    )
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                prof.disable() if python else prof.stop()
+            title = f"16 decode steps at {args.context}, {name}"
             if python:
-                prof.disable()
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+                pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats("kvtier", 25)
+                out.append(f"## {title}: cProfile\n{text.getvalue()}")
             else:
-                prof.stop()
-        title = f"16 decode steps at {args.context}, {share} of KV on GPU"
-        if python:
-            text = io.StringIO()
-            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
-            out.append(f"## {title}: cProfile by own time\n{text.getvalue()}")
-        else:
-            out.append(tables(prof, title))
+                out.append(tables(prof, title))
     return "\n".join(out)
 
 
@@ -172,6 +201,7 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--variants", default=",".join(["dynamic", *VARIANTS]))
     p.add_argument("--skip-profile", action="store_true")
+    p.add_argument("--profile-prefill", action="store_true")
     p.add_argument("--out", default="probe-out")
     args = p.parse_args()
     out = Path(args.out)
@@ -185,6 +215,9 @@ def main() -> int:
         model, args.context + args.new_tokens, args.share, store, chunk=args.chunk
     )
     h2d = benchlib.pinned_h2d_gbps() if args.device == "cuda" else None
+    all_fit = benchlib.kvtier_config(
+        model, args.context + args.new_tokens, 1.0, store, chunk=args.chunk
+    )
     variants = args.variants.split(",")
     rows: list[dict] = []
     benchlib.timed_generate(model, ids[:, :4096], DynamicCache(), 2)  # kernels, allocator
@@ -193,7 +226,8 @@ def main() -> int:
             if name == "dynamic":
                 _, row = benchlib.timed_generate(model, ids, DynamicCache(), args.new_tokens)
             else:
-                row = run_kvtier(model, ids, cfg, name, args.new_tokens)
+                chosen = all_fit if name.startswith("all_fit") else cfg
+                row = run_kvtier(model, ids, chosen, name, args.new_tokens)
             row |= {"variant": name, "round": round_}
             if h2d and row.get("decode_h2d_bytes_per_step") is not None:
                 row["floor_ms"] = 1e3 * row["decode_h2d_bytes_per_step"] / (h2d * 1e9)

@@ -469,3 +469,15 @@ def test_slabs_are_not_kept_when_ram_runs_short(monkeypatch):
     monkeypatch.setattr(host_module.psutil, "virtual_memory", lambda: short)
     pool.close()
     assert not pins.registered and host_module.KEPT.nbytes == 0
+
+
+def test_host_buffers_keep_what_was_written_when_populated():
+    """Scenario: the pinning thread faults a slab's pages in while the tier may already be
+    writing to it: populating never changes a byte."""
+    buffer = host_module.host_buffer(4 << 20)
+    assert buffer.dtype == torch.uint8 and buffer.numel() == 4 << 20
+    buffer[: 1 << 20].fill_(7)
+    buffer[-5:] = torch.arange(5, dtype=torch.uint8)
+    host_module.populate(buffer)  # False where the kernel lacks MADV_POPULATE_WRITE: harmless
+    assert bool((buffer[: 1 << 20] == 7).all()) and buffer[-5:].tolist() == [0, 1, 2, 3, 4]
+    assert bool((buffer[1 << 20 : -5] == 0).all())

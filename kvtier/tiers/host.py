@@ -12,12 +12,22 @@ cudaHostRegister 0.43 s per GiB, and the prefill's launches and memsets waiting 
 (`keep_pinned`, the default, as PyTorch's pinned allocator keeps its blocks) and the next pool
 of the process with slabs of the same size takes them without registering anything.
 `release_pinned_memory()` frees what is kept; a pool that needs another size frees it first.
+
+What is registered anew is made cheap to register: a slab is its own anonymous mapping advised
+to transparent huge pages, and the pinning thread faults its pages in (MADV_POPULATE_WRITE,
+which keeps whatever the tier already wrote) before cudaHostRegister, which then has little left
+to do while it holds the driver. Measured on the H200 per GiB (scripts/probe_pinning.py):
+register alone 0.48-0.77 s; pages touched first 0.05-0.11 s + 0.06-0.12 s; huge pages touched
+first 0.04-0.07 s + 0.03-0.06 s.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import math
+import mmap
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -32,6 +42,29 @@ log = logging.getLogger(__name__)
 
 # kept slabs never leave less than this share of the machine's RAM available
 _KEEP_AVAILABLE_SHARE = 0.1
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in writable, contents unchanged
+_libc: ctypes.CDLL | None = None
+
+
+def host_buffer(nbytes: int) -> torch.Tensor:
+    """A flat uint8 CPU buffer of its own anonymous mapping, advised to huge pages (fewer pages
+    to pin); the tensor keeps the mapping alive and unmapping returns the RAM at once."""
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(AttributeError, OSError):  # no THP: plain pages
+        region.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(region, dtype=torch.uint8)
+
+
+def populate(buffer: torch.Tensor) -> bool:
+    """Fault a buffer's pages in without changing them (so registering it is cheap); False
+    where the kernel cannot (cudaHostRegister then faults them itself)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return _libc.madvise(buffer.data_ptr(), buffer.nbytes, _MADV_POPULATE_WRITE) == 0
 
 
 def register(buffer: torch.Tensor) -> bool:
@@ -147,7 +180,7 @@ class HostPool(SlabPool):
             with self._lock:
                 self._pinned_bytes += nbytes
         else:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
+            buffer = host_buffer(nbytes)
             if self._pinner is None:
                 self._pinner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-pin")
             done = self._pinner.submit(self._register, buffer)
@@ -156,6 +189,7 @@ class HostPool(SlabPool):
         return buffer.view(g.dtype).view(shape)
 
     def _register(self, buffer: torch.Tensor) -> bool:
+        populate(buffer)
         if not register(buffer):
             return False
         with self._lock:
