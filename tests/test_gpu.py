@@ -96,3 +96,23 @@ def test_second_cache_takes_the_first_caches_pinned_slabs(tiny_model, tmp_path):
         assert host.pinned_bytes == host.bytes_used == kept
     assert torch.equal(first, second)
     assert kvtier.release_pinned_memory() == kept
+
+
+def test_prefill_speed_is_timed_by_cuda_events(tiny_model, tmp_path):
+    """Scenario: on CUDA a prefill is timed by events read once complete (no sync): after a
+    one-token generate and a synchronize, the next cache's reuse choice uses a measured speed."""
+    from kvtier.controller.index import INDEX
+    from kvtier.hf import reuse
+
+    INDEX.clear()
+    model, config = tiny_model("llama")
+    model = copy.deepcopy(model).cuda()
+    ids = random_prompt(100).cuda()
+    cfg = tiered_config(config, tmp_path, 140, disk_persist=True)
+    with kvtier.TieredCache(model, cfg) as cache:
+        model.generate(ids, past_key_values=cache, max_new_tokens=1, do_sample=False)
+        fingerprint = cache.spec.fingerprint
+    torch.cuda.synchronize()
+    reuse.record_completed()
+    assert INDEX.prefill_rate(fingerprint) is not None
+    INDEX.clear()

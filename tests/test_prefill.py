@@ -161,7 +161,10 @@ class _RecordingDriver:
     def skip_stored_prefix(self, kwargs: dict, total: int) -> tuple[dict, int]:
         return kwargs, 0
 
-    def note_call(self, total: int) -> None:
+    def note_call(self, total: int, device: Any) -> None:
+        pass
+
+    def note_done(self, device: Any) -> None:
         pass
 
     def forward_step(self, input_ids: Any, new_tokens: int) -> Any:

@@ -249,3 +249,19 @@ def test_only_copy_lost_mid_decode(damage: str, tiny_model: Any, tmp_path: Path)
         controller.check_invariants()
         logits = model(ids[:, start:], past_key_values=cache, logits_to_keep=1).logits
     assert (logits[:, -1] - expected.logits[0]).abs().max() <= 1e-5
+
+
+def test_a_one_token_generate_measures_its_prefill(tiny_model: Any, tmp_path: Path) -> None:
+    """Scenario: generate(max_new_tokens=1) makes a single model call; its prefill is timed to
+    its return (no next call of that cache ever comes), so the next prompt's load-or-recompute
+    choice weighs the speed measured here."""
+    model, config = tiny_model("llama")
+    ids = random_prompt(PROMPT)
+    cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, disk_persist=True)
+    with kvtier.TieredCache(model, cfg) as cache:
+        model.generate(ids, past_key_values=cache, max_new_tokens=1, do_sample=False)
+        fingerprint = cache.spec.fingerprint
+    assert INDEX.prefill_rate(fingerprint) is not None
+    got, stats = tiered_generate(model, cfg, ids)
+    assert_same_generation(reference_generate(model, ids), got)
+    assert "measured in this process" in stats["reuse"]["reason"], stats["reuse"]

@@ -323,9 +323,13 @@ class TieredCache(Cache):
         """StepDriver: load this call's stored prefix, if any (hf/reuse.py decides)."""
         return reuse.skip_prefix(self, kwargs, total)
 
-    def note_call(self, total: int) -> None:
-        """StepDriver: a model call begins (ends the previous prefill's timing)."""
-        reuse.note_call(self, total)
+    def note_call(self, total: int, device: torch.device) -> None:
+        """StepDriver: a model call begins (a prefill's is timed)."""
+        reuse.note_call(self, total, device)
+
+    def note_done(self, device: torch.device) -> None:
+        """StepDriver: the model call returned."""
+        reuse.note_done(self, device)
 
     def layer_major_layers(
         self, kwargs: dict, new_tokens: int

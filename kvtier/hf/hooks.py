@@ -55,8 +55,13 @@ class StepDriver(prefill.PrefillDriver, Protocol):
         left to compute, and how many were loaded (0: `kwargs` unchanged)."""
         ...
 
-    def note_call(self, total: int) -> None:
-        """A model call of `total` positions to compute begins (prefill timing)."""
+    def note_call(self, total: int, device: torch.device) -> None:
+        """A model call of `total` positions to compute, inputs on `device`, begins (prefill
+        timing)."""
+        ...
+
+    def note_done(self, device: torch.device) -> None:
+        """The call `note_call` announced returned."""
         ...
 
 
@@ -214,7 +219,13 @@ def _cache_forward(cache: StepDriver, original, args: tuple, kwargs: dict):
         cache.expect(total)  # a job that cannot fit is refused now, before any of it runs
         kwargs, skipped = cache.skip_stored_prefix(kwargs, total)  # a stored prefix: loaded
         total -= skipped
-    cache.note_call(total)
+    cache.note_call(total, source.device)
+    output = _run_call(cache, original, kwargs, total)
+    cache.note_done(source.device)
+    return output
+
+
+def _run_call(cache: StepDriver, original, kwargs: dict, total: int):
     chunk = cache.prefill_chunk_tokens
     mask = kwargs.get("attention_mask")
     whole = total <= chunk or (mask is not None and mask.dim() != 2)

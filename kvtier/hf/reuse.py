@@ -4,13 +4,15 @@ The forward wrapper (hooks.py) calls `skip_prefix` on a multi-token call into an
 when blocks of the prompt are stored (another live cache of this process, the disk store, the
 remote server) and loading beats computing them, they are loaded and the call goes on with the
 keyword arguments of the remaining positions only (HF's logits for the last positions are the
-same). It also times this process's prefill calls (tokens per wall second, to the next model
-call: no device sync), the speed the load-or-recompute choice weighs. Never touches a tier.
+same). It also times this process's prefill calls, the speed the load-or-recompute choice
+weighs: from the call's start to its return, by CUDA events on a GPU (read once they have
+completed: no device sync) and by the wall clock on CPU. Never touches a tier.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -38,27 +40,60 @@ class ReuseState:
         weight = getattr(embeddings, "weight", None)
         lookups = weight.numel() if isinstance(weight, torch.Tensor) else 0
         self.flops_per_token = 2.0 * max(parameters - lookups, 1)  # a matmul: 2 FLOPs a weight
-        self._timing: tuple[float, int] | None = None  # (start, tokens) of a prefill call
+        # the prefill call in progress: (tokens, wall start, CUDA start event or None)
+        self._timing: tuple[int, float, torch.cuda.Event | None] | None = None
 
-    def start(self, tokens: int) -> None:
-        self._timing = (time.perf_counter(), tokens)
+    def start(self, tokens: int, device: torch.device) -> None:
+        event = None
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(device))
+        self._timing = (tokens, time.perf_counter(), event)
 
-    def stop(self, fingerprint: str) -> None:
-        """The next model call began: the timed prefill (and its logits) is done."""
+    def finish(self, fingerprint: str, device: torch.device) -> None:
+        """The timed call returned: its time is known now (CPU) or once its events complete."""
         if self._timing is None:
             return
-        started, tokens = self._timing
+        tokens, started, begin = self._timing
         self._timing = None
-        INDEX.record_prefill(fingerprint, tokens, time.perf_counter() - started)
+        if begin is None:
+            INDEX.record_prefill(fingerprint, tokens, time.perf_counter() - started)
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(torch.cuda.current_stream(device))
+        with _PENDING_LOCK:
+            _PENDING.append((fingerprint, tokens, begin, end))
+
+    def cancel(self) -> None:
+        self._timing = None
 
 
-def note_call(cache: Any, total: int) -> None:
-    """At every call of the wrapped forward: end the timing of the previous prefill call; start
-    timing this one if it computes several positions."""
-    state = cache.reuse
-    state.stop(cache.spec.fingerprint)
+# timed GPU prefills whose events may not have completed yet
+_PENDING: list[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] = []
+_PENDING_LOCK = threading.Lock()
+
+
+def record_completed() -> None:
+    """Record the prefill times of timed GPU calls that have completed (never waits)."""
+    with _PENDING_LOCK:
+        done = [entry for entry in _PENDING if entry[3].query()]
+        _PENDING[:] = [entry for entry in _PENDING if entry not in done]
+    for fingerprint, tokens, begin, end in done:
+        INDEX.record_prefill(fingerprint, tokens, begin.elapsed_time(end) / 1e3)
+
+
+def note_call(cache: Any, total: int, device: torch.device) -> None:
+    """A call of the wrapped forward begins: time it if it computes several positions."""
+    record_completed()
     if total >= cache.cfg.block_tokens:
-        state.start(total)
+        cache.reuse.start(total, device)
+    else:
+        cache.reuse.cancel()
+
+
+def note_done(cache: Any, device: torch.device) -> None:
+    """The call `note_call` began returned."""
+    cache.reuse.finish(cache.spec.fingerprint, device)
 
 
 def skip_prefix(cache: Any, kwargs: dict, total: int) -> tuple[dict, int]:
@@ -74,6 +109,7 @@ def skip_prefix(cache: Any, kwargs: dict, total: int) -> tuple[dict, int]:
     max_blocks = (total - keep) // bt
     if max_blocks <= 0:
         return kwargs, 0
+    record_completed()  # the prefill speeds measured so far weigh the choice
     controller = cache.controller
     if controller is None:
         spec = cache.spec
