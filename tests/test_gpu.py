@@ -100,7 +100,9 @@ def test_second_cache_takes_the_first_caches_pinned_slabs(tiny_model, tmp_path):
 
 def test_prefill_speed_is_timed_by_cuda_events(tiny_model, tmp_path):
     """Scenario: on CUDA a prefill is timed by events read once complete (no sync): after a
-    one-token generate and a synchronize, the next cache's reuse choice uses a measured speed."""
+    one-token generate and a synchronize, the next cache's reuse choice uses a measured speed;
+    the token ids that key the blocks came to the host without a blocking copy, and key them
+    right: the next generate of the same prompt reuses its blocks with DynamicCache's tokens."""
     from kvtier.controller.index import INDEX
     from kvtier.hf import reuse
 
@@ -115,4 +117,8 @@ def test_prefill_speed_is_timed_by_cuda_events(tiny_model, tmp_path):
     torch.cuda.synchronize()
     reuse.record_completed()
     assert INDEX.prefill_rate(fingerprint) is not None
+    expected = reference_generate(model, ids, max_new_tokens=24)
+    got, stats = tiered_generate(model, cfg, ids, max_new_tokens=24)
+    assert torch.equal(expected.sequences, got.sequences)
+    assert stats["prefix_hit_tokens"] > 0 and "measured" in stats["reuse"]["reason"]
     INDEX.clear()

@@ -21,7 +21,7 @@ from kvtier.controller.inspection import Inspection
 from kvtier.controller.placement import Placement
 from kvtier.controller.prefill import LayerMajor
 from kvtier.controller.stats import Counters
-from kvtier.controller.step import Step
+from kvtier.controller.step import PendingIds, Step
 from kvtier.controller.streaming import Streamer
 from kvtier.errors import BudgetError, KVTierError, StoreCorruptError
 from kvtier.layout import ContextPlan, KVGeometry, plan_context
@@ -94,14 +94,19 @@ class TierController(Inspection):
         self._always_stream = streaming
         self.epoch = 0  # bumped by every edit: prefetches of an older epoch are stale
         self._step: Step | None = None
-        self._pending_ids: torch.Tensor | None = None
+        self._pending_ids: torch.Tensor | PendingIds | None = None
         self.budgets.check_minimum()
         INDEX.register(self)  # other caches of this model may reuse its sealed blocks
 
     # -- the step cycle ------------------------------------------------------------------------
     def note_tokens(self, token_ids: torch.Tensor | None) -> None:
         """Token ids `[batch, q]` of the next append (from the model's pre-hook); they key ids."""
-        self._pending_ids = None if token_ids is None else token_ids.detach().to("cpu")
+        if token_ids is None:
+            self._pending_ids = None
+        elif token_ids.is_cuda:
+            self._pending_ids = PendingIds(token_ids.detach())
+        else:
+            self._pending_ids = token_ids.detach().to("cpu")
 
     @property
     def in_step(self) -> bool:
@@ -127,6 +132,7 @@ class TierController(Inspection):
         if self.streaming:
             self._fit_staging(end)
         blocks: list[BlockMeta] = []
+        later: list[tuple[BlockMeta, int, int]] = []  # ids still on their way (PendingIds)
         pos = self.tokens
         top_full = False  # once no GPU room could be made this step, the rest go lower at once
         while pos < end:
@@ -136,7 +142,10 @@ class TierController(Inspection):
                 top_full = not self._place_new_block(block, protected=protected, skip_top=top_full)
             take = min(self.geometry.block_tokens - block.tokens, end - pos)
             offset = pos - self.tokens
-            block.extend_ids(None if ids is None else ids[:, offset : offset + take].tolist())
+            if isinstance(ids, PendingIds):
+                later.append((block, offset, take))
+            else:
+                block.extend_ids(None if ids is None else ids[:, offset : offset + take].tolist())
             block.tokens += take
             blocks.append(block)
             pos += take
@@ -147,6 +156,8 @@ class TierController(Inspection):
                 self.streaming = True
                 self._fit_staging(end)
         self._step = Step(start=self.tokens, new=new_tokens, blocks=blocks, run=run)
+        if isinstance(ids, PendingIds):
+            self._step.pending_ids = (ids, later)
 
     def _refuse_lost(self) -> None:
         start = min(self.placement.lost) * self.geometry.block_tokens
@@ -329,6 +340,7 @@ class TierController(Inspection):
         step = self._step
         assert step is not None
         self._step = None
+        step.extend_pending_ids()  # before the full blocks are sealed: their ids need them
         self.placement.writes.finish_step()
         self.tokens = step.start + step.new
         self.counters.steps += 1

@@ -15,6 +15,23 @@ from kvtier.tiers.base import Handle, TierStore
 from kvtier.transfer import Copy
 
 
+class PendingIds:
+    """Token ids `[batch, q]` on their way from the GPU to pinned host memory: the copy is
+    queued without a sync (a blocking `.to("cpu")` per step stalls the decode loop) and read at
+    the step's end, when it has long completed."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.shape = tuple(ids.shape)
+        self._host = torch.empty(self.shape, dtype=ids.dtype, pin_memory=True)
+        self._host.copy_(ids, non_blocking=True)
+        self._ready = torch.cuda.Event()
+        self._ready.record(torch.cuda.current_stream(ids.device))
+
+    def tensor(self) -> torch.Tensor:
+        self._ready.synchronize()  # waits for the copy only, not for the work queued after it
+        return self._host
+
+
 @dataclass
 class Step:
     """The step in progress: `new` positions from `start`, spread over `blocks`."""
@@ -26,6 +43,18 @@ class Step:
     # attention reads (and new tokens go) straight into it, without staging
     run: Handle | None = None
     layers_done: int = 0
+    # token ids still being copied from the GPU, and (block, offset in the step, tokens) of
+    # each piece they extend at the step's end
+    pending_ids: tuple[PendingIds, list[tuple[BlockMeta, int, int]]] | None = None
+
+    def extend_pending_ids(self) -> None:
+        if self.pending_ids is None:
+            return
+        ids, pieces = self.pending_ids
+        self.pending_ids = None
+        rows = ids.tensor()
+        for block, offset, take in pieces:
+            block.extend_ids(rows[:, offset : offset + take].tolist())
 
     @property
     def end(self) -> int:
