@@ -132,10 +132,10 @@ def decode_into(payload: bytes | memoryview, codec: Codec, out: torch.Tensor) ->
     """Decode `payload` straight into `out`, a preallocated contiguous CPU tensor (may be pinned).
 
     `out.nbytes` must be the raw length the payload was encoded from. Raises StoreCorruptError
-    when the payload is malformed; a well-formed payload of wrong bytes is caught by `checksum`.
-    Copies go through numpy, single-threaded: torch's intra-op threads, called from many I/O
-    threads at once, oversubscribe the cores (a 512 KiB torch copy took 8 ms instead of 15 us on
-    the busy 2-core dev container).
+    when the payload is malformed; a well-formed payload of wrong bytes is caught by the
+    block's `Checksum`. Copies go through numpy, single-threaded: torch's intra-op threads,
+    called from many I/O threads at once, oversubscribe the cores (a 512 KiB torch copy took
+    8 ms instead of 15 us on the busy 2-core dev container).
     """
     target = _byte_view(out).numpy()  # [nbytes] uint8 view of out
     payload = memoryview(payload).cast("B")
@@ -170,8 +170,8 @@ def decode_into(payload: bytes | memoryview, codec: Codec, out: torch.Tensor) ->
 class Checksum(enum.Enum):
     """A checksum of raw bytes, by the name a block file's header records (format 2 on).
 
-    Speeds on the 2-core dev box (one core, large buffers): xxh3-128 10.8-13 GB/s, sha256
-    1.25-1.6 (SHA-NI), blake2b-128 0.79. All three release the GIL on large buffers (hashlib,
+    Speeds on the 2-core dev box (one core, large buffers): xxh3-128 10.8-14 GB/s, sha256
+    1.25-1.6 (SHA-NI), blake2b-128 0.74-0.79. All three release the GIL on large buffers (hashlib,
     python-xxhash >= 3.0), so several threads hash on several cores.
     """
 
@@ -194,15 +194,6 @@ class Checksum(enum.Enum):
         if self is Checksum.SHA256:
             return hashlib.sha256(buffer).hexdigest()
         return hashlib.blake2b(buffer, digest_size=16).hexdigest()
-
-
-def checksum(
-    buffer: torch.Tensor | bytes | bytearray | memoryview | np.ndarray,
-    algorithm: Checksum = Checksum.XXH3_128,
-) -> str:
-    """Hex digest of raw bytes with `algorithm` (xxh3-128 by default, the block format's);
-    a tensor is hashed in place, without a copy."""
-    return algorithm.of(buffer)
 
 
 def _best_seconds(action: Callable[[], object], repeats: int) -> float:
