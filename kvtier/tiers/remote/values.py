@@ -79,10 +79,11 @@ def encode_value(
     as `encode_block` writes one to disk.
     """
     algorithm = signed_checksum(hmac_key)
-    digests = list(hash_map(algorithm.of, tensors.values()))
+    views = [encode(tensor, Codec.RAW) for tensor in tensors.values()]  # the raw bytes, in place
+    digests = list(hash_map(algorithm.of, views))
     payloads = [
-        Payload(name, tensor, Codec.RAW, encode(tensor, Codec.RAW), digest)
-        for (name, tensor), digest in zip(tensors.items(), digests, strict=True)
+        Payload(name, tensor, Codec.RAW, view, digest)
+        for (name, tensor), view, digest in zip(tensors.items(), views, digests, strict=True)
     ]
     head = build_header(
         block_id, fingerprint, parent_id, payloads, labels=labels, algorithm=algorithm
