@@ -11,7 +11,7 @@ Format, version 1 (all integers little-endian):
     5         1     flags        bit 0: an HMAC follows the key; other bits must be 0
     6         2     key_bytes    K, length of the UTF-8 key (uint16)
     8         8     payload_len  N (uint64)
-    16        16    checksum     blake2b-128 of the payload (the disk store's checksum)
+    16        16    checksum     blake2b-128 of the payload (of the head, when head-sealed)
     32        K     key          the key the value was sealed for, UTF-8
     32+K      32    hmac         if flags bit 0: HMAC-SHA256(hmac_key, value[0:32+K] || payload)
     32+K(+32) N     payload
