@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 ID_BYTES = 16  # sha256 truncated to 128 bits, hex-encoded
 # Version of what a block id and a stored block mean (the id recipe and the block-file layout).
 # The model fingerprint includes it, so blocks of another version are never mistaken for ours.
-FORMAT_VERSION = "1"
+# 2: block files checksum tensors with xxh3-128 (sha256 in signed remote values) and name the
+# algorithm in their header; 1 used blake2b-128 (still read by `kvtier store`, never reused).
+FORMAT_VERSION = "2"
+READABLE_FORMATS = ("1", "2")  # block files this kvtier can still read and verify, oldest first
 
 
 class Tier(enum.IntEnum):

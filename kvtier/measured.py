@@ -28,8 +28,11 @@ BENCH_FORMAT = 1
 ASSUMED_DISK_WRITE_GBPS = 1.3
 ASSUMED_DISK_READ_GBPS = 1.9
 ASSUMED_COPY_GBPS = 10.0
-# A Valkey server on a 10 GbE link after the block checksum (docs/remote.md measured ~0.3 GB/s
-# on loopback in the 2-core container, where blake2b is the bottleneck).
+# A Valkey server on a 10 GbE link, checks included. Kept low on purpose: loads on loopback in
+# the 2-core container measured 0.35-0.45 GB/s with block format 1 (blake2b the bottleneck) and
+# 0.6-0.8 with format 2's xxh3-128 (valkey-py's reply parser the bottleneck; docs/remote.md),
+# but a shared server, a slower link or sha256 (signed values) cost more, and a tier's own
+# load_gbps replaces this prior after its first load.
 ASSUMED_REMOTE_GBPS = 0.3
 ASSUMED = "assumed (DESIGN.md section 8 figures, not this machine: run `kvtier bench`)"
 

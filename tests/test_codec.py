@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,8 +14,8 @@ from kvtier.errors import KVTierError, StoreCorruptError
 from kvtier.tiers import codec as codec_module
 from kvtier.tiers.codec import (
     CHUNK_BYTES,
+    Checksum,
     Codec,
-    checksum,
     choose_codec,
     decode_into,
     encode,
@@ -109,15 +112,23 @@ def test_raw_encode_is_a_view() -> None:
     assert bytes(payload[:2]) == _bytes(tensor)[:2].numpy().tobytes()
 
 
-def test_checksum_is_of_raw_bytes() -> None:
+@pytest.mark.parametrize(
+    ("algorithm", "reference"),
+    [
+        (Checksum.XXH3_128, xxhash.xxh3_128_hexdigest),
+        (Checksum.SHA256, lambda data: hashlib.sha256(data).hexdigest()),
+        (Checksum.BLAKE2B_128, lambda data: hashlib.blake2b(data, digest_size=16).hexdigest()),
+    ],
+)
+def test_checksum_is_of_raw_bytes(algorithm: Checksum, reference) -> None:  # noqa: ANN001
     tensor = _random((33,), torch.bfloat16)
-    digest = checksum(tensor)
-    assert len(digest) == 32
-    assert digest == checksum(_bytes(tensor).numpy().tobytes())
+    digest = algorithm.of(tensor)
+    assert digest == reference(_bytes(tensor).numpy().tobytes())  # what its name says
     changed = tensor.clone()
     changed.view(torch.uint8)[5] ^= 1
-    assert checksum(changed) != digest
-    assert checksum(tensor.view(torch.int16)) == digest  # bytes, not values
+    assert algorithm.of(changed) != digest
+    assert algorithm.of(tensor.view(torch.int16)) == digest  # bytes, not values
+    assert algorithm.cryptographic == (algorithm is not Checksum.XXH3_128)
 
 
 def test_malformed_payload_is_store_corrupt() -> None:

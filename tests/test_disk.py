@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import threading
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -112,9 +114,12 @@ def test_file_is_plain_safetensors_with_metadata(tmp_path: Path) -> None:
     with safe_open(_path(tmp_path / "lz"), framework="pt") as file:
         metadata = file.metadata()
         assert file.get_tensor("l0.k").dtype == torch.uint8
-    assert metadata["format_version"] == "1"
+    assert metadata["format_version"] == "2" and metadata["checksum_algorithm"] == "xxh3-128"
     assert metadata["fingerprint"] == FINGERPRINT and metadata["block_id"] == BLOCK_ID
     assert metadata["parent_id"] == ""
+    described = json.loads(metadata["tensors"])["l0.k"]
+    raw = tensors["l0.k"].reshape(-1).view(torch.uint8).numpy()
+    assert described["checksum"] == xxhash.xxh3_128_hexdigest(raw)  # what the name says
 
 
 def test_read_tensor_into_one_name(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+import format1
 import pytest
 import torch
 
@@ -23,10 +24,10 @@ from kvtier.layout import KVGeometry, staging_bytes
 from kvtier.tiers.disk import DiskStore, DiskTier
 from kvtier.tiers.disk import files as disk_files
 from kvtier.tiers.disk.areas import Owner, StoreLayout, namespace, temp_name
-from kvtier.tiers.disk.catalog import list_blocks, orphans, verify
+from kvtier.tiers.disk.catalog import list_blocks, open_layout, orphans, verify
 from kvtier.tiers.disk.format import ReadResult
 from kvtier.tiers.disk.holdings import Holdings
-from kvtier.tiers.disk.ledger import store_lock, survey
+from kvtier.tiers.disk.ledger import collect_locked, store_lock, survey
 
 FINGERPRINT = "fp-shared"
 GiB = 1 << 30
@@ -279,11 +280,49 @@ def test_close_survives_an_unexpected_failure(tmp_path: Path, monkeypatch, caplo
     assert any("closing the disk store" in r.message for r in caplog.records)
 
 
-def test_a_store_of_another_format_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "store.json").write_text('{"format_version": "2"}\n')
-    with pytest.raises(KVTierError, match="written by kvtier store format 2; this kvtier reads"):
+def test_a_store_of_a_newer_format_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "store.json").write_text('{"format_version": "3"}\n')
+    with pytest.raises(KVTierError, match="written by kvtier store format 3; this kvtier reads"):
         _store(tmp_path)
+    with pytest.raises(KVTierError, match="format 3"):
+        open_layout(tmp_path)
     assert not (tmp_path / "v1").exists()
+    assert "3" in (tmp_path / "store.json").read_text()  # left as it was
+
+
+def test_a_format_1_store_is_opened_and_its_blocks_are_checked_but_never_reused(
+    tmp_path: Path,
+) -> None:
+    """Scenario: a store written by kvtier's format 1 (blake2b-128 block files) after an upgrade:
+    a writer raises its marker to 2 (format-1 kvtiers then refuse it); the old blocks stay in
+    the one tree, are listed and verified by their own checksum (a flipped bit is caught), and
+    GC collects them; format-2 blocks land beside them."""
+    layout = StoreLayout(tmp_path)
+    (tmp_path / "store.json").write_text('{"format_version": "1"}\n')
+    old = format1.write_block(layout.shared(_id(1)), _id(1), _block(1), fingerprint="fp-old")
+    format1.write_block(layout.shared(_id(2)), _id(2), _block(2), fingerprint="fp-old")
+    open_layout(tmp_path)  # a reader (kvtier store) leaves the marker alone
+    assert '"1"' in (tmp_path / "store.json").read_text()
+    store = _store(tmp_path)
+    assert '"2"' in (tmp_path / "store.json").read_text()
+    store.write_block(_id(3), _block(3), parent_id=None, persist=True)
+    assert layout.shared(_id(3)).parent == old.parent.parent / _id(3)[:2]  # one tree
+    formats = {b.block_id: b.header.format_version for b in list_blocks(layout) if b.header}
+    assert formats == {_id(1): "1", _id(2): "1", _id(3): "2"}
+    assert verify(layout, move_aside=False) == (3, [])
+    data = bytearray(old.read_bytes())
+    data[-1] ^= 0x01  # a payload bit of a format-1 file: its blake2b-128 catches it
+    old.write_bytes(bytes(data))
+    checked, bad = verify(layout, move_aside=False)
+    assert checked == 3 and [v.path for v in bad] == [old]
+    assert "checksum mismatch" in bad[0].problem
+    for index in (1, 2):  # never read by format 2, so their last use is long ago
+        os.utime(layout.shared(_id(index)), ns=(10**9 * index, 10**9 * index))
+    store.close()
+    keep = layout.shared(_id(3)).stat().st_size
+    with store_lock(layout) as ledger:
+        collect_locked(layout, ledger, max_bytes=keep, target_bytes=keep)
+    assert [p.name for p in layout.tree.glob("??/*")] == [layout.shared(_id(3)).name]
 
 
 def test_unclosed_store_removes_its_area_when_collected(tmp_path: Path) -> None:

@@ -6,11 +6,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import format1
 import pytest
 
 from kvtier.errors import RemoteError
 from kvtier.tiers.remote import admin
 from kvtier.tiers.remote.client import RemoteClient
+from kvtier.tiers.remote.signing import seal_head
 from kvtier.tiers.remote.tier import RemoteTier
 from kvtier.tiers.remote.url import parse_remote
 from kvtier.tiers.remote.values import block_key
@@ -97,6 +99,41 @@ def test_verify_with_the_hmac_key(server: ValkeyProcess, client: RemoteClient, t
     checked, bad = admin.verify(client, hmac_key=HMAC_KEY)
     assert checked == 3 and [b.problem for b in bad] == ["unsigned value while an HMAC key is set"]
     assert sum(b.signed for b in admin.list_blocks(client)) == 2
+
+
+def test_values_of_format_1_are_listed_verified_and_cleared_but_never_loaded(
+    server: ValkeyProcess, client: RemoteClient
+) -> None:
+    """Scenario: a server still holds blake2b-128 values a format-1 kvtier wrote under
+    kvtier:1:: `kvtier store` lists them, verifies them by their own checksums (a flipped bit is
+    caught) and clears them; a tier never reads them (its keys are kvtier:2:)."""
+    raw = server.client()
+    geo = geometry()
+    for index in range(2):
+        block_id = f"{index:032x}"
+        key = f"kvtier:1:{FINGERPRINT}:{block_id}"
+        tensors = {f"l{i}.kv": t for i, t in enumerate(block_layers(geo, index))}
+        head = format1.block_head(block_id, tensors, fingerprint=FINGERPRINT)
+        raw.set(key, seal_head(key, head, format1.block_body(tensors)))
+    fill(server, 1)
+    blocks = admin.list_blocks(client)
+    assert sorted(b.key.split(":")[1] for b in blocks) == ["1", "1", "2"]
+    assert all(b.problem is None and b.raw_bytes for b in blocks)
+    assert admin.verify(client) == (3, [])
+    old = f"kvtier:1:{FINGERPRINT}:{1:032x}"
+    damaged = bytearray(raw.get(old))
+    damaged[-3] ^= 0x10
+    raw.set(old, bytes(damaged))
+    checked, bad = admin.verify(client)
+    assert checked == 3 and [(b.key, b.problem) for b in bad] == [
+        (old, "tensor l2.kv fails its checksum")
+    ]
+    tier = RemoteTier(
+        parse_remote({"url": f"valkey://{server.node}"}), geo, fingerprint=FINGERPRINT
+    )
+    assert tier.stored_prefix([f"{0:032x}", f"{1:032x}"]) == 1  # its own block 0 only
+    tier.close()
+    assert admin.clear(client) == 3 and raw.dbsize() == 0
 
 
 def test_gc_deletes_the_least_recently_used(server: ValkeyProcess, client: RemoteClient) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from kvtier.errors import ConfigError, RemoteError
 from kvtier.tiers.remote import signing
-from kvtier.tiers.remote.client import RemoteClient
+from kvtier.tiers.remote.client import Parts, RemoteClient
 from kvtier.tiers.remote.signing import open_value, seal
 from kvtier.tiers.remote.url import RemoteNode, RemoteSpec, parse_remote, parse_url
 
@@ -304,6 +304,25 @@ def test_put_accepts_buffers_without_changing_them(client: RemoteClient) -> None
     payload = bytearray(b"abc" * 1000)
     assert client.put_many([("view", memoryview(array)), ("bytearray", payload)])
     assert client.get_many(["view", "bytearray"]) == [array.tobytes(), bytes(payload)]
+
+
+def test_parts_are_stored_as_one_value_without_being_joined(
+    client: RemoteClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: a value given as buffers (a small head, large and small bodies, an empty one)
+    reads back as their concatenation, and no bytes object of the value's size is built."""
+    import numpy as np
+
+    big = np.arange(50_000, dtype=np.float32)  # 200 KB, over the packer's cutoff
+    pieces = [b"head", memoryview(big), b"", bytearray(b"tail" * 10)]
+    joins: list[int] = []
+    monkeypatch.setattr(Parts, "join", lambda self: joins.append(self.nbytes) or b"")
+    assert client.put_many([("parts", Parts(pieces)), ("plain", b"x" * 10_000)], ttl_s=60)
+    assert client.get_many(["parts", "plain"]) == [
+        b"head" + big.tobytes() + b"tail" * 10,
+        b"x" * 10_000,
+    ]
+    assert joins == [] and Parts(pieces).nbytes == 4 + big.nbytes + 40
 
 
 def test_scan_escapes_glob_characters(client: RemoteClient) -> None:
@@ -603,6 +622,8 @@ def test_cluster_round_trip(cluster: LocalCluster) -> None:
         items = values(300, 20_000, tag="rt") + [("{tag}a", b"1"), ("{tag}b", b"2")]
         assert remote.put_many(items)
         assert remote.get_many([key for key, _ in items]) == [value for _, value in items]
+        assert remote.put_many([("{tag}parts", Parts([b"a", memoryview(b"b" * 10_000)]))])
+        assert remote.get_many(["{tag}parts"]) == [b"a" + b"b" * 10_000]  # joined for a cluster
         assert len(remote.scan("rt")) == 300
         per_node = [node.client().dbsize() for node in cluster.nodes]
         assert all(count > 50 for count in per_node), per_node  # keys spread over all nodes

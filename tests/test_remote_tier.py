@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 from kvtier.blocks import Tier
 from kvtier.errors import KVTierError, RemoteError
 from kvtier.layout import CPU, KVGeometry
 from kvtier.tiers.base import SerializedStore, TierStore
+from kvtier.tiers.codec import Checksum
 from kvtier.tiers.disk.format import ReadResult
-from kvtier.tiers.remote import signing
+from kvtier.tiers.remote import signing, values
 from kvtier.tiers.remote import tier as tier_module
 from kvtier.tiers.remote.tier import RemoteTier
 from kvtier.tiers.remote.url import RemoteSpec, parse_remote
@@ -294,28 +296,35 @@ def test_layer_read_after_the_value_changed(server: ValkeyProcess, tier: RemoteT
     assert tier.load_into(BLOCK, 1, out) is ReadResult.CORRUPT
 
 
-def _forge(value: bytes) -> bytes:
+def _heads(value: bytes) -> tuple[int, int, dict]:
+    """(where the block file starts in a value, its header's length, the parsed header)."""
+    key_len = struct.unpack_from("<H", value, 6)[0]
+    head_len = struct.unpack_from("<Q", value, 32 + key_len)[0]
+    start = 40 + key_len + (32 if value[5] & signing.FLAG_HMAC else 0)
+    return start, head_len, json.loads(value[start + 8 : start + head_len])
+
+
+def _forge(value: bytes, algorithm: Checksum | None = None) -> bytes:
     """Change one tensor byte and recompute every checksum a reader without the HMAC key checks
-    (the tensor's, the block header's, the seal's): what a compromised server could do."""
-    from kvtier.tiers.codec import checksum
+    (the tensor's, the block header's, the seal's): what a compromised server could do.
+    `algorithm` (e.g. xxh3-128) replaces the one the header names, and every checksum with it."""
     from kvtier.tiers.disk.format import _metadata_checksum
 
-    key_len = struct.unpack_from("<H", value, 6)[0]
-    flags = value[5]
-    head_len = struct.unpack_from("<Q", value, 32 + key_len)[0]
-    start = 40 + key_len + (32 if flags & signing.FLAG_HMAC else 0)
-    head = json.loads(value[start + 8 : start + head_len])
+    start, head_len, head = _heads(value)
     meta = head["__metadata__"]
+    algorithm = algorithm or Checksum(meta["checksum_algorithm"])
+    meta["checksum_algorithm"] = algorithm.value
     data = bytearray(value)
     data[-1] ^= 0xFF
     tensors = json.loads(meta["tensors"])
-    last = list(tensors)[-1]
-    begin, end = head[last]["data_offsets"]
-    tensors[last]["checksum"] = checksum(
-        bytes(data[start + head_len + begin : start + head_len + end])
-    )
+    for name, described in tensors.items():
+        begin, end = head[name]["data_offsets"]
+        payload = bytes(data[start + head_len + begin : start + head_len + end])
+        described["checksum"] = algorithm.of(payload)
     meta["tensors"] = json.dumps(tensors, separators=(",", ":"))
-    meta["metadata_checksum"] = _metadata_checksum(meta)
+    meta["metadata_checksum"] = _metadata_checksum(meta, algorithm)
+    if "labels" in meta:
+        meta["labels_checksum"] = algorithm.of(meta["labels"].encode())
     text = json.dumps(head, separators=(",", ":")).encode()
     text += b" " * (head_len - 8 - len(text))
     assert len(text) == head_len - 8, "forged header must keep its length"
@@ -324,6 +333,27 @@ def _forge(value: bytes) -> bytes:
     data[16:32] = digest
     data[start : start + head_len] = new_head
     return bytes(data)
+
+
+def _xxh3_twins(data: bytes) -> tuple[bytes, bytes]:
+    """Two byte strings like `data` (at least 256 bytes) that differ yet share their xxh3-128
+    (and xxh3-64): xxh3 is not collision resistant. For inputs over 240 bytes, stripe s (64
+    bytes) adds lane 0's word d to accumulator 1 and lo32(x) * hi32(x), x = d ^ secret[8s:8s+8],
+    to accumulator 0. Words whose low half equals the secret's make that product 0, so moving
+    `delta` (a multiple of 2**32) from stripe 1's word to stripe 0's leaves both unchanged."""
+    assert len(data) >= 256
+    secret = bytes.fromhex("b8fe6c3923a44bbe7c01812cf721ad1c")  # XXH3_kSecret[0:16]
+    key0, key1 = struct.unpack("<QQ", secret)
+    a, b = bytearray(data), bytearray(data)
+    word0, word1 = key0 ^ (0x1234 << 32), key1 ^ (0x9876 << 32)
+    struct.pack_into("<Q", a, 0, word0)
+    struct.pack_into("<Q", a, 64, word1)
+    moved = key0 ^ (0xDEAD << 32)
+    delta = (moved - word0) % 2**64
+    struct.pack_into("<Q", b, 0, moved)
+    struct.pack_into("<Q", b, 64, (word1 - delta) % 2**64)
+    assert a != b and xxhash.xxh3_128_digest(bytes(a)) == xxhash.xxh3_128_digest(bytes(b))
+    return bytes(a), bytes(b)
 
 
 def test_forged_value_passes_checksums_but_not_the_hmac(
@@ -351,6 +381,71 @@ def test_forged_value_passes_checksums_but_not_the_hmac(
     wrong = make_tier(spec_for(server, hmac_key_file=str(write_secret(tmp_path, "k2", b"x" * 32))))
     assert wrong.load_block(BLOCK, empty_layers(wrong.geometry)) is ReadResult.CORRUPT
     for remote in (signed, plain, wrong):
+        remote.close()
+
+
+def test_a_forgery_with_valid_xxh3_checksums_passes_only_without_the_hmac(
+    tmp_path: Path, server: ValkeyProcess
+) -> None:
+    """Scenario: a server rewrites a signed value's tensor bytes and its header to say xxh3-128,
+    with every xxh3 recomputed: a tier without the key takes it (checksums are integrity, not
+    security), a tier with the key rejects it (the HMAC covers the header)."""
+    key_file = write_secret(tmp_path, "hmac.key", HMAC_KEY)
+    signed = make_tier(spec_for(server, hmac_key_file=str(key_file)))
+    plain = make_tier(spec_for(server))
+    layers = block_layers(signed.geometry)
+    signed.save(BLOCK, layers, parent_id=None)
+    raw = server.client()
+    key = block_key(FINGERPRINT, BLOCK)
+    forged = _forge(raw.get(key), Checksum.XXH3_128)
+    assert _heads(forged)[2]["__metadata__"]["checksum_algorithm"] == "xxh3-128"
+    raw.set(key, forged)
+    fooled = empty_layers(plain.geometry)
+    assert plain.load_block(BLOCK, fooled) is ReadResult.OK
+    assert not same_bits(fooled[-1], layers[-1])  # wrong KV, accepted: integrity only
+    assert signed.load_block(BLOCK, empty_layers(signed.geometry)) is ReadResult.CORRUPT
+    assert signed.load_into(BLOCK, 2, torch.empty_like(layers[2])) is ReadResult.CORRUPT
+    for remote in (signed, plain):
+        remote.close()
+
+
+def test_signed_values_hold_sha256_so_an_xxh3_collision_does_not_pass_the_hmac(
+    tmp_path: Path, server: ValkeyProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: other tensor bytes with the same xxh3-128 as the stored ones (a real collision)
+    swapped into a value, its header untouched: an unsigned value takes them; a signed one names
+    sha256 and rejects them; a signed header of xxh3 digests is refused by a tier with the key."""
+    key_file = write_secret(tmp_path, "hmac.key", HMAC_KEY)
+    signed = make_tier(spec_for(server, hmac_key_file=str(key_file)))
+    plain = make_tier(spec_for(server))
+    layers = list(block_layers(plain.geometry))
+    original, twin = _xxh3_twins(layers[-1].view(torch.uint8).numpy().tobytes())
+    layers[-1] = torch.frombuffer(bytearray(original), dtype=torch.uint8).view(layers[-1].dtype)
+    layers[-1] = layers[-1].reshape(layers[0].shape)
+    raw = server.client()
+    key = block_key(FINGERPRINT, BLOCK)
+    for remote, algorithm, result in (
+        (plain, "xxh3-128", ReadResult.OK),
+        (signed, "sha256", ReadResult.CORRUPT),
+    ):
+        remote.save(BLOCK, tuple(layers), parent_id=None)
+        value = raw.get(key)
+        start, head_len, head = _heads(value)
+        assert head["__metadata__"]["checksum_algorithm"] == algorithm
+        begin, end = head["l2.kv"]["data_offsets"]
+        body = start + head_len
+        assert value[body + begin : body + end] == original
+        raw.set(key, value[: body + begin] + twin + value[body + end :])
+        out = empty_layers(remote.geometry)
+        assert remote.load_block(BLOCK, out) is result
+        if result:  # fooled: the twin's bytes, not the stored ones
+            assert out[-1].view(torch.uint8).numpy().tobytes() == twin
+    # A key holder signing xxh3 digests (an old or patched writer) is refused all the same.
+    monkeypatch.setattr(values, "signed_checksum", lambda hmac_key: Checksum.XXH3_128)
+    signed.save(BLOCK, tuple(layers), parent_id=None)
+    assert _heads(raw.get(key))[2]["__metadata__"]["checksum_algorithm"] == "xxh3-128"
+    assert signed.load_block(BLOCK, empty_layers(signed.geometry)) is ReadResult.CORRUPT
+    for remote in (signed, plain):
         remote.close()
 
 

@@ -1,8 +1,9 @@
 """Where everything lives in a store, who owns a process area, and the store's format marker.
 
-    <root>/store.json                       {"format_version": "1"}: the newest format written
+    <root>/store.json                       {"format_version": "2"}: the newest format written
     <root>/v1/lock                          flock(2) target; its text is the ledger (ledger.py)
-    <root>/v1/<id[:2]>/<id>.safetensors     shared area: persisted blocks, by content id
+    <root>/v1/<id[:2]>/<id>.safetensors     shared area: persisted blocks, by content id (of
+                                            any format: the tree is format 1's, unchanged)
     <root>/v1/proc/<owner>/<id>.safetensors one process's blocks: its own files, or hard links
                                             to shared ones (a link pins the block against GC)
     <root>/quarantine/                      files that failed verification, moved aside
@@ -23,9 +24,12 @@ from pathlib import Path
 
 import psutil
 
-from kvtier.blocks import FORMAT_VERSION
+from kvtier.blocks import FORMAT_VERSION, READABLE_FORMATS
 from kvtier.errors import KVTierError
 
+# The tree's folder: named for format 1, whose layout every later format keeps (format 2 changed
+# only what is inside a block file), so blocks of both formats share one budget, ledger and GC.
+TREE = "v1"
 BLOCK_SUFFIX = ".safetensors"
 TEMP_SUFFIX = ".tmp"
 _ID_PATTERN = re.compile(r"[0-9A-Za-z_-]{2,128}")
@@ -56,7 +60,7 @@ class StoreLayout:
 
     @property
     def tree(self) -> Path:
-        return self.root / f"v{FORMAT_VERSION}"
+        return self.root / TREE
 
     @property
     def lock(self) -> Path:
@@ -164,9 +168,12 @@ def parse_temp(path: Path) -> tuple[Owner | None, int] | None:
 
 
 def check_format(layout: StoreLayout, *, writer: Owner | None) -> None:
-    """Refuse a store whose marker names another format; a `writer` writes a missing marker.
+    """Refuse a store whose marker names a format newer than this kvtier's; a `writer` writes a
+    missing marker, and raises an older one to FORMAT_VERSION (the newest format written).
 
-    KVTierError with the fix when the store is of another format or the marker unreadable.
+    A store of format 1 is this layout with blake2b-128 block files: they stay, are never
+    reused (their ids differ), are still listed, verified and collected. KVTierError with the
+    fix when the store is of a newer or unknown format, or the marker unreadable.
     """
     try:
         text = layout.marker.read_text()
@@ -185,12 +192,14 @@ def check_format(layout: StoreLayout, *, writer: Owner | None) -> None:
             f"{layout.marker} is not a kvtier store marker ({error!r}); is {layout.root} a "
             "kvtier store? Remove the file if so"
         ) from error
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise KVTierError(
             f"the store at {layout.root} was written by kvtier store format {version}; this "
-            f"kvtier reads format {FORMAT_VERSION}. Use a kvtier that reads format {version}, "
-            "or set disk.path to another directory"
+            f"kvtier reads formats {', '.join(READABLE_FORMATS)}. Use a kvtier that reads format "
+            f"{version}, or set disk.path to another directory"
         )
+    if version != FORMAT_VERSION and writer is not None:
+        _write_marker(layout, writer)  # older kvtiers now refuse it: they cannot read our files
 
 
 def _write_marker(layout: StoreLayout, writer: Owner) -> None:

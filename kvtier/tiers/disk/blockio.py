@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from kvtier.errors import KVTierError, StoreCorruptError
-from kvtier.tiers.codec import Codec, checksum, decode_into, encode
+from kvtier.tiers.codec import Checksum, Codec, decode_into, encode
 from kvtier.tiers.disk.files import read_exact_into
 from kvtier.tiers.disk.format import DTYPES, Corrupt, Entry, Header, Payload, build_header
 
@@ -39,9 +39,11 @@ def encode_block(
     parent_id: str | None,
     labels: Mapping[str, object],
 ) -> list[bytes | memoryview]:
-    """The buffers of the block's file, header first; they may share memory with `tensors`."""
+    """The buffers of the block's file, header first; they may share memory with `tensors`.
+    Tensors are checksummed with xxh3-128: the disk store guards against accidents (torn
+    writes, flipped bits), not against someone who can write its files."""
     payloads = [
-        Payload(name, tensor, codec, encode(tensor, codec), checksum(tensor))
+        Payload(name, tensor, codec, encode(tensor, codec), Checksum.XXH3_128.of(tensor))
         for name, tensor in tensors.items()
     ]
     head = build_header(block_id, fingerprint, parent_id, payloads, labels=labels)
@@ -79,7 +81,7 @@ def read_tensors(
             )
         elif out.device.type != "cpu" or not out.is_contiguous():
             raise KVTierError(f"{name}: reads need a contiguous CPU `out` tensor")
-        _decode_entry_into(file, entry, out)
+        _decode_entry_into(file, entry, out, header.algorithm)
         result[name] = out
     return result
 
@@ -91,7 +93,9 @@ def bytes_read(header: Header, names: Iterable[str]) -> int:
     )
 
 
-def _decode_entry_into(file: BinaryIO, entry: Entry, out: torch.Tensor) -> None:
+def _decode_entry_into(
+    file: BinaryIO, entry: Entry, out: torch.Tensor, algorithm: Checksum
+) -> None:
     try:
         if entry.codec is Codec.RAW:
             target = out.detach().reshape(-1).view(torch.uint8).numpy()
@@ -106,5 +110,5 @@ def _decode_entry_into(file: BinaryIO, entry: Entry, out: torch.Tensor) -> None:
         raise
     except StoreCorruptError as error:
         raise Corrupt("undecodable payload", str(error)) from error
-    if checksum(out) != entry.checksum:
+    if algorithm.of(out) != entry.checksum:
         raise Corrupt("checksum mismatch", f"tensor of {entry.raw_bytes} bytes")

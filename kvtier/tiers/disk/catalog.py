@@ -1,5 +1,6 @@
 """What a store holds, for people and `kvtier store`: every block with its header's facts, full
-verification of every file, and clearing. Reads any store of this format; needs no model.
+verification of every file, and clearing. Reads any store of this format or an older one (its
+files checked with the checksum their header names); needs no model.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvtier.blocks import FORMAT_VERSION
 from kvtier.errors import KVTierError
 from kvtier.tiers.disk.areas import Owner, StoreLayout, block_id_of, check_format
 from kvtier.tiers.disk.blockio import read_tensors
@@ -90,6 +92,8 @@ class BlockInfo:
         else:
             owner = Owner.parse(self.where)
             text = f"process {owner.pid if owner else self.where}"
+        if self.header is not None and self.header.format_version != FORMAT_VERSION:
+            text += f", format {self.header.format_version} (never reused; gc takes it as it ages)"
         return f"{text} (bad: {self.problem})" if self.problem else text
 
 

@@ -4,10 +4,12 @@ A file is plain safetensors: u64 little-endian header length, the JSON header pa
 to 8 bytes, then the payloads back to back in the writer's tensor order. A tensor's header entry
 has its real dtype and shape when raw, else "U8" [payload bytes]. `__metadata__` (all str):
 format_version, block_id, fingerprint, parent_id ("" for none), tensors (JSON: name -> dtype,
-shape, codec, raw_bytes, checksum of the raw bytes) and metadata_checksum (of the other five
-values, so that no flipped header byte goes unnoticed). Optional, for people and `kvtier store`:
-labels (JSON: model_key, tokens) with labels_checksum, both or neither; readers that predate
-them ignore both. No file I/O beyond reading a header.
+shape, codec, raw_bytes, checksum of the raw bytes), checksum_algorithm (format 2: the name of
+every checksum's algorithm, "xxh3-128" or "sha256"; format 1 has none and means blake2b-128) and
+metadata_checksum (of the other values, so that no flipped header byte goes unnoticed).
+Optional, for people and `kvtier store`: labels (JSON: model_key, tokens) with labels_checksum,
+both or neither; readers that predate them ignore both. Files of format 1 are still read (for
+`kvtier store`); newer formats are refused. No file I/O beyond reading a header.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from typing import BinaryIO
 
 import torch
 
-from kvtier.blocks import FORMAT_VERSION
+from kvtier.blocks import FORMAT_VERSION, READABLE_FORMATS
 from kvtier.errors import StoreCorruptError
-from kvtier.tiers.codec import Codec, checksum
+from kvtier.tiers.codec import Checksum, Codec
 from kvtier.tiers.disk.files import read_exact_into
 
 MAX_HEADER_BYTES = 100 << 20  # a longer header length field is corruption, not a block
@@ -46,7 +48,19 @@ DTYPES = {
     torch.bool: "BOOL",
 }
 _DTYPE_BY_NAME = {name: dtype for dtype, name in DTYPES.items()}
-_CHECKED_METADATA = ("format_version", "block_id", "fingerprint", "parent_id", "tensors")
+# The metadata values each format's metadata_checksum covers, in order.
+_CHECKED_METADATA = {
+    "1": ("format_version", "block_id", "fingerprint", "parent_id", "tensors"),
+    "2": (
+        "format_version",
+        "block_id",
+        "fingerprint",
+        "parent_id",
+        "tensors",
+        "checksum_algorithm",
+    ),
+}
+assert tuple(_CHECKED_METADATA) == READABLE_FORMATS and READABLE_FORMATS[-1] == FORMAT_VERSION
 
 
 class ReadResult(enum.Enum):
@@ -89,6 +103,8 @@ class Header:
     fingerprint: str
     parent_id: str
     labels: dict[str, object] = field(default_factory=dict)
+    format_version: str = FORMAT_VERSION
+    algorithm: Checksum = Checksum.XXH3_128  # of every checksum in the file
 
     @property
     def raw_bytes(self) -> int:
@@ -101,7 +117,8 @@ class Header:
 
 @dataclass(frozen=True, slots=True)
 class Payload:
-    """One tensor ready to write: its encoded bytes and the checksum of its raw bytes."""
+    """One tensor ready to write: its encoded bytes and the checksum of its raw bytes (with the
+    algorithm the header will name)."""
 
     name: str
     tensor: torch.Tensor
@@ -117,10 +134,12 @@ def build_header(
     payloads: list[Payload],
     *,
     labels: Mapping[str, object] | None = None,
+    algorithm: Checksum = Checksum.XXH3_128,
 ) -> bytes:
     """The length field and JSON header of a block file whose payloads follow in this order.
 
-    `labels` (JSON values, e.g. model_key, tokens) are recorded for `kvtier store ls`.
+    `labels` (JSON values, e.g. model_key, tokens) are recorded for `kvtier store ls`. The
+    payloads' checksums must be `algorithm`'s, which the header names and uses for its own.
     """
     header: dict[str, object] = {}
     described = {}
@@ -145,11 +164,12 @@ def build_header(
         "fingerprint": fingerprint,
         "parent_id": parent_id or "",
         "tensors": json.dumps(described, separators=(",", ":")),
+        "checksum_algorithm": algorithm.value,
     }
-    header["__metadata__"] = {**meta, "metadata_checksum": _metadata_checksum(meta)}
+    header["__metadata__"] = {**meta, "metadata_checksum": _metadata_checksum(meta, algorithm)}
     if labels:
         text = json.dumps(dict(labels), separators=(",", ":"), sort_keys=True)
-        header["__metadata__"] |= {"labels": text, "labels_checksum": checksum(text.encode())}
+        header["__metadata__"] |= {"labels": text, "labels_checksum": algorithm.of(text.encode())}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
     return struct.pack("<Q", len(text)) + text
@@ -179,24 +199,40 @@ def read_header(file: BinaryIO, file_bytes: int, block_id: str, fingerprint: str
 def parse_header(
     header: dict, data_start: int, file_bytes: int, block_id: str, fingerprint: str | None
 ) -> Header:
-    """Check a block file's header against itself, its name and the file size; `Corrupt` if not."""
+    """Check a block file's header against itself, its name and the file size; `Corrupt` if not.
+
+    Format 1 files (blake2b-128) are read as well as this format's; any other format_version is
+    `Corrupt` ("unsupported format"): a newer kvtier wrote it, or the header is damaged.
+    """
     meta = header.pop("__metadata__")
-    if meta["metadata_checksum"] != _metadata_checksum(meta):
+    version = meta["format_version"]
+    if version not in READABLE_FORMATS:
+        raise Corrupt(
+            "unsupported format",
+            f"format_version {version!r}; this kvtier reads {', '.join(READABLE_FORMATS)}",
+        )
+    algorithm = Checksum.BLAKE2B_128 if version == "1" else _algorithm(meta["checksum_algorithm"])
+    if meta["metadata_checksum"] != _metadata_checksum(meta, algorithm):
         raise Corrupt("metadata checksum mismatch", "the header's metadata changed after writing")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise Corrupt("unsupported format", f"format_version {meta['format_version']!r}")
     if meta["block_id"] != block_id or fingerprint not in (None, meta["fingerprint"]):
         raise Corrupt("foreign block", "block id or model fingerprint differ from the file name")
-    labels = _labels(meta)
+    labels = _labels(meta, algorithm)
     entries = _entries(header, json.loads(meta["tensors"]), data_start, file_bytes)
-    return Header(entries, meta["fingerprint"], meta["parent_id"], labels)
+    return Header(entries, meta["fingerprint"], meta["parent_id"], labels, version, algorithm)
 
 
-def _labels(meta: Mapping[str, str]) -> dict[str, object]:
+def _algorithm(name: object) -> Checksum:
+    try:
+        return Checksum(name)
+    except ValueError:
+        raise Corrupt("unsupported format", f"checksum_algorithm {name!r}") from None
+
+
+def _labels(meta: Mapping[str, str], algorithm: Checksum) -> dict[str, object]:
     text, recorded = meta.get("labels"), meta.get("labels_checksum")
     if text is None and recorded is None:
         return {}
-    if not isinstance(text, str) or recorded != checksum(text.encode()):
+    if not isinstance(text, str) or recorded != algorithm.of(text.encode()):
         raise Corrupt("metadata checksum mismatch", "the header's labels changed after writing")
     labels = json.loads(text)
     if not isinstance(labels, dict):
@@ -234,9 +270,10 @@ def _entries(header: dict, described: dict, data_start: int, file_bytes: int) ->
     return entries
 
 
-def _metadata_checksum(meta: Mapping[str, str]) -> str:
+def _metadata_checksum(meta: Mapping[str, str], algorithm: Checksum) -> str:
     """Checksum of every other metadata value (tensor checksums included)."""
-    return checksum(json.dumps([meta[key] for key in _CHECKED_METADATA]).encode())
+    covered = _CHECKED_METADATA[meta["format_version"]]
+    return algorithm.of(json.dumps([meta[key] for key in covered]).encode())
 
 
 def _shape(value: object) -> tuple[int, ...]:

@@ -1,8 +1,9 @@
 """`kvtier store ls|du|verify|gc|clear` for a remote tier: what a Valkey server holds for kvtier.
 
 One function per command; each returns plain data for the CLI to print and touches only keys
-under kvtier's prefix (values.KEY_PREFIX). Walks keys with SCAN, reads heads with pipelined
-range reads. Server problems raise RemoteError (these are admin calls, not the data path).
+under kvtier's prefixes (values.KEY_PREFIXES: this block format's and the older one's, whose
+values it still checks and deletes). Walks keys with SCAN, reads heads with pipelined range
+reads. Server problems raise RemoteError (these are admin calls, not the data path).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from kvtier.errors import RemoteError
 from kvtier.tiers.remote.client import RemoteClient
 from kvtier.tiers.remote.signing import FLAG_HMAC
 from kvtier.tiers.remote.url import RemoteSpec
-from kvtier.tiers.remote.values import KEY_PREFIX, decode_tensor, heads_end, inspect, split_key
+from kvtier.tiers.remote.values import KEY_PREFIXES, decode_tensor, heads_end, inspect, split_key
 
 PROBE_BYTES = 64 << 10  # a first range read per key; a longer head is read again in full
 BATCH = 256  # keys per pipelined round trip
@@ -63,7 +64,7 @@ def connect(spec: RemoteSpec) -> RemoteClient:
 def list_blocks(client: RemoteClient, *, hmac_key: bytes | None = None) -> list[RemoteBlock]:
     """Every kvtier value on the server (every primary of a cluster), its heads checked (the
     HMAC too when `hmac_key` is given), sorted by model then block id."""
-    keys = sorted(client.scan(KEY_PREFIX))
+    keys = sorted(_scan(client))
     blocks = []
     for batch in _batches(keys):
         heads = _heads(client, batch)
@@ -102,7 +103,7 @@ def verify(
     """Read every kvtier value whole and check its heads and every tensor's checksum (and the
     HMAC with `hmac_key`): (values checked, the bad ones). `delete` removes the bad ones."""
     checked, bad, warned = 0, [], set()  # warn once per cause, not once per bad value
-    for batch in _batches(sorted(client.scan(KEY_PREFIX))):
+    for batch in _batches(sorted(_scan(client))):
         for key, value in zip(batch, _get_all(client, batch), strict=True):
             if value is None:
                 continue
@@ -137,12 +138,16 @@ def collect(client: RemoteClient, *, max_bytes: int | None) -> Collected:
 def clear(client: RemoteClient) -> int:
     """Delete every kvtier value (every model's); the number deleted. Other keys stay."""
     deleted = 0
-    for batch in _batches(client.scan(KEY_PREFIX)):
+    for batch in _batches(_scan(client)):
         deleted += client.delete_many(batch)
     return deleted
 
 
 # -- reading heads -------------------------------------------------------------------------------
+
+
+def _scan(client: RemoteClient) -> list[str]:
+    return [key for prefix in KEY_PREFIXES for key in client.scan(prefix)]
 
 
 def _batches(keys: Sequence[str]) -> Iterator[list[str]]:
@@ -183,7 +188,7 @@ def _failed(found: Sequence[object], keys: Sequence[str]) -> None:
 def _describe(
     key: str, prefix: bytes, value_bytes: int, idle_s: int | None, hmac_key: bytes | None
 ) -> RemoteBlock:
-    names = split_key(key) or ("?", key.removeprefix(KEY_PREFIX))
+    names = split_key(key) or ("?", key.partition(":")[2].partition(":")[2])
     fingerprint, block_id = names
     signed = len(prefix) > 5 and bool(prefix[5] & FLAG_HMAC)
     found = inspect(key, block_id, prefix, value_bytes, fingerprint, hmac_key)

@@ -16,10 +16,11 @@ from typing import Any, TypeVar
 from kvtier.errors import KVTierError, RemoteError
 from kvtier.tiers.remote.connect import (
     CAUSES,
+    Parts,
     cause_of,
     connect_error,
     connection_options,
-    encode,
+    parts_packer,
     probe_options,
     scrub,
 )
@@ -28,7 +29,6 @@ from kvtier.tiers.remote.url import RemoteSpec
 try:
     import valkey
     from valkey.cluster import ClusterNode, ValkeyCluster
-    from valkey.connection import PythonRespSerializer
     from valkey.exceptions import SlotNotCoveredError, ValkeyClusterException, ValkeyError
 except ImportError:  # pragma: no cover - exercised only without the extra
     valkey = None
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
 T = TypeVar("T")
+
+
 RETRY_AFTER_S = 1.0  # a node that failed is skipped (misses at once) for this long
 _SCAN_COUNT = 1000
 _BUFFER_CUTOFF = 6000  # valkey-py's own: arguments longer than this are sent as separate buffers
@@ -100,7 +102,7 @@ class RemoteClient:
                 # copying every value: 8 MiB SETs ran at 370-550 MiB/s instead of 1000-1300
                 # (loopback, 2-core dev box). The Python packer sends large values as they are.
                 # (ValkeyCluster drops this option; cluster nodes use whatever valkey-py picks.)
-                command_packer=PythonRespSerializer(_BUFFER_CUTOFF, encode),
+                command_packer=parts_packer(_BUFFER_CUTOFF),
                 **options,
             )
             client = valkey.Valkey(connection_pool=pool)
@@ -135,8 +137,11 @@ class RemoteClient:
             self._response_errors(name, results)
         return found
 
-    def put_many(self, items: Sequence[tuple[str, Buffer]], *, ttl_s: int | None = None) -> bool:
-        """Store each (key, value); True if every value was stored. Values are sent without copies.
+    def put_many(
+        self, items: Sequence[tuple[str, Buffer | Parts]], *, ttl_s: int | None = None
+    ) -> bool:
+        """Store each (key, value); True if every value was stored. Values are sent without copies
+        (Parts too, to a standalone server; to a cluster they are joined first).
 
         `ttl_s` (default: the spec's ttl_s, None for no expiry) makes the keys expire. Never raises
         for a server problem: a failed or partial put returns False.
@@ -145,7 +150,7 @@ class RemoteClient:
         expiry = ("EX", ttl) if ttl else ()
         keys = [key for key, _ in items]
         # cast("B") makes len() the byte count the protocol needs, for any buffer layout.
-        values = [memoryview(value).cast("B") for _, value in items]
+        values = [_sendable(value, standalone=self._standalone is not None) for _, value in items]
         stored = True
         for name, client, slots in self._route(keys):
             indices = [i for group in slots for i in group]
@@ -415,6 +420,12 @@ def _connect_cluster(spec: RemoteSpec, options: dict[str, Any]) -> Any:
             ) from None
         raise connect_error(spec, spec.nodes[0], exc) from None
     return cluster
+
+
+def _sendable(value: Buffer | Parts, *, standalone: bool) -> memoryview | Parts:
+    if isinstance(value, Parts):
+        return value if standalone else memoryview(value.join())
+    return memoryview(value).cast("B")
 
 
 def _typed(result: Any, kind: type) -> Any:

@@ -1,7 +1,8 @@
 """How kvtier reaches a Valkey server and phrases what went wrong, for the user and the log.
 
-Builds valkey-py connection options and turns exceptions into causes and one-line RemoteErrors;
-it never opens a connection or sends a command (client.py does).
+Builds valkey-py connection options (and the command packer that sends Parts unjoined) and
+turns exceptions into causes and one-line RemoteErrors; it never opens a connection or sends a
+command (client.py does).
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
+from collections.abc import Sequence
 from typing import Any
 
 from kvtier.errors import RemoteError
 from kvtier.tiers.remote.url import RemoteNode, RemoteSpec
+
+Buffer = bytes | bytearray | memoryview
 
 try:
     from valkey import exceptions as valkey_errors
@@ -85,6 +89,55 @@ def encode(value: Any) -> Any:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return repr(value).encode()
     raise TypeError(f"cannot send {type(value).__name__} to valkey; use str, bytes or int")
+
+
+class Parts:
+    """One value given as buffers back to back (e.g. a header and tensors' own memory): a
+    standalone server gets them as they are, without joining them into one bytes object (a
+    copy at ~2.3 GB/s that halved 8 MiB writes on the 2-core dev box); a cluster's client,
+    which keeps valkey-py's own packer, gets them joined."""
+
+    __slots__ = ("buffers", "nbytes")
+
+    def __init__(self, buffers: Sequence[Buffer]) -> None:
+        self.buffers = tuple(memoryview(buffer).cast("B") for buffer in buffers)
+        self.nbytes = sum(buffer.nbytes for buffer in self.buffers)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def join(self) -> bytes:
+        return b"".join(self.buffers)
+
+
+def parts_packer(buffer_cutoff: int) -> Any:
+    """valkey-py's Python command packer (which sends large values as they are, where
+    libvalkey's copies each into one bytes object), extended to Parts arguments."""
+    from valkey.connection import PythonRespSerializer
+
+    class PartsPacker(PythonRespSerializer):
+        """valkey-py's Python packer, plus Parts arguments: written as one bulk string whose
+        buffers go to the socket one by one (valkey-py sends each memoryview chunk as it is)."""
+
+        def pack(self, *args: Any) -> list[Any]:
+            if not any(isinstance(arg, Parts) for arg in args):
+                return super().pack(*args)
+            output: list[Any] = []
+            pending = b"*%d\r\n" % len(args)
+            for arg in args:
+                pieces = arg.buffers if isinstance(arg, Parts) else (self.encode(arg),)
+                pending += b"$%d\r\n" % sum(len(piece) for piece in pieces)
+                for piece in pieces:
+                    if isinstance(piece, memoryview) or len(piece) > self._buffer_cutoff:
+                        output += [pending, piece]
+                        pending = b""
+                    else:
+                        pending += piece
+                pending += b"\r\n"
+            output.append(pending)
+            return [chunk for chunk in output if len(chunk)]
+
+    return PartsPacker(buffer_cutoff, encode)
 
 
 def probe_options(spec: RemoteSpec, options: dict[str, Any]) -> dict[str, Any]:

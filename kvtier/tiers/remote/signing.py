@@ -11,7 +11,7 @@ Format, version 1 (all integers little-endian):
     5         1     flags        bit 0: an HMAC follows the key; other bits must be 0
     6         2     key_bytes    K, length of the UTF-8 key (uint16)
     8         8     payload_len  N (uint64)
-    16        16    checksum     blake2b-128 of the payload (the disk store's checksum)
+    16        16    checksum     blake2b-128 of the payload (of the head, when head-sealed)
     32        K     key          the key the value was sealed for, UTF-8
     32+K      32    hmac         if flags bit 0: HMAC-SHA256(hmac_key, value[0:32+K] || payload)
     32+K(+32) N     payload
@@ -22,7 +22,8 @@ key. The checksum alone catches corruption, not malice: anyone can recompute it.
 
 Head-sealed values (flags bit 1, `seal_head` / `open_head`) cover only the payload's first H
 bytes, the head, which must vouch for the rest (the remote tier's head is a block file's header,
-holding a blake2b-128 of every tensor): one hash pass over a large value instead of two or three,
+holding a checksum of every tensor: sha256 when signed, as an HMAC over xxh3 digests would not
+vouch for the bytes): one hash pass over a large value instead of two or three,
 and a reader can check the head and then read one tensor alone (a range read). After the key:
 
     32+K      8     head_len     H (uint64), covered by the checksum and the HMAC
@@ -167,8 +168,16 @@ def seal_head(
 ) -> bytes:
     """One value: a header sealing `head` only, then `head`, then the `body` buffers, which
     `head` must vouch for (e.g. hold their checksums). Copies every buffer once (into the
-    returned bytes) and hashes only `head`: cost independent of the body's size but that copy.
-    """
+    returned bytes); `seal_head_parts` gives the same bytes without the copy."""
+    return b"".join(seal_head_parts(key, head, body, hmac_key=hmac_key))
+
+
+def seal_head_parts(
+    key: str, head: Buffer, body: Sequence[Buffer], *, hmac_key: bytes | None = None
+) -> list[Buffer]:
+    """seal_head's value as buffers to send back to back: the seal and `head` joined (small),
+    then the `body` buffers themselves (no copy: keep them unchanged until sent). Hashes only
+    `head`: cost independent of the body's size."""
     key_bytes = key.encode()
     if len(key_bytes) > MAX_KEY_BYTES:
         raise ValueError(f"key of {len(key_bytes)} bytes is longer than {MAX_KEY_BYTES}")
@@ -180,7 +189,7 @@ def seal_head(
     fixed = _FIXED.pack(MAGIC, VERSION, flags, len(key_bytes), payload_len, digest)
     header = fixed + key_bytes + _HEAD_LEN.pack(head.nbytes)
     mac = [_mac(hmac_key, header, head)] if hmac_key is not None else []
-    return b"".join((header, *mac, head, *parts))
+    return [b"".join((header, *mac, head)), *parts]
 
 
 def open_head(

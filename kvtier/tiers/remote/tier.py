@@ -26,7 +26,7 @@ from kvtier.layout import KVGeometry
 from kvtier.tiers.base import SerializedEndpoints
 from kvtier.tiers.disk.blockio import check_tensors
 from kvtier.tiers.disk.format import ReadResult
-from kvtier.tiers.remote.client import RemoteClient
+from kvtier.tiers.remote.client import Parts, RemoteClient
 from kvtier.tiers.remote.clients import ThreadClients
 from kvtier.tiers.remote.connect import ServerUnavailable
 from kvtier.tiers.remote.url import RemoteSpec
@@ -45,10 +45,11 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 HEADER_CACHE = 4096  # verified block headers kept, so a layer read is one range read
-# Checks (hashing, which releases the GIL) run on these threads: a fetched batch of values is
-# verified while the next batch arrives, and a save hashes its layers on several cores. Each
-# part is about as slow as the other on loopback (blake2b ~0.6 GB/s a core, valkey-py's reply
-# parser ~0.6 GB/s; 2-core dev box), so overlapping them nearly halves a long load.
+# Checks (hashing and the copy out, which release the GIL) run on these threads: a fetched
+# batch of values is verified while the next batch arrives (valkey-py's reply parser, ~0.7-1
+# GB/s on loopback, is the slower part; xxh3-128 runs at 10-14 GB/s a core, the copy at 2-5;
+# 2-core dev box). A signed save hashes its layers here (sha256, ~1.5 GB/s a core); an unsigned
+# one hashes in its own thread: 8 layers of 128 KiB take 80 us, less than handing them over.
 CHECK_THREADS = 2
 BATCH_BYTES = 8 << 20  # values per MGET: about this many bytes (one value at least)
 
@@ -201,23 +202,25 @@ class RemoteTier(SerializedEndpoints):
         check_tensors(key, tensors)
         labels = {"model_key": self.model_key, "tokens": self.geometry.block_tokens}
         server_key = self._key(key)
-        value = encode_value(
-            server_key,
-            key,
-            tensors,
-            fingerprint=self.fingerprint,
-            parent_id=parent_id,
-            labels={name: v for name, v in labels.items() if v},
-            hmac_key=self.spec.hmac_key,
-            hash_map=self._check_map,
-        )
+        value = Parts(
+            encode_value(
+                server_key,
+                key,
+                tensors,
+                fingerprint=self.fingerprint,
+                parent_id=parent_id,
+                labels={name: v for name, v in labels.items() if v},
+                hmac_key=self.spec.hmac_key,
+                hash_map=self._check_map if self.spec.hmac_key is not None else map,
+            )
+        )  # the layers' own memory, sent before this call returns
         client = self._clients.get()
         stored = client is not None and client.put_many([(server_key, value)])
         with self._lock:
             self._counters["saves" if stored else "failed_saves"] += 1
-            self._counters["saved_bytes"] += len(value) if stored else 0
+            self._counters["saved_bytes"] += value.nbytes if stored else 0
             self._counters["save_s"] += time.perf_counter() - started
-        return len(value) if stored else 0
+        return value.nbytes if stored else 0
 
     def load_into(self, key: str, tiered_index: int, out: torch.Tensor) -> ReadResult:
         """Tiered layer `tiered_index` of block `key` into `out` (a contiguous CPU tensor):

@@ -2,9 +2,11 @@
 
     value = seal header (signing.py, flags HEAD [| HMAC]) || block file header || tensor payloads
 
-The seal covers the block file's header, which holds the blake2b-128 of every tensor's raw bytes
-and a checksum of itself; each tensor is checked against its checksum when it is decoded. So a
-read hashes each byte once, and one layer can be read alone (a range read after the heads).
+The seal covers the block file's header, which holds a checksum of every tensor's raw bytes
+and of itself; each tensor is checked against its checksum when it is decoded. So a read hashes
+each byte once, and one layer can be read alone (a range read after the heads). The checksums
+are xxh3-128 (integrity at memory speed), or sha256 when the value is signed: xxh3 is not
+collision resistant, so an HMAC over a header of xxh3 digests would not vouch for the bytes.
 Pure functions of bytes and tensors; no server, no state.
 """
 
@@ -18,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.blocks import FORMAT_VERSION, READABLE_FORMATS
 from kvtier.errors import StoreCorruptError
-from kvtier.tiers.codec import Codec, checksum, decode_into, encode
+from kvtier.tiers.codec import Checksum, Codec, decode_into, encode
 from kvtier.tiers.disk.format import Corrupt, Header, Payload, build_header, parse_header
 from kvtier.tiers.remote.signing import (
     FLAG_HEAD,
@@ -29,10 +32,13 @@ from kvtier.tiers.remote.signing import (
     OpenedHead,
     check_head,
     reject,
-    seal_head,
+    seal_head_parts,
 )
 
-KEY_PREFIX = "kvtier:1:"  # then <model fingerprint>:<block id>; "1" is FORMAT_VERSION
+# then <model fingerprint>:<block id>. Keys name the block format, so a kvtier that cannot read
+# a value never sees it (an older `kvtier store verify --delete` leaves newer values alone).
+KEY_PREFIX = f"kvtier:{FORMAT_VERSION}:"
+KEY_PREFIXES = tuple(f"kvtier:{version}:" for version in READABLE_FORMATS)  # `kvtier store`'s
 _LENGTH = struct.Struct("<Q")
 
 
@@ -42,10 +48,12 @@ def block_key(fingerprint: str, block_id: str) -> str:
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    """(fingerprint, block id) of a server key block_key made; None for any other key."""
-    if not key.startswith(KEY_PREFIX):
+    """(fingerprint, block id) of a server key block_key made, by this kvtier or for a format it
+    still reads (KEY_PREFIXES); None for any other key."""
+    prefix = next((p for p in KEY_PREFIXES if key.startswith(p)), None)
+    if prefix is None:
         return None
-    fingerprint, sep, block_id = key[len(KEY_PREFIX) :].partition(":")
+    fingerprint, sep, block_id = key[len(prefix) :].partition(":")
     return (fingerprint, block_id) if sep and fingerprint and block_id else None
 
 
@@ -59,29 +67,44 @@ def encode_value(
     labels: Mapping[str, object],
     hmac_key: bytes | None = None,
     hash_map: Callable[..., Iterable[str]] = map,
-) -> bytes:
-    """The value of block `block_id` under server key `key`: raw tensors (no codec: lz4 runs at
-    0.3-0.6 GB/s a thread, slower than the network it would spare). Copies each byte once.
+) -> list[bytes | memoryview]:
+    """The value of block `block_id` under server key `key`, as buffers to send back to back:
+    the heads, then each tensor's own memory (no copy: send them before the tensors change).
+    Raw tensors: no codec (lz4 runs at 0.3-0.6 GB/s a thread, slower than the network it would
+    spare).
 
-    `hash_map(checksum, tensors)` computes the tensors' checksums, in order: the builtin `map`,
-    or a thread pool's (hashlib releases the GIL, so the tensors hash on several cores); the
-    bytes are those `encode_block` writes to disk.
+    Checksums are xxh3-128, or sha256 with `hmac_key` (`signed_checksum`). `hash_map(hash,
+    tensors)` computes them, in order: the builtin `map`, or a thread pool's (hashlib and
+    xxhash release the GIL, so the tensors hash on several cores); the bytes are a block file
+    as `encode_block` writes one to disk.
     """
-    digests = list(hash_map(checksum, tensors.values()))
+    algorithm = signed_checksum(hmac_key)
+    views = [encode(tensor, Codec.RAW) for tensor in tensors.values()]  # the raw bytes, in place
+    digests = list(hash_map(algorithm.of, views))
     payloads = [
-        Payload(name, tensor, Codec.RAW, encode(tensor, Codec.RAW), digest)
-        for (name, tensor), digest in zip(tensors.items(), digests, strict=True)
+        Payload(name, tensor, Codec.RAW, view, digest)
+        for (name, tensor), view, digest in zip(tensors.items(), views, digests, strict=True)
     ]
-    head = build_header(block_id, fingerprint, parent_id, payloads, labels=labels)
-    return seal_head(key, head, [item.data for item in payloads], hmac_key=hmac_key)
+    head = build_header(
+        block_id, fingerprint, parent_id, payloads, labels=labels, algorithm=algorithm
+    )
+    return seal_head_parts(key, head, [item.data for item in payloads], hmac_key=hmac_key)
+
+
+def signed_checksum(hmac_key: bytes | None) -> Checksum:
+    """The tensors' checksum of a value: sha256 when it is signed, so the HMAC over the header
+    covers the bytes through a collision-resistant hash; else xxh3-128 (integrity only)."""
+    return Checksum.SHA256 if hmac_key is not None else Checksum.XXH3_128
 
 
 def head_bound(block_id: str, tensors: Mapping[str, torch.Tensor], key: str) -> int:
     """Bytes from a value's start that surely hold both heads, for values of tensors shaped like
     `tensors` (a probe reads this many). Generous: labels and ids may grow a little."""
-    payloads = [Payload(name, t, Codec.RAW, b"", "0" * 32) for name, t in tensors.items()]
+    payloads = [Payload(name, t, Codec.RAW, b"", "0" * 64) for name, t in tensors.items()]
     labels = {"model_key": "m" * 256, "tokens": 2**31}
-    head = build_header(block_id, "f" * 64, "p" * 64, payloads, labels=labels)
+    head = build_header(
+        block_id, "f" * 64, "p" * 64, payloads, labels=labels, algorithm=Checksum.SHA256
+    )
     return 40 + len(key.encode()) + 32 + len(head) + 1024
 
 
@@ -150,6 +173,10 @@ def inspect(
         return error.cause
     except (ValueError, KeyError, TypeError, AttributeError, struct.error):
         return "unparsable block header"
+    if hmac_key is not None and not header.algorithm.cryptographic:
+        # Only a key holder signs, and kvtier signs sha256 headers; refuse the rest anyway: an
+        # HMAC over xxh3 digests would let other bytes with the same digests through.
+        return f"signed value checksummed with {header.algorithm.value} (not collision resistant)"
     return Located(header, opened.body_start - opened.head.nbytes, value_bytes)
 
 
@@ -183,7 +210,7 @@ def decode_tensor(
     except StoreCorruptError:
         reject(key, "undecodable payload", warned)
         return False
-    if checksum(out) != entry.checksum:
+    if located.header.algorithm.of(out) != entry.checksum:
         reject(key, "tensor checksum mismatch", warned)
         return False
     return True
