@@ -181,6 +181,7 @@ def test_the_surface_is_the_users() -> None:
         "load_config",
         "offload",
         "register_policy",
+        "release_pinned_memory",
     }
     for name in kvtier.__all__:
         assert getattr(kvtier, name) is not None

@@ -21,7 +21,7 @@ from kvtier.controller.inspection import Inspection
 from kvtier.controller.placement import Placement
 from kvtier.controller.prefill import LayerMajor
 from kvtier.controller.stats import Counters
-from kvtier.controller.step import PendingIds, Step
+from kvtier.controller.step import PendingIds, Step, extend_ids, host_ids
 from kvtier.controller.streaming import Streamer
 from kvtier.errors import BudgetError, KVTierError, StoreCorruptError
 from kvtier.layout import ContextPlan, KVGeometry, plan_context
@@ -101,12 +101,7 @@ class TierController(Inspection):
     # -- the step cycle ------------------------------------------------------------------------
     def note_tokens(self, token_ids: torch.Tensor | None) -> None:
         """Token ids `[batch, q]` of the next append (from the model's pre-hook); they key ids."""
-        if token_ids is None:
-            self._pending_ids = None
-        elif token_ids.is_cuda:
-            self._pending_ids = PendingIds(token_ids.detach())
-        else:
-            self._pending_ids = token_ids.detach().to("cpu")
+        self._pending_ids = host_ids(token_ids)
 
     @property
     def in_step(self) -> bool:
@@ -121,8 +116,7 @@ class TierController(Inspection):
         self.placement.raise_deferred()
         if self.placement.lost:
             self._refuse_lost()
-        ids = self._pending_ids
-        self._pending_ids = None
+        ids, self._pending_ids = self._pending_ids, None
         if ids is not None and ids.shape != (self.geometry.batch, new_tokens):
             ids = None  # e.g. chunked inputs the hook could not see; fall back to anonymous ids
         end = self.tokens + new_tokens
@@ -141,11 +135,7 @@ class TierController(Inspection):
                 protected = frozenset(b.index for b in blocks)
                 top_full = not self._place_new_block(block, protected=protected, skip_top=top_full)
             take = min(self.geometry.block_tokens - block.tokens, end - pos)
-            offset = pos - self.tokens
-            if isinstance(ids, PendingIds):
-                later.append((block, offset, take))
-            else:
-                block.extend_ids(None if ids is None else ids[:, offset : offset + take].tolist())
+            extend_ids(block, ids, pos - self.tokens, take, later)
             block.tokens += take
             blocks.append(block)
             pos += take
@@ -155,9 +145,8 @@ class TierController(Inspection):
             if run is None:  # a block landed out of order: stream this step and those after
                 self.streaming = True
                 self._fit_staging(end)
-        self._step = Step(start=self.tokens, new=new_tokens, blocks=blocks, run=run)
-        if isinstance(ids, PendingIds):
-            self._step.pending_ids = (ids, later)
+        pending = (ids, later) if isinstance(ids, PendingIds) else None
+        self._step = Step(self.tokens, new_tokens, blocks, run=run, pending_ids=pending)
 
     def _refuse_lost(self) -> None:
         start = min(self.placement.lost) * self.geometry.block_tokens
@@ -300,11 +289,7 @@ class TierController(Inspection):
                 f"tiered layer {tiered_index} appended {keys.shape[-2]} tokens but the step expects "
                 f"{None if step is None else step.new}; layers must be called in order"
             )
-        if keys.shape[0] != self.geometry.batch:
-            raise KVTierError(
-                f"batch size changed from {self.geometry.batch} to {keys.shape[0]}; "
-                "use a new TieredCache (or cache.reset()) for a new batch"
-            )
+        self._check_batch(keys)
         if step.run is not None:
             view = self._in_place_view(step, tiered_index)
             _, k_view, v_view = write_tokens(view, step.start, keys, values)
@@ -320,16 +305,19 @@ class TierController(Inspection):
         return k_view, v_view
 
     def _append_layer_major(self, tiered_index: int, keys: torch.Tensor, values: torch.Tensor):
-        if keys.shape[0] != self.geometry.batch:
-            raise KVTierError(
-                f"batch size changed from {self.geometry.batch} to {keys.shape[0]}; "
-                "use a new TieredCache (or cache.reset()) for a new batch"
-            )
+        self._check_batch(keys)
         k_view, v_view = self._layer_major.append(tiered_index, keys, values)
         if self._layer_major.done:
             self._layer_major = None
             self._end_step()
         return k_view, v_view
+
+    def _check_batch(self, keys: torch.Tensor) -> None:
+        if keys.shape[0] != self.geometry.batch:
+            raise KVTierError(
+                f"batch size changed from {self.geometry.batch} to {keys.shape[0]}; "
+                "use a new TieredCache (or cache.reset()) for a new batch"
+            )
 
     def _in_place_view(self, step: Step, tiered_index: int) -> torch.Tensor:
         """The layer's whole sequence as one view of the fastest tier `[tokens, 2, b, h, d]`."""

@@ -32,6 +32,30 @@ class PendingIds:
         return self._host
 
 
+def host_ids(token_ids: torch.Tensor | None) -> torch.Tensor | PendingIds | None:
+    """A step's token ids on the host: copied now from the CPU, on their way from a GPU."""
+    if token_ids is None:
+        return None
+    if token_ids.is_cuda:
+        return PendingIds(token_ids.detach())
+    return token_ids.detach().to("cpu")
+
+
+def extend_ids(
+    block: BlockMeta,
+    ids: torch.Tensor | PendingIds | None,
+    offset: int,
+    take: int,
+    later: list[tuple[BlockMeta, int, int]],
+) -> None:
+    """Give `block` the ids of the step's `take` positions from `offset`: now, or at the step's
+    end when they are still on their way (noted in `later`)."""
+    if isinstance(ids, PendingIds):
+        later.append((block, offset, take))
+    else:
+        block.extend_ids(None if ids is None else ids[:, offset : offset + take].tolist())
+
+
 @dataclass
 class Step:
     """The step in progress: `new` positions from `start`, spread over `blocks`."""
