@@ -5,7 +5,8 @@ prompt (32K by default) of which `--shared` (90%) is a prefix an earlier request
 
   dynamic   the cold prompt through HF's DynamicCache (no kvtier at all)
   cold      a new prefix, nothing stored: the whole prompt is computed (the recompute baseline)
-  host      the same process, the earlier request's cache still open (its blocks on GPU/host)
+  host      the same process, the earlier request's cache still open (its blocks on GPU/host;
+            with --first-gpu-budget 1GiB, on host)
   disk      a new process, the earlier request's blocks persisted on disk (disk.persist = true)
 
 For each: TTFT (generate() with max_new_tokens=1), prefix_hit_tokens, the cost model's decision
@@ -128,7 +129,10 @@ def run_phase(args: argparse.Namespace) -> dict:
         row["computed_first_token"] = check["first_token"]
         return {"disk": row}
     rows = {}
-    rows["first"], holder = timed(model, cfg, prompt(args, 1, vocab), keep_open=True)
+    first_cfg = (
+        cfg.with_overrides(gpu_budget=args.first_gpu_budget) if args.first_gpu_budget else cfg
+    )
+    rows["first"], holder = timed(model, first_cfg, prompt(args, 1, vocab), keep_open=True)
     rows["host"], _ = timed(model, cfg, prompt(args, 2, vocab))
     holder.close()
     rows["cold"], _ = timed(model, cfg, prompt(args, 0, vocab))  # nothing of it stored
@@ -158,6 +162,11 @@ def main() -> None:
     parser.add_argument("--block-tokens", type=int, help="256 (--tiny 64)")
     parser.add_argument("--chunk", type=int, help="prefill_chunk_tokens (4096; --tiny 256)")
     parser.add_argument("--gpu-budget", default=None, help='"8GiB" (--tiny "4MiB")')
+    parser.add_argument(
+        "--first-gpu-budget",
+        default=None,
+        help="the first request's GPU budget (e.g. 1GiB: its blocks wait on host for the next)",
+    )
     parser.add_argument("--host-budget", default=None, help='"24GiB" (--tiny "16MiB")')
     parser.add_argument("--disk-budget", default=None, help='"50%" of free disk (--tiny "64MiB")')
     parser.add_argument("--store", default=None, help="disk store (a new temp dir)")
