@@ -137,13 +137,38 @@ def test_recompute_when_measured_prefill_is_faster(tiny_model: Any, tmp_path: Pa
     INDEX.clear()
     fingerprint = kvtier.TieredCache(model, cfg)
     fingerprint.close()
-    INDEX.record_prefill(fingerprint.spec.fingerprint, 10**12, 1.0)  # a trillion tokens / s
+    INDEX.record_prefill(fingerprint.spec.fingerprint, 1e21, 1.0)  # a zettaFLOP per second
     got, stats = tiered_generate(model, cfg, ids)
     assert_same_generation(reference_generate(model, ids), got)
     assert stats["prefix_hit_tokens"] == 0
     reuse = stats["reuse"]
     assert reuse["decision"] == "recompute" and "recomputing is faster" in reuse["reason"]
     assert reuse["predicted_recompute_s"] < reuse["predicted_load_s"]
+
+
+@pytest.mark.parametrize(("kind", "head_dim"), [("llama", 16), ("qwen3", 32)])
+def test_prefill_speed_is_recorded_in_flops_at_its_positions(
+    kind: str, head_dim: int, tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: a prefill call of 100 positions after 1,000 cached ones, batch 2, took 2 s:
+    the index records FLOP/s counting attention over the cached positions (4 x layers x query
+    heads x head_dim a pair; qwen3's head_dim is not hidden / heads), the same count the cost
+    model predicts recomputes with."""
+    from types import SimpleNamespace
+
+    from kvtier.hf import reuse as hf_reuse
+
+    model, config = tiny_model(kind)
+    state = hf_reuse.ReuseState(model)
+    assert state.flops.per_pair == 4 * config.num_hidden_layers * 4 * head_dim
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr(hf_reuse, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    state.start(1000, 100)
+    state.stop("fp", batch=2)
+    pairs = sum(p + 1 for p in range(1000, 1100))
+    expected = 2 * (state.flops.per_token * 100 + state.flops.per_pair * pairs) / 2.0
+    assert INDEX.prefill_flops("fp") == pytest.approx(expected)
+    assert expected > 3 * 2 * state.flops.per_token * 100 / 2.0  # attention: most of it
 
 
 def test_all_logits_requested_means_no_reuse(tiny_model: Any, tmp_path: Path) -> None:

@@ -21,7 +21,13 @@ from typing import Any
 import torch
 
 from kvtier.blocks import BlockMeta, Tier, block_id
-from kvtier.controller.costs import Choice, assumed_prefill_rate, bandwidths, choose
+from kvtier.controller.costs import (
+    Choice,
+    PrefillFlops,
+    assumed_prefill_flops,
+    bandwidths,
+    choose,
+)
 from kvtier.controller.index import INDEX
 from kvtier.controller.lost import reason
 from kvtier.layout import KVGeometry
@@ -96,11 +102,11 @@ def find_prefix(controller: Any, chain: list[str]) -> list[Found]:
 
 
 def load_prefix(
-    controller: Any, token_ids: torch.Tensor, *, max_blocks: int, flops_per_token: float
+    controller: Any, token_ids: torch.Tensor, *, max_blocks: int, flops: PrefillFlops
 ) -> int:
     """Load the longest stored prefix of `token_ids` `[batch, tokens]` (at most `max_blocks`
-    blocks) into an empty controller when that beats computing it; the positions loaded.
-    `stats()["reuse"]` records the decision, its reason and the predictions."""
+    blocks) into an empty controller when that beats computing it (the model's `flops`); the
+    positions loaded. `stats()["reuse"]` records the decision, its reason and the predictions."""
     assert controller.tokens == 0 and not len(controller.table), "reuse needs an empty cache"
     g = controller.geometry
     rows = token_ids.tolist()
@@ -111,7 +117,7 @@ def load_prefix(
     if not found:
         controller.counters.reuse = {"decision": "none", "reason": "no stored block of the prompt"}
         return 0
-    choice = _choose(controller, found, flops_per_token)
+    choice = _choose(controller, found, flops)
     started = time.perf_counter()
     chosen = found[: choice.blocks]
     landed, failure = _load_chain(controller, chosen, rows)
@@ -123,13 +129,12 @@ def load_prefix(
     return controller.tokens
 
 
-def _choose(controller: Any, found: list[Found], flops_per_token: float) -> Choice:
+def _choose(controller: Any, found: list[Found], flops: PrefillFlops) -> Choice:
     g = controller.geometry
     cuda = any(device.type == "cuda" for device in g.devices)
     remote = controller.stores.get(Tier.REMOTE)
     remote_gbps = remote.stats().get("load_gbps") if remote is not None else None
-    measured = INDEX.prefill_rate(controller.fingerprint)
-    rate = measured or assumed_prefill_rate(flops_per_token=flops_per_token, cuda=cuda)
+    measured = INDEX.prefill_flops(controller.fingerprint)
     return choose(
         [item.tier for item in found],
         block_bytes=g.block_bytes,
@@ -141,8 +146,10 @@ def _choose(controller: Any, found: list[Found], flops_per_token: float) -> Choi
             remote_gbps=remote_gbps,
             remote_spec=remote.spec if remote is not None else None,
         ),
-        prefill_rate=rate,
+        flops=flops,
+        flops_per_s=measured or assumed_prefill_flops(cuda=cuda),
         rate_source="measured in this process" if measured else "assumed",
+        batch=g.batch,
     )
 
 

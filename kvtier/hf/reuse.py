@@ -4,8 +4,9 @@ The forward wrapper (hooks.py) calls `skip_prefix` on a multi-token call into an
 when blocks of the prompt are stored (another live cache of this process, the disk store, the
 remote server) and loading beats computing them, they are loaded and the call goes on with the
 keyword arguments of the remaining positions only (HF's logits for the last positions are the
-same). It also times this process's prefill calls (tokens per wall second, to the next model
-call: no device sync), the speed the load-or-recompute choice weighs. Never touches a tier.
+same). It also times this process's prefill calls (their FLOPs, costs.PrefillFlops, per wall
+second to the next model call: no device sync), the speed the load-or-recompute choice weighs.
+Never touches a tier.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from kvtier.controller import reuse
+from kvtier.controller.costs import PrefillFlops
 from kvtier.controller.index import INDEX
 from kvtier.hf import prefill
 from kvtier.hf.models import estimated_geometry
@@ -27,38 +29,54 @@ _POSITIONAL = ("position_ids", "cache_position")
 
 
 class ReuseState:
-    """Per cache: the model's compute per token (for the assumed prefill speed) and the
-    prefill call being timed."""
+    """Per cache: the model's FLOPs per position (costs.PrefillFlops) and the prefill call
+    being timed."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        parameters = sum(p.numel() for p in model.parameters())
-        embeddings = (
-            model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        )
-        weight = getattr(embeddings, "weight", None)
-        lookups = weight.numel() if isinstance(weight, torch.Tensor) else 0
-        self.flops_per_token = 2.0 * max(parameters - lookups, 1)  # a matmul: 2 FLOPs a weight
-        self._timing: tuple[float, int] | None = None  # (start, tokens) of a prefill call
+        self.flops = prefill_flops(model)
+        self._timing: tuple[float, int, int] | None = None  # (start, first position, positions)
 
-    def start(self, tokens: int) -> None:
-        self._timing = (time.perf_counter(), tokens)
+    def start(self, first: int, tokens: int) -> None:
+        self._timing = (time.perf_counter(), first, tokens)
 
-    def stop(self, fingerprint: str) -> None:
-        """The next model call began: the timed prefill (and its logits) is done."""
+    def stop(self, fingerprint: str, *, batch: int) -> None:
+        """The next model call began: the timed prefill (and its logits) of `batch` rows is
+        done."""
         if self._timing is None:
             return
-        started, tokens = self._timing
+        started, first, tokens = self._timing
         self._timing = None
-        INDEX.record_prefill(fingerprint, tokens, time.perf_counter() - started)
+        flops = batch * self.flops.span(first, tokens)
+        INDEX.record_prefill(fingerprint, flops, time.perf_counter() - started)
+
+
+def prefill_flops(model: torch.nn.Module) -> PrefillFlops:
+    """The model's prefill FLOPs: 2 per weight a position (embedding lookups aside), and per
+    (query, key) pair 4 x layers x query heads x head_dim (QK^T and AV), read from its config."""
+    parameters = sum(p.numel() for p in model.parameters())
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    lookups = weight.numel() if isinstance(weight, torch.Tensor) else 0
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if config is not None else None
+    heads = getattr(text, "num_attention_heads", None) or 0
+    head_dim = getattr(text, "head_dim", None) or (
+        getattr(text, "hidden_size", 0) // heads if heads else 0
+    )
+    layers = getattr(text, "num_hidden_layers", None) or 0
+    return PrefillFlops(
+        per_token=2.0 * max(parameters - lookups, 1), per_pair=4.0 * layers * heads * head_dim
+    )
 
 
 def note_call(cache: Any, total: int) -> None:
     """At every call of the wrapped forward: end the timing of the previous prefill call; start
-    timing this one if it computes several positions."""
+    timing this one if it computes several positions (after the cached ones)."""
     state = cache.reuse
-    state.stop(cache.spec.fingerprint)
+    controller = cache.controller  # the timed call's, which made it
+    state.stop(cache.spec.fingerprint, batch=controller.geometry.batch if controller else 1)
     if total >= cache.cfg.block_tokens:
-        state.start(total)
+        state.start(cache.cached_tokens(), total)
 
 
 def skip_prefix(cache: Any, kwargs: dict, total: int) -> tuple[dict, int]:
@@ -91,7 +109,7 @@ def skip_prefix(cache: Any, kwargs: dict, total: int) -> tuple[dict, int]:
         controller,
         input_ids.detach().to("cpu"),
         max_blocks=max_blocks,
-        flops_per_token=cache.reuse.flops_per_token,
+        flops=cache.reuse.flops,
     )
     if not loaded:
         return kwargs, 0
