@@ -204,7 +204,7 @@ class Room:
         return self.tier is Tier.DISK
 
     @property
-    def read(self) -> bool:
+    def from_store(self) -> bool:
         """Its bytes are read from a serialized store (a disk file, the server) into host
         memory; else, unless adopted, copied from another cache's GPU or host slot."""
         return not self.adopted and self.item.tier in (Tier.DISK, Tier.REMOTE)
@@ -231,7 +231,7 @@ def _rooms(controller: Any, items: list[Found], rows: list[list[int]]) -> list[R
             controller.table.truncate(block.index)
             break
         rooms.append(Room(block, tier, handle, item))
-        if cuda and tier is Tier.GPU and rooms[-1].read:  # read into a pinned bounce buffer
+        if cuda and tier is Tier.GPU and rooms[-1].from_store:  # read into a pinned bounce buffer
             bounce_bytes += controller.geometry.block_bytes
             if bounce_bytes >= BOUNCE_BYTES:
                 break
@@ -294,15 +294,17 @@ def _fetch(
     """
     mover = controller.mover
     landing = {
-        i: tuple(_landing(view) for view in targets[i]) for i, room in enumerate(rooms) if room.read
+        i: tuple(_landing(view) for view in targets[i])
+        for i, room in enumerate(rooms)
+        if room.from_store
     }
     disk = [i for i in landing if rooms[i].item.tier is Tier.DISK]
     remote = [i for i in landing if rooms[i].item.tier is Tier.REMOTE]
-    reads = mover.submit_reads([(_stored(controller, rooms[i].item), landing[i]) for i in disk])
+    reads = mover.submit_reads([(_source(controller, rooms[i].item), landing[i]) for i in disk])
     copies = [
-        (_stored(controller, room.item), targets[i])
+        (_source(controller, room.item), targets[i])
         for i, room in enumerate(rooms)
-        if not room.adopted and not room.read
+        if not room.adopted and not room.from_store
     ]
     if copies:
         mover.finish(mover.submit(copies, lane=Lane.NOW))
@@ -318,7 +320,7 @@ def _fetch(
     return landing, results
 
 
-def _stored(controller: Any, item: Found) -> Endpoint:
+def _source(controller: Any, item: Found) -> Endpoint:
     """Every layer of the block `item` names, in its owner's store (this controller's if none):
     a `Stored` block, or another cache's GPU or host slot views."""
     owner = item.owner or controller
