@@ -4,6 +4,7 @@ One pair of verbs: `submit(copies, lane=...) -> Ticket`, then `wait(ticket)` (th
 waits, the host only on I/O) or `finish(ticket)` (the host waits, before a source is freed). A
 copy is (source, destination); each side is a tensor view, a block's per-layer views, or a
 `Stored` block in a serialized store, whose `load_into` / `save` run in the one I/O thread pool.
+`submit_reads` reads whole stored blocks into host memory, all in flight at once (prefix reuse).
 Without CUDA the same calls copy synchronously. The mover moves; it never decides what to move.
 """
 
@@ -45,6 +46,7 @@ class Ticket:
     loads: list[tuple[Future, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     sources: list[Stored] = field(default_factory=list)
     saves: list[Future] = field(default_factory=list)  # future -> bytes written
+    reads: list[Future] = field(default_factory=list)  # whole-block reads -> ReadResult, in order
     uploaded: bool = False
 
     @property
@@ -61,11 +63,17 @@ class Ticket:
                 out.append((source, future.result()))
         return out
 
+    def read_results(self) -> list[object]:
+        """What the store said of each `submit_reads` block, in order (a ReadResult: falsy when
+        missing or corrupt), once the ticket is finished."""
+        return [future.result() for future in self.reads]
+
     def done(self) -> bool:
         return (
             all(event.query() for event in self.events)
             and all(f.done() for f, *_ in self.loads)
             and all(f.done() for f in self.saves)
+            and all(f.done() for f in self.reads)
         )
 
 
@@ -125,11 +133,25 @@ class Mover:
             self._upload(ticket)
         return ticket
 
+    def submit_reads(self, reads: Sequence[tuple[Stored, tuple[torch.Tensor, ...]]]) -> Ticket:
+        """Read whole stored blocks (`Stored` with no `tiered_index`) into CPU tensors, one per
+        tiered layer (contiguous; pinned is fine), with `load_block`: one file open or GET per
+        block, every read queued in the I/O pool at once (as many in flight as it has threads),
+        where the decode and the checksums of one overlap the I/O of the next. Returns at once;
+        `finish` waits (False if any block failed), then `ticket.read_results()`. Whatever the
+        tensors go on to (a GPU slot) is the caller's copy, after `finish`."""
+        ticket = Ticket()
+        for source, layers in reads:
+            assert source.tiered_index is None, "submit_reads reads whole blocks"
+            ticket.reads.append(self.pool.submit(source.store.load_block, source.key, layers))
+        return ticket
+
     def wait(self, ticket: Ticket) -> bool:
         """Make the compute stream wait for the ticket; False if a load found its block missing
         or corrupt. Blocks the host only on I/O still running; GPU copies are waited by event."""
         start = time.perf_counter()
         ok = all([future.result() for future, *_ in ticket.loads])
+        ok = all([future.result() for future in ticket.reads]) and ok
         for event in ticket.events:
             torch.cuda.current_stream(event.device).wait_event(event)
         self._upload(ticket)
@@ -145,6 +167,7 @@ class Mover:
         """
         start = time.perf_counter()
         ok = all([future.result() for future, *_ in ticket.loads])
+        ok = all([future.result() for future in ticket.reads]) and ok
         self._upload(ticket)
         for event in ticket.events:
             event.synchronize()

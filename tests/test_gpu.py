@@ -116,9 +116,52 @@ def test_prefill_speed_is_timed_by_cuda_events(tiny_model, tmp_path):
         fingerprint = cache.spec.fingerprint
     torch.cuda.synchronize()
     reuse.record_completed()
-    assert INDEX.prefill_rate(fingerprint) is not None
+    assert INDEX.prefill_flops(fingerprint) is not None
     expected = reference_generate(model, ids, max_new_tokens=24)
     got, stats = tiered_generate(model, cfg, ids, max_new_tokens=24)
     assert torch.equal(expected.sequences, got.sequences)
     assert stats["prefix_hit_tokens"] > 0 and "measured" in stats["reuse"]["reason"]
     INDEX.clear()
+
+
+@pytest.mark.parametrize("round_blocks", [None, 2])
+def test_disk_prefix_reused_into_gpu_slots(tiny_model, tmp_path, monkeypatch, round_blocks):
+    """Scenario: on CUDA a persisted 12-block prefix is read from disk into pinned bounce
+    buffers and copied up into GPU slots (the rest into pinned host slots), also when the
+    bounce-buffer bound splits the GPU part into rounds of 2 blocks; tokens and logits exact."""
+    from kvtier.controller import reuse
+    from kvtier.controller.index import INDEX
+    from kvtier.transfer import Mover
+
+    model, config = tiny_model("llama")
+    model = copy.deepcopy(model).cuda()
+    ids = random_prompt(200).cuda()
+    expected = reference_generate(model, ids, max_new_tokens=8)
+    cfg = tiered_config(config, tmp_path, 240, gpu_blocks=8, host_blocks=8, disk_persist=True)
+    _, first = tiered_generate(model, cfg, ids, max_new_tokens=8)
+    with kvtier.TieredCache(model, cfg) as probe:
+        fingerprint = probe.spec.fingerprint
+    INDEX.clear()
+    INDEX.record_prefill(fingerprint, 1.0, 1.0)  # a slow prefill: loading wins on CUDA too
+    if round_blocks:
+        monkeypatch.setattr(reuse, "BOUNCE_BYTES", round_blocks * first["block_bytes"])
+    reads: list[int] = []
+    submit = Mover.submit_reads
+
+    def counted(self, batch):
+        reads.append(len(batch))
+        return submit(self, batch)
+
+    monkeypatch.setattr(Mover, "submit_reads", counted)
+    try:
+        got, stats = tiered_generate(model, cfg, ids, max_new_tokens=8)
+    finally:
+        INDEX.clear()
+    assert torch.equal(expected.sequences, got.sequences)
+    diff = max(
+        (a.float() - b.float()).abs().max().item()
+        for a, b in zip(expected.logits, got.logits, strict=True)
+    )
+    assert diff <= 1e-4, f"max logit diff {diff}"
+    assert stats["prefix_hit_tokens"] == 12 * 16 and sum(reads) == 12
+    assert len(reads) > 1 if round_blocks else reads == [12]

@@ -5,6 +5,8 @@ token- and logit-exact against DynamicCache; stored blocks that went bad are a m
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,12 @@ from conftest import (
 
 import kvtier
 from kvtier.blocks import Tier
+from kvtier.controller import reuse
 from kvtier.controller.index import INDEX
 from kvtier.errors import StoreCorruptError
 from kvtier.tiers.disk.areas import StoreLayout
+from kvtier.tiers.disk.tier import DiskTier
+from kvtier.transfer import Mover
 
 PROMPT = 100  # 6 full blocks of 16 and 4 tokens
 
@@ -76,18 +81,20 @@ def test_without_persist_nothing_outlives_the_cache(tiny_model: Any, tmp_path: P
     assert stats["prefix_hit_tokens"] == 0 and stats["reuse"]["decision"] == "none"
 
 
-@pytest.mark.parametrize("where", ["gpu", "host"])
+@pytest.mark.parametrize("where", ["gpu", "host", "disk"])
 def test_prefix_from_another_live_cache(where: str, tiny_model: Any, tmp_path: Path) -> None:
-    """Scenario: a cache still open holds the prefix on its GPU tier (or host); a second cache
-    of the same model copies it from there and computes the rest; a different suffix after the
-    shared prefix still matches DynamicCache."""
+    """Scenario: a cache still open holds the prefix on its GPU tier (or host, or its private
+    disk files); a second cache of the same model copies it from there and computes the rest;
+    a different suffix after the shared prefix still matches DynamicCache."""
     model, config = tiny_model("llama")
     ids = random_prompt(PROMPT)
     other = torch.cat([ids[:, :80], random_prompt(30, seed=5)], dim=1)  # 5 blocks shared
     if where == "gpu":
         cfg = _roomy(config, tmp_path / "store")
-    else:
+    elif where == "host":
         cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, host_blocks=16)
+    else:  # no persist: the blocks that went to disk are the holder's own files
+        cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, host_blocks=1)
     holder = kvtier.TieredCache(model, cfg)
     try:
         reference_generate(model, ids, cache=holder)
@@ -130,13 +137,38 @@ def test_recompute_when_measured_prefill_is_faster(tiny_model: Any, tmp_path: Pa
     INDEX.clear()
     fingerprint = kvtier.TieredCache(model, cfg)
     fingerprint.close()
-    INDEX.record_prefill(fingerprint.spec.fingerprint, 10**12, 1.0)  # a trillion tokens / s
+    INDEX.record_prefill(fingerprint.spec.fingerprint, 1e21, 1.0)  # a zettaFLOP per second
     got, stats = tiered_generate(model, cfg, ids)
     assert_same_generation(reference_generate(model, ids), got)
     assert stats["prefix_hit_tokens"] == 0
     reuse = stats["reuse"]
     assert reuse["decision"] == "recompute" and "recomputing is faster" in reuse["reason"]
     assert reuse["predicted_recompute_s"] < reuse["predicted_load_s"]
+
+
+@pytest.mark.parametrize(("kind", "head_dim"), [("llama", 16), ("qwen3", 32)])
+def test_prefill_speed_is_recorded_in_flops_at_its_positions(
+    kind: str, head_dim: int, tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: a prefill call of 100 positions after 1,000 cached ones, batch 2, took 2 s:
+    the index records FLOP/s counting attention over the cached positions (4 x layers x query
+    heads x head_dim a pair; qwen3's head_dim is not hidden / heads), the same count the cost
+    model predicts recomputes with."""
+    from types import SimpleNamespace
+
+    from kvtier.hf import reuse as hf_reuse
+
+    model, config = tiny_model(kind)
+    state = hf_reuse.ReuseState(model)
+    assert state.flops.per_pair == 4 * config.num_hidden_layers * 4 * head_dim
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr(hf_reuse, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    state.start(1000, 100, torch.device("cpu"))
+    state.finish("fp", torch.device("cpu"), batch=2)
+    pairs = sum(p + 1 for p in range(1000, 1100))
+    expected = 2 * (state.flops.per_token * 100 + state.flops.per_pair * pairs) / 2.0
+    assert INDEX.prefill_flops("fp") == pytest.approx(expected)
+    assert expected > 3 * 2 * state.flops.per_token * 100 / 2.0  # attention: most of it
 
 
 def test_all_logits_requested_means_no_reuse(tiny_model: Any, tmp_path: Path) -> None:
@@ -261,7 +293,137 @@ def test_a_one_token_generate_measures_its_prefill(tiny_model: Any, tmp_path: Pa
     with kvtier.TieredCache(model, cfg) as cache:
         model.generate(ids, past_key_values=cache, max_new_tokens=1, do_sample=False)
         fingerprint = cache.spec.fingerprint
-    assert INDEX.prefill_rate(fingerprint) is not None
+    assert INDEX.prefill_flops(fingerprint) is not None
     got, stats = tiered_generate(model, cfg, ids)
     assert_same_generation(reference_generate(model, ids), got)
     assert "measured in this process" in stats["reuse"]["reason"], stats["reuse"]
+
+
+LONG = 200  # 12 full blocks of 16 and 8 tokens
+
+
+def _persisted_long_prefix(tiny_model: Any, store: Path, **overrides: Any):
+    """A first run persists a LONG-token prompt; returns the model, the prompt, a config for
+    the second run (`overrides` on top) and the oracle's output."""
+    model, config = tiny_model("llama")
+    ids = random_prompt(LONG)
+    tiered_generate(model, tiered_config(config, store, LONG + 40, disk_persist=True), ids)
+    cfg = tiered_config(config, store, LONG + 40, disk_persist=True, **overrides)
+    return model, ids, cfg, reference_generate(model, ids)
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch, *, hold_s: float = 0.0) -> dict[str, Any]:
+    """Count Mover.submit_reads calls (blocks per call), DiskTier.load_block calls, the most of
+    them running at once (each held `hold_s` longer), and per-layer DiskTier.load_into calls
+    while the prefix loads (the prefill streams disk blocks by layer afterwards)."""
+    seen: dict[str, Any] = {"submits": [], "blocks": 0, "layer_loads": 0, "most": 0, "now": 0}
+    lock = threading.Lock()
+    submit, load_block, load_into = Mover.submit_reads, DiskTier.load_block, DiskTier.load_into
+    load_prefix = reuse.load_prefix
+    loading = threading.Event()
+
+    def counted_prefix(*args, **kwargs):
+        loading.set()
+        try:
+            return load_prefix(*args, **kwargs)
+        finally:
+            loading.clear()
+
+    def counted_submit(self, reads):
+        seen["submits"].append(len(reads))
+        return submit(self, reads)
+
+    def counted_block(self, key, layers):
+        with lock:
+            seen["blocks"] += 1
+            seen["now"] += 1
+            seen["most"] = max(seen["most"], seen["now"])
+        try:
+            time.sleep(hold_s)
+            return load_block(self, key, layers)
+        finally:
+            with lock:
+                seen["now"] -= 1
+
+    def counted_layer(self, key, tiered_index, out):
+        seen["layer_loads"] += loading.is_set()
+        return load_into(self, key, tiered_index, out)
+
+    monkeypatch.setattr(reuse, "load_prefix", counted_prefix)
+    monkeypatch.setattr(Mover, "submit_reads", counted_submit)
+    monkeypatch.setattr(DiskTier, "load_block", counted_block)
+    monkeypatch.setattr(DiskTier, "load_into", counted_layer)
+    return seen
+
+
+def test_disk_prefix_loads_as_one_batch(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    """Scenario: a 12-block persisted prefix is read as one batch, several block files in
+    flight at once on the mover's I/O threads (not one ticket and one file open per layer and
+    block); tokens and logits exact, the stats count the 12 disk blocks."""
+    model, ids, cfg, expected = _persisted_long_prefix(tiny_model, tmp_path / "store")
+    seen = _count_reads(monkeypatch, hold_s=0.02)
+    got, stats = tiered_generate(model, cfg, ids)
+    assert_same_generation(expected, got)
+    assert seen["submits"][0] == 12 and seen["blocks"] == 12 and seen["most"] > 1
+    assert seen["layer_loads"] == 0
+    assert stats["prefix_hit_tokens"] == 12 * BLOCK_TOKENS
+    assert stats["reuse"]["loaded_blocks"]["disk"] == 12
+    assert stats["disk"]["bytes_read"] >= 12 * stats["block_bytes"]
+
+
+def test_disk_prefix_larger_than_memory_loads_in_rounds(tiny_model, tmp_path, monkeypatch) -> None:
+    """Scenario: GPU and host hold 3 of the 12 stored blocks: the blocks they have room for are
+    read together, moved down (as a prefill does) to make room for the next round, and the
+    whole prefix is reused, exact, as block by block did."""
+    model, ids, cfg, expected = _persisted_long_prefix(
+        tiny_model, tmp_path / "store", host_blocks=2
+    )
+    seen = _count_reads(monkeypatch)
+    got, stats = tiered_generate(model, cfg, ids)
+    assert_same_generation(expected, got)
+    assert len(seen["submits"]) > 1 and max(seen["submits"]) > 1
+    assert sum(seen["submits"]) == seen["blocks"] == 12
+    assert stats["prefix_hit_tokens"] == 12 * BLOCK_TOKENS
+    assert stats["reuse"]["loaded_blocks"]["disk"] == 12
+    assert stats["disk"]["blocks"] > 0
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_bad_block_in_a_later_round_stops_reuse_there(
+    damage, tiny_model, tmp_path, monkeypatch
+) -> None:
+    """Scenario: under memory pressure (several rounds) the file of block 9 is flipped before
+    the run, or deleted once the lookup found it: blocks 0-8 are reused, the rest computed,
+    exact; the flipped file is quarantined; stats()["reuse"] says which block stopped it, why."""
+    store = tmp_path / "store"
+    model, ids, cfg, expected = _persisted_long_prefix(tiny_model, store, host_blocks=2)
+    probe = kvtier.TieredCache(model, cfg)
+    probe.close()
+    from kvtier.controller.reuse import prompt_chain
+
+    chain = prompt_chain(
+        ids.tolist(), block_tokens=BLOCK_TOKENS, blocks=12, fingerprint=probe.spec.fingerprint
+    )
+    target = StoreLayout(store).shared(chain[9])
+    if damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[-100] ^= 0x10
+        target.write_bytes(bytes(data))
+    else:  # after the lookup: a file that vanishes while the prefix loads
+        find_prefix = reuse.find_prefix
+
+        def then_delete(*args):
+            found = find_prefix(*args)
+            target.unlink()
+            return found
+
+        monkeypatch.setattr(reuse, "find_prefix", then_delete)
+    got, stats = tiered_generate(model, cfg, ids)
+    assert_same_generation(expected, got)
+    assert stats["reuse"]["stored_tokens"] == 12 * BLOCK_TOKENS
+    assert stats["prefix_hit_tokens"] == 9 * BLOCK_TOKENS
+    assert stats["reuse"]["loaded_blocks"]["disk"] == 9
+    why = "failed verification" if damage == "flip" else "is missing"
+    assert f"stopped: disk block {chain[9]} {why}" in stats["reuse"]["reason"]
+    quarantined = (store / "quarantine").is_dir() and any((store / "quarantine").iterdir())
+    assert quarantined == (damage == "flip")

@@ -2,9 +2,11 @@
 
 Loading a block costs a fixed overhead per block plus its bytes over the source's bandwidth
 (measured by `kvtier bench` or by the remote tier itself, else assumed); computing costs its
-tokens over the model's prefill speed (measured in this process, else a conservative default
-that makes loading look good: a wrong "load" costs at most a few times a recompute, a wrong
-"recompute" of a long prompt costs the whole prefill). Pure arithmetic: nothing is moved here.
+FLOPs (the matmuls' per position, plus attention's over every earlier position, so a block
+deep in the prompt costs more than the first) over the model's prefill FLOP/s (measured in
+this process with the same FLOP count, else a conservative default that makes loading look
+good: a wrong "load" costs at most a few times a recompute, a wrong "recompute" of a long
+prompt costs the whole prefill). Pure arithmetic: nothing is moved here.
 """
 
 from __future__ import annotations
@@ -67,9 +69,26 @@ def bandwidths(
     return Bandwidths(gbps, sources | {Tier.REMOTE: remote_source})
 
 
-def assumed_prefill_rate(*, flops_per_token: float, cuda: bool) -> float:
-    """Tokens per second assumed before any prefill of this model was measured."""
-    return ASSUMED_PREFILL_FLOPS["cuda" if cuda else "cpu"] / max(flops_per_token, 1.0)
+@dataclass(frozen=True, slots=True)
+class PrefillFlops:
+    """What computing positions of one batch row costs: `per_token` FLOPs of the matmuls at
+    every position (2 per weight), and `per_pair` of attention per (query, key) pair (QK^T and
+    AV: 4 x layers x query heads x head_dim), so position p costs per_token + per_pair (p + 1).
+    The same count turns a measured prefill into FLOP/s and predicts a recompute from it."""
+
+    per_token: float
+    per_pair: float = 0.0
+
+    def span(self, start: int, tokens: int) -> float:
+        """FLOPs of computing positions [start, start + tokens), the ones before cached."""
+        end = start + tokens
+        pairs = (end * (end + 1) - start * (start + 1)) / 2  # position p attends to p + 1 keys
+        return self.per_token * tokens + self.per_pair * pairs
+
+
+def assumed_prefill_flops(*, cuda: bool) -> float:
+    """Prefill FLOP/s assumed before any prefill of this model was measured."""
+    return ASSUMED_PREFILL_FLOPS["cuda" if cuda else "cpu"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,27 +112,37 @@ def choose(
     block_bytes: int,
     block_tokens: int,
     bandwidth: Bandwidths,
-    prefill_rate: float,
+    flops: PrefillFlops,
+    flops_per_s: float,
     rate_source: str,
+    batch: int = 1,
 ) -> Choice:
     """The cut that minimises load time of blocks [0, m) plus recompute time of [m, n), where
-    `tiers[i]` is where stored block i would come from. Ties go to loading."""
+    `tiers[i]` is where stored block i would come from and recomputing block i costs its
+    `batch` rows' FLOPs at its positions over `flops_per_s`. Ties go to loading."""
     per_block = [BLOCK_OVERHEAD_S[t] + block_bytes / (bandwidth.gbps[t] * 1e9) for t in tiers]
-    compute = block_tokens / prefill_rate
-    best, best_cost, loaded = 0, compute * len(tiers), 0.0
-    for count, seconds in enumerate(per_block, start=1):
+    compute = [
+        batch * flops.span(i * block_tokens, block_tokens) / flops_per_s for i in range(len(tiers))
+    ]
+    best, best_cost = 0, sum(compute)
+    loaded, left = 0.0, best_cost
+    for count, (seconds, computed) in enumerate(zip(per_block, compute, strict=True), start=1):
         loaded += seconds
-        cost = loaded + compute * (len(tiers) - count)
-        if cost <= best_cost:
-            best, best_cost = count, cost
+        left -= computed
+        if loaded + left <= best_cost:
+            best, best_cost = count, loaded + left
     compared = best or len(tiers)  # the blocks both predictions are about
-    load_s, recompute_s = sum(per_block[:compared]), compute * compared
+    load_s, recompute_s = sum(per_block[:compared]), sum(compute[:compared])
     used = sorted(set(tiers[:compared]))
     speeds = ", ".join(
         f"{t.name.lower()} {bandwidth.gbps[t]:.3g} GB/s ({_short(bandwidth.sources[t])})"
         for t in used
     )
-    prefill = f"prefill {prefill_rate:,.0f} tok/s ({rate_source})"
+    first, last = block_tokens / compute[0], block_tokens / compute[compared - 1]
+    prefill = (
+        f"prefill {_flops_text(flops_per_s)} ({rate_source}): {first:,.0f} tok/s at "
+        f"position 0, {last:,.0f} at {(compared - 1) * block_tokens:,}"
+    )
     if best == len(tiers):
         reason = f"loading all {best} blocks is faster: {speeds} vs {prefill}"
     elif best:
@@ -123,6 +152,12 @@ def choose(
     else:
         reason = f"recomputing is faster: {speeds} vs {prefill}"
     return Choice(best, load_s, recompute_s, reason)
+
+
+def _flops_text(flops_per_s: float) -> str:
+    if flops_per_s >= 1e12:
+        return f"{flops_per_s / 1e12:,.3g} TFLOP/s"
+    return f"{flops_per_s / 1e9:,.3g} GFLOP/s"
 
 
 def _short(source: str) -> str:

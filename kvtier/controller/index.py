@@ -2,7 +2,7 @@
 
 One per process (`INDEX`), like the policy registry: it holds controllers weakly (a closed or
 collected cache's blocks are gone, and so are its entries), counts how often each block id was
-reused here (`disk.admit_after_hits`), and keeps the prefill speed measured per model. It
+reused here (`disk.admit_after_hits`), and keeps the prefill FLOP/s measured per model. It
 never moves or frees a block; the reuse code reads other controllers' tables through it.
 """
 
@@ -22,7 +22,7 @@ class ReuseIndex:
         self._lock = threading.Lock()
         self._controllers: weakref.WeakSet[Any] = weakref.WeakSet()
         self._hits: Counter[str] = Counter()
-        self._prefill: dict[str, tuple[int, float]] = {}  # fingerprint -> (tokens, seconds)
+        self._prefill: dict[str, tuple[float, float]] = {}  # fingerprint -> (FLOPs, seconds)
 
     def register(self, controller: Any) -> None:
         """Make `controller`'s sealed blocks findable by other controllers of the same model."""
@@ -45,18 +45,19 @@ class ReuseIndex:
         with self._lock:
             return self._hits[block_id]
 
-    def record_prefill(self, fingerprint: str, tokens: int, seconds: float) -> None:
-        """One measured prefill call: `tokens` computed in `seconds` of wall time."""
-        if tokens <= 0 or seconds <= 0:
+    def record_prefill(self, fingerprint: str, flops: float, seconds: float) -> None:
+        """One measured prefill call: `flops` (costs.PrefillFlops) computed in `seconds` of
+        wall time."""
+        if flops <= 0 or seconds <= 0:
             return
         with self._lock:
-            total, spent = self._prefill.get(fingerprint, (0, 0.0))
-            self._prefill[fingerprint] = (total + tokens, spent + seconds)
+            total, spent = self._prefill.get(fingerprint, (0.0, 0.0))
+            self._prefill[fingerprint] = (total + flops, spent + seconds)
 
-    def prefill_rate(self, fingerprint: str) -> float | None:
-        """Tokens per second of this model's prefills measured in this process, or None."""
+    def prefill_flops(self, fingerprint: str) -> float | None:
+        """FLOP/s of this model's prefills measured in this process, or None."""
         with self._lock:
-            total, spent = self._prefill.get(fingerprint, (0, 0.0))
+            total, spent = self._prefill.get(fingerprint, (0.0, 0.0))
         return total / spent if spent > 0 else None
 
     def clear(self) -> None:

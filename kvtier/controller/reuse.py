@@ -3,11 +3,12 @@
 It looks in the process's other live controllers (their GPU, host and disk copies, through
 controller/index.py), then this controller's disk store (the shared area that earlier runs and
 other processes persisted), then the remote server; costs.py decides how much of the chain to
-load; each block is copied into the fastest tier with room (a disk block may also stay on disk,
-adopted), one mover ticket per block, except the chain's remote run, which comes in one
-`RemoteTier.load_blocks` call (pipelined MGETs; more only when memory runs short). A block
-that fails to load (missing, or failing verification: the store quarantines it) ends the
-prefix there and the caller computes the rest. Sealed blocks only.
+load; the blocks go into the fastest tier with room (a disk block may also stay on disk,
+adopted) in rounds, as many at once as there is room for: a round's disk blocks are read
+whole on the mover's I/O threads, all in flight together, while its remote run comes in one
+`RemoteTier.load_blocks` call (pipelined MGETs). A block that fails to load (missing, or
+failing verification: the store quarantines it) ends the prefix there and the caller computes
+the rest. Sealed blocks only.
 """
 
 from __future__ import annotations
@@ -20,14 +21,24 @@ from typing import Any
 import torch
 
 from kvtier.blocks import BlockMeta, Tier, block_id
-from kvtier.controller.costs import Choice, assumed_prefill_rate, bandwidths, choose
+from kvtier.controller.costs import (
+    Choice,
+    PrefillFlops,
+    assumed_prefill_flops,
+    bandwidths,
+    choose,
+)
 from kvtier.controller.index import INDEX
 from kvtier.controller.lost import reason
 from kvtier.layout import KVGeometry
-from kvtier.tiers.base import Handle
+from kvtier.tiers.base import Endpoint, Handle
 from kvtier.transfer import Lane
 
 log = logging.getLogger(__name__)
+
+# Bounce-buffer bytes one round may take (pinned host memory, for stored blocks headed to a CUDA
+# GPU slot): a long prefix loads in rounds of about this much instead of pinning all at once.
+BOUNCE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +102,11 @@ def find_prefix(controller: Any, chain: list[str]) -> list[Found]:
 
 
 def load_prefix(
-    controller: Any, token_ids: torch.Tensor, *, max_blocks: int, flops_per_token: float
+    controller: Any, token_ids: torch.Tensor, *, max_blocks: int, flops: PrefillFlops
 ) -> int:
     """Load the longest stored prefix of `token_ids` `[batch, tokens]` (at most `max_blocks`
-    blocks) into an empty controller when that beats computing it; the positions loaded.
-    `stats()["reuse"]` records the decision, its reason and the predictions."""
+    blocks) into an empty controller when that beats computing it (the model's `flops`); the
+    positions loaded. `stats()["reuse"]` records the decision, its reason and the predictions."""
     assert controller.tokens == 0 and not len(controller.table), "reuse needs an empty cache"
     g = controller.geometry
     rows = token_ids.tolist()
@@ -106,23 +117,11 @@ def load_prefix(
     if not found:
         controller.counters.reuse = {"decision": "none", "reason": "no stored block of the prompt"}
         return 0
-    choice = _choose(controller, found, flops_per_token)
+    choice = _choose(controller, found, flops)
     started = time.perf_counter()
-    loaded: list[tuple[BlockMeta, Found]] = []
-    failure = None
     chosen = found[: choice.blocks]
-    local = [item for item in chosen if item.tier is not Tier.REMOTE]  # find_prefix: remote last
-    for item in local:
-        failure = _load_one(controller, item, rows)
-        if failure is not None:
-            break
-        loaded.append((controller.table[len(loaded)], item))
-    if failure is None and len(chosen) > len(local):
-        remote = chosen[len(local) :]
-        landed, failure = _load_remote(controller, remote, rows)
-        loaded += [
-            (controller.table[len(loaded) + i], item) for i, item in enumerate(remote[:landed])
-        ]
+    landed, failure = _load_chain(controller, chosen, rows)
+    loaded = [(controller.table[index], item) for index, item in enumerate(chosen[:landed])]
     controller.tokens = len(loaded) * g.block_tokens
     controller.counters.prefix_hit_tokens += controller.tokens
     _after_load(controller, loaded)
@@ -130,13 +129,12 @@ def load_prefix(
     return controller.tokens
 
 
-def _choose(controller: Any, found: list[Found], flops_per_token: float) -> Choice:
+def _choose(controller: Any, found: list[Found], flops: PrefillFlops) -> Choice:
     g = controller.geometry
     cuda = any(device.type == "cuda" for device in g.devices)
     remote = controller.stores.get(Tier.REMOTE)
     remote_gbps = remote.stats().get("load_gbps") if remote is not None else None
-    measured = INDEX.prefill_rate(controller.fingerprint)
-    rate = measured or assumed_prefill_rate(flops_per_token=flops_per_token, cuda=cuda)
+    measured = INDEX.prefill_flops(controller.fingerprint)
     return choose(
         [item.tier for item in found],
         block_bytes=g.block_bytes,
@@ -148,48 +146,11 @@ def _choose(controller: Any, found: list[Found], flops_per_token: float) -> Choi
             remote_gbps=remote_gbps,
             remote_spec=remote.spec if remote is not None else None,
         ),
-        prefill_rate=rate,
+        flops=flops,
+        flops_per_s=measured or assumed_prefill_flops(cuda=cuda),
         rate_source="measured in this process" if measured else "assumed",
+        batch=g.batch,
     )
-
-
-def _load_one(controller: Any, item: Found, rows: list[list[int]]) -> str | None:
-    """Append block `item` to the table with a copy in the fastest tier with room; None when
-    it landed, else why not (the table is left as before)."""
-    table = controller.table
-    block = _append_sealed(controller, item, rows)
-    tier, handle = _room(controller, block, item)
-    if tier is None:
-        table.truncate(block.index)
-        return "no room in the GPU, host or disk tier"
-    if tier is Tier.DISK and item.owner is None and item.tier is Tier.DISK:
-        block.slots[tier] = handle  # adopted: the shared file is this block's copy
-        return None
-    owner = item.owner or controller
-    stores = controller.stores
-    copy = (
-        owner.stores[item.tier].block_source(item.handle),
-        stores[tier].block_target(handle, parent_id=table.parent_id(block)),
-    )
-    ticket = controller.mover.submit([copy], lane=Lane.NOW)
-    if not controller.mover.finish(ticket):
-        failures = ticket.failures()
-        stores[tier].free(handle)
-        table.truncate(block.index)
-        why = reason(failures[0][1]) if failures else "could not be read"
-        log.warning(
-            "prefix reuse: %s block %s %s; computing from there",
-            item.tier.name.lower(),
-            item.block_id,
-            why,
-        )
-        return f"{item.tier.name.lower()} block {item.block_id} {why}"
-    block.slots[tier] = handle
-    counters = controller.counters
-    counters.tiers[tier].bytes_written += controller.geometry.block_bytes
-    if item.owner is None:
-        counters.tiers[item.tier].bytes_read += controller.geometry.block_bytes
-    return None
 
 
 def _append_sealed(controller: Any, item: Found, rows: list[list[int]]) -> BlockMeta:
@@ -204,12 +165,12 @@ def _append_sealed(controller: Any, item: Found, rows: list[list[int]]) -> Block
     return block
 
 
-def _load_remote(
+def _load_chain(
     controller: Any, items: list[Found], rows: list[list[int]]
 ) -> tuple[int, str | None]:
-    """Append the remote blocks `items` (the chain's last run) to the table, as many per
-    `RemoteTier.load_blocks` call as the memory tiers have room for at once (all of them but
-    under memory pressure); how many landed, and why the rest did not (None: all did).
+    """Append the chain's blocks `items` to the table in rounds: each round finds room for as
+    many as the tiers have room for at once (all of them but under memory pressure) and loads
+    them together (`_land`); how many landed, and why the rest did not (None: all did).
 
     A block gets its slot in the table only once its bytes are in, so making room for a later
     block never moves one that has not landed; when room runs out, the blocks found room for
@@ -227,72 +188,156 @@ def _load_remote(
     return landed, None
 
 
-def _rooms(
-    controller: Any, items: list[Found], rows: list[list[int]]
-) -> list[tuple[BlockMeta, Tier, Handle]]:
-    """Append `items` to the table, each with room in a memory tier (no slot set yet), until
-    one finds none (it is truncated again)."""
-    rooms = []
+@dataclass(frozen=True, slots=True)
+class Room:
+    """A block of the chain appended to the table, where its copy goes (no slot set until its
+    bytes are in), and where it comes from."""
+
+    block: BlockMeta
+    tier: Tier
+    handle: Handle
+    item: Found
+
+    @property
+    def adopted(self) -> bool:
+        """The shared disk file itself is the copy: nothing to load (only disk rooms are)."""
+        return self.tier is Tier.DISK
+
+    @property
+    def from_store(self) -> bool:
+        """Its bytes are read from a serialized store (a disk file, the server) into host
+        memory; else, unless adopted, copied from another cache's GPU or host slot."""
+        return not self.adopted and self.item.tier in (Tier.DISK, Tier.REMOTE)
+
+
+def _rooms(controller: Any, items: list[Found], rows: list[list[int]]) -> list[Room]:
+    """Append `items` to the table, each with a room, until one finds none (it is truncated
+    again) or the round's bounce buffers reach BOUNCE_BYTES.
+
+    A memory room first (demoting landed blocks, as a prefill does); a block of this store's
+    disk takes its shared file as its copy (adopted) only in a round that found memory room for
+    none so far, since only then did moving every landed block make none; else the round ends,
+    and the next one can move this round's blocks once they landed.
+    """
+    cuda = any(device.type == "cuda" for device in controller.geometry.devices)
+    rooms: list[Room] = []
+    bounce_bytes = 0
     for item in items:
         block = _append_sealed(controller, item, rows)
-        tier, handle = _room(controller, block, item)
-        if tier is None:
+        tier, handle = _memory_room(controller, block)
+        if tier is None and all(room.adopted for room in rooms):
+            tier, handle = Tier.DISK, _adopt(controller, item)
+        if handle is None:
             controller.table.truncate(block.index)
             break
-        rooms.append((block, tier, handle))
+        rooms.append(Room(block, tier, handle, item))
+        if cuda and tier is Tier.GPU and rooms[-1].from_store:  # read into a pinned bounce buffer
+            bounce_bytes += controller.geometry.block_bytes
+            if bounce_bytes >= BOUNCE_BYTES:
+                break
     return rooms
 
 
-def _land(controller: Any, rooms: list[tuple[BlockMeta, Tier, Handle]]) -> tuple[int, str | None]:
-    """Load the remote blocks of `rooms` into their rooms with one load_blocks call; how many
-    landed (the first missing or failing block and those after it are freed and truncated),
-    and why not all did.
-
-    Host slots are the CPU tensors it fills; a GPU slot gets a bounce buffer (pinned on CUDA)
-    that one mover ticket copies up.
-    """
+def _land(controller: Any, rooms: list[Room]) -> tuple[int, str | None]:
+    """Load the blocks of `rooms` into their rooms together (`_fetch`); how many landed (the
+    first missing or failing block and those after it are freed and truncated), and why not
+    all did. A landed block gets its slot; a GPU slot's bounce buffers go up in one ticket."""
     table, g, stores = controller.table, controller.geometry, controller.stores
     targets = [
-        stores[tier].block_target(handle, parent_id=table.parent_id(block))
-        for block, tier, handle in rooms
+        None
+        if room.adopted
+        else stores[room.tier].block_target(room.handle, parent_id=table.parent_id(room.block))
+        for room in rooms
     ]
-    landing = [tuple(_landing(view) for view in target) for target in targets]
-    keys = [block.block_id for block, _, _ in rooms]
-    results = stores[Tier.REMOTE].load_blocks(keys, landing)
+    landing, results = _fetch(controller, rooms, targets)
     landed = next((i for i, result in enumerate(results) if not result), len(results))
     failure = None
     if landed < len(results):
-        why = reason(results[landed])
-        log.warning("prefix reuse: remote block %s %s; computing from there", keys[landed], why)
-        failure = f"remote block {keys[landed]} {why}"
+        item, why = rooms[landed].item, reason(results[landed])
+        source = item.tier.name.lower()
+        log.warning(
+            "prefix reuse: %s block %s %s; computing from there", source, item.block_id, why
+        )
+        failure = f"{source} block {item.block_id} {why}"
     uploads = [
-        (landing[i], targets[i]) for i in range(landed) if landing[i][0] is not targets[i][0]
+        (layers, targets[i])
+        for i, layers in landing.items()
+        if i < landed and layers[0] is not targets[i][0]
     ]
     if uploads:
         controller.mover.finish(controller.mover.submit(uploads, lane=Lane.NOW))
-    for _, tier, handle in rooms[landed:]:
-        stores[tier].free(handle)
+    for room in rooms[landed:]:
+        stores[room.tier].free(room.handle)
     if landed < len(rooms):
-        table.truncate(rooms[landed][0].index)
+        table.truncate(rooms[landed].block.index)
     counters = controller.counters
-    for block, tier, handle in rooms[:landed]:
-        block.slots[tier] = handle
-        counters.tiers[tier].bytes_written += g.block_bytes
-        counters.tiers[Tier.REMOTE].bytes_read += g.block_bytes
+    for room in rooms[:landed]:
+        room.block.slots[room.tier] = room.handle
+        if room.adopted:
+            continue
+        counters.tiers[room.tier].bytes_written += g.block_bytes
+        if room.item.owner is None:
+            counters.tiers[room.item.tier].bytes_read += g.block_bytes
     return landed, failure
 
 
+def _fetch(
+    controller: Any, rooms: list[Room], targets: list[Any]
+) -> tuple[dict[int, tuple[torch.Tensor, ...]], list[object]]:
+    """Bring the bytes of every room in: the landing layers of each block read (by room index;
+    the target itself where it is host memory) and each room's result (falsy: missing or
+    failing verification, a ReadResult).
+
+    Disk blocks (this store's, or another cache's disk copies) are read whole on the mover's
+    I/O threads, all queued at once; another cache's GPU and host copies go in one mover
+    ticket and the remote blocks come in one `RemoteTier.load_blocks` call meanwhile.
+    """
+    mover = controller.mover
+    landing = {
+        i: tuple(_landing(view) for view in targets[i])
+        for i, room in enumerate(rooms)
+        if room.from_store
+    }
+    disk = [i for i in landing if rooms[i].item.tier is Tier.DISK]
+    remote = [i for i in landing if rooms[i].item.tier is Tier.REMOTE]
+    reads = mover.submit_reads([(_source(controller, rooms[i].item), landing[i]) for i in disk])
+    copies = [
+        (_source(controller, room.item), targets[i])
+        for i, room in enumerate(rooms)
+        if not room.adopted and not room.from_store
+    ]
+    if copies:
+        mover.finish(mover.submit(copies, lane=Lane.NOW))
+    results: list[object] = [True] * len(rooms)
+    if remote:
+        keys = [rooms[i].item.block_id for i in remote]
+        loaded = controller.stores[Tier.REMOTE].load_blocks(keys, [landing[i] for i in remote])
+        for i, result in zip(remote, loaded, strict=True):
+            results[i] = result
+    mover.finish(reads)
+    for i, result in zip(disk, reads.read_results(), strict=True):
+        results[i] = result
+    return landing, results
+
+
+def _source(controller: Any, item: Found) -> Endpoint:
+    """Every layer of the block `item` names, in its owner's store (this controller's if none):
+    a `Stored` block, or another cache's GPU or host slot views."""
+    owner = item.owner or controller
+    return owner.stores[item.tier].block_source(item.handle)
+
+
 def _landing(view: torch.Tensor) -> torch.Tensor:
-    """Where a remote layer lands: the slot itself when it is a contiguous CPU view, else a
+    """Where a stored layer lands: the slot itself when it is a contiguous CPU view, else a
     bounce buffer (pinned when the slot is on a GPU) that the mover copies up."""
     if view.device.type == "cpu" and view.is_contiguous():
         return view
     return torch.empty(view.shape, dtype=view.dtype, pin_memory=view.device.type == "cuda")
 
 
-def _room(controller: Any, block: BlockMeta, item: Found) -> tuple[Tier | None, Handle | None]:
-    """A copy's home: the fastest memory tier that can make room (demoting earlier blocks, as
-    a prefill does), else the shared disk file itself when the block comes from this store."""
+def _memory_room(controller: Any, block: BlockMeta) -> tuple[Tier | None, Handle | None]:
+    """Room in the fastest memory tier that can make it (demoting landed blocks, as a prefill
+    does), or (None, None)."""
     placement = controller.placement
     for tier in placement.order:
         if not controller.stores[tier].holds_open_blocks:
@@ -306,12 +351,16 @@ def _room(controller: Any, block: BlockMeta, item: Found) -> tuple[Tier | None, 
         )
         if handle is not None:
             return tier, handle
-    disk = controller.stores.get(Tier.DISK)
-    if disk is not None and item.tier is Tier.DISK and item.owner is None:
-        handle = disk.adopt(item.block_id)
-        if handle is not None:
-            return Tier.DISK, handle
     return None, None
+
+
+def _adopt(controller: Any, item: Found) -> Handle | None:
+    """The shared disk file of a block this controller's store found, held as its disk copy
+    (pinned against GC, within the disk budget), or None."""
+    disk = controller.stores.get(Tier.DISK)
+    if disk is None or item.tier is not Tier.DISK or item.owner is not None:
+        return None
+    return disk.adopt(item.block_id)
 
 
 def _after_load(controller: Any, loaded: list[tuple[BlockMeta, Found]]) -> None:

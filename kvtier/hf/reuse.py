@@ -4,9 +4,10 @@ The forward wrapper (hooks.py) calls `skip_prefix` on a multi-token call into an
 when blocks of the prompt are stored (another live cache of this process, the disk store, the
 remote server) and loading beats computing them, they are loaded and the call goes on with the
 keyword arguments of the remaining positions only (HF's logits for the last positions are the
-same). It also times this process's prefill calls, the speed the load-or-recompute choice
-weighs: from the call's start to its return, by CUDA events on a GPU (read once they have
-completed: no device sync) and by the wall clock on CPU. Never touches a tier.
+same). It also times this process's prefill calls (their FLOPs, costs.PrefillFlops), the speed
+the load-or-recompute choice weighs: from the call's start to its return, by CUDA events on a
+GPU (read once they have completed: no device sync) and by the wall clock on CPU. Never touches
+a tier.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from kvtier.controller import reuse
+from kvtier.controller.costs import PrefillFlops
 from kvtier.controller.index import INDEX
 from kvtier.hf import prefill
 from kvtier.hf.models import estimated_geometry
@@ -29,47 +31,43 @@ _POSITIONAL = ("position_ids", "cache_position")
 
 
 class ReuseState:
-    """Per cache: the model's compute per token (for the assumed prefill speed) and the
-    prefill call being timed."""
+    """Per cache: the model's FLOPs per position (costs.PrefillFlops) and the prefill call
+    being timed."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        parameters = sum(p.numel() for p in model.parameters())
-        embeddings = (
-            model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        )
-        weight = getattr(embeddings, "weight", None)
-        lookups = weight.numel() if isinstance(weight, torch.Tensor) else 0
-        self.flops_per_token = 2.0 * max(parameters - lookups, 1)  # a matmul: 2 FLOPs a weight
-        # the prefill call in progress: (tokens, wall start, CUDA start event or None)
-        self._timing: tuple[int, float, torch.cuda.Event | None] | None = None
+        self.flops = prefill_flops(model)
+        # the prefill call in progress: (first position, positions, wall start, CUDA start)
+        self._timing: tuple[int, int, float, torch.cuda.Event | None] | None = None
 
-    def start(self, tokens: int, device: torch.device) -> None:
+    def start(self, first: int, tokens: int, device: torch.device) -> None:
         event = None
         if device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
             event.record(torch.cuda.current_stream(device))
-        self._timing = (tokens, time.perf_counter(), event)
+        self._timing = (first, tokens, time.perf_counter(), event)
 
-    def finish(self, fingerprint: str, device: torch.device) -> None:
-        """The timed call returned: its time is known now (CPU) or once its events complete."""
+    def finish(self, fingerprint: str, device: torch.device, *, batch: int) -> None:
+        """The timed call of `batch` rows returned: its time is known now (CPU) or once its
+        events complete."""
         if self._timing is None:
             return
-        tokens, started, begin = self._timing
+        first, tokens, started, begin = self._timing
         self._timing = None
+        flops = batch * self.flops.span(first, tokens)
         if begin is None:
-            INDEX.record_prefill(fingerprint, tokens, time.perf_counter() - started)
+            INDEX.record_prefill(fingerprint, flops, time.perf_counter() - started)
             return
         end = torch.cuda.Event(enable_timing=True)
         end.record(torch.cuda.current_stream(device))
         with _PENDING_LOCK:
-            _PENDING.append((fingerprint, tokens, begin, end))
+            _PENDING.append((fingerprint, flops, begin, end))
 
     def cancel(self) -> None:
         self._timing = None
 
 
-# timed GPU prefills whose events may not have completed yet
-_PENDING: list[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] = []
+# timed GPU prefills whose events may not have completed yet: (fingerprint, FLOPs, start, end)
+_PENDING: list[tuple[str, float, torch.cuda.Event, torch.cuda.Event]] = []
 _PENDING_LOCK = threading.Lock()
 
 
@@ -78,22 +76,44 @@ def record_completed() -> None:
     with _PENDING_LOCK:
         done = [entry for entry in _PENDING if entry[3].query()]
         _PENDING[:] = [entry for entry in _PENDING if entry not in done]
-    for fingerprint, tokens, begin, end in done:
-        INDEX.record_prefill(fingerprint, tokens, begin.elapsed_time(end) / 1e3)
+    for fingerprint, flops, begin, end in done:
+        INDEX.record_prefill(fingerprint, flops, begin.elapsed_time(end) / 1e3)
+
+
+def prefill_flops(model: torch.nn.Module) -> PrefillFlops:
+    """The model's prefill FLOPs: 2 per weight a position (embedding lookups aside), and per
+    (query, key) pair 4 x layers x query heads x head_dim (QK^T and AV), read from its config."""
+    parameters = sum(p.numel() for p in model.parameters())
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    lookups = weight.numel() if isinstance(weight, torch.Tensor) else 0
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if config is not None else None
+    heads = getattr(text, "num_attention_heads", None) or 0
+    head_dim = getattr(text, "head_dim", None) or (
+        getattr(text, "hidden_size", 0) // heads if heads else 0
+    )
+    layers = getattr(text, "num_hidden_layers", None) or 0
+    return PrefillFlops(
+        per_token=2.0 * max(parameters - lookups, 1), per_pair=4.0 * layers * heads * head_dim
+    )
 
 
 def note_call(cache: Any, total: int, device: torch.device) -> None:
-    """A call of the wrapped forward begins: time it if it computes several positions."""
+    """A call of the wrapped forward begins: time it if it computes several positions (after
+    the cached ones)."""
     record_completed()
     if total >= cache.cfg.block_tokens:
-        cache.reuse.start(total, device)
+        cache.reuse.start(cache.cached_tokens(), total, device)
     else:
         cache.reuse.cancel()
 
 
 def note_done(cache: Any, device: torch.device) -> None:
     """The call `note_call` began returned."""
-    cache.reuse.finish(cache.spec.fingerprint, device)
+    controller = cache.controller  # the timed call's, which made it
+    batch = controller.geometry.batch if controller is not None else 1
+    cache.reuse.finish(cache.spec.fingerprint, device, batch=batch)
 
 
 def skip_prefix(cache: Any, kwargs: dict, total: int) -> tuple[dict, int]:
@@ -127,7 +147,7 @@ def skip_prefix(cache: Any, kwargs: dict, total: int) -> tuple[dict, int]:
         controller,
         input_ids.detach().to("cpu"),
         max_blocks=max_blocks,
-        flops_per_token=cache.reuse.flops_per_token,
+        flops=cache.reuse.flops,
     )
     if not loaded:
         return kwargs, 0

@@ -8,6 +8,7 @@ mover resolves with `load_into` / `save` in its I/O threads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -144,6 +145,12 @@ class SerializedStore(Protocol):
     def load_into(self, key: str, tiered_index: int, out: torch.Tensor) -> bool:
         """Fill `out` (a CPU tensor `[block_tokens, 2, batch, kv_heads, head_dim]`) with tiered
         layer `tiered_index` of block `key`; False if the block is missing or failed verification."""
+        ...
+
+    def load_block(self, key: str, layers: Sequence[torch.Tensor]) -> object:
+        """Fill every tiered layer of block `key` into `layers[tiered_index]` (contiguous CPU
+        tensors, as for `load_into`) with one file open or request; falsy (a ReadResult) if the
+        block is missing or failed verification."""
         ...
 
     def save(self, key: str, layers: tuple[torch.Tensor, ...], *, parent_id: str | None) -> int:

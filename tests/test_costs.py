@@ -1,0 +1,84 @@
+"""The load-or-recompute cost model: recomputing a block costs its FLOPs at its positions (the
+matmuls' plus attention's over every earlier position) over the measured FLOP/s."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier.blocks import Tier
+from kvtier.controller.costs import BLOCK_OVERHEAD_S, Bandwidths, PrefillFlops, choose
+
+# Llama-3-8B's shape: ~7.0e9 weights outside the embedding, 32 layers x 32 query heads x 128
+LLAMA_8B = PrefillFlops(per_token=2 * 7.0e9, per_pair=4 * 32 * 32 * 128)
+BLOCK_TOKENS = 256
+BLOCK_BYTES = 32 << 20  # 128 KiB a position in bf16
+DISK = Bandwidths({Tier.DISK: 3.0}, {Tier.DISK: "measured in the test"})  # 11.2 ms a block
+RATE = 4e14  # FLOP/s: 9.0 ms a block of matmuls, plus attention's 0.3 ms a block deep
+
+
+def _choose(flops: PrefillFlops, blocks: int, *, rate: float = RATE, batch: int = 1):
+    return choose(
+        [Tier.DISK] * blocks,
+        block_bytes=BLOCK_BYTES,
+        block_tokens=BLOCK_TOKENS,
+        bandwidth=DISK,
+        flops=flops,
+        flops_per_s=rate,
+        rate_source="measured in this process",
+        batch=batch,
+    )
+
+
+def test_span_counts_every_query_key_pair() -> None:
+    """Scenario: positions [start, end) with the ones before cached: each position p pays the
+    matmuls once and attends to p + 1 keys; spans add up."""
+    flops = PrefillFlops(per_token=10.0, per_pair=1.0)
+    assert flops.span(0, 1) == 10 + 1
+    assert flops.span(3, 2) == 2 * 10 + (4 + 5)
+    assert flops.span(0, 300) == flops.span(0, 100) + flops.span(100, 200)
+    assert PrefillFlops(per_token=10.0).span(1000, 4) == 40  # the linear model: no position
+
+
+def test_attention_makes_a_long_prefix_worth_loading() -> None:
+    """Scenario: a 32K-token prefix of an 8B model on disk at 3 GB/s: a block loads in 11.5 ms
+    and its matmuls take 9.0 ms, so the linear model recomputes all 128 blocks; with attention
+    the deep blocks take up to 20 ms and the whole prefix 1.85 s, so loading (1.47 s) wins."""
+    linear = _choose(PrefillFlops(per_token=LLAMA_8B.per_token), 128)
+    assert linear.decision == "recompute"
+    choice = _choose(LLAMA_8B, 128)
+    assert choice.decision == "load" and choice.blocks == 128
+    positions = 128 * BLOCK_TOKENS
+    expected = (
+        LLAMA_8B.per_token * positions + LLAMA_8B.per_pair * positions * (positions + 1) / 2
+    ) / RATE
+    assert choice.predicted_recompute_s == pytest.approx(expected, rel=1e-9)
+    assert choice.predicted_recompute_s == pytest.approx(1.8504, abs=1e-3)
+    assert linear.predicted_recompute_s == pytest.approx(1.1469, abs=1e-3)  # matmuls only
+    load = 128 * (BLOCK_OVERHEAD_S[Tier.DISK] + BLOCK_BYTES / 3e9)
+    assert choice.predicted_load_s == pytest.approx(load)
+    assert "loading all 128 blocks is faster" in choice.reason
+    assert "prefill 400 TFLOP/s (measured in this process)" in choice.reason
+    # the first block computes at 28.4K tok/s, the last at 12.9K: the reason shows both
+    assert "28,435 tok/s at position 0, 12,856 at 32,512" in choice.reason
+
+
+def test_a_short_prefix_still_recomputes() -> None:
+    """Scenario: the same model and disk, a 4-block prefix: attention adds little that early,
+    so recomputing stays faster and the reason says so."""
+    choice = _choose(LLAMA_8B, 4)
+    assert choice.decision == "recompute" and "recomputing is faster" in choice.reason
+    assert choice.predicted_recompute_s < choice.predicted_load_s
+
+
+def test_measured_rate_predicts_its_own_prefill_and_deeper_blocks_cost_more() -> None:
+    """Scenario: a 4096-position prefill measured at 2 s gives a FLOP/s that predicts 2 s for
+    those 16 blocks again, but for its first quarter only 0.47 s (the linear model: 0.5 s) and
+    for a batch of 2 rows twice as long."""
+    seconds = 2.0
+    rate = LLAMA_8B.span(0, 4096) / seconds
+    assert _choose(LLAMA_8B, 16, rate=rate).predicted_recompute_s == pytest.approx(seconds)
+    quarter = _choose(LLAMA_8B, 4, rate=rate).predicted_recompute_s
+    assert quarter == pytest.approx(seconds * LLAMA_8B.span(0, 1024) / LLAMA_8B.span(0, 4096))
+    assert quarter == pytest.approx(0.4733, abs=1e-4)
+    batch = _choose(LLAMA_8B, 16, rate=rate, batch=2).predicted_recompute_s
+    assert batch == pytest.approx(2 * seconds)
