@@ -82,3 +82,23 @@ def test_measured_rate_predicts_its_own_prefill_and_deeper_blocks_cost_more() ->
     assert quarter == pytest.approx(0.4733, abs=1e-4)
     batch = _choose(LLAMA_8B, 16, rate=rate, batch=2).predicted_recompute_s
     assert batch == pytest.approx(2 * seconds)
+
+
+def test_loads_slower_than_predicted_here_scale_the_prediction() -> None:
+    """Scenario: this process's disk loads took 4x what the model predicted (decode, checksums
+    and overheads it does not know): later predictions from disk are 4x too, the reason says
+    so, and a prefix that loaded faster than it computed now recomputes."""
+    plain = _choose(LLAMA_8B, 128)
+    scaled = choose(
+        [Tier.DISK] * 128,
+        block_bytes=BLOCK_BYTES,
+        block_tokens=BLOCK_TOKENS,
+        bandwidth=DISK,
+        flops=LLAMA_8B,
+        flops_per_s=RATE,
+        rate_source="measured in this process",
+        load_scale={Tier.DISK: 4.0},
+    )
+    assert plain.decision == "load" and scaled.decision == "recompute"
+    assert scaled.predicted_load_s == pytest.approx(4 * plain.predicted_load_s)
+    assert "loads here took x4 that" in scaled.reason

@@ -427,3 +427,20 @@ def test_bad_block_in_a_later_round_stops_reuse_there(
     assert f"stopped: disk block {chain[9]} {why}" in stats["reuse"]["reason"]
     quarantined = (store / "quarantine").is_dir() and any((store / "quarantine").iterdir())
     assert quarantined == (damage == "flip")
+
+
+def test_a_disk_load_calibrates_the_next_prediction(tiny_model: Any, tmp_path: Path) -> None:
+    """Scenario: a prefix loaded from disk records how long it took against the prediction;
+    the next choice from disk scales its prediction by that and says so; output exact."""
+    model, config = tiny_model("llama")
+    ids = random_prompt(PROMPT)
+    cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, disk_persist=True)
+    tiered_generate(model, cfg, ids)
+    _, first = tiered_generate(model, cfg, ids)
+    assert first["reuse"]["loaded_blocks"]["disk"] > 0
+    scale = INDEX.load_scale()[Tier.DISK]
+    measured = first["reuse"]["load_s"] / first["reuse"]["predicted_load_s"]
+    assert scale == pytest.approx(measured, rel=1e-3)  # the stats round to microseconds
+    got, second = tiered_generate(model, cfg, ids)
+    assert_same_generation(reference_generate(model, ids), got)
+    assert "loads here took" in second["reuse"]["reason"], second["reuse"]

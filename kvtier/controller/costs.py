@@ -11,6 +11,7 @@ prompt costs the whole prefill). Pure arithmetic: nothing is moved here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -116,11 +117,18 @@ def choose(
     flops_per_s: float,
     rate_source: str,
     batch: int = 1,
+    load_scale: Mapping[Tier, float] | None = None,
 ) -> Choice:
     """The cut that minimises load time of blocks [0, m) plus recompute time of [m, n), where
     `tiers[i]` is where stored block i would come from and recomputing block i costs its
-    `batch` rows' FLOPs at its positions over `flops_per_s`. Ties go to loading."""
-    per_block = [BLOCK_OVERHEAD_S[t] + block_bytes / (bandwidth.gbps[t] * 1e9) for t in tiers]
+    `batch` rows' FLOPs at its positions over `flops_per_s`. `load_scale[t]`: how much longer
+    than predicted this process's loads from tier t took (ReuseIndex.load_scale). Ties go to
+    loading."""
+    scale = load_scale or {}
+    per_block = [
+        scale.get(t, 1.0) * (BLOCK_OVERHEAD_S[t] + block_bytes / (bandwidth.gbps[t] * 1e9))
+        for t in tiers
+    ]
     compute = [
         batch * flops.span(i * block_tokens, block_tokens) / flops_per_s for i in range(len(tiers))
     ]
@@ -135,7 +143,9 @@ def choose(
     load_s, recompute_s = sum(per_block[:compared]), sum(compute[:compared])
     used = sorted(set(tiers[:compared]))
     speeds = ", ".join(
-        f"{t.name.lower()} {bandwidth.gbps[t]:.3g} GB/s ({_short(bandwidth.sources[t])})"
+        f"{t.name.lower()} {bandwidth.gbps[t]:.3g} GB/s ({_short(bandwidth.sources[t])}"
+        + (f"; loads here took x{scale[t]:.2g} that" if t in scale else "")
+        + ")"
         for t in used
     )
     first, last = block_tokens / compute[0], block_tokens / compute[compared - 1]

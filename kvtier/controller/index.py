@@ -23,6 +23,7 @@ class ReuseIndex:
         self._controllers: weakref.WeakSet[Any] = weakref.WeakSet()
         self._hits: Counter[str] = Counter()
         self._prefill: dict[str, tuple[float, float]] = {}  # fingerprint -> (FLOPs, seconds)
+        self._loads: dict[Any, tuple[float, float]] = {}  # tier -> (predicted s, measured s)
 
     def register(self, controller: Any) -> None:
         """Make `controller`'s sealed blocks findable by other controllers of the same model."""
@@ -60,11 +61,25 @@ class ReuseIndex:
             total, spent = self._prefill.get(fingerprint, (0.0, 0.0))
         return total / spent if spent > 0 else None
 
+    def record_load(self, tier: Any, predicted_s: float, measured_s: float) -> None:
+        """One prefix load mostly from `tier`: what the cost model predicted, what it took."""
+        if predicted_s <= 0 or measured_s <= 0:
+            return
+        with self._lock:
+            predicted, measured = self._loads.get(tier, (0.0, 0.0))
+            self._loads[tier] = (predicted + predicted_s, measured + measured_s)
+
+    def load_scale(self) -> dict[Any, float]:
+        """Per tier: measured over predicted seconds of this process's prefix loads."""
+        with self._lock:
+            return {tier: spent / guess for tier, (guess, spent) in self._loads.items()}
+
     def clear(self) -> None:
         """Forget hits and measured speeds (tests)."""
         with self._lock:
             self._hits.clear()
             self._prefill.clear()
+            self._loads.clear()
 
 
 INDEX = ReuseIndex()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +127,13 @@ def load_prefix(
     controller.counters.prefix_hit_tokens += controller.tokens
     _after_load(controller, loaded)
     controller.counters.reuse = _record(choice, found, loaded, failure, started, g.block_tokens)
+    if loaded and failure is None and landed == len(chosen):  # the cost model learns from it
+        tiers = Counter(item.tier for item in chosen)
+        tier = tiers.most_common(1)[0][0]
+        scale = INDEX.load_scale().get(tier, 1.0)
+        INDEX.record_load(
+            tier, choice.predicted_load_s / scale, controller.counters.reuse["load_s"]
+        )
     return controller.tokens
 
 
@@ -150,6 +158,7 @@ def _choose(controller: Any, found: list[Found], flops: PrefillFlops) -> Choice:
         flops_per_s=measured or assumed_prefill_flops(cuda=cuda),
         rate_source="measured in this process" if measured else "assumed",
         batch=g.batch,
+        load_scale=INDEX.load_scale(),
     )
 
 
