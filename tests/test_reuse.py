@@ -444,3 +444,14 @@ def test_a_disk_load_calibrates_the_next_prediction(tiny_model: Any, tmp_path: P
     got, second = tiered_generate(model, cfg, ids)
     assert_same_generation(reference_generate(model, ids), got)
     assert "loads here took" in second["reuse"]["reason"], second["reuse"]
+
+
+def test_the_fastest_prefill_call_sets_the_speed() -> None:
+    """Scenario: a process's first prefill is slow (kernel set-up, pinning), later ones fast:
+    the speed the cost model weighs is the fastest call's, not a total dragged down by the
+    first."""
+    INDEX.record_prefill("fp", 1e12, 10.0)  # 0.1 TFLOP/s: the first call
+    INDEX.record_prefill("fp", 4e12, 0.01)  # 400 TFLOP/s
+    INDEX.record_prefill("fp", 1e12, 0.01)  # 100 TFLOP/s
+    assert INDEX.prefill_flops("fp") == pytest.approx(4e14)
+    assert INDEX.prefill_flops("other") is None

@@ -22,7 +22,7 @@ class ReuseIndex:
         self._lock = threading.Lock()
         self._controllers: weakref.WeakSet[Any] = weakref.WeakSet()
         self._hits: Counter[str] = Counter()
-        self._prefill: dict[str, tuple[float, float]] = {}  # fingerprint -> (FLOPs, seconds)
+        self._prefill: dict[str, float] = {}  # fingerprint -> the fastest call's FLOP/s
         self._loads: dict[Any, tuple[float, float]] = {}  # tier -> (predicted s, measured s)
 
     def register(self, controller: Any) -> None:
@@ -47,19 +47,18 @@ class ReuseIndex:
             return self._hits[block_id]
 
     def record_prefill(self, fingerprint: str, flops: float, seconds: float) -> None:
-        """One measured prefill call: `flops` (costs.PrefillFlops) computed in `seconds` of
-        wall time."""
+        """One measured prefill call: `flops` (costs.PrefillFlops) computed in `seconds`."""
         if flops <= 0 or seconds <= 0:
             return
         with self._lock:
-            total, spent = self._prefill.get(fingerprint, (0.0, 0.0))
-            self._prefill[fingerprint] = (total + flops, spent + seconds)
+            self._prefill[fingerprint] = max(self._prefill.get(fingerprint, 0.0), flops / seconds)
 
     def prefill_flops(self, fingerprint: str) -> float | None:
-        """FLOP/s of this model's prefills measured in this process, or None."""
+        """The FLOP/s of this model's fastest prefill call in this process, or None: a process's
+        first calls pay kernel set-up and pinning (on the H200, a total over every call put a
+        32K recompute at 5.5 s; it took 1.6 s), and recomputing runs at the steady speed."""
         with self._lock:
-            total, spent = self._prefill.get(fingerprint, (0.0, 0.0))
-        return total / spent if spent > 0 else None
+            return self._prefill.get(fingerprint)
 
     def record_load(self, tier: Any, predicted_s: float, measured_s: float) -> None:
         """One prefix load mostly from `tier`: what the cost model predicted, what it took."""
