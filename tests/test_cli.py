@@ -117,7 +117,7 @@ def test_config_show_text(tmp_path):
     result = invoke("config", "show", str(path))
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if " = " in line]
-    assert len(lines) == 25  # every key, policy.module, disk.model_key and [remote] included
+    assert len(lines) == 26  # every key: host.keep_pinned, policy.module, disk.model_key, [remote]
     assert lines[0].startswith("block_tokens = 256 ") and lines[0].endswith("# from default")
     gpu, host, disk = (line for line in lines if line.startswith("budget = "))
     assert gpu.startswith("budget = 8589934592 ") and gpu.endswith(
