@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from kvtier.errors import KVTierError, RemoteError
 from kvtier.tiers.remote.connect import (
     CAUSES,
     Parts,
+    buffers_connection,
     cause_of,
     connect_error,
     connection_options,
@@ -24,6 +25,7 @@ from kvtier.tiers.remote.connect import (
     probe_options,
     scrub,
 )
+from kvtier.tiers.remote.stream import NodeStream
 from kvtier.tiers.remote.url import RemoteSpec
 
 try:
@@ -92,7 +94,8 @@ class RemoteClient:
         options = connection_options(spec)
         if not spec.cluster:
             node = spec.nodes[0]
-            connection_class = valkey.SSLConnection if spec.tls else valkey.Connection
+            # (SSL sockets have no sendmsg: TLS connections send buffer by buffer)
+            connection_class = valkey.SSLConnection if spec.tls else buffers_connection()
             pool = valkey.ConnectionPool(
                 connection_class=connection_class,
                 host=node.host,
@@ -140,24 +143,62 @@ class RemoteClient:
     def put_many(
         self, items: Sequence[tuple[str, Buffer | Parts]], *, ttl_s: int | None = None
     ) -> bool:
-        """Store each (key, value); True if every value was stored. Values are sent without copies
-        (Parts too, to a standalone server; to a cluster they are joined first).
+        """Store each (key, value); True if every value was stored (put_each's answers, all).
 
-        `ttl_s` (default: the spec's ttl_s, None for no expiry) makes the keys expire. Never raises
-        for a server problem: a failed or partial put returns False.
+        Never raises for a server problem: a failed or partial put returns False.
+        """
+        keys = [key for key, _ in items]
+        return all(self.put_each(keys, (value for _, value in items), ttl_s=ttl_s))
+
+    def put_each(
+        self,
+        keys: Sequence[str],
+        values: Iterable[Buffer | Parts],
+        *,
+        ttl_s: int | None = None,
+    ) -> list[bool]:
+        """Store the i-th of `values` under `keys[i]`; whether the server acknowledged each.
+
+        Pipelined as `values` yields them: each value is written to its node's connection
+        before the next is taken (so a generator can prepare the next one meanwhile), every
+        reply is read after the last. Values are sent without copies (Parts too, to a
+        standalone server; to a cluster they are joined first); each must stay unchanged until
+        the call returns. `ttl_s` (default: the spec's ttl_s, None for no expiry) makes the keys
+        expire. Never raises for a server problem: a value on a node that failed, was skipped
+        or refused it (out of memory) is False; once every node failed, `values` is not read on.
         """
         ttl = self.spec.ttl_s if ttl_s is None else ttl_s
         expiry = ("EX", ttl) if ttl else ()
-        keys = [key for key, _ in items]
-        # cast("B") makes len() the byte count the protocol needs, for any buffer layout.
-        values = [_sendable(value, standalone=self._standalone is not None) for _, value in items]
-        stored = True
+        standalone = self._standalone is not None
+        streams: list[tuple[str, NodeStream]] = []
+        node_of: list[NodeStream | None] = [None] * len(keys)  # None: no node serves the key
         for name, client, slots in self._route(keys):
-            indices = [i for group in slots for i in group]
-            commands = [("SET", keys[i], values[i], *expiry) for i in indices]
-            results = self._run(name, client, commands)
-            stored = stored and all(result is True for result in results)
-            self._response_errors(name, results)
+            if self._skipped(name):
+                continue
+            streams.append((name, NodeStream(client)))
+            for i in (i for group in slots for i in group):
+                node_of[i] = streams[-1][1]
+        try:
+            for i, value in enumerate(values):
+                if all(stream.error is not None for _, stream in streams):
+                    break  # nothing left that could store a value: do not prepare more
+                stream = node_of[i]
+                if stream is not None:
+                    stream.send(i, "SET", keys[i], _sendable(value, standalone=standalone), *expiry)
+        except BaseException:  # `values` raised: no reply is read, no connection left half used
+            for _, stream in streams:
+                stream.abort()
+            raise
+        stored = [False] * len(keys)
+        for name, stream in streams:
+            replies = stream.finish()
+            for i, reply in replies:
+                stored[i] = reply is True
+            if stream.error is not None:
+                self._node_failed(name, cause_of(stream.error), stream.error)
+            else:
+                self._failed_at.pop(name, None)
+            self._response_errors(name, [reply for _, reply in replies])
         return stored
 
     def delete_many(self, keys: Sequence[str]) -> int:
@@ -303,11 +344,7 @@ class RemoteClient:
 
     def _run(self, name: str, client: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Pipeline `commands` on one node: a result or exception each, all None on node failure."""
-        now = time.monotonic()
-        if now - self._failed_at.get(name, -float("inf")) < self._retry_after_s:
-            log.debug(
-                "valkey at %s skipped: it failed less than %.1f s ago", name, self._retry_after_s
-            )
+        if self._skipped(name):
             return [None] * len(commands)
         pipe = client.pipeline(transaction=False)
         for args in commands:
@@ -319,6 +356,13 @@ class RemoteClient:
             return [None] * len(commands)
         self._failed_at.pop(name, None)
         return results
+
+    def _skipped(self, name: str) -> bool:
+        """Whether node `name` failed less than retry_after_s ago (its calls miss at once)."""
+        if time.monotonic() - self._failed_at.get(name, -float("inf")) >= self._retry_after_s:
+            return False
+        log.debug("valkey at %s skipped: it failed less than %.1f s ago", name, self._retry_after_s)
+        return True
 
     def _node_failed(self, name: str, cause: str, exc: BaseException) -> None:
         self._failed_at[name] = time.monotonic()
@@ -423,6 +467,8 @@ def _connect_cluster(spec: RemoteSpec, options: dict[str, Any]) -> Any:
 
 
 def _sendable(value: Buffer | Parts, *, standalone: bool) -> memoryview | Parts:
+    """`value` as the packer sends it: cast("B") makes len() the byte count the protocol needs,
+    for any buffer layout; a cluster node's packer takes no Parts."""
     if isinstance(value, Parts):
         return value if standalone else memoryview(value.join())
     return memoryview(value).cast("B")
