@@ -3,8 +3,8 @@
 Handles are block ids; values are block files, head-sealed (values.py), under keys namespaced by
 the model fingerprint. A shared cache, not room: the server may drop any value (maxmemory
 eviction, ttl_s, a restart), so the tier never takes a block's only copy (`allocate` is None,
-`adopt` is None). It serves `save` (write-through with persist, from the controller) and the
-reuse calls. A server problem is a miss or a failed save and one warning: the data path never
+`adopt` is None). It serves `save` and `save_blocks` (write-through with persist, from the
+mover's I/O threads) and the reuse calls. A server problem is a miss or a failed save and one warning: the data path never
 raises for one. It stores; it never chooses what to keep.
 """
 
@@ -60,7 +60,7 @@ class RemoteTier(SerializedEndpoints):
     Connects at construction: RemoteError (one line) for a wrong password, an unknown host or
     an untrusted certificate; a server that is down then is a warning, and misses until it
     answers. `persist` (remote.persist) tells the controller to write
-    every sealed block through; the tier only stores what `save` is given.
+    every sealed block through; the tier only stores what `save` and `save_blocks` are given.
     """
 
     tier = Tier.REMOTE
