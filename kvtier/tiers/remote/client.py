@@ -14,23 +14,13 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from kvtier.errors import KVTierError, RemoteError
-from kvtier.tiers.remote.connect import (
-    CAUSES,
-    Parts,
-    buffers_connection,
-    cause_of,
-    connect_error,
-    connection_options,
-    parts_packer,
-    probe_options,
-    scrub,
-)
+from kvtier.tiers.remote.connect import CAUSES, Parts, cause_of, scrub
+from kvtier.tiers.remote.opening import open_cluster, open_standalone
 from kvtier.tiers.remote.stream import NodeStream
 from kvtier.tiers.remote.url import RemoteSpec
 
 try:
     import valkey
-    from valkey.cluster import ClusterNode, ValkeyCluster
     from valkey.exceptions import SlotNotCoveredError, ValkeyClusterException, ValkeyError
 except ImportError:  # pragma: no cover - exercised only without the extra
     valkey = None
@@ -43,7 +33,6 @@ T = TypeVar("T")
 
 RETRY_AFTER_S = 1.0  # a node that failed is skipped (misses at once) for this long
 _SCAN_COUNT = 1000
-_BUFFER_CUTOFF = 6000  # valkey-py's own: arguments longer than this are sent as separate buffers
 
 
 class RemoteClient:
@@ -91,37 +80,10 @@ class RemoteClient:
             raise KVTierError(
                 "the remote tier needs the valkey client: pip install 'kvtier[remote]'"
             )
-        options = connection_options(spec)
         if not spec.cluster:
-            node = spec.nodes[0]
-            # (SSL sockets have no sendmsg: TLS connections send buffer by buffer)
-            connection_class = valkey.SSLConnection if spec.tls else buffers_connection()
-            pool = valkey.ConnectionPool(
-                connection_class=connection_class,
-                host=node.host,
-                port=node.port,
-                db=spec.db,
-                # With libvalkey installed valkey-py packs each command into one bytes object,
-                # copying every value: 8 MiB SETs ran at 370-550 MiB/s instead of 1000-1300
-                # (loopback, 2-core dev box). The Python packer sends large values as they are.
-                # (ValkeyCluster drops this option; cluster nodes use whatever valkey-py picks.)
-                command_packer=parts_packer(_BUFFER_CUTOFF),
-                **options,
-            )
-            client = valkey.Valkey(connection_pool=pool)
-            try:
-                cluster_enabled = client.info("cluster").get("cluster_enabled")
-            except ValkeyError as exc:
-                pool.disconnect()
-                raise connect_error(spec, node, exc) from None
-            if cluster_enabled == 1:
-                pool.disconnect()
-                raise RemoteError(
-                    f"valkey at {node} runs in cluster mode; list its nodes in remote.url "
-                    "or set remote.cluster = true"
-                )
-            return cls(spec, standalone=client, retry_after_s=retry_after_s, warned=warned)
-        cluster = _connect_cluster(spec, options)
+            standalone = open_standalone(spec)
+            return cls(spec, standalone=standalone, retry_after_s=retry_after_s, warned=warned)
+        cluster = open_cluster(spec)
         return cls(spec, cluster=cluster, retry_after_s=retry_after_s, warned=warned)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -432,38 +394,6 @@ class RemoteClient:
                 f"valkey at {name} failed: {scrub(str(exc), self.spec)}; check the server is up "
                 "and this user may run SCAN and INFO"
             ) from None
-
-
-def _connect_cluster(spec: RemoteSpec, options: dict[str, Any]) -> Any:
-    """A ValkeyCluster client, after finding a node that answers (so errors name the cause)."""
-    first_error: RemoteError | None = None
-    for node in spec.nodes:  # find a node that answers, so the error names the real cause
-        probe = valkey.Valkey(host=node.host, port=node.port, **probe_options(spec, options))
-        try:
-            probe.ping()
-            break
-        except ValkeyError as exc:
-            first_error = first_error or connect_error(spec, node, exc)
-        finally:
-            probe.close()
-    else:
-        assert first_error is not None
-        raise first_error
-    try:
-        cluster = ValkeyCluster(
-            startup_nodes=[ClusterNode(node.host, node.port) for node in spec.nodes],
-            cluster_error_retry_attempts=0,
-            require_full_coverage=False,
-            **options,
-        )
-    except (ValkeyError, ValkeyClusterException) as exc:
-        if "Cluster mode is not enabled" in str(exc):
-            raise RemoteError(
-                f"valkey at {spec.nodes[0]} is not a cluster node; name one node in "
-                "remote.url, or set remote.cluster = false"
-            ) from None
-        raise connect_error(spec, spec.nodes[0], exc) from None
-    return cluster
 
 
 def _sendable(value: Buffer | Parts, *, standalone: bool) -> memoryview | Parts:
