@@ -295,7 +295,7 @@ def test_save_blocks_checks_every_block_before_sending(tier: RemoteTier) -> None
     layers = [block_layers(tier.geometry) for _ in chain]
     with pytest.raises(KVTierError, match="3 layer tensors"):
         tier.save_blocks(chain, [*layers[:2], layers[2][:2]], parent_ids=[None] * 3)
-    with pytest.raises(KVTierError, match="one of each per block"):
+    with pytest.raises(KVTierError, match="one parent id per key"):
         tier.save_blocks(chain, layers, parent_ids=[None])
     assert tier.stored_prefix(chain) == 0 and tier.save_blocks([], [], parent_ids=[]) == []
 
@@ -337,9 +337,6 @@ def test_save_blocks_to_a_server_that_fails_mid_batch(
 ) -> None:
     """Scenario: the server dies (or hangs) while block 3 of 8 is encoded: no exception, within
     a timeout or two; no block from 3 on is reported saved, each one a miss afterwards."""
-    remote = make_tier(spec_for(server))
-    chain = chain_of(8)
-    stored = [block_layers(remote.geometry, seed=i) for i in range(len(chain))]
     encode_value = tier_module.encode_value
     encoded: list[str] = []
 
@@ -349,7 +346,10 @@ def test_save_blocks_to_a_server_that_fails_mid_batch(
         encoded.append(block_id)
         return encode_value(key, block_id, *args, **options)
 
-    monkeypatch.setattr(tier_module, "encode_value", failing)
+    monkeypatch.setattr(tier_module, "encode_value", failing)  # before the tier takes it
+    remote = make_tier(spec_for(server))
+    chain = chain_of(8)
+    stored = [block_layers(remote.geometry, seed=i) for i in range(len(chain))]
     caplog.set_level(logging.DEBUG)
     start = time.monotonic()
     try:

@@ -10,6 +10,7 @@ raises for one. It stores; it never chooses what to keep.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -86,7 +87,12 @@ class RemoteTier(SerializedEndpoints):
         self._clients = ThreadClients(spec, client or self._connect(spec), self._warned)
         self._names = tuple(f"l{layer_id}.kv" for layer_id in geometry.layer_ids)
         labels = {"model_key": model_key, "tokens": geometry.block_tokens}
-        self._labels = {name: value for name, value in labels.items() if value}
+        self._encode = functools.partial(  # (server key, block id, tensors, *, parent_id, ...)
+            encode_value,
+            fingerprint=fingerprint,
+            labels={name: value for name, value in labels.items() if value},
+            hmac_key=spec.hmac_key,
+        )
         sample = self.layer_buffer()
         shapes = dict.fromkeys(self._names, sample)
         self._head_bytes = head_bound("0" * 32, shapes, self._key("0" * 32))
@@ -194,9 +200,8 @@ class RemoteTier(SerializedEndpoints):
 
     # -- SerializedStore (the mover's I/O threads; any thread) --------------------------------
     def save(self, key: str, layers: tuple[torch.Tensor, ...], *, parent_id: str | None) -> int:
-        """Store every layer of block `key` (contiguous CPU tensors by tiered index); the bytes
-        sent, or 0 when the server did not take it (warned once per cause: down, full, denied).
-        Never raises for a server problem; KVTierError for layers that do not fit the tier."""
+        """Store every layer of block `key` (contiguous CPU tensors by tiered index): the bytes
+        sent, or 0 when the server did not take it; `save_blocks` of one block."""
         return self.save_blocks([key], [layers], parent_ids=[parent_id])[0]
 
     def save_blocks(
@@ -206,27 +211,33 @@ class RemoteTier(SerializedEndpoints):
         *,
         parent_ids: Sequence[str | None],
     ) -> list[int]:
-        """save for many blocks, in one pipeline: each value is sent as soon as it is encoded,
-        every reply read after the last (one round trip per node, not one per block).
-        The bytes sent for each block, 0 for a block the server did not acknowledge (down, slow,
-        full: warned once per cause; such a block is simply not on the server). Never raises for
-        a server problem; KVTierError, before anything is sent, for layers that do not fit."""
+        """save for many blocks in one pipeline: each value is encoded when the client asks for
+        it (the server takes in one while the next is encoded), every reply read after the last.
+        Per block the bytes sent, or 0 when the server did not acknowledge it (down, slow, full:
+        warned once per cause; a miss later). Never raises for a server problem; KVTierError,
+        before anything is sent, for blocks that do not fit. (Encoding on a check thread
+        meanwhile gained nothing on the 2-core dev box: docs/remote.md.)"""
         started = time.perf_counter()
         if not len(keys) == len(layers) == len(parent_ids):
-            raise KVTierError(
-                f"save_blocks got {len(keys)} keys, {len(layers)} blocks of layers and "
-                f"{len(parent_ids)} parent ids; pass one of each per block"
-            )
-        blocks = [
-            self._checked(key, per_block) for key, per_block in zip(keys, layers, strict=True)
-        ]
-        server_keys = [self._key(key) for key in keys]
+            raise KVTierError("save_blocks needs one block of layers and one parent id per key")
+        if any(len(block) != len(self._names) for block in layers):
+            raise KVTierError(f"save needs {len(self._names)} layer tensors per block")
+        blocks = [dict(zip(self._names, block, strict=True)) for block in layers]
+        for key, tensors in zip(keys, blocks, strict=True):
+            check_tensors(key, tensors)
+        hash_map = self._check_map if self.spec.hmac_key is not None else map  # sha256: 2 cores
         sizes: list[int] = []  # of each value sent, in order
+
+        def values() -> Iterator[Parts]:  # the layers' own memory, sent before this returns
+            for key, tensors, parent in zip(keys, blocks, parent_ids, strict=True):
+                value = Parts(
+                    self._encode(self._key(key), key, tensors, parent_id=parent, hash_map=hash_map)
+                )
+                sizes.append(value.nbytes)
+                yield value
+
         client = self._clients.get() if keys else None
-        stored = [False] * len(keys)
-        if client is not None:
-            values = self._values(server_keys, keys, blocks, parent_ids, sizes)
-            stored = client.put_each(server_keys, values)
+        stored = client.put_each([self._key(key) for key in keys], values()) if client else []
         sent = [size if ok else 0 for size, ok in zip(sizes, stored, strict=False)]
         sent += [0] * (len(keys) - len(sent))  # not encoded: the server had failed meanwhile
         with self._lock:
@@ -235,43 +246,6 @@ class RemoteTier(SerializedEndpoints):
             self._counters["saved_bytes"] += sum(sent)
             self._counters["save_s"] += time.perf_counter() - started
         return sent
-
-    def _checked(self, key: str, layers: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Block `key`'s layers by tensor name; KVTierError if they cannot be stored."""
-        if len(layers) != len(self._names):
-            raise KVTierError(f"save needs {len(self._names)} layer tensors, got {len(layers)}")
-        tensors = dict(zip(self._names, layers, strict=True))
-        check_tensors(key, tensors)
-        return tensors
-
-    def _values(
-        self,
-        server_keys: Sequence[str],
-        keys: Sequence[str],
-        blocks: Sequence[dict[str, torch.Tensor]],
-        parent_ids: Sequence[str | None],
-        sizes: list[int],
-    ) -> Iterator[Parts]:
-        """The blocks' values in order, each encoded when the client asks for it, so the server
-        takes in one value while the next is encoded; `sizes` gets each one's length. (Encoding
-        the next on a check thread meanwhile gained nothing on the 2-core dev box, where the
-        client and the server keep both cores busy: docs/remote.md.)"""
-        hash_map = self._check_map if self.spec.hmac_key is not None else map
-        for i, key in enumerate(keys):
-            value = Parts(
-                encode_value(
-                    server_keys[i],
-                    key,
-                    blocks[i],
-                    fingerprint=self.fingerprint,
-                    parent_id=parent_ids[i],
-                    labels=self._labels,
-                    hmac_key=self.spec.hmac_key,
-                    hash_map=hash_map,
-                )
-            )  # the layers' own memory, sent before save_blocks returns
-            sizes.append(value.nbytes)
-            yield value
 
     def load_into(self, key: str, tiered_index: int, out: torch.Tensor) -> ReadResult:
         """Tiered layer `tiered_index` of block `key` into `out` (a contiguous CPU tensor):
