@@ -33,6 +33,11 @@ class RemoteError(KVTierError):
     """A remote tier server that is unreachable, refused our credentials or failed an admin call."""
 
 
+class NotStored(KVTierError):
+    """A store did not take a block it was given (the remote tier: its server down, slow or
+    full); the store warned about the cause already."""
+
+
 class _ShortRepr(reprlib.Repr):
     """reprlib's depth and length limits, and no str() of huge ints (Python refuses > 4300 digits)."""
 

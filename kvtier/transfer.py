@@ -20,12 +20,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtier.errors import KVTierError
-from kvtier.tiers.base import Endpoint, Stored
+from kvtier.errors import KVTierError, NotStored
+from kvtier.tiers.base import Endpoint, SerializedStore, Stored
 
 log = logging.getLogger(__name__)
 
 Copy = tuple[Endpoint, Endpoint]  # (source, destination), equal shapes
+# Blocks per save_blocks call (submit_saves): one pipeline, one round trip, for many blocks;
+# calls of this size still spread a prefill's blocks over several I/O threads, and bound the
+# host buffers that relayed blocks are read into, and how long a wait for one block can take.
+SAVE_BATCH_BYTES = 32 << 20
 
 
 class Lane(enum.Enum):
@@ -176,6 +180,35 @@ class Mover:
         self.wait_s += time.perf_counter() - start
         return ok
 
+    def submit_saves(self, copies: Sequence[Copy]) -> list[Ticket]:
+        """Save whole blocks to serialized stores in the I/O pool; one ticket per copy, settled
+        like `submit`'s (`done` / `finish`, which raises the KVTierError of a failed save).
+
+        A source is a block's host layers (CPU tensors; they must stay until the ticket is
+        done), or a `Stored` block, read and verified first (relayed). Copies to a store with
+        `save_blocks` (the remote tier) go in one pipelined call per SAVE_BATCH_BYTES; others
+        are saved one by one. A save the store did not take (0 bytes: a server down, slow or
+        full, which the store warned about) fails its ticket with NotStored.
+        """
+        tickets = [Ticket() for _ in copies]
+        batches: dict[int, list[tuple[Endpoint, Stored, Future]]] = {}  # by store, filling
+        filled: dict[int, int] = {}  # bytes of each store's batch
+        for (source, destination), ticket in zip(copies, tickets, strict=True):
+            assert isinstance(destination, Stored) and destination.tiered_index is None
+            ticket.saves.append(future := Future())
+            store = destination.store
+            if not hasattr(store, "save_blocks"):
+                self.pool.submit(_save_batch, store, [(source, destination, future)])
+                continue
+            if filled.get(id(store), 0) >= SAVE_BATCH_BYTES:
+                self.pool.submit(_save_batch, store, batches.pop(id(store)))
+                filled[id(store)] = 0
+            batches.setdefault(id(store), []).append((source, destination, future))
+            filled[id(store)] = filled.get(id(store), 0) + _block_bytes(source)
+        for batch in batches.values():
+            self.pool.submit(_save_batch, batch[0][1].store, batch)
+        return tickets
+
     def retire(self, tensors: list[torch.Tensor]) -> None:
         """Tensors about to be freed: their memory is not reused before the copies already
         queued on the mover's streams are done (they may still read or write it)."""
@@ -291,13 +324,58 @@ def _per_layer(source: Endpoint, destination: Endpoint) -> list[tuple[Endpoint, 
 def _relay(source: Stored, destination: Stored) -> int:
     """A whole block from one serialized store to another, through host memory (a disk file
     sent on to the server): verified when read, so a bad file is an error, never sent."""
+    return _save(destination, _read_block(source))
+
+
+def _read_block(source: Stored) -> tuple[torch.Tensor, ...]:
+    """Every layer of a stored block in fresh host tensors; KVTierError if it cannot be read."""
     layers = tuple(source.store.layer_buffer() for _ in source.store.geometry.layer_ids)
     result = source.store.load_block(source.key, layers)
     if not result:
         raise KVTierError(f"block {source.key} could not be read to relay it ({result.value})")
-    return _save(destination, layers)
+    return layers
 
 
 def _save(destination: Stored, layers: tuple[torch.Tensor, ...]) -> int:
     assert all(t.device.type == "cpu" and t.is_contiguous() for t in layers), "save from host"
     return destination.store.save(destination.key, layers, parent_id=destination.parent_id)
+
+
+def _block_bytes(source: Endpoint) -> int:
+    if isinstance(source, Stored):
+        return source.store.geometry.block_bytes
+    return sum(t.nbytes for t in source)
+
+
+def _save_batch(store: SerializedStore, batch: list[tuple[Endpoint, Stored, Future]]) -> None:
+    """submit_saves' I/O task: read the relayed sources, save the blocks (one save_blocks call
+    where the store has it), and settle every block's future, whatever happens."""
+    try:
+        ready: list[tuple[tuple[torch.Tensor, ...], Stored, Future]] = []
+        for source, destination, future in batch:
+            try:
+                layers = _read_block(source) if isinstance(source, Stored) else source
+            except KVTierError as error:
+                future.set_exception(error)
+                continue
+            assert all(t.device.type == "cpu" and t.is_contiguous() for t in layers), "from host"
+            ready.append((layers, destination, future))
+        if hasattr(store, "save_blocks"):
+            written = store.save_blocks(
+                [destination.key for _, destination, _ in ready],
+                [layers for layers, _, _ in ready],
+                parent_ids=[destination.parent_id for _, destination, _ in ready],
+            )
+        else:
+            written = [_save(destination, layers) for layers, destination, _ in ready]
+        for (_, destination, future), nbytes in zip(ready, written, strict=True):
+            if nbytes:
+                future.set_result(nbytes)
+            else:
+                future.set_exception(NotStored(f"block {destination.key} was not stored"))
+    except BaseException as error:  # every future settles: a waiter must never hang
+        for _, _, future in batch:
+            if not future.done():
+                future.set_exception(error)
+        if not isinstance(error, Exception):
+            raise

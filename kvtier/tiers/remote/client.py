@@ -10,25 +10,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from kvtier.errors import KVTierError, RemoteError
-from kvtier.tiers.remote.connect import (
-    CAUSES,
-    Parts,
-    cause_of,
-    connect_error,
-    connection_options,
-    parts_packer,
-    probe_options,
-    scrub,
-)
+from kvtier.tiers.remote.connect import CAUSES, Parts, cause_of, scrub
+from kvtier.tiers.remote.opening import open_cluster, open_standalone
+from kvtier.tiers.remote.stream import NodeStream
 from kvtier.tiers.remote.url import RemoteSpec
 
 try:
     import valkey
-    from valkey.cluster import ClusterNode, ValkeyCluster
     from valkey.exceptions import SlotNotCoveredError, ValkeyClusterException, ValkeyError
 except ImportError:  # pragma: no cover - exercised only without the extra
     valkey = None
@@ -41,7 +33,6 @@ T = TypeVar("T")
 
 RETRY_AFTER_S = 1.0  # a node that failed is skipped (misses at once) for this long
 _SCAN_COUNT = 1000
-_BUFFER_CUTOFF = 6000  # valkey-py's own: arguments longer than this are sent as separate buffers
 
 
 class RemoteClient:
@@ -89,36 +80,10 @@ class RemoteClient:
             raise KVTierError(
                 "the remote tier needs the valkey client: pip install 'kvtier[remote]'"
             )
-        options = connection_options(spec)
         if not spec.cluster:
-            node = spec.nodes[0]
-            connection_class = valkey.SSLConnection if spec.tls else valkey.Connection
-            pool = valkey.ConnectionPool(
-                connection_class=connection_class,
-                host=node.host,
-                port=node.port,
-                db=spec.db,
-                # With libvalkey installed valkey-py packs each command into one bytes object,
-                # copying every value: 8 MiB SETs ran at 370-550 MiB/s instead of 1000-1300
-                # (loopback, 2-core dev box). The Python packer sends large values as they are.
-                # (ValkeyCluster drops this option; cluster nodes use whatever valkey-py picks.)
-                command_packer=parts_packer(_BUFFER_CUTOFF),
-                **options,
-            )
-            client = valkey.Valkey(connection_pool=pool)
-            try:
-                cluster_enabled = client.info("cluster").get("cluster_enabled")
-            except ValkeyError as exc:
-                pool.disconnect()
-                raise connect_error(spec, node, exc) from None
-            if cluster_enabled == 1:
-                pool.disconnect()
-                raise RemoteError(
-                    f"valkey at {node} runs in cluster mode; list its nodes in remote.url "
-                    "or set remote.cluster = true"
-                )
-            return cls(spec, standalone=client, retry_after_s=retry_after_s, warned=warned)
-        cluster = _connect_cluster(spec, options)
+            standalone = open_standalone(spec)
+            return cls(spec, standalone=standalone, retry_after_s=retry_after_s, warned=warned)
+        cluster = open_cluster(spec)
         return cls(spec, cluster=cluster, retry_after_s=retry_after_s, warned=warned)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -140,24 +105,62 @@ class RemoteClient:
     def put_many(
         self, items: Sequence[tuple[str, Buffer | Parts]], *, ttl_s: int | None = None
     ) -> bool:
-        """Store each (key, value); True if every value was stored. Values are sent without copies
-        (Parts too, to a standalone server; to a cluster they are joined first).
+        """Store each (key, value); True if every value was stored (put_each's answers, all).
 
-        `ttl_s` (default: the spec's ttl_s, None for no expiry) makes the keys expire. Never raises
-        for a server problem: a failed or partial put returns False.
+        Never raises for a server problem: a failed or partial put returns False.
+        """
+        keys = [key for key, _ in items]
+        return all(self.put_each(keys, (value for _, value in items), ttl_s=ttl_s))
+
+    def put_each(
+        self,
+        keys: Sequence[str],
+        values: Iterable[Buffer | Parts],
+        *,
+        ttl_s: int | None = None,
+    ) -> list[bool]:
+        """Store the i-th of `values` under `keys[i]`; whether the server acknowledged each.
+
+        Pipelined as `values` yields them: each value is written to its node's connection
+        before the next is taken (so a generator can prepare the next one meanwhile), every
+        reply is read after the last. Values are sent without copies (Parts too, to a
+        standalone server; to a cluster they are joined first); each must stay unchanged until
+        the call returns. `ttl_s` (default: the spec's ttl_s, None for no expiry) makes the keys
+        expire. Never raises for a server problem: a value on a node that failed, was skipped
+        or refused it (out of memory) is False; once every node failed, `values` is not read on.
         """
         ttl = self.spec.ttl_s if ttl_s is None else ttl_s
         expiry = ("EX", ttl) if ttl else ()
-        keys = [key for key, _ in items]
-        # cast("B") makes len() the byte count the protocol needs, for any buffer layout.
-        values = [_sendable(value, standalone=self._standalone is not None) for _, value in items]
-        stored = True
+        standalone = self._standalone is not None
+        streams: list[tuple[str, NodeStream]] = []
+        node_of: list[NodeStream | None] = [None] * len(keys)  # None: no node serves the key
         for name, client, slots in self._route(keys):
-            indices = [i for group in slots for i in group]
-            commands = [("SET", keys[i], values[i], *expiry) for i in indices]
-            results = self._run(name, client, commands)
-            stored = stored and all(result is True for result in results)
-            self._response_errors(name, results)
+            if self._skipped(name):
+                continue
+            streams.append((name, NodeStream(client)))
+            for i in (i for group in slots for i in group):
+                node_of[i] = streams[-1][1]
+        try:
+            for i, value in enumerate(values):
+                if all(stream.error is not None for _, stream in streams):
+                    break  # nothing left that could store a value: do not prepare more
+                stream = node_of[i]
+                if stream is not None:
+                    stream.send(i, "SET", keys[i], _sendable(value, standalone=standalone), *expiry)
+        except BaseException:  # `values` raised: no reply is read, no connection left half used
+            for _, stream in streams:
+                stream.abort()
+            raise
+        stored = [False] * len(keys)
+        for name, stream in streams:
+            replies = stream.finish()
+            for i, reply in replies:
+                stored[i] = reply is True
+            if stream.error is not None:
+                self._node_failed(name, cause_of(stream.error), stream.error)
+            else:
+                self._failed_at.pop(name, None)
+            self._response_errors(name, [reply for _, reply in replies])
         return stored
 
     def delete_many(self, keys: Sequence[str]) -> int:
@@ -303,11 +306,7 @@ class RemoteClient:
 
     def _run(self, name: str, client: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Pipeline `commands` on one node: a result or exception each, all None on node failure."""
-        now = time.monotonic()
-        if now - self._failed_at.get(name, -float("inf")) < self._retry_after_s:
-            log.debug(
-                "valkey at %s skipped: it failed less than %.1f s ago", name, self._retry_after_s
-            )
+        if self._skipped(name):
             return [None] * len(commands)
         pipe = client.pipeline(transaction=False)
         for args in commands:
@@ -319,6 +318,13 @@ class RemoteClient:
             return [None] * len(commands)
         self._failed_at.pop(name, None)
         return results
+
+    def _skipped(self, name: str) -> bool:
+        """Whether node `name` failed less than retry_after_s ago (its calls miss at once)."""
+        if time.monotonic() - self._failed_at.get(name, -float("inf")) >= self._retry_after_s:
+            return False
+        log.debug("valkey at %s skipped: it failed less than %.1f s ago", name, self._retry_after_s)
+        return True
 
     def _node_failed(self, name: str, cause: str, exc: BaseException) -> None:
         self._failed_at[name] = time.monotonic()
@@ -390,39 +396,9 @@ class RemoteClient:
             ) from None
 
 
-def _connect_cluster(spec: RemoteSpec, options: dict[str, Any]) -> Any:
-    """A ValkeyCluster client, after finding a node that answers (so errors name the cause)."""
-    first_error: RemoteError | None = None
-    for node in spec.nodes:  # find a node that answers, so the error names the real cause
-        probe = valkey.Valkey(host=node.host, port=node.port, **probe_options(spec, options))
-        try:
-            probe.ping()
-            break
-        except ValkeyError as exc:
-            first_error = first_error or connect_error(spec, node, exc)
-        finally:
-            probe.close()
-    else:
-        assert first_error is not None
-        raise first_error
-    try:
-        cluster = ValkeyCluster(
-            startup_nodes=[ClusterNode(node.host, node.port) for node in spec.nodes],
-            cluster_error_retry_attempts=0,
-            require_full_coverage=False,
-            **options,
-        )
-    except (ValkeyError, ValkeyClusterException) as exc:
-        if "Cluster mode is not enabled" in str(exc):
-            raise RemoteError(
-                f"valkey at {spec.nodes[0]} is not a cluster node; name one node in "
-                "remote.url, or set remote.cluster = false"
-            ) from None
-        raise connect_error(spec, spec.nodes[0], exc) from None
-    return cluster
-
-
 def _sendable(value: Buffer | Parts, *, standalone: bool) -> memoryview | Parts:
+    """`value` as the packer sends it: cast("B") makes len() the byte count the protocol needs,
+    for any buffer layout; a cluster node's packer takes no Parts."""
     if isinstance(value, Parts):
         return value if standalone else memoryview(value.join())
     return memoryview(value).cast("B")

@@ -140,6 +140,52 @@ def parts_packer(buffer_cutoff: int) -> Any:
     return PartsPacker(buffer_cutoff, encode)
 
 
+IOV_MAX = 1024  # buffers one sendmsg takes (Linux's limit)
+
+
+def buffers_connection() -> Any:
+    """valkey-py's plain TCP Connection, writing a packed command's buffers with one sendmsg each
+    round instead of one sendall per buffer (a block's value is a header and one buffer per
+    layer). Each small buffer sent alone left as its own TCP segment (TCP_NODELAY): on loopback
+    a value of 1 MiB in 11 sendalls cost ~25% more client CPU than in one (2-core dev box)."""
+    import valkey
+
+    class BuffersConnection(valkey.Connection):
+        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            if isinstance(command, str | bytes) or len(command) == 1:
+                return super().send_packed_command(command, check_health)
+            if not self._sock:
+                self.connect()
+            if check_health:
+                self.check_health()
+            try:
+                send_buffers(self._sock, command)
+            except TimeoutError:  # socket.timeout
+                self.disconnect()
+                raise valkey_errors.TimeoutError("Timeout writing to socket") from None
+            except OSError as error:
+                self.disconnect()
+                raise valkey_errors.ConnectionError(f"Error writing to socket: {error}") from None
+            except BaseException:
+                self.disconnect()  # a command half written: the connection is unusable
+                raise
+
+    return BuffersConnection
+
+
+def send_buffers(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
+    """Write `buffers` back to back, as many per sendmsg as the kernel takes."""
+    views = [memoryview(buffer).cast("B") for buffer in buffers]
+    first = 0
+    while first < len(views):
+        sent = sock.sendmsg(views[first : first + IOV_MAX])
+        while first < len(views) and sent >= views[first].nbytes:
+            sent -= views[first].nbytes
+            first += 1
+        if sent:
+            views[first] = views[first][sent:]
+
+
 def probe_options(spec: RemoteSpec, options: dict[str, Any]) -> dict[str, Any]:
     """`options` for a plain valkey.Valkey that pings one cluster node (it takes ssl=True)."""
     probe = dict(options)
