@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from unittest import mock
 
 import benchlib
 import torch
@@ -29,16 +29,6 @@ from kvtier.hf import attention as kvtier_attention
 
 CONTEXT = 8192
 STEPS = 32
-
-
-@contextlib.contextmanager
-def _patched(obj, name: str, value) -> Iterator[None]:
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
 
 
 def teacher_forced(args, device: torch.device) -> dict:
@@ -65,7 +55,9 @@ def teacher_forced(args, device: torch.device) -> dict:
         cfg = benchlib.kvtier_config(model, CONTEXT + STEPS, 0.25, store, chunk=args.chunk)
         with contextlib.ExitStack() as stack:
             if not own_attention:  # HF's SDPA path stays (and prefill runs chunk by chunk)
-                stack.enter_context(_patched(kvtier_attention, "install", lambda model: False))
+                stack.enter_context(
+                    mock.patch.object(kvtier_attention, "install", lambda model: False)
+                )
             with kvtier.TieredCache(model, cfg) as cache:
                 return run(cache), cache.stats()
 

@@ -32,8 +32,8 @@ import pstats
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import benchlib
 import torch
@@ -45,16 +45,6 @@ from kvtier.blocks import Tier
 from kvtier.hf import attention as kvtier_attention
 from kvtier.hf.cache import TieredCache
 from kvtier.tiers.host import HostPool
-
-
-@contextlib.contextmanager
-def patched(obj, name: str, value) -> Iterator[None]:
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
 
 
 def _cached_pinned_slab(self, device, count):
@@ -77,12 +67,14 @@ def _flash_decode(original):
 
 VARIANTS = {
     "kvtier": lambda: contextlib.nullcontext(),
-    "chunk_major": lambda: patched(TieredCache, "layer_major_layers", lambda *a, **k: None),
-    "hidden_gpu": lambda: patched(hf_prefill, "GPU_HIDDEN_BYTES", 1 << 62),
-    "no_pin": lambda: patched(HostPool, "_register", lambda self, slab: False),
+    "chunk_major": lambda: mock.patch.object(
+        TieredCache, "layer_major_layers", lambda *a, **k: None
+    ),
+    "hidden_gpu": lambda: mock.patch.object(hf_prefill, "GPU_HIDDEN_BYTES", 1 << 62),
+    "no_pin": lambda: mock.patch.object(HostPool, "_register", lambda self, slab: False),
     "cached_pin": lambda: contextlib.ExitStack(),  # filled in run_kvtier
     "all_fit": lambda: contextlib.nullcontext(),
-    "all_fit_flash": lambda: patched(
+    "all_fit_flash": lambda: mock.patch.object(
         kvtier_attention, "attention", _flash_decode(kvtier_attention.attention)
     ),
 }
@@ -92,8 +84,10 @@ def run_kvtier(model, ids, cfg, variant: str, new_tokens: int) -> dict:
     with contextlib.ExitStack() as stack:
         stack.enter_context(VARIANTS[variant]())
         if variant == "cached_pin":
-            stack.enter_context(patched(HostPool, "_allocate_slab", _cached_pinned_slab))
-            stack.enter_context(patched(HostPool, "_free_slab_tensor", lambda self, t: None))
+            stack.enter_context(mock.patch.object(HostPool, "_allocate_slab", _cached_pinned_slab))
+            stack.enter_context(
+                mock.patch.object(HostPool, "_free_slab_tensor", lambda self, t: None)
+            )
         started = time.perf_counter()
         cache = kvtier.TieredCache(model, cfg)
         built = time.perf_counter() - started

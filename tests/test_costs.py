@@ -16,7 +16,7 @@ DISK = Bandwidths({Tier.DISK: 3.0}, {Tier.DISK: "measured in the test"})  # 11.2
 RATE = 4e14  # FLOP/s: 9.0 ms a block of matmuls, plus attention's 0.3 ms a block deep
 
 
-def _choose(flops: PrefillFlops, blocks: int, *, rate: float = RATE, batch: int = 1):
+def _choose(flops: PrefillFlops, blocks: int, *, rate: float = RATE, batch: int = 1, **more):
     return choose(
         [Tier.DISK] * blocks,
         block_bytes=BLOCK_BYTES,
@@ -26,6 +26,7 @@ def _choose(flops: PrefillFlops, blocks: int, *, rate: float = RATE, batch: int 
         flops_per_s=rate,
         rate_source="measured in this process",
         batch=batch,
+        **more,
     )
 
 
@@ -89,16 +90,7 @@ def test_loads_slower_than_predicted_here_scale_the_prediction() -> None:
     and overheads it does not know): later predictions from disk are 4x too, the reason says
     so, and a prefix that loaded faster than it computed now recomputes."""
     plain = _choose(LLAMA_8B, 128)
-    scaled = choose(
-        [Tier.DISK] * 128,
-        block_bytes=BLOCK_BYTES,
-        block_tokens=BLOCK_TOKENS,
-        bandwidth=DISK,
-        flops=LLAMA_8B,
-        flops_per_s=RATE,
-        rate_source="measured in this process",
-        load_scale={Tier.DISK: 4.0},
-    )
+    scaled = _choose(LLAMA_8B, 128, load_scale={Tier.DISK: 4.0})
     assert plain.decision == "load" and scaled.decision == "recompute"
     assert scaled.predicted_load_s == pytest.approx(4 * plain.predicted_load_s)
     assert "loads here took x4 that" in scaled.reason
