@@ -5,7 +5,6 @@ loopback."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -26,11 +25,7 @@ PASSWORD = "hunter2"
 @pytest.fixture(autouse=True)
 def cache_home(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    yield tmp_path / "cache"
-    logger = logging.getLogger("kvtier")
-    for handler in [h for h in logger.handlers if isinstance(h, cli._CliHandler)]:
-        logger.removeHandler(handler)
-    logger.setLevel(logging.NOTSET)
+    return tmp_path / "cache"
 
 
 @pytest.fixture

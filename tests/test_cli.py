@@ -41,11 +41,6 @@ def machine(monkeypatch, tmp_path):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(pynvml, "nvmlInit", no_nvml)
-    yield
-    logger = logging.getLogger("kvtier")  # main() installs a handler; leave no trace for others
-    for handler in [h for h in logger.handlers if isinstance(h, cli._CliHandler)]:
-        logger.removeHandler(handler)
-    logger.setLevel(logging.NOTSET)
 
 
 def invoke(*args: str):
@@ -234,6 +229,19 @@ def test_log_level_debug_logs_to_stderr():
     result = invoke("--log-level", "debug", "config", "show")
     assert result.exit_code == 0
     assert "DEBUG kvtier.config: gpu.budget = 'auto' resolved to" in result.stderr
+
+
+def test_an_invocation_leaves_the_kvtier_logger_as_it_found_it():
+    """Scenario: main() logs through a handler of its own for one invocation: afterwards (also
+    after an error exit) the `kvtier` logger has no CLI handler and its level is back, so
+    several invocations in one process (click's test runner, a notebook) never stack them."""
+    logger = logging.getLogger("kvtier")
+    before = (list(logger.handlers), logger.level)
+    assert invoke("--log-level", "debug", "config", "show").exit_code == 0
+    assert (list(logger.handlers), logger.level) == before
+    bad = CliRunner().invoke(cli.main, ["config", "show"], env={"KVTIER_BLOCKTOKENS": "16"})
+    assert bad.exit_code == 2
+    assert (list(logger.handlers), logger.level) == before
 
 
 @pytest.fixture

@@ -16,11 +16,7 @@ from kvtier.tiers.disk import DiskStore
 @pytest.fixture(autouse=True)
 def cache_home(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    yield tmp_path / "cache"
-    logger = logging.getLogger("kvtier")
-    for handler in [h for h in logger.handlers if isinstance(h, cli._CliHandler)]:
-        logger.removeHandler(handler)
-    logger.setLevel(logging.NOTSET)
+    return tmp_path / "cache"
 
 
 def bench(tmp_path, *args: str):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import types
@@ -32,11 +31,6 @@ def machine(monkeypatch, tmp_path):
     usage = shutil._ntuple_diskusage(200 * GIB, 100 * GIB, 100 * GIB)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    yield
-    logger = logging.getLogger("kvtier")
-    for handler in [h for h in logger.handlers if isinstance(h, cli._CliHandler)]:
-        logger.removeHandler(handler)
-    logger.setLevel(logging.NOTSET)
 
 
 def plan(*args: str, tmp_path):

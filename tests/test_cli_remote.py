@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,6 @@ valkey_servers = pytest.importorskip("valkey_servers", reason="needs valkey and 
 from test_remote_admin import fill  # noqa: E402
 from test_remote_tier import FINGERPRINT, HMAC_KEY  # noqa: E402
 from valkey_servers import ValkeyProcess, acl_config, start_server, write_secret  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _no_cli_handler():
-    yield
-    logger = logging.getLogger("kvtier")
-    for handler in [h for h in logger.handlers if isinstance(h, cli._CliHandler)]:
-        logger.removeHandler(handler)
-    logger.setLevel(logging.NOTSET)
 
 
 def invoke(*args: str):

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 import format1
-import pytest
 import torch
 from click.testing import CliRunner
 
@@ -16,15 +14,6 @@ from kvtier.tiers.disk import DiskStore
 from kvtier.tiers.disk.areas import StoreLayout
 
 GiB = 1 << 30
-
-
-@pytest.fixture(autouse=True)
-def _no_cli_handler():
-    yield
-    logger = logging.getLogger("kvtier")  # main() installs a handler; leave no trace for others
-    for handler in [h for h in logger.handlers if isinstance(h, cli._CliHandler)]:
-        logger.removeHandler(handler)
-    logger.setLevel(logging.NOTSET)
 
 
 def invoke(*args: str):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import pytest
@@ -23,11 +22,6 @@ def environment(monkeypatch, tmp_path, request):
             monkeypatch.delenv(name)
     if request.node.get_closest_marker("slow") is None:
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    yield
-    logger = logging.getLogger("kvtier")
-    for handler in [h for h in logger.handlers if isinstance(h, cli._CliHandler)]:
-        logger.removeHandler(handler)
-    logger.setLevel(logging.NOTSET)
 
 
 @pytest.fixture(scope="module")

@@ -29,21 +29,30 @@ class _KVTierGroup(click.Group):
 
 
 class CliHandler(logging.StreamHandler):
-    """The handler main() installs on the `kvtier` logger; replaced, not stacked, per invocation."""
+    """The handler main() installs on the `kvtier` logger for one invocation (removed, and the
+    logger's level restored, when it ends: a caller running several in one process, such as
+    click's test runner, keeps no trace of one in the next)."""
 
 
 def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, ctx: click.Context) -> None:
     logger = logging.getLogger("kvtier")
     for handler in [h for h in logger.handlers if isinstance(h, CliHandler)]:
         logger.removeHandler(handler)
     handler = CliHandler(sys.stderr)  # looked up now: click's test runner swaps sys.stderr
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    previous = logger.level
     logger.addHandler(handler)
     logger.setLevel(level)
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+    ctx.call_on_close(restore)
 
 
 @click.group(cls=_KVTierGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,4 +67,4 @@ def _configure_logging(level: str) -> None:
 )
 def main(log_level: str) -> None:
     """Tiered KV-cache offload for Hugging Face models: GPU -> pinned host RAM -> disk."""
-    _configure_logging(log_level.upper())
+    _configure_logging(log_level.upper(), click.get_current_context())
