@@ -150,8 +150,8 @@ class HostPool(SlabPool):
         self._pinned_bytes = 0
         self._lock = threading.Lock()
         self._pinner: ThreadPoolExecutor | None = None
-        self._pinning: dict[int, Future] = {}  # slab data_ptr -> its registration
-        self._buffers: dict[int, torch.Tensor] = {}  # slab data_ptr -> its flat uint8 buffer
+        # slab data_ptr -> its flat uint8 buffer and that buffer's registration
+        self._pinning: dict[int, tuple[torch.Tensor, Future]] = {}
 
     @property
     def pinned_bytes(self) -> int:
@@ -161,7 +161,7 @@ class HostPool(SlabPool):
 
     def finish_pinning(self) -> None:
         """Wait until every slab allocated so far is registered (tests, benchmarks)."""
-        for future in list(self._pinning.values()):
+        for _, future in list(self._pinning.values()):
             future.result()
 
     def stats(self) -> dict[str, object]:
@@ -170,9 +170,8 @@ class HostPool(SlabPool):
     def _allocate_slab(self, device: torch.device, count: int) -> torch.Tensor:
         if not self.pin:
             return super()._allocate_slab(device, count)
-        g = self.geometry
-        shape = (self._layers_on(device), count, g.block_tokens, *g.token_shape)
-        nbytes = g.dtype.itemsize * math.prod(shape)
+        shape = self._slab_shape(device, count)
+        nbytes = self.geometry.dtype.itemsize * math.prod(shape)
         buffer = KEPT.take(nbytes) if self.keep_pinned else None
         done: Future = Future()
         if buffer is not None:  # registered by an earlier pool
@@ -184,9 +183,8 @@ class HostPool(SlabPool):
             if self._pinner is None:
                 self._pinner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-pin")
             done = self._pinner.submit(self._register, buffer)
-        self._pinning[buffer.data_ptr()] = done
-        self._buffers[buffer.data_ptr()] = buffer
-        return buffer.view(g.dtype).view(shape)
+        self._pinning[buffer.data_ptr()] = (buffer, done)
+        return buffer.view(self.geometry.dtype).view(shape)
 
     def _register(self, buffer: torch.Tensor) -> bool:
         populate(buffer)
@@ -197,9 +195,8 @@ class HostPool(SlabPool):
         return True
 
     def _free_slab_tensor(self, tensor: torch.Tensor) -> None:
-        future = self._pinning.pop(tensor.data_ptr(), None)
-        buffer = self._buffers.pop(tensor.data_ptr(), None)
-        if future is None or buffer is None or not future.result():
+        buffer, future = self._pinning.pop(tensor.data_ptr(), (None, None))
+        if future is None or not future.result():
             return
         with self._lock:
             self._pinned_bytes -= buffer.nbytes

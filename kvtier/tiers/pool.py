@@ -201,11 +201,14 @@ class SlabPool:
         group = self._devices.index(device)
         return sum(1 for g, _ in self._local if g == group)
 
-    def _allocate_slab(self, device: torch.device, count: int) -> torch.Tensor:
-        # [layers_on_device, count, block_tokens, 2, batch, kv_heads, head_dim]
+    def _slab_shape(self, device: torch.device, count: int) -> tuple[int, ...]:
+        """[layers_on_device, count, block_tokens, 2, batch, kv_heads, head_dim]"""
         g = self.geometry
-        shape = (self._layers_on(device), count, g.block_tokens, *g.token_shape)
-        return torch.empty(shape, dtype=g.dtype, device=device)
+        return (self._layers_on(device), count, g.block_tokens, *g.token_shape)
+
+    def _allocate_slab(self, device: torch.device, count: int) -> torch.Tensor:
+        shape = self._slab_shape(device, count)
+        return torch.empty(shape, dtype=self.geometry.dtype, device=device)
 
     def _free_slab_tensor(self, tensor: torch.Tensor) -> None:
         """Hook for subclasses that must undo something (host unpinning)."""
