@@ -16,7 +16,6 @@ from conftest import (
     tiered_config,
     tiered_generate,
 )
-from test_remote_tier import server  # noqa: F401  (the fixture)
 from valkey_servers import ValkeyProcess, start_server
 
 from kvtier import transfer

