@@ -21,7 +21,7 @@ from kvtier.controller.inspection import Inspection
 from kvtier.controller.placement import Placement
 from kvtier.controller.prefill import LayerMajor
 from kvtier.controller.stats import Counters
-from kvtier.controller.step import PendingIds, Step, extend_ids, host_ids
+from kvtier.controller.step import PendingIds, Step
 from kvtier.controller.streaming import Streamer
 from kvtier.errors import BudgetError, KVTierError, StoreCorruptError
 from kvtier.layout import ContextPlan, KVGeometry, plan_context
@@ -94,14 +94,14 @@ class TierController(Inspection):
         self._always_stream = streaming
         self.epoch = 0  # bumped by every edit: prefetches of an older epoch are stale
         self._step: Step | None = None
-        self._pending_ids: torch.Tensor | PendingIds | None = None
+        self._pending_ids: PendingIds | None = None
         self.budgets.check_minimum()
         INDEX.register(self)  # other caches of this model may reuse its sealed blocks
 
     # -- the step cycle ------------------------------------------------------------------------
     def note_tokens(self, token_ids: torch.Tensor | None) -> None:
         """Token ids `[batch, q]` of the next append (from the model's pre-hook); they key ids."""
-        self._pending_ids = host_ids(token_ids)
+        self._pending_ids = None if token_ids is None else PendingIds(token_ids)
 
     @property
     def in_step(self) -> bool:
@@ -126,7 +126,7 @@ class TierController(Inspection):
         if self.streaming:
             self._fit_staging(end)
         blocks: list[BlockMeta] = []
-        later: list[tuple[BlockMeta, int, int]] = []  # ids still on their way (PendingIds)
+        later: list[tuple[BlockMeta, int, int]] = []  # pieces the ids extend at the step's end
         pos = self.tokens
         top_full = False  # once no GPU room could be made this step, the rest go lower at once
         while pos < end:
@@ -135,7 +135,7 @@ class TierController(Inspection):
                 protected = frozenset(b.index for b in blocks)
                 top_full = not self._place_new_block(block, protected=protected, skip_top=top_full)
             take = min(self.geometry.block_tokens - block.tokens, end - pos)
-            extend_ids(block, ids, pos - self.tokens, take, later)
+            later.append((block, pos - self.tokens, take))
             block.tokens += take
             blocks.append(block)
             pos += take
@@ -145,8 +145,7 @@ class TierController(Inspection):
             if run is None:  # a block landed out of order: stream this step and those after
                 self.streaming = True
                 self._fit_staging(end)
-        pending = (ids, later) if isinstance(ids, PendingIds) else None
-        self._step = Step(self.tokens, new_tokens, blocks, run=run, pending_ids=pending)
+        self._step = Step(self.tokens, new_tokens, blocks, run=run, pending_ids=(ids, later))
 
     def _refuse_lost(self) -> None:
         start = min(self.placement.lost) * self.geometry.block_tokens

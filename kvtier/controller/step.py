@@ -16,44 +16,25 @@ from kvtier.transfer import Copy
 
 
 class PendingIds:
-    """Token ids `[batch, q]` on their way from the GPU to pinned host memory: the copy is
-    queued without a sync (a blocking `.to("cpu")` per step stalls the decode loop) and read at
-    the step's end, when it has long completed."""
+    """A step's token ids `[batch, q]` on their way to the host, read at the step's end: from a
+    GPU the copy into pinned memory is queued without a sync (a blocking `.to("cpu")` per step
+    stalls the decode loop) and has long completed by then; from the CPU they are there."""
 
     def __init__(self, ids: torch.Tensor) -> None:
         self.shape = tuple(ids.shape)
+        self._ready: torch.cuda.Event | None = None
+        if not ids.is_cuda:
+            self._host = ids.detach().to("cpu")
+            return
         self._host = torch.empty(self.shape, dtype=ids.dtype, pin_memory=True)
-        self._host.copy_(ids, non_blocking=True)
+        self._host.copy_(ids.detach(), non_blocking=True)
         self._ready = torch.cuda.Event()
         self._ready.record(torch.cuda.current_stream(ids.device))
 
     def tensor(self) -> torch.Tensor:
-        self._ready.synchronize()  # waits for the copy only, not for the work queued after it
+        if self._ready is not None:
+            self._ready.synchronize()  # waits for the copy only, not for work queued after it
         return self._host
-
-
-def host_ids(token_ids: torch.Tensor | None) -> torch.Tensor | PendingIds | None:
-    """A step's token ids on the host: copied now from the CPU, on their way from a GPU."""
-    if token_ids is None:
-        return None
-    if token_ids.is_cuda:
-        return PendingIds(token_ids.detach())
-    return token_ids.detach().to("cpu")
-
-
-def extend_ids(
-    block: BlockMeta,
-    ids: torch.Tensor | PendingIds | None,
-    offset: int,
-    take: int,
-    later: list[tuple[BlockMeta, int, int]],
-) -> None:
-    """Give `block` the ids of the step's `take` positions from `offset`: now, or at the step's
-    end when they are still on their way (noted in `later`)."""
-    if isinstance(ids, PendingIds):
-        later.append((block, offset, take))
-    else:
-        block.extend_ids(None if ids is None else ids[:, offset : offset + take].tolist())
 
 
 @dataclass
@@ -67,18 +48,18 @@ class Step:
     # attention reads (and new tokens go) straight into it, without staging
     run: Handle | None = None
     layers_done: int = 0
-    # token ids still being copied from the GPU, and (block, offset in the step, tokens) of
-    # each piece they extend at the step's end
-    pending_ids: tuple[PendingIds, list[tuple[BlockMeta, int, int]]] | None = None
+    # the step's token ids (None: unknown, so its blocks get anonymous ids), and (block, offset
+    # in the step, tokens) of each piece they extend at the step's end
+    pending_ids: tuple[PendingIds | None, list[tuple[BlockMeta, int, int]]] | None = None
 
     def extend_pending_ids(self) -> None:
         if self.pending_ids is None:
             return
         ids, pieces = self.pending_ids
         self.pending_ids = None
-        rows = ids.tensor()
+        rows = None if ids is None else ids.tensor()
         for block, offset, take in pieces:
-            block.extend_ids(rows[:, offset : offset + take].tolist())
+            block.extend_ids(None if rows is None else rows[:, offset : offset + take].tolist())
 
     @property
     def end(self) -> int:
