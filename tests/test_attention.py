@@ -91,6 +91,44 @@ def test_mask_is_none_only_for_plain_causal():
     assert attention.mask(**_mask_args(allow_is_causal_skip=False)) is not None
 
 
+def test_decode_steps_of_generate_take_the_direct_sdpa_call(tiny_model: Any) -> None:
+    """Scenario: the decode steps of generate() (one query, no mask, HF's keywords such as
+    position_ids and use_cache) skip HF's SDPA wrapper and call the kernel once, giving its
+    output exactly; a keyword that changes attention (dropout) still goes through HF."""
+    model, _ = tiny_model("llama", attn_implementation="sdpa")
+    prompt = random_prompt(40, seed=5)
+    calls: list[bool] = []
+    original = attention.sdpa_attention_forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[1].shape[2] == 1)  # a one-query call that reached HF's wrapper
+        return original(*args, **kwargs)
+
+    expected = reference_generate(model, prompt, max_new_tokens=6)
+    attention.sdpa_attention_forward = spy
+    try:
+        got, _ = tiered_generate(model, kvtier.load_config(None), prompt, max_new_tokens=6)
+    finally:
+        attention.sdpa_attention_forward = original
+    assert calls and not any(calls), "decode steps went through HF's SDPA wrapper"  # prefill did
+    assert_same_generation(expected, got)
+
+    module = model.model.layers[0].self_attn
+    query, key = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 9, 16)
+    value = torch.randn(1, 2, 9, 16)
+    keywords = {"position_ids": torch.tensor([[8]]), "use_cache": True}
+    direct, _ = attention.attention(module, query, key, value, None, scaling=0.25, **keywords)
+    hf, _ = original(module, query, key, value, None, scaling=0.25, **keywords)
+    assert torch.equal(direct, hf)
+    calls.clear()
+    attention.sdpa_attention_forward = spy
+    try:
+        attention.attention(module, query, key, value, None, dropout=0.5, scaling=0.25)
+    finally:
+        attention.sdpa_attention_forward = original
+    assert calls == [True], "dropout went through HF's SDPA"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
 def test_sdpa_model_runs_kvtier_attention_in_a_tiered_cache(

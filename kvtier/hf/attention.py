@@ -81,8 +81,15 @@ def attention(
     q_length, kv_length = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     special = dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap")
-    if q_length == 1 and attention_mask is None and not special and not kwargs:
-        # decode: what HF's SDPA does for one query and no mask, without its checks per layer
+    if (
+        q_length == 1
+        and attention_mask is None
+        and not special
+        and not kwargs.get("output_attentions")
+        and key.shape[-1] == value.shape[-1] <= 256
+    ):
+        # decode: what HF's SDPA does for one query and no mask (it reads no other keyword:
+        # position_ids, use_cache, ... pass through), without its checks per layer
         groups = query.shape[1] != key.shape[1]
         output = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, scale=scaling, enable_gqa=groups
