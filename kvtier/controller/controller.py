@@ -87,6 +87,8 @@ class TierController(Inspection):
             counters=self.counters,
         )
         self._layer_major: LayerMajor | None = None
+        self._top_counters = self.counters.tiers[self.placement.top]  # hot path: no lookups
+        self._tiered_layers = geometry.tiered_layers
         self.tokens = 0  # committed tokens, every tier
         # False while the whole sequence sits in the fastest tier as one run that attention reads
         # in place; True once layers are streamed through staging
@@ -146,6 +148,7 @@ class TierController(Inspection):
                 self.streaming = True
                 self._fit_staging(end)
         self._step = Step(self.tokens, new_tokens, blocks, run=run, pending_ids=(ids, later))
+        self._step.layer_bytes = new_tokens * self.geometry.token_bytes
 
     def _refuse_lost(self) -> None:
         start = min(self.placement.lost) * self.geometry.block_tokens
@@ -280,26 +283,29 @@ class TierController(Inspection):
         """
         if self._layer_major is not None:
             return self._append_layer_major(tiered_index, keys, values)
-        if tiered_index == 0 and self._step is None:
-            self.begin_step(keys.shape[-2])
+        if tiered_index == 0:
+            self._check_batch(keys)  # the step's other layers see the same batch
+            if self._step is None:
+                self.begin_step(keys.shape[-2])
         step = self._step
         if step is None or keys.shape[-2] != step.new:
             raise KVTierError(
                 f"tiered layer {tiered_index} appended {keys.shape[-2]} tokens but the step expects "
                 f"{None if step is None else step.new}; layers must be called in order"
             )
-        self._check_batch(keys)
         if step.run is not None:
-            view = self._in_place_view(step, tiered_index)
-            _, k_view, v_view = write_tokens(view, step.start, keys, values)
+            run, offset = self.stores[self.placement.top].run_start(
+                step.run, tiered_index, step.blocks[-1].index + 1
+            )
+            k_view, v_view = write_tokens(
+                run, step.start, keys, values, offset=offset, positions=step.positions(keys)
+            )
         else:
             key = (self.epoch, self.tokens)
             k_view, v_view = self.streamer.append(step, tiered_index, keys, values, key=key)
-        self.counters.tiers[self.placement.top].bytes_written += (
-            step.new * self.geometry.token_bytes
-        )
+        self._top_counters.bytes_written += step.layer_bytes
         step.layers_done += 1
-        if step.layers_done == self.geometry.tiered_layers:
+        if step.layers_done == self._tiered_layers:
             self._end_step()
         return k_view, v_view
 
@@ -317,11 +323,6 @@ class TierController(Inspection):
                 f"batch size changed from {self.geometry.batch} to {keys.shape[0]}; "
                 "use a new TieredCache (or cache.reset()) for a new batch"
             )
-
-    def _in_place_view(self, step: Step, tiered_index: int) -> torch.Tensor:
-        """The layer's whole sequence as one view of the fastest tier `[tokens, 2, b, h, d]`."""
-        blocks = step.blocks[-1].index + 1
-        return self.stores[self.placement.top].source(step.run, tiered_index, blocks)
 
     def _end_step(self) -> None:
         step = self._step

@@ -62,7 +62,7 @@ class LayerMajor:
                 f"tiered layer {tiered_index} appended past the {step.new} positions of this "
                 "prefill; layers must bring the prompt's chunks in order"
             )
-        _, k_view, v_view = write_tokens(stage, position, keys, values)
+        k_view, v_view = write_tokens(stage, position, keys, values)
         self._written[tiered_index] = end
         if end == step.end:
             self._flush(tiered_index, stage)

@@ -51,6 +51,15 @@ class Step:
     # the step's token ids (None: unknown, so its blocks get anonymous ids), and (block, offset
     # in the step, tokens) of each piece they extend at the step's end
     pending_ids: tuple[PendingIds | None, list[tuple[BlockMeta, int, int]]] | None = None
+    layer_bytes: int = 0  # bytes each layer appends (K and V of the new positions)
+    _positions: torch.Tensor | None = None
+
+    def positions(self, like: torch.Tensor) -> torch.Tensor:
+        """`arange(start, end)` on `like`'s device: made once a step, shared by its layers."""
+        made = self._positions
+        if made is None or made.device != like.device:
+            made = self._positions = torch.arange(self.start, self.end, device=like.device)
+        return made
 
     def extend_pending_ids(self) -> None:
         if self.pending_ids is None:

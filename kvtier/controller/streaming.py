@@ -107,7 +107,7 @@ class Streamer:
             raise error
         self.counters.prefetch_stall_s += time.perf_counter() - stalled
         stage = self.staging.buffer(tiered_index)
-        _, k_view, v_view = write_tokens(stage, step.start, keys, values)
+        k_view, v_view = write_tokens(stage, step.start, keys, values)
         self._write_new_tokens(step, tiered_index, stage)
         return k_view, v_view
 

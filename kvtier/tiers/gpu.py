@@ -106,6 +106,13 @@ class GpuPool:
         view = self._layers[tiered_index][slot : slot + count]
         return view.view(count * self.geometry.block_tokens, *self.geometry.token_shape)
 
+    def run_start(self, slot: int, tiered_index: int, count: int) -> tuple[torch.Tensor, int]:
+        """The layer's slot tensor and the storage offset of a `count`-slot run from `slot`:
+        what `write_tokens` reads a run in place through, without making a view first."""
+        assert slot + count <= self.capacity_slots, "run beyond the pool"
+        tensor = self._layers[tiered_index]
+        return tensor, tensor.storage_offset() + slot * tensor.stride(0)
+
     def block_source(self, slot: int) -> tuple[torch.Tensor, ...]:
         return tuple(self.source(slot, i) for i in range(self.geometry.tiered_layers))
 
@@ -216,19 +223,33 @@ class StagingRing:
         self.capacity_tokens = 0
 
 
-def write_tokens(stage: torch.Tensor, start: int, keys: torch.Tensor, values: torch.Tensor):
-    """Write new K and V `[batch, kv_heads, q, head_dim]` into a staging buffer at `start`.
-
-    Returns the new positions token-major `[q, 2, batch, kv_heads, head_dim]` (a view of the
-    inputs, to copy into block slots) and the buffer's K and V `[batch, kv_heads, start + q,
+def write_tokens(
+    stage: torch.Tensor,
+    start: int,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    offset: int | None = None,
+    positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write new K and V `[batch, kv_heads, q, head_dim]` at position `start` of a token-major
+    buffer `[tokens, 2, batch, kv_heads, head_dim]` that starts `offset` elements into `stage`'s
+    storage (its own offset by default); returns its K and V `[batch, kv_heads, start + q,
     head_dim]` as strided views: what attention reads.
+
+    `positions` (`arange(start, start + q)` on the buffer's device, made once per step) writes
+    each of K and V with one indexed copy: the fewest host calls a decode layer can make.
     """
     end = start + keys.shape[-2]
-    new_kv = torch.stack((keys, values)).permute(3, 0, 1, 2, 4)
-    stage[start:end].copy_(new_kv)
-    _, batch, heads, dim = stage.shape[1:]
+    _, batch, heads, dim = stage.shape[-4:]
     size, stride = (batch, heads, end, dim), (heads * dim, dim, 2 * batch * heads * dim, 1)
-    offset = stage.storage_offset()
+    offset = stage.storage_offset() if offset is None else offset
     k_view = torch.as_strided(stage, size, stride, offset)
     v_view = torch.as_strided(stage, size, stride, offset + batch * heads * dim)
-    return new_kv, k_view, v_view
+    if positions is None:
+        k_view[:, :, start:end].copy_(keys)
+        v_view[:, :, start:end].copy_(values)
+    else:
+        k_view.index_copy_(2, positions, keys)
+        v_view.index_copy_(2, positions, values)
+    return k_view, v_view
