@@ -108,6 +108,43 @@ def test_prefix_from_another_live_cache(where: str, tiny_model: Any, tmp_path: P
     assert stats["reuse"]["loaded_blocks"][where] > 0
 
 
+@pytest.mark.parametrize("holder_persists", [True, False])
+def test_a_prefix_copied_from_a_persisting_cache_is_not_saved_again(
+    holder_persists: bool, tiny_model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: both caches persist to one store; the second copies 5 blocks from the first,
+    which saved them when it sealed them, so the second saves only the blocks it seals itself
+    (and makes no host copies for saves on a GPU). A holder that does not persist: the second
+    saves the copied blocks too."""
+    model, config = tiny_model("llama")
+    ids = random_prompt(PROMPT)
+    other = torch.cat([ids[:, :80], random_prompt(30, seed=5)], dim=1)  # 5 blocks shared
+    cfg = _roomy(config, tmp_path / "store", disk_persist=True)
+    holder = kvtier.TieredCache(model, cfg.with_overrides(disk_persist=holder_persists))
+    cache = kvtier.TieredCache(model, cfg)
+    try:
+        reference_generate(model, ids, cache=holder)
+        queued: list[int] = []
+        original = type(holder.controller.placement.persist).add
+
+        def add(persister: Any, blocks: list, **kwargs: Any) -> int:
+            count = original(persister, blocks, **kwargs)
+            if persister is cache.controller.placement.persist:
+                queued.append(count)
+            return count
+
+        monkeypatch.setattr(type(holder.controller.placement.persist), "add", add)
+        got = reference_generate(model, other, cache=cache)
+        assert cache.stats()["prefix_hit_tokens"] == 5 * BLOCK_TOKENS
+    finally:
+        holder.close()
+        cache.close()
+    assert_same_generation(reference_generate(model, other), got)
+    copied, own = queued[:5], queued[5:]  # one add per loaded block, then per sealed block
+    assert copied == ([0] * 5 if holder_persists else [1] * 5)
+    assert own == [1, 1]  # 126 tokens: blocks 5 and 6 sealed here
+
+
 def test_same_cache_after_reset_reuses_what_another_cache_holds(tiny_model, tmp_path) -> None:
     """Scenario: reset() frees a cache's blocks, so it reuses from caches still open (here
     another one) or disk: after reset the same cache loads the prefix again, exact."""

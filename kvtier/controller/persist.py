@@ -59,10 +59,12 @@ class Persister:
         self.counts = {"saved": 0, "skipped": 0, "failed": 0}
         self._warned: set[str] = set()
 
-    def add(self, blocks: list[BlockMeta], *, skip: frozenset[Tier] = frozenset()) -> None:
-        """Queue freshly sealed (or reused) blocks for every target not in `skip`."""
+    def add(self, blocks: list[BlockMeta], *, skip: frozenset[Tier] = frozenset()) -> int:
+        """Queue freshly sealed (or reused) blocks for every target not in `skip`; the saves
+        queued."""
+        queued = len(self._queue)
         if not self.targets:
-            return
+            return 0
         for block in blocks:
             if not block.token_ids:
                 continue  # an anonymous id is never looked up again
@@ -70,6 +72,7 @@ class Persister:
                 if tier in skip or (tier is Tier.DISK and not self._admitted(block)):
                     continue
                 self._queue.append((block, tier))
+        return len(self._queue) - queued
 
     def _admitted(self, block: BlockMeta) -> bool:
         return self.admit_after_hits == 0 or self.hits(block.block_id) >= self.admit_after_hits

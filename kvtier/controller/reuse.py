@@ -376,17 +376,39 @@ def _after_load(controller: Any, loaded: list[tuple[BlockMeta, Found]]) -> None:
     """Bookkeeping once the prefix is in: access counts, reuse hits, persist write-through of
     blocks the persistent stores do not hold yet, a fresh placement version."""
     placement = controller.placement
+    queued = []
     for block, item in loaded:
         block.access_count += 1
         INDEX.hit(block.block_id)
-        skip = {Tier.REMOTE} if item.tier is Tier.REMOTE else set()
+        skip = _persisted_by(controller, item.owner)
+        if item.tier is Tier.REMOTE:
+            skip.add(Tier.REMOTE)
         if item.tier is Tier.DISK and item.owner is None:
             skip.add(Tier.DISK)  # read from the shared area: persisted already
-        placement.persist.add([block], skip=frozenset(skip))
-    if placement.persist.needs_host:
-        placement.seal([block for block, _ in loaded])  # host copies for the persist saves
+        if placement.persist.add([block], skip=frozenset(skip)):
+            queued.append(block)
+    if placement.persist.needs_host and queued:
+        placement.seal(queued)  # host copies for the persist saves
     placement.persist.pump()
     controller._invalidate()
+
+
+def _persisted_by(controller: Any, owner: Any) -> set[Tier]:
+    """The persistent tiers another live cache `owner` writes every sealed block of its own to
+    that this controller's are too (the same disk store, the same server): it saved or queued
+    the block when it sealed it, so a copy from it needs no save (nor a host copy for one)."""
+    if owner is None or owner.placement.persist.admit_after_hits:
+        return set()
+    mine, theirs = controller.stores, owner.stores
+    skip = set()
+    targets = owner.placement.persist.targets
+    if Tier.DISK in targets and Tier.DISK in mine:
+        if theirs[Tier.DISK].store.root.resolve() == mine[Tier.DISK].store.root.resolve():
+            skip.add(Tier.DISK)
+    if Tier.REMOTE in targets and Tier.REMOTE in mine:
+        if theirs[Tier.REMOTE].spec == mine[Tier.REMOTE].spec:
+            skip.add(Tier.REMOTE)
+    return skip
 
 
 def _record(
