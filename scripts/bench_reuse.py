@@ -21,7 +21,10 @@ written); `--tiny` is what the test suite runs (tests/test_bench_reuse.py).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -91,23 +94,43 @@ def config(args: argparse.Namespace, model_key: str) -> kvtier.Config:
     )
 
 
-def timed(model, cfg, ids: torch.Tensor, *, keep_open: bool = False) -> tuple[dict, object]:
-    """TTFT of one generate() (its prefill) through a fresh TieredCache, and its stats."""
+def timed(
+    model, cfg, ids: torch.Tensor, *, keep_open: bool = False, profile: str | None = None
+) -> tuple[dict, object]:
+    """TTFT of one generate() (its prefill) through a fresh TieredCache, and its stats.
+    `profile`: a file for the cProfile summary of the call (it slows the call down a little)."""
     cache = kvtier.TieredCache(model, cfg)
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize()
+    profiler = cProfile.Profile() if profile else None
     started = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     out = model.generate(ids.to(device), past_key_values=cache, max_new_tokens=1, do_sample=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
     ttft = time.perf_counter() - started
+    if profiler is not None:
+        profiler.disable()
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text).sort_stats("cumulative")
+        stats.print_stats(45)
+        stats.sort_stats("tottime").print_stats(25)
+        Path(profile).write_text(f"TTFT {ttft:.3f} s (profiled)\n{text.getvalue()}")
     stats = cache.stats()
     row = {
         "ttft_s": round(ttft, 4),
         "prefix_hit_tokens": stats["prefix_hit_tokens"],
         "reuse": stats["reuse"],
         "first_token": int(out[0, -1]),
+        # where the load's time went: disk I/O seconds summed over the I/O threads, copies
+        "io": {
+            "disk_io_ms": stats["disk"]["io_ms"],
+            "disk_bytes_read": stats["disk"]["bytes_read"],
+            "transfer": stats["transfer"],
+            "persist": stats["persist"],
+        },
     }
     if not keep_open:
         cache.close()
@@ -121,8 +144,11 @@ def run_phase(args: argparse.Namespace) -> dict:
     cfg = config(args, key)
     warm = torch.randint(3, vocab, (1, args.block_tokens * 4), generator=torch.Generator())
     timed(model, cfg, warm)  # kernels, allocator, the store's first open
+    profile = None if args.profile is None else Path(args.profile)
     if args.phase == "disk":  # a new process: only the persisted blocks are there
         row, _ = timed(model, cfg, prompt(args, 3, vocab))
+        if profile is not None:  # the same load again, profiled (its blocks in the page cache)
+            timed(model, cfg, prompt(args, 3, vocab), profile=f"{profile}.disk.txt")
         # the same prompt computed whole (an empty store), for the exactness check
         empty = cfg.with_overrides(disk_path=tempfile.mkdtemp(prefix="kvtier-bench-empty-"))
         check, _ = timed(model, empty, prompt(args, 3, vocab))
@@ -134,6 +160,8 @@ def run_phase(args: argparse.Namespace) -> dict:
     )
     rows["first"], holder = timed(model, first_cfg, prompt(args, 1, vocab), keep_open=True)
     rows["host"], _ = timed(model, cfg, prompt(args, 2, vocab))
+    if profile is not None:  # the same load again, profiled
+        timed(model, cfg, prompt(args, 4, vocab), profile=f"{profile}.host.txt")
     holder.close()
     rows["cold"], _ = timed(model, cfg, prompt(args, 0, vocab))  # nothing of it stored
     rows["dynamic"] = dynamic_ttft(model, prompt(args, 0, vocab))
@@ -171,6 +199,12 @@ def main() -> None:
     parser.add_argument("--disk-budget", default=None, help='"50%" of free disk (--tiny "64MiB")')
     parser.add_argument("--store", default=None, help="disk store (a new temp dir)")
     parser.add_argument("--out", default=None, help="JSON results file")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="write cProfile summaries of a host and a disk load "
+        "(repeated after the timed ones) to PROFILE.host.txt and PROFILE.disk.txt",
+    )
     parser.add_argument("--phase", default="same", choices=["same", "disk"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     defaults = (
@@ -191,6 +225,7 @@ def main() -> None:
     for name in names:
         child += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     child += ["--shared", str(args.shared)] + (["--tiny"] if args.tiny else [])
+    child += ["--profile", args.profile] if args.profile else []
     done = subprocess.run(child, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"the new-process phase failed:\n{done.stderr[-3000:]}")
