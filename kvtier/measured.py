@@ -6,6 +6,7 @@ Reads and writes one JSON file ($XDG_CACHE_HOME/kvtier/bench.json); never measur
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -153,3 +154,59 @@ def remote_speed(spec: RemoteSpec, *, bench: dict | None = None) -> Speed:
         return Speed(ASSUMED_REMOTE_GBPS, "assumed", False)
     date = str(entry.get("measured_at", "?"))[:10]
     return Speed(float(entry["load_gbps"]), f"measured by kvtier bench on {date}", True)
+
+
+PREFILL_FORMAT = 1
+
+
+def prefill_file() -> Path:
+    """Where prefill speeds measured by generate() calls are kept, next to bench.json."""
+    return bench_file().with_name("prefill.json")
+
+
+def prefill_key(device: str, fingerprint: str) -> str:
+    """What a model's prefill speed is filed under: the device's name and the model's KV
+    fingerprint (its weights, config and dtype)."""
+    return f"{device}|{fingerprint}"
+
+
+def read_prefill_rate(key: str, path: Path | None = None) -> tuple[float, str] | None:
+    """The fastest prefill FLOP/s saved under `key` and the date it was measured, or None."""
+    path = prefill_file() if path is None else path
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        entry = data["rates"][key] if data.get("format") == PREFILL_FORMAT else None
+        return (float(entry["flops_per_s"]), str(entry["measured_at"])[:10]) if entry else None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # unreadable or another format: measured again by the next prefill
+
+
+def save_prefill_rate(key: str, flops_per_s: float, path: Path | None = None) -> bool:
+    """Keep `flops_per_s` under `key` if it beats what is saved (a later process reads it before
+    it has timed a prefill of its own); True if saved. Never raises: a speed is a hint."""
+    path = prefill_file() if path is None else path
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rates = data["rates"] if data.get("format") == PREFILL_FORMAT else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        rates = {}
+    if not isinstance(rates, dict):
+        rates = {}
+    saved = rates.get(key)
+    if isinstance(saved, dict) and float(saved.get("flops_per_s", 0)) >= flops_per_s:
+        return False
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    rates[key] = {"flops_per_s": flops_per_s, "measured_at": now}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=".prefill-", suffix=".json", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            stream.write(json.dumps({"format": PREFILL_FORMAT, "rates": rates}, indent=2) + "\n")
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except OSError as exc:
+        log.debug("could not save the prefill speed to %s: %s", path, exc)
+        return False
+    return True

@@ -35,6 +35,13 @@ VOCAB = 512
 FIRST_TOKEN = 3  # ids below are pad / bos / unused: random prompts never contain them
 
 
+@pytest.fixture(autouse=True)
+def _own_cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
+    """Every test gets an empty $XDG_CACHE_HOME: what this machine's `kvtier bench` measured, or
+    prefill speeds earlier runs saved, must not steer a test (nor tests write the user's)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
 def tiny_config(kind: str, **overrides: Any) -> PreTrainedConfig:
     """The config of a tiny fp32 model of `kind` (one of KINDS); `overrides` replace any field."""
     common: dict[str, Any] = {

@@ -105,3 +105,22 @@ def test_remote_speed_is_filed_by_server_and_assumed_elsewhere():
     assert speed.measured and speed.gbps == 1.5
     assert speed.source == "measured by kvtier bench on 2030-01-02"
     assert not measured.remote_speed(parse_remote({"url": "valkey://10.0.0.5:6379"})).measured
+
+
+def test_prefill_speeds_keep_the_fastest_per_key(cache_home):
+    """Scenario: a model's prefill speed saved on one device is read back under that key only;
+    a slower later figure does not replace it, a faster one does; a broken file is ignored and
+    replaced by the next save."""
+    key = measured.prefill_key("NVIDIA H200", "fp1")
+    assert measured.read_prefill_rate(key) is None
+    assert measured.save_prefill_rate(key, 300e12)
+    assert not measured.save_prefill_rate(key, 100e12)
+    assert measured.read_prefill_rate(key)[0] == 300e12
+    assert measured.read_prefill_rate(measured.prefill_key("cpu", "fp1")) is None
+    assert measured.save_prefill_rate(key, 400e12)
+    rate, date = measured.read_prefill_rate(key)
+    assert rate == 400e12 and len(date) == 10
+    measured.prefill_file().write_text("{not json")
+    assert measured.read_prefill_rate(key) is None
+    assert measured.save_prefill_rate(key, 1e12)
+    assert measured.read_prefill_rate(key)[0] == 1e12

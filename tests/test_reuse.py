@@ -183,6 +183,25 @@ def test_recompute_when_measured_prefill_is_faster(tiny_model: Any, tmp_path: Pa
     assert reuse["predicted_recompute_s"] < reuse["predicted_load_s"]
 
 
+def test_a_new_process_starts_from_the_prefill_speed_measured_here_before(
+    tiny_model: Any, tmp_path: Path
+) -> None:
+    """Scenario: a process timed the model's prefill; the next (its index empty, as a new
+    process's is) weighs that speed, saved on this machine, instead of an assumed one."""
+    model, config = tiny_model("llama")
+    ids = random_prompt(PROMPT)
+    cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, disk_persist=True)
+    tiered_generate(model, cfg, ids)
+    fingerprint = kvtier.TieredCache(model, cfg)
+    fingerprint.close()
+    fastest = INDEX.prefill_flops(fingerprint.spec.fingerprint)
+    assert fastest is not None
+    INDEX.clear()  # a new process: nothing timed yet
+    got, stats = tiered_generate(model, cfg, ids)
+    assert_same_generation(reference_generate(model, ids), got)
+    assert "measured here on " in stats["reuse"]["reason"], stats["reuse"]
+
+
 @pytest.mark.parametrize(("kind", "head_dim"), [("llama", 16), ("qwen3", 32)])
 def test_prefill_speed_is_recorded_in_flops_at_its_positions(
     kind: str, head_dim: int, tiny_model: Any, monkeypatch: pytest.MonkeyPatch

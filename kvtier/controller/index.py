@@ -46,12 +46,16 @@ class ReuseIndex:
         with self._lock:
             return self._hits[block_id]
 
-    def record_prefill(self, fingerprint: str, flops: float, seconds: float) -> None:
-        """One measured prefill call: `flops` (costs.PrefillFlops) computed in `seconds`."""
+    def record_prefill(self, fingerprint: str, flops: float, seconds: float) -> float | None:
+        """One measured prefill call: `flops` (costs.PrefillFlops) computed in `seconds`; its
+        FLOP/s if it is this process's fastest for the model so far, else None."""
         if flops <= 0 or seconds <= 0:
-            return
+            return None
         with self._lock:
-            self._prefill[fingerprint] = max(self._prefill.get(fingerprint, 0.0), flops / seconds)
+            if flops / seconds <= self._prefill.get(fingerprint, 0.0):
+                return None
+            self._prefill[fingerprint] = flops / seconds
+            return flops / seconds
 
     def prefill_flops(self, fingerprint: str) -> float | None:
         """The FLOP/s of this model's fastest prefill call in this process, or None: a process's

@@ -32,7 +32,9 @@ from kvtier.controller.costs import (
 from kvtier.controller.index import INDEX
 from kvtier.controller.lost import reason
 from kvtier.layout import KVGeometry
+from kvtier.measured import prefill_key, read_prefill_rate
 from kvtier.tiers.base import Endpoint, Handle
+from kvtier.tiers.gpu import device_name
 from kvtier.transfer import Lane
 
 log = logging.getLogger(__name__)
@@ -142,7 +144,11 @@ def _choose(controller: Any, found: list[Found], flops: PrefillFlops) -> Choice:
     cuda = any(device.type == "cuda" for device in g.devices)
     remote = controller.stores.get(Tier.REMOTE)
     remote_gbps = remote.stats().get("load_gbps") if remote is not None else None
-    measured = INDEX.prefill_flops(controller.fingerprint)
+    measured, rate_source = INDEX.prefill_flops(controller.fingerprint), "measured in this process"
+    if measured is None:  # timed by an earlier process on this machine, if any
+        saved = read_prefill_rate(prefill_key(device_name(g.devices[0]), controller.fingerprint))
+        if saved is not None:
+            measured, rate_source = saved[0], f"measured here on {saved[1]}"
     return choose(
         [item.tier for item in found],
         block_bytes=g.block_bytes,
@@ -156,7 +162,7 @@ def _choose(controller: Any, found: list[Found], flops: PrefillFlops) -> Choice:
         ),
         flops=flops,
         flops_per_s=measured or assumed_prefill_flops(cuda=cuda),
-        rate_source="measured in this process" if measured else "assumed",
+        rate_source=rate_source if measured else "assumed",
         batch=g.batch,
         load_scale=INDEX.load_scale(),
     )

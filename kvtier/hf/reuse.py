@@ -24,6 +24,8 @@ from kvtier.controller.costs import PrefillFlops
 from kvtier.controller.index import INDEX
 from kvtier.hf import prefill
 from kvtier.hf.models import estimated_geometry
+from kvtier.measured import prefill_key, save_prefill_rate
+from kvtier.tiers.gpu import device_name
 
 log = logging.getLogger(__name__)
 
@@ -55,29 +57,38 @@ class ReuseState:
         self._timing = None
         flops = batch * self.flops.span(first, tokens)
         if begin is None:
-            INDEX.record_prefill(fingerprint, flops, time.perf_counter() - started)
+            _record(device, fingerprint, flops, time.perf_counter() - started)
             return
         end = torch.cuda.Event(enable_timing=True)
         end.record(torch.cuda.current_stream(device))
         with _PENDING_LOCK:
-            _PENDING.append((fingerprint, flops, begin, end))
+            _PENDING.append((device, fingerprint, flops, begin, end))
 
     def cancel(self) -> None:
         self._timing = None
 
 
-# timed GPU prefills whose events may not have completed yet: (fingerprint, FLOPs, start, end)
-_PENDING: list[tuple[str, float, torch.cuda.Event, torch.cuda.Event]] = []
+# timed GPU prefills whose events may not have completed yet:
+# (device, fingerprint, FLOPs, start, end)
+_PENDING: list[tuple[torch.device, str, float, torch.cuda.Event, torch.cuda.Event]] = []
 _PENDING_LOCK = threading.Lock()
 
 
 def record_completed() -> None:
     """Record the prefill times of timed GPU calls that have completed (never waits)."""
     with _PENDING_LOCK:
-        done = [entry for entry in _PENDING if entry[3].query()]
+        done = [entry for entry in _PENDING if entry[4].query()]
         _PENDING[:] = [entry for entry in _PENDING if entry not in done]
-    for fingerprint, flops, begin, end in done:
-        INDEX.record_prefill(fingerprint, flops, begin.elapsed_time(end) / 1e3)
+    for device, fingerprint, flops, begin, end in done:
+        _record(device, fingerprint, flops, begin.elapsed_time(end) / 1e3)
+
+
+def _record(device: torch.device, fingerprint: str, flops: float, seconds: float) -> None:
+    """One timed call; a new fastest one is also saved for later processes on this machine
+    (measured.save_prefill_rate), which would otherwise start from an assumed speed."""
+    fastest = INDEX.record_prefill(fingerprint, flops, seconds)
+    if fastest is not None:
+        save_prefill_rate(prefill_key(device_name(device), fingerprint), fastest)
 
 
 def prefill_flops(model: torch.nn.Module) -> PrefillFlops:
