@@ -229,7 +229,7 @@ class TierController(Inspection):
         if not plan.in_place:
             self.streaming = True
         elif not self.streaming:
-            self.stores[self.placement.top].reserve(plan.gpu_blocks)
+            self.stores[self.placement.top].reserve_ahead(plan.gpu_blocks)
         return plan
 
     def abort_step(self) -> None:

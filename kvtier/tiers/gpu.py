@@ -84,6 +84,13 @@ class GpuPool:
         self._used.add(slot)
         return slot
 
+    def reserve_ahead(self, blocks: int) -> bool:
+        """Reserve room for a prompt of `blocks` blocks and GROWTH more (within the limit), so
+        the tokens generated after it do not grow the tensors: a growth holds the old and the
+        new ones at once, the whole KV twice for a moment (seen on the H200 as a peak of twice
+        the KV when decode crossed into one more block)."""
+        return self.reserve(math.ceil(blocks * GROWTH))
+
     def reserve(self, slots: int) -> bool:
         """Grow the capacity to `slots` (within the limit) ahead of need; True if it grew."""
         slots = min(slots, self.capacity_blocks())
