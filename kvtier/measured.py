@@ -95,6 +95,7 @@ def write_bench(results: dict[str, Any], path: Path | None = None) -> Path:
         stream.write(json.dumps(data, indent=2) + "\n")
     os.chmod(temp, 0o644)  # mkstemp makes it private; speeds are no secret
     os.replace(temp, path)
+    forget_learned("loads", path.with_name("learned.json"))  # relative to the old figures
     return path
 
 
@@ -156,12 +157,14 @@ def remote_speed(spec: RemoteSpec, *, bench: dict | None = None) -> Speed:
     return Speed(float(entry["load_gbps"]), f"measured by kvtier bench on {date}", True)
 
 
-PREFILL_FORMAT = 1
+# What generate() calls measured in earlier processes on this machine, next to bench.json: the
+# fastest prefill FLOP/s of each model on each device, and how long prefix loads took against
+# their prediction per tier (a new process would otherwise start from assumed figures).
+LEARNED_FORMAT = 1
 
 
-def prefill_file() -> Path:
-    """Where prefill speeds measured by generate() calls are kept, next to bench.json."""
-    return bench_file().with_name("prefill.json")
+def learned_file() -> Path:
+    return bench_file().with_name("learned.json")
 
 
 def prefill_key(device: str, fingerprint: str) -> str:
@@ -170,43 +173,63 @@ def prefill_key(device: str, fingerprint: str) -> str:
     return f"{device}|{fingerprint}"
 
 
-def read_prefill_rate(key: str, path: Path | None = None) -> tuple[float, str] | None:
-    """The fastest prefill FLOP/s saved under `key` and the date it was measured, or None."""
-    path = prefill_file() if path is None else path
+def load_key(device: str, tier: str) -> str:
+    """What the load calibration of a tier is filed under, for loads onto `device`."""
+    return f"{device}|{tier}"
+
+
+def _read_learned(path: Path) -> dict[str, dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        entry = data["rates"][key] if data.get("format") == PREFILL_FORMAT else None
-        return (float(entry["flops_per_s"]), str(entry["measured_at"])[:10]) if entry else None
-    except FileNotFoundError:
+        if isinstance(data, dict) and data.get("format") == LEARNED_FORMAT:
+            return {k: v for k, v in data.items() if isinstance(v, dict)}
+    except (OSError, ValueError):
+        pass  # missing, unreadable or another format: learned again by the next calls
+    return {}
+
+
+def read_learned(section: str, key: str, path: Path | None = None) -> tuple[float, str] | None:
+    """(value, date measured) saved under `section` ("prefill": FLOP/s, "loads": measured over
+    predicted seconds) and `key`, or None."""
+    entry = _read_learned(learned_file() if path is None else path).get(section, {}).get(key)
+    try:
+        return float(entry["value"]), str(entry["measured_at"])[:10]
+    except (KeyError, TypeError, ValueError):
         return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None  # unreadable or another format: measured again by the next prefill
 
 
-def save_prefill_rate(key: str, flops_per_s: float, path: Path | None = None) -> bool:
-    """Keep `flops_per_s` under `key` if it beats what is saved (a later process reads it before
-    it has timed a prefill of its own); True if saved. Never raises: a speed is a hint."""
-    path = prefill_file() if path is None else path
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        rates = data["rates"] if data.get("format") == PREFILL_FORMAT else {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        rates = {}
-    if not isinstance(rates, dict):
-        rates = {}
-    saved = rates.get(key)
-    if isinstance(saved, dict) and float(saved.get("flops_per_s", 0)) >= flops_per_s:
+def save_learned(
+    section: str, key: str, value: float, *, only_if_higher: bool = False, path: Path | None = None
+) -> bool:
+    """Keep `value` under `section` / `key` (with `only_if_higher`, only if it beats the saved
+    one); True if saved. Atomic; never raises: a learned figure is a hint."""
+    path = learned_file() if path is None else path
+    data = _read_learned(path)
+    saved = read_learned(section, key, path)
+    if only_if_higher and saved is not None and saved[0] >= value:
         return False
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    rates[key] = {"flops_per_s": flops_per_s, "measured_at": now}
+    data.setdefault(section, {})[key] = {"value": value, "measured_at": now}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".prefill-", suffix=".json", dir=path.parent)
+        fd, temp = tempfile.mkstemp(prefix=".learned-", suffix=".json", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            stream.write(json.dumps({"format": PREFILL_FORMAT, "rates": rates}, indent=2) + "\n")
+            stream.write(json.dumps({"format": LEARNED_FORMAT, **data}, indent=2) + "\n")
         os.chmod(temp, 0o644)
         os.replace(temp, path)
     except OSError as exc:
-        log.debug("could not save the prefill speed to %s: %s", path, exc)
+        log.debug("could not save %s to %s: %s", section, path, exc)
         return False
     return True
+
+
+def forget_learned(section: str, path: Path | None = None) -> None:
+    """Drop a section (a new `kvtier bench` makes the saved load calibrations stale)."""
+    path = learned_file() if path is None else path
+    data = _read_learned(path)
+    if data.pop(section, None) is None:
+        return
+    try:
+        path.write_text(json.dumps({"format": LEARNED_FORMAT, **data}, indent=2) + "\n")
+    except OSError as exc:
+        log.debug("could not update %s: %s", path, exc)

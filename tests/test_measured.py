@@ -107,20 +107,27 @@ def test_remote_speed_is_filed_by_server_and_assumed_elsewhere():
     assert not measured.remote_speed(parse_remote({"url": "valkey://10.0.0.5:6379"})).measured
 
 
-def test_prefill_speeds_keep_the_fastest_per_key(cache_home):
-    """Scenario: a model's prefill speed saved on one device is read back under that key only;
-    a slower later figure does not replace it, a faster one does; a broken file is ignored and
-    replaced by the next save."""
+def test_learned_figures_keep_the_fastest_prefill_and_the_latest_load_scale(cache_home):
+    """Scenario: a prefill speed saved for one device and model is read back under that key
+    only; a slower later figure does not replace it, a faster one does; a load calibration is
+    replaced by the latest; a broken file is ignored and replaced by the next save; a new
+    `kvtier bench` drops the load calibrations (they were relative to the old figures)."""
     key = measured.prefill_key("NVIDIA H200", "fp1")
-    assert measured.read_prefill_rate(key) is None
-    assert measured.save_prefill_rate(key, 300e12)
-    assert not measured.save_prefill_rate(key, 100e12)
-    assert measured.read_prefill_rate(key)[0] == 300e12
-    assert measured.read_prefill_rate(measured.prefill_key("cpu", "fp1")) is None
-    assert measured.save_prefill_rate(key, 400e12)
-    rate, date = measured.read_prefill_rate(key)
+    assert measured.read_learned("prefill", key) is None
+    assert measured.save_learned("prefill", key, 300e12, only_if_higher=True)
+    assert not measured.save_learned("prefill", key, 100e12, only_if_higher=True)
+    assert measured.read_learned("prefill", key)[0] == 300e12
+    assert measured.read_learned("prefill", measured.prefill_key("cpu", "fp1")) is None
+    assert measured.save_learned("prefill", key, 400e12, only_if_higher=True)
+    rate, date = measured.read_learned("prefill", key)
     assert rate == 400e12 and len(date) == 10
-    measured.prefill_file().write_text("{not json")
-    assert measured.read_prefill_rate(key) is None
-    assert measured.save_prefill_rate(key, 1e12)
-    assert measured.read_prefill_rate(key)[0] == 1e12
+    disk = measured.load_key("NVIDIA H200", "DISK")
+    assert measured.save_learned("loads", disk, 0.4) and measured.save_learned("loads", disk, 0.5)
+    assert measured.read_learned("loads", disk)[0] == 0.5
+    measured.write_bench({"disk": []})
+    assert measured.read_learned("loads", disk) is None
+    assert measured.read_learned("prefill", key)[0] == 400e12
+    measured.learned_file().write_text("{not json")
+    assert measured.read_learned("prefill", key) is None
+    assert measured.save_learned("prefill", key, 1e12, only_if_higher=True)
+    assert measured.read_learned("prefill", key)[0] == 1e12

@@ -200,6 +200,9 @@ def test_a_new_process_starts_from_the_prefill_speed_measured_here_before(
     got, stats = tiered_generate(model, cfg, ids)
     assert_same_generation(reference_generate(model, ids), got)
     assert "measured here on " in stats["reuse"]["reason"], stats["reuse"]
+    INDEX.clear()  # and the next one also learns how long the last load took against its guess
+    _, stats = tiered_generate(model, cfg, ids)
+    assert "loads here took x" in stats["reuse"]["reason"], stats["reuse"]
 
 
 @pytest.mark.parametrize(("kind", "head_dim"), [("llama", 16), ("qwen3", 32)])

@@ -32,7 +32,7 @@ from kvtier.controller.costs import (
 from kvtier.controller.index import INDEX
 from kvtier.controller.lost import reason
 from kvtier.layout import KVGeometry
-from kvtier.measured import prefill_key, read_prefill_rate
+from kvtier.measured import load_key, prefill_key, read_learned, save_learned
 from kvtier.tiers.base import Endpoint, Handle
 from kvtier.tiers.gpu import device_name
 from kvtier.transfer import Lane
@@ -120,7 +120,7 @@ def load_prefix(
     if not found:
         controller.counters.reuse = {"decision": "none", "reason": "no stored block of the prompt"}
         return 0
-    choice = _choose(controller, found, flops)
+    choice, load_scale = _choose(controller, found, flops)
     started = time.perf_counter()
     chosen = found[: choice.blocks]
     landed, failure = _load_chain(controller, chosen, rows)
@@ -132,24 +132,35 @@ def load_prefix(
     if loaded and failure is None and landed == len(chosen):  # the cost model learns from it
         tiers = Counter(item.tier for item in chosen)
         tier = tiers.most_common(1)[0][0]
-        scale = INDEX.load_scale().get(tier, 1.0)
+        scale = load_scale.get(tier, 1.0)
         INDEX.record_load(
             tier, choice.predicted_load_s / scale, controller.counters.reuse["load_s"]
         )
+        device = device_name(controller.geometry.devices[0])
+        save_learned("loads", load_key(device, tier.name), INDEX.load_scale()[tier])
     return controller.tokens
 
 
-def _choose(controller: Any, found: list[Found], flops: PrefillFlops) -> Choice:
+def _choose(
+    controller: Any, found: list[Found], flops: PrefillFlops
+) -> tuple[Choice, dict[Tier, float]]:
+    """The choice, and the load calibration per tier it scaled the predictions by."""
     g = controller.geometry
     cuda = any(device.type == "cuda" for device in g.devices)
     remote = controller.stores.get(Tier.REMOTE)
     remote_gbps = remote.stats().get("load_gbps") if remote is not None else None
+    device = device_name(g.devices[0])
     measured, rate_source = INDEX.prefill_flops(controller.fingerprint), "measured in this process"
-    if measured is None:  # timed by an earlier process on this machine, if any
-        saved = read_prefill_rate(prefill_key(device_name(g.devices[0]), controller.fingerprint))
-        if saved is not None:
-            measured, rate_source = saved[0], f"measured here on {saved[1]}"
-    return choose(
+    # the fastest any process timed on this machine: a new process has timed a warm-up at most
+    saved = read_learned("prefill", prefill_key(device, controller.fingerprint))
+    if saved is not None and saved[0] > (measured or 0.0):
+        measured, rate_source = saved[0], f"measured here on {saved[1]}"
+    load_scale = INDEX.load_scale()
+    for tier in Tier:  # the calibration of earlier processes where this one has none yet
+        learned = None if tier in load_scale else read_learned("loads", load_key(device, tier.name))
+        if learned is not None:
+            load_scale[tier] = learned[0]
+    choice = choose(
         [item.tier for item in found],
         block_bytes=g.block_bytes,
         block_tokens=g.block_tokens,
@@ -164,8 +175,9 @@ def _choose(controller: Any, found: list[Found], flops: PrefillFlops) -> Choice:
         flops_per_s=measured or assumed_prefill_flops(cuda=cuda),
         rate_source=rate_source if measured else "assumed",
         batch=g.batch,
-        load_scale=INDEX.load_scale(),
+        load_scale=load_scale,
     )
+    return choice, load_scale
 
 
 def _append_sealed(controller: Any, item: Found, rows: list[list[int]]) -> BlockMeta:

@@ -24,7 +24,7 @@ from kvtier.controller.costs import PrefillFlops
 from kvtier.controller.index import INDEX
 from kvtier.hf import prefill
 from kvtier.hf.models import estimated_geometry
-from kvtier.measured import prefill_key, save_prefill_rate
+from kvtier.measured import prefill_key, save_learned
 from kvtier.tiers.gpu import device_name
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,11 @@ def record_completed() -> None:
 
 def _record(device: torch.device, fingerprint: str, flops: float, seconds: float) -> None:
     """One timed call; a new fastest one is also saved for later processes on this machine
-    (measured.save_prefill_rate), which would otherwise start from an assumed speed."""
+    (measured.save_learned), which would otherwise start from an assumed speed."""
     fastest = INDEX.record_prefill(fingerprint, flops, seconds)
     if fastest is not None:
-        save_prefill_rate(prefill_key(device_name(device), fingerprint), fastest)
+        key = prefill_key(device_name(device), fingerprint)
+        save_learned("prefill", key, fastest, only_if_higher=True)
 
 
 def prefill_flops(model: torch.nn.Module) -> PrefillFlops:
