@@ -12,6 +12,8 @@ import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 ID_BYTES = 16  # sha256 truncated to 128 bits, hex-encoded
 # Version of what a block id and a stored block mean (the id recipe and the block-file layout).
 # The model fingerprint includes it, so blocks of another version are never mistaken for ours.
@@ -43,7 +45,7 @@ def block_id(parent_id: str | None, token_ids: Sequence[int] | bytes, fingerprin
         h.update(b"raw:")
         h.update(token_ids)
     else:
-        h.update(b"".join(int(t).to_bytes(8, "little", signed=True) for t in token_ids))
+        h.update(np.asarray(token_ids, dtype="<i8").tobytes())  # one call, not one per token
     h.update(b"\x00")
     h.update(fingerprint.encode())
     return h.hexdigest()[: 2 * ID_BYTES]
