@@ -31,6 +31,15 @@ def free_gpu_bytes() -> int:
     return free_host_bytes() if nvml_free is None else nvml_free
 
 
+def device_name(device) -> str:
+    """A torch device as measured speeds are filed under it: the GPU's name, or "cpu"."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
 def free_device_bytes(name: str) -> int | None:
     """Free memory of the device `name` ("cuda:1"; "cpu" or "cpu:N": available RAM), or None
     when this machine has no such device."""

@@ -129,7 +129,29 @@ def tables(prof, title: str) -> str:
     parts = [f"## {title}: by self CPU time\n", averages.table("self_cpu_time_total", row_limit=25)]
     if torch.cuda.is_available():
         parts += [f"\n## {title}: by CUDA time\n", averages.table("cuda_time_total", row_limit=20)]
+        parts += [f"\n## {title}: host-to-GPU copy engine\n{copy_engine(prof)}\n"]
     return "".join(parts) + "\n"
+
+
+def copy_engine(prof) -> str:
+    """How busy the host-to-GPU copies kept the copy engine over the profiled window: whether
+    a streamed step's time above its bytes / bandwidth floor is idle time or slow copies."""
+    copies = [e for e in prof.events() if "Memcpy HtoD" in e.name and e.device_type.name == "CUDA"]
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    if not copies or not kernels:
+        return "no host-to-GPU copies"
+    spans = sorted((e.time_range.start, e.time_range.end) for e in copies)
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:  # the union of copy intervals (copies on several streams overlap)
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    window = max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)
+    sizes = sorted(e.time_range.end - e.time_range.start for e in copies)
+    return (
+        f"{len(copies)} copies, busy {busy / 1e3:.1f} ms of a {window / 1e3:.1f} ms window "
+        f"({busy / window:.1%}); copy duration median {sizes[len(sizes) // 2]:.0f} us, "
+        f"shortest {sizes[0]:.0f} us, longest {sizes[-1]:.0f} us"
+    )
 
 
 def profiles(args, model, ids, store: str) -> str:

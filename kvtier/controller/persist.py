@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from kvtier.blocks import BlockMeta, BlockTable, Tier
 from kvtier.config import Config
@@ -172,3 +173,21 @@ class Persister:
         save.block.slots[save.destination] = save.handle
         if save.publish:
             store.publish(save.block.block_id)
+
+
+def persisted_by(controller: Any, owner: Any) -> set[Tier]:
+    """The persistent tiers another live cache `owner` writes every sealed block of its own to
+    that this controller's are too (the same disk store, the same server): it saved or queued
+    the block when it sealed it, so a copy from it needs no save (nor a host copy for one)."""
+    if owner is None or owner.placement.persist.admit_after_hits:
+        return set()
+    mine, theirs = controller.stores, owner.stores
+    skip = set()
+    targets = owner.placement.persist.targets
+    if Tier.DISK in targets and Tier.DISK in mine:
+        if theirs[Tier.DISK].store.root.resolve() == mine[Tier.DISK].store.root.resolve():
+            skip.add(Tier.DISK)
+    if Tier.REMOTE in targets and Tier.REMOTE in mine:
+        if theirs[Tier.REMOTE].spec == mine[Tier.REMOTE].spec:
+            skip.add(Tier.REMOTE)
+    return skip

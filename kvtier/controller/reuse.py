@@ -31,10 +31,11 @@ from kvtier.controller.costs import (
 )
 from kvtier.controller.index import INDEX
 from kvtier.controller.lost import reason
+from kvtier.controller.persist import persisted_by
 from kvtier.layout import KVGeometry
+from kvtier.machine import device_name
 from kvtier.measured import load_key, prefill_key, read_learned, save_learned
 from kvtier.tiers.base import Endpoint, Handle
-from kvtier.tiers.gpu import device_name
 from kvtier.transfer import Lane
 
 log = logging.getLogger(__name__)
@@ -398,7 +399,7 @@ def _after_load(controller: Any, loaded: list[tuple[BlockMeta, Found]]) -> None:
     for block, item in loaded:
         block.access_count += 1
         INDEX.hit(block.block_id)
-        skip = _persisted_by(controller, item.owner)
+        skip = persisted_by(controller, item.owner)
         if item.tier is Tier.REMOTE:
             skip.add(Tier.REMOTE)
         if item.tier is Tier.DISK and item.owner is None:
@@ -409,24 +410,6 @@ def _after_load(controller: Any, loaded: list[tuple[BlockMeta, Found]]) -> None:
         placement.seal(queued)  # host copies for the persist saves
     placement.persist.pump()
     controller._invalidate()
-
-
-def _persisted_by(controller: Any, owner: Any) -> set[Tier]:
-    """The persistent tiers another live cache `owner` writes every sealed block of its own to
-    that this controller's are too (the same disk store, the same server): it saved or queued
-    the block when it sealed it, so a copy from it needs no save (nor a host copy for one)."""
-    if owner is None or owner.placement.persist.admit_after_hits:
-        return set()
-    mine, theirs = controller.stores, owner.stores
-    skip = set()
-    targets = owner.placement.persist.targets
-    if Tier.DISK in targets and Tier.DISK in mine:
-        if theirs[Tier.DISK].store.root.resolve() == mine[Tier.DISK].store.root.resolve():
-            skip.add(Tier.DISK)
-    if Tier.REMOTE in targets and Tier.REMOTE in mine:
-        if theirs[Tier.REMOTE].spec == mine[Tier.REMOTE].spec:
-            skip.add(Tier.REMOTE)
-    return skip
 
 
 def _record(

@@ -24,8 +24,8 @@ from kvtier.controller.costs import PrefillFlops
 from kvtier.controller.index import INDEX
 from kvtier.hf import prefill
 from kvtier.hf.models import estimated_geometry
+from kvtier.machine import device_name
 from kvtier.measured import prefill_key, save_learned
-from kvtier.tiers.gpu import device_name
 
 log = logging.getLogger(__name__)
 

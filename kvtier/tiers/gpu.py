@@ -260,10 +260,3 @@ def write_tokens(
         k_view.index_copy_(2, positions, keys)
         v_view.index_copy_(2, positions, values)
     return k_view, v_view
-
-
-def device_name(device: torch.device) -> str:
-    """A device as measured speeds are filed under it: the GPU's name, or "cpu"."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
