@@ -99,8 +99,8 @@ def test_second_cache_takes_the_first_caches_pinned_slabs(tiny_model, tmp_path):
 
 
 def test_prefill_speed_is_timed_by_cuda_events(tiny_model, tmp_path):
-    """Scenario: on CUDA a prefill is timed by events read once complete (no sync): after a
-    one-token generate and a synchronize, the next cache's reuse choice uses a measured speed;
+    """Scenario: on CUDA a prefill is timed by events read once complete (no sync), or when its
+    cache closes: after a one-token generate, the next cache's reuse choice uses a measured speed;
     the token ids that key the blocks came to the host without a blocking copy, and key them
     right: the next generate of the same prompt reuses its blocks with DynamicCache's tokens."""
     from kvtier.controller.index import INDEX
@@ -114,9 +114,9 @@ def test_prefill_speed_is_timed_by_cuda_events(tiny_model, tmp_path):
     with kvtier.TieredCache(model, cfg) as cache:
         model.generate(ids, past_key_values=cache, max_new_tokens=1, do_sample=False)
         fingerprint = cache.spec.fingerprint
-    torch.cuda.synchronize()
-    reuse.record_completed()
+    # closing the cache recorded its last prefill (no later call would have)
     assert INDEX.prefill_flops(fingerprint) is not None
+    assert not reuse._PENDING
     expected = reference_generate(model, ids, max_new_tokens=24)
     got, stats = tiered_generate(model, cfg, ids, max_new_tokens=24)
     assert torch.equal(expected.sequences, got.sequences)

@@ -383,6 +383,7 @@ class _Held:
             attention.uninstall(self.attention_model)
             self.attention_model = None
         if self.controller is not None:
+            reuse.record_completed(wait=True)  # this cache's last prefill speeds
             self.final_stats = self.controller.stats()
             self.controller.close()
             self.controller = None

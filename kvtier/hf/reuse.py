@@ -74,12 +74,15 @@ _PENDING: list[tuple[torch.device, str, float, torch.cuda.Event, torch.cuda.Even
 _PENDING_LOCK = threading.Lock()
 
 
-def record_completed() -> None:
-    """Record the prefill times of timed GPU calls that have completed (never waits)."""
+def record_completed(*, wait: bool = False) -> None:
+    """Record the prefill times of timed GPU calls that have completed (`wait`: of every timed
+    call, waiting for their end; a closing cache does, or a process's last prefill, often its
+    fastest, would never be recorded)."""
     with _PENDING_LOCK:
-        done = [entry for entry in _PENDING if entry[4].query()]
+        done = [entry for entry in _PENDING if wait or entry[4].query()]
         _PENDING[:] = [entry for entry in _PENDING if entry not in done]
     for device, fingerprint, flops, begin, end in done:
+        end.synchronize()  # done already unless waiting
         _record(device, fingerprint, flops, begin.elapsed_time(end) / 1e3)
 
 
