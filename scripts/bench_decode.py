@@ -53,7 +53,14 @@ def run_one(args, model, ids, name: str, store: str) -> dict:
         cache = DynamicCache(offloading=True)
     else:
         tokens = ids.shape[1] + new_tokens
-        cfg = benchlib.kvtier_config(model, tokens, SHARES[name], store, chunk=args.chunk)
+        cfg = benchlib.kvtier_config(
+            model,
+            tokens,
+            SHARES[name],
+            store,
+            chunk=args.chunk,
+            policy_prefetch_depth=args.prefetch_depth,
+        )
         cache = kvtier.TieredCache(model, cfg)
     try:
         out, result = benchlib.timed_generate(
@@ -181,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk, kvtier and HF")
     p.add_argument("--chunk-from", type=int, default=131072, help="chunked DynamicCache from")
     p.add_argument("--skip", default="", help="comma list of: fidelity,sweep,profile")
+    p.add_argument("--prefetch-depth", type=int, default=1, help="kvtier's policy.prefetch_depth")
     p.add_argument("--out", default="bench-out")
     args = p.parse_args(argv)
     out_dir = Path(args.out)
