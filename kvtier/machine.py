@@ -31,6 +31,15 @@ def free_gpu_bytes() -> int:
     return free_host_bytes() if nvml_free is None else nvml_free
 
 
+IO_THREADS_MAX = 12  # I/O threads of a mover at most
+
+
+def default_io_threads() -> int:
+    """I/O threads for serialized-store reads and writes: one per core, 4 to IO_THREADS_MAX
+    (file I/O and the checks release the GIL; a prefix load reads one block per thread)."""
+    return min(IO_THREADS_MAX, max(4, os.cpu_count() or 4))
+
+
 def device_name(device) -> str:
     """A torch device as measured speeds are filed under it: the GPU's name, or "cpu"."""
     import torch

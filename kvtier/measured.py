@@ -50,7 +50,8 @@ class Speed:
 @dataclass(frozen=True, slots=True)
 class DiskSpeeds:
     write: Speed
-    read: Speed
+    read: Speed  # one file after another, cold
+    load: Speed  # as a prefix load reads: one file per I/O thread at once, cold
 
 
 def bench_file() -> Path:
@@ -113,15 +114,15 @@ def disk_speeds(store: str | os.PathLike[str], *, bench: dict | None = None) -> 
         device = file_system_id(store)
         entry = next((e for e in bench.get("disk", []) if e.get("device") == device), None)
     if entry is None:
-        return DiskSpeeds(
-            Speed(ASSUMED_DISK_WRITE_GBPS, ASSUMED, False),
-            Speed(ASSUMED_DISK_READ_GBPS, ASSUMED, False),
-        )
+        read = Speed(ASSUMED_DISK_READ_GBPS, ASSUMED, False)
+        return DiskSpeeds(Speed(ASSUMED_DISK_WRITE_GBPS, ASSUMED, False), read, read)
     source = f"measured at {entry.get('path')} on {str(entry.get('measured_at', '?'))[:10]}"
-    return DiskSpeeds(
-        Speed(float(entry["write_gbps"]), source, True),
-        Speed(float(entry["read_gbps"]), source, True),
-    )
+    read = Speed(float(entry["read_gbps"]), source, True)
+    load = read
+    if entry.get("parallel_read_gbps"):  # bench files before it have none
+        threads = f"{source}, {entry.get('read_threads')} threads"
+        load = Speed(float(entry["parallel_read_gbps"]), threads, True)
+    return DiskSpeeds(Speed(float(entry["write_gbps"]), source, True), read, load)
 
 
 def copy_speed(copy_bytes: int, *, kind: str, bench: dict | None = None) -> Speed:

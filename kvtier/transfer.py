@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import time
 import weakref
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvtier.errors import KVTierError, NotStored
+from kvtier.machine import default_io_threads
 from kvtier.tiers.base import Endpoint, SerializedStore, Stored
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,6 @@ Copy = tuple[Endpoint, Endpoint]  # (source, destination), equal shapes
 # calls of this size still spread a prefill's blocks over several I/O threads, and bound the
 # host buffers that relayed blocks are read into, and how long a wait for one block can take.
 SAVE_BATCH_BYTES = 32 << 20
-
-
-IO_THREADS_MAX = 12  # I/O threads of a mover at most (one per core up to this)
 
 
 class Lane(enum.Enum):
@@ -89,9 +86,7 @@ class Mover:
     """Moves bytes: staging gathers, write-through, promotions, and serialized-store I/O."""
 
     def __init__(self, *, workers: int | None = None) -> None:
-        # reads of a stored prefix run one block per thread (file I/O and checks release the
-        # GIL): 4 threads read page-cached blocks at 4 GB/s on the H200 host's 16 cores
-        workers = workers or min(IO_THREADS_MAX, max(4, os.cpu_count() or 4))
+        workers = workers or default_io_threads()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvtier-io")
         self._streams: dict[tuple[Lane, torch.device], torch.cuda.Stream] = {}
         self.copies = 0

@@ -57,6 +57,7 @@ def test_json_and_no_save(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["format"] == measured.BENCH_FORMAT and data["disk"][0]["write_gbps"] > 0
+    assert data["disk"][0]["parallel_read_gbps"] > 0 and data["disk"][0]["read_threads"] >= 1
     assert measured.read_bench() is None
 
 

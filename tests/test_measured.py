@@ -43,6 +43,11 @@ def test_saved_disk_speeds_apply_to_any_path_on_that_file_system(tmp_path, cache
     speeds = measured.disk_speeds(tmp_path / "not" / "made" / "yet")
     assert speeds.write.measured and (speeds.write.gbps, speeds.read.gbps) == (0.5, 2.5)
     assert speeds.read.source == f"measured at {tmp_path} on 2030-01-02"
+    assert speeds.load == speeds.read  # a bench file from before parallel reads were measured
+    parallel = {**_disk_entry(tmp_path), "parallel_read_gbps": 4.0, "read_threads": 8}
+    measured.write_bench({"disk": [parallel]})
+    load = measured.disk_speeds(tmp_path).load
+    assert load.gbps == 4.0 and load.source.endswith("8 threads")  # what a prefix load uses
 
 
 def test_a_new_bench_keeps_other_file_systems_and_replaces_this_one(tmp_path):

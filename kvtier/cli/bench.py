@@ -89,6 +89,12 @@ def bench_lines(results: dict) -> list[str]:
         ("disk write+fsync", files, f"{disk['write_gbps']:.2f}", "temp, fsync, rename, fsync dir"),
         ("disk read", files, f"{disk['read_gbps']:.2f}", "cached pages dropped first"),
         ("disk read, cached", files, f"{disk['cached_read_gbps']:.2f}", "from the page cache"),
+        (
+            f"disk read x{disk['read_threads']}",
+            files,
+            f"{disk['parallel_read_gbps']:.2f}",
+            f"cold, {disk['read_threads']} threads at once (prefix loads)",
+        ),
     ]
     codec = results["codec"]
     sample = format_size(codec["sample_bytes"])

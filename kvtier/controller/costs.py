@@ -51,7 +51,7 @@ def bandwidths(
     `kvtier bench` measured on the server `remote_spec` names, else ASSUMED_REMOTE_GBPS."""
     kind = "pinned_h2d" if cuda else "host_memcpy"
     copy = copy_speed(layer_bytes, kind=kind)
-    disk = disk_speeds(disk_path).read
+    disk = disk_speeds(disk_path).load  # the mover reads a prefix's blocks in parallel
     if remote_gbps:
         remote, remote_source = remote_gbps, "measured by this process's remote tier"
     else:
