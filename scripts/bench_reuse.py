@@ -8,11 +8,13 @@ prompt (32K by default) of which `--shared` (90%) is a prefix an earlier request
   host      the same process, the earlier request's cache still open (its blocks on GPU/host;
             with --first-gpu-budget 1GiB, on host)
   disk      a new process, the earlier request's blocks persisted on disk (disk.persist = true)
+  fresh     another new process computing the same prompt with an empty store (what disk reuse
+            must beat: a new process pays its first long prefill's pinning and kernel set-up)
 
 For each: TTFT (generate() with max_new_tokens=1), prefix_hit_tokens, the cost model's decision
 and its predicted load and recompute seconds next to the measured ones. Prints a table and
-writes JSON (`--out`). The GPU run is still to be done (no GPU time was left when it was
-written); `--tiny` is what the test suite runs (tests/test_bench_reuse.py).
+writes JSON (`--out`); docs/benchmarks.md has the H200 runs. `--tiny` is what the test suite
+runs (tests/test_bench_reuse.py).
 
     python scripts/bench_reuse.py                 # H100/H200: 8B shape, 32K, bf16
     python scripts/bench_reuse.py --tiny          # CPU smoke run, seconds
@@ -145,6 +147,10 @@ def run_phase(args: argparse.Namespace) -> dict:
     warm = torch.randint(3, vocab, (1, args.block_tokens * 4), generator=torch.Generator())
     timed(model, cfg, warm)  # kernels, allocator, the store's first open
     profile = None if args.profile is None else Path(args.profile)
+    if args.phase == "fresh":  # a new process computing the prompt: what disk reuse must beat
+        empty = cfg.with_overrides(disk_path=tempfile.mkdtemp(prefix="kvtier-bench-fresh-"))
+        row, _ = timed(model, empty, prompt(args, 3, vocab))
+        return {"fresh": row}
     if args.phase == "disk":  # a new process: only the persisted blocks are there
         row, _ = timed(model, cfg, prompt(args, 3, vocab))
         if profile is not None:  # the same load again, profiled (its blocks in the page cache)
@@ -205,7 +211,9 @@ def main() -> None:
         help="write cProfile summaries of a host and a disk load "
         "(repeated after the timed ones) to PROFILE.host.txt and PROFILE.disk.txt",
     )
-    parser.add_argument("--phase", default="same", choices=["same", "disk"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--phase", default="same", choices=["same", "disk", "fresh"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     defaults = (
         (1024, 64, 256, "4MiB", "16MiB", "64MiB")
@@ -216,20 +224,22 @@ def main() -> None:
     for name, default in zip(names, defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, default)
-    if args.phase == "disk":
+    if args.phase in ("disk", "fresh"):  # a child process: its row, as JSON
         print(json.dumps(run_phase(args)))
         return
     args.store = args.store or tempfile.mkdtemp(prefix="kvtier-bench-reuse-")
     rows = run_phase(args)
-    child = [sys.executable, __file__, "--phase", "disk", "--store", args.store]
+    child = [sys.executable, __file__, "--store", args.store]
     for name in names:
         child += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     child += ["--shared", str(args.shared)] + (["--tiny"] if args.tiny else [])
     child += ["--profile", args.profile] if args.profile else []
-    done = subprocess.run(child, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        sys.exit(f"the new-process phase failed:\n{done.stderr[-3000:]}")
-    rows |= json.loads(done.stdout.strip().splitlines()[-1])
+    for phase in ("disk", "fresh"):
+        command = [*child, "--phase", phase]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            sys.exit(f"the new-process phase {phase} failed:\n{done.stderr[-3000:]}")
+        rows |= json.loads(done.stdout.strip().splitlines()[-1])
     report(args, rows)
 
 
@@ -240,7 +250,7 @@ def report(args: argparse.Namespace, rows: dict) -> None:
         f"{'case':<6} {'ttft_s':>9} {'vs cold':>8} {'hit':>7} {'decision':>10} "
         f"{'pred_load_s':>12} {'load_s':>9} {'pred_recompute_s':>17}"
     )
-    for name in ("dynamic", "cold", "first", "host", "disk"):
+    for name in ("dynamic", "cold", "first", "host", "disk", "fresh"):
         row = rows[name]
         reuse = row.get("reuse") or {}
         print(
@@ -249,6 +259,11 @@ def report(args: argparse.Namespace, rows: dict) -> None:
             f"{reuse.get('predicted_load_s', 0):>12.4f} {reuse.get('load_s', 0):>9.4f} "
             f"{reuse.get('predicted_recompute_s', 0):>17.4f}"
         )
+    fresh = rows["fresh"]["ttft_s"]
+    print(
+        f"in a new process: disk reuse {rows['disk']['ttft_s']:.3f} s, computing the prompt "
+        f"{fresh:.3f} s ({fresh / rows['disk']['ttft_s']:.2f}x)"
+    )
     same = rows["disk"]["first_token"] == rows["disk"]["computed_first_token"]
     print(f"disk reuse gives the first token computing the whole prompt gives: {same}")
     if args.out:

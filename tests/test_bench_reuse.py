@@ -33,3 +33,4 @@ def test_bench_reuse_tiny(tmp_path: Path) -> None:
     assert rows["host"]["reuse"]["loaded_blocks"]["disk"] == 0  # from the open cache's memory
     assert rows["disk"]["reuse"]["loaded_blocks"]["disk"] == shared_blocks
     assert "computing the whole prompt gives: True" in done.stdout
+    assert rows["fresh"]["prefix_hit_tokens"] == 0 and "in a new process: disk reuse" in done.stdout
