@@ -26,7 +26,7 @@ from kvtier.errors import KVTierError
 from kvtier.layout import KVGeometry
 from kvtier.tiers.base import SerializedEndpoints
 from kvtier.tiers.disk.blockio import check_tensors
-from kvtier.tiers.disk.format import ReadResult
+from kvtier.tiers.disk.format import HeaderTemplate, ReadResult
 from kvtier.tiers.remote.client import Parts, RemoteClient
 from kvtier.tiers.remote.clients import ThreadClients
 from kvtier.tiers.remote.connect import ServerUnavailable
@@ -39,6 +39,7 @@ from kvtier.tiers.remote.values import (
     head_bound,
     heads_end,
     locate,
+    signed_checksum,
 )
 
 log = logging.getLogger(__name__)
@@ -87,14 +88,16 @@ class RemoteTier(SerializedEndpoints):
         self._clients = ThreadClients(spec, client or self._connect(spec), self._warned)
         self._names = tuple(f"l{layer_id}.kv" for layer_id in geometry.layer_ids)
         labels = {"model_key": model_key, "tokens": geometry.block_tokens}
+        labels = {name: value for name, value in labels.items() if value}
+        shapes = dict.fromkeys(self._names, self.layer_buffer())
+        algorithm = signed_checksum(spec.hmac_key)
         self._encode = functools.partial(  # (server key, block id, tensors, *, parent_id, ...)
             encode_value,
             fingerprint=fingerprint,
-            labels={name: value for name, value in labels.items() if value},
+            labels=labels,
             hmac_key=spec.hmac_key,
+            template=HeaderTemplate(fingerprint, shapes, labels=labels, algorithm=algorithm),
         )
-        sample = self.layer_buffer()
-        shapes = dict.fromkeys(self._names, sample)
         self._head_bytes = head_bound("0" * 32, shapes, self._key("0" * 32))
         self._headers: OrderedDict[str, Located] = OrderedDict()
         self._lock = threading.Lock()
@@ -257,7 +260,7 @@ class RemoteTier(SerializedEndpoints):
         if isinstance(located, Located):
             start, end = located.span(name)
             result = self._read_range(key, located, name, start, end, out)
-        self._count(result, out.nbytes, started)
+        self._count_many([result], [out.nbytes], started)
         return result
 
     def _read_range(
@@ -430,9 +433,6 @@ class RemoteTier(SerializedEndpoints):
     def _forget(self, key: str) -> None:
         with self._lock:
             self._headers.pop(key, None)
-
-    def _count(self, result: ReadResult, nbytes: int, started: float) -> None:
-        self._count_many([result], [nbytes], started)
 
     def _count_many(
         self, results: Sequence[ReadResult], sizes: Sequence[int], started: float
