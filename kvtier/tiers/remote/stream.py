@@ -139,8 +139,9 @@ class ReplyStream(NodeStream):
         return []
 
     def _socket(self) -> Any:
-        """The connection's socket, checked to hold nothing valkey-py's parser read ahead."""
-        buffer = getattr(self._connection._parser, "_buffer", None)
-        if buffer is not None and buffer.unread_bytes():
+        """The connection's socket, checked to hold nothing valkey-py's Python parser read ahead
+        (libvalkey's reads only the replies it is asked for, and each in full)."""
+        unread = getattr(getattr(self._connection._parser, "_buffer", None), "unread_bytes", None)
+        if unread is not None and unread():
             raise ValkeyError("a reply was left half read on this connection")
         return self._connection._sock
