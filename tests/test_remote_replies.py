@@ -77,3 +77,22 @@ def test_a_bulk_string_without_its_crlf_is_a_protocol_error() -> None:
         reader_of(b"$3\r\nabcXY").read()
     with pytest.raises(InvalidResponse):
         reader_of(b"?what\r\n").read()
+
+
+def test_a_parser_buffer_without_unread_bytes_is_no_error() -> None:
+    """Scenario: with libvalkey installed, valkey-py's parser keeps a plain bytearray as its
+    `_buffer` (no unread_bytes): the stream still reads from the socket; bytes the Python
+    parser read ahead end the stream instead."""
+    from types import SimpleNamespace
+
+    from valkey.exceptions import ValkeyError
+
+    from kvtier.tiers.remote.stream import ReplyStream
+
+    stream = ReplyStream(None)
+    stream._connection = SimpleNamespace(_parser=SimpleNamespace(_buffer=bytearray(8)), _sock=1)
+    assert stream._socket() == 1
+    ahead = SimpleNamespace(unread_bytes=lambda: 5)
+    stream._connection = SimpleNamespace(_parser=SimpleNamespace(_buffer=ahead), _sock=1)
+    with pytest.raises(ValkeyError, match="half read"):
+        stream._socket()
