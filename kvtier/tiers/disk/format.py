@@ -182,7 +182,7 @@ _SLOT = re.compile(r"kvtierslot(\w+?)x")  # a slot's marker: letters JSON leaves
 class HeaderTemplate:
     """build_header's bytes for blocks of one layout (raw tensors of fixed names, dtypes and
     shapes; one fingerprint, labels and algorithm), made by filling the ids and checksums into
-    text laid out once: ~15 us a block where build_header's four json.dumps took ~85 (2-core dev
+    text laid out once: ~18 us a block where build_header's four json.dumps took ~85 (2-core dev
     box). `build` returns None for what it does not cover (other tensors, ids JSON would escape):
     use build_header then. tests/test_disk.py checks the bytes are build_header's.
     """

@@ -308,9 +308,9 @@ class RemoteTier(SerializedEndpoints):
     def load_blocks(
         self, keys: Sequence[str], layers: Sequence[Sequence[torch.Tensor]]
     ) -> list[ReadResult]:
-        """load_block for many blocks, fetched in pipelined MGETs of about BATCH_BYTES (one
-        round trip per node each); a batch is verified on a check thread while the next one is
-        fetched."""
+        """load_block for many blocks, fetched in MGETs of about BATCH_BYTES, pipelined
+        (`RemoteClient.get_batches`: the next one already asked for); a batch is verified on a
+        check thread while the next one is fetched."""
         if any(len(per_block) != len(self._names) for per_block in layers):
             raise KVTierError(f"load_block needs {len(self._names)} layer tensors per block")
         started = time.perf_counter()
