@@ -450,3 +450,5 @@ def test_header_template_writes_build_headers_bytes(algorithm: Checksum, labels:
     assert template.build("ab", None, [*layers[:2], layers[2][:8]], digests) is None
     assert template.build("ab", None, layers[:2], digests[:2]) is None
     assert HeaderTemplate('"', tensors).build("ab", None, layers, digests) is None
+    lookalike = {"model_key": "kvtierslotbx"}  # a label that reads like a slot
+    assert HeaderTemplate("f", tensors, labels=lookalike).build("ab", None, layers, digests) is None

@@ -212,10 +212,12 @@ class HeaderTemplate:
         )
         text = text[8:].rstrip(b" ").decode()  # length and padding are redone at build
         meta = json.loads(text)["__metadata__"]
-        assert text.count(meta["metadata_checksum"]) == 1
         self._header = _Slotted(text.replace(meta["metadata_checksum"], "kvtierslotmx"), order)
         covered = json.dumps([meta[key] for key in _CHECKED_METADATA[FORMAT_VERSION]])
-        self._covered = _Slotted(covered, order)
+        self._covered = _Slotted(covered, order[:-1])
+        # Each slot once (labels or a fingerprint that look like a slot: build_header's turn).
+        self._plain &= sorted(self._header.names) == sorted(order)
+        self._plain &= sorted(self._covered.names) == sorted(order[:-1])
 
     def build(
         self,
@@ -260,7 +262,8 @@ class _Slotted:
     def __init__(self, text: str, order: list[str]) -> None:
         pieces = _SLOT.split(text)  # odd pieces are slot names
         self.format = "%s".join(piece.replace("%", "%%") for piece in pieces[::2])
-        self._positions = [order.index(name) for name in pieces[1::2]]
+        self.names = pieces[1::2]  # in the text's order
+        self._positions = [order.index(name) if name in order else 0 for name in self.names]
 
     def fill(self, values: Sequence[str]) -> str:
         return self.format % tuple([values[i] for i in self._positions])

@@ -1,8 +1,9 @@
 """NodeStream: commands written to one node's connection as they come, every reply read after.
 
 What a pipeline does, without needing every command first: a caller can prepare the next value
-while this one is on its way (client.py's put_each). It sends and reads; it never retries, routes
-or decides what a failure means (the client does).
+while this one is on its way (client.py's put_each); ReplyStream reads the replies one at a time
+instead, as they arrive (get_batches). It sends and reads; it never retries, routes or decides
+what a failure means (the client does).
 """
 
 from __future__ import annotations
