@@ -1,7 +1,7 @@
 """ReplyReader: RESP2 replies read straight from a socket, each bulk string into a buffer of its own.
 
-valkey-py's Python parser copies every byte of a value three times after the kernel's (into a
-64 KiB chunk, a BytesIO, the read from it, then the slice that drops the CRLF): 0.7-1 GB/s for
+valkey-py's Python parser copies every byte of a value three times after the kernel's copy into
+a 64 KiB chunk (into a BytesIO, out of it, and the slice that drops the CRLF): 0.7-1 GB/s for
 values of 1 MiB on the 2-core dev box. Here a value is copied once, by recv_into. It reads and
 parses; it never sends, retries or decides what a reply means (stream.py and client.py do).
 """
