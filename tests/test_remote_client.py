@@ -288,6 +288,32 @@ def test_round_trip_many_values(client: RemoteClient) -> None:
     assert client.get_many([]) == [] and client.put_many([]) and client.delete_many([]) == 0
 
 
+def test_get_batches_give_get_manys_values(client: RemoteClient) -> None:
+    """get_batches (pipelined MGETs, replies read straight into their values) gives get_many's
+    values batch by batch, for any window: missing keys, empty and large values, empty batches."""
+    items = values(30, 64 << 10) + [("big", os.urandom(5 << 20)), ("empty", b"")]
+    assert client.put_many(items)
+    keys = [key for key, _ in items] + ["absent"]
+    batches = [keys[:7], [], keys[7:8], keys[8:], ["absent", "k0000"]]
+    expected = [client.get_many(batch) for batch in batches]
+    for window in (1, 2, 5):
+        assert list(client.get_batches(batches, window=window)) == expected
+    assert list(client.get_batches([])) == [] and client.error_counts == {}
+
+
+def test_get_batches_stopped_early_leave_the_pool_usable(client: RemoteClient) -> None:
+    """Scenario: a caller takes one batch of three and stops (two MGETs unanswered or unread):
+    that connection is closed, not reused half read, and the next call works."""
+    items = values(3, 300_000)
+    assert client.put_many(items)
+    batches = [[key] for key, _ in items]
+    fetched = client.get_batches(batches)
+    assert next(fetched) == [items[0][1]]
+    fetched.close()
+    assert list(client.get_batches(batches)) == [[value] for _, value in items]
+    assert client.error_counts == {}
+
+
 def test_put_accepts_buffers_without_changing_them(client: RemoteClient) -> None:
     import numpy as np
 
@@ -487,6 +513,28 @@ def test_hung_server_times_out_without_hanging(
     assert remote.get_many(["k0003"]) != [None]  # the pool recovered after SIGCONT
 
 
+def test_get_batches_from_a_hung_server_are_misses_within_a_timeout(server: ValkeyProcess) -> None:
+    """Scenario: the server stops answering while batches are read: every value is a miss,
+    one timeout (not one per batch), and the next call works once it answers again."""
+    remote = RemoteClient.connect(spec_for(server.node), retry_after_s=0)
+    items = values(4, 100_000)
+    assert remote.put_many(items)
+    server.pause()
+    try:
+        start = time.monotonic()
+        got = list(remote.get_batches([["k0000"], ["k0001", "k0002"], ["k0003"]]))
+        assert got == [[None], [None, None], [None]]
+        assert time.monotonic() - start < 2 * TIMEOUT_MS / 1000
+    finally:
+        server.resume()
+    assert remote.error_counts == {"timeout": 1}
+    assert list(remote.get_batches([["k0003"]])) == [[items[3][1]]]
+    server.kill()
+    assert list(remote.get_batches([["k0000"], ["k0001"]])) == [[None], [None]]
+    assert remote.error_counts == {"timeout": 1, "unreachable": 1}
+    remote.close()
+
+
 def test_restarted_empty_server_reads_as_misses_then_works(server: ValkeyProcess) -> None:
     remote = RemoteClient.connect(spec_for(server.node), retry_after_s=0)
     items = values(5, 10_000)
@@ -640,6 +688,9 @@ def test_tls_round_trip(tmp_path: Path, tls_files: TlsFiles) -> None:
             items = values(20, 256 << 10)
             assert remote.put_many(items)
             assert remote.get_many([key for key, _ in items]) == [value for _, value in items]
+            batches = [[key for key, _ in items[:15]], [key for key, _ in items[15:]]]
+            fetched = list(remote.get_batches(batches))
+            assert fetched == [[value for _, value in items[:15]], [v for _, v in items[15:]]]
 
 
 def test_tls_with_client_certificate(tmp_path: Path, tls_files: TlsFiles) -> None:
@@ -701,6 +752,8 @@ def test_cluster_round_trip(cluster: LocalCluster) -> None:
         each = values(30, 1000, tag="each")  # spread over the nodes, fed as one stream
         assert remote.put_each([k for k, _ in each], (v for _, v in each)) == [True] * 30
         assert remote.get_many([k for k, _ in each]) == [v for _, v in each]
+        batches = [[k for k, _ in each[:20]], [], [k for k, _ in each[20:]]]
+        assert list(remote.get_batches(batches)) == [remote.get_many(b) for b in batches]
         assert remote.delete_many([k for k, _ in each]) == 30
         assert len(remote.scan("rt")) == 300
         per_node = [node.client().dbsize() for node in cluster.nodes]

@@ -6,6 +6,7 @@ Pure functions on contiguous CPU tensors and byte buffers; no files.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import hashlib
 import logging
@@ -64,6 +65,17 @@ def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().reshape(-1).view(torch.uint8)
 
 
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes as a flat memoryview of its own memory (no copy), which keeps the
+    tensor alive. ~1.3 us, where the torch and numpy views it replaces took ~6.6 (2-core dev
+    box): a 1 MiB block of 8 layers takes one per layer on every save and load."""
+    if not tensor.is_cpu or not tensor.is_contiguous():
+        _byte_view(tensor)  # raises, with the fix
+    array = (ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr())
+    array.tensor = tensor  # the memory's owner lives as long as the view
+    return memoryview(array).cast("B")
+
+
 def encode(tensor: torch.Tensor, codec: Codec) -> bytes | memoryview:
     """Encode a contiguous CPU tensor's bytes with `codec`; returns the payload.
 
@@ -71,9 +83,9 @@ def encode(tensor: torch.Tensor, codec: Codec) -> bytes | memoryview:
     tensor is changed or freed. The raw length (`tensor.nbytes`) is not in the payload. lz4 runs
     on independent CHUNK_BYTES chunks of the (shuffled) bytes.
     """
-    raw = _byte_view(tensor).numpy()  # [nbytes] uint8, shares memory
     if codec is Codec.RAW:
-        return memoryview(raw)
+        return byte_view(tensor)
+    raw = _byte_view(tensor).numpy()  # [nbytes] uint8, shares memory
     itemsize = tensor.element_size()
     if codec is Codec.SHUFFLE_LZ4 and itemsize > 1 and raw.size:
         # [n, itemsize] -> [itemsize, n]: byte k of every element lands together, so the slowly
@@ -188,7 +200,7 @@ class Checksum(enum.Enum):
     def of(self, buffer: torch.Tensor | bytes | bytearray | memoryview | np.ndarray) -> str:
         """Hex digest of raw bytes; a tensor is hashed in place, without a copy."""
         if isinstance(buffer, torch.Tensor):
-            buffer = _byte_view(buffer).numpy()
+            buffer = byte_view(buffer)
         if self is Checksum.XXH3_128:
             return xxhash.xxh3_128_hexdigest(buffer)
         if self is Checksum.SHA256:

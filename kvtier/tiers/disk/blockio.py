@@ -26,7 +26,7 @@ def check_tensors(block_id: str, tensors: Mapping[str, torch.Tensor]) -> None:
             raise KVTierError(f"tensor name {name!r} is not usable; use names like 'l0.k'")
         if tensor.dtype not in DTYPES:
             raise KVTierError(f"{name}: dtype {tensor.dtype} cannot be stored; cast it first")
-        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        if not tensor.is_cpu or not tensor.is_contiguous():
             raise KVTierError(f"{name}: pass a contiguous CPU tensor (`.contiguous().cpu()`)")
 
 

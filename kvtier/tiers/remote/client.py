@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from kvtier.errors import KVTierError, RemoteError
 from kvtier.tiers.remote.connect import CAUSES, Parts, cause_of, scrub
 from kvtier.tiers.remote.opening import open_cluster, open_standalone
-from kvtier.tiers.remote.stream import NodeStream
+from kvtier.tiers.remote.stream import NodeStream, ReplyStream
 from kvtier.tiers.remote.url import RemoteSpec
 
 try:
@@ -33,6 +33,7 @@ T = TypeVar("T")
 
 RETRY_AFTER_S = 1.0  # a node that failed is skipped (misses at once) for this long
 _SCAN_COUNT = 1000
+READ_WINDOW = 2  # get_batches' MGETs at the server at once
 
 
 class RemoteClient:
@@ -101,6 +102,41 @@ class RemoteClient:
                         found[i] = value
             self._response_errors(name, results)
         return found
+
+    def get_batches(
+        self, batches: Sequence[Sequence[str]], *, window: int = READ_WINDOW
+    ) -> Iterator[list[Buffer | None]]:
+        """Each batch's values (one MGET each: get_many's, bytearrays or None), batch after
+        batch as they arrive.
+
+        Pipelined: up to `window` MGETs wait at the server while a batch is used, so a caller
+        that checks a batch while the next arrives waits for no round trip but the first, and
+        the server buffers at most `window` batches of replies. A standalone server's replies
+        are read straight into their values (replies.py), each byte copied once; a cluster's
+        go through get_many, a batch at a time. Never raises for a server problem: after a
+        failure every value is None. Close the iterator (or exhaust it) to free the connection.
+        """
+        name = str(self.spec.nodes[0])
+        if self._standalone is None or self._skipped(name):
+            for keys in batches:  # a cluster's, a batch at a time; a skipped node's: all None
+                yield self.get_many(keys)
+            return
+        stream = ReplyStream(self._standalone)
+        try:
+            for keys, reply in zip(batches, stream.mget_batches(batches, window), strict=True):
+                if isinstance(reply, list) and len(reply) == len(keys):
+                    yield reply
+                    continue
+                if reply is not None:
+                    self._response_errors(name, [reply])
+                yield [None] * len(keys)
+        finally:
+            failed = stream.error  # before finish: a caller that stopped early is no failure
+            stream.finish()
+            if failed is not None:
+                self._node_failed(name, cause_of(failed), failed)
+            else:
+                self._failed_at.pop(name, None)
 
     def put_many(
         self, items: Sequence[tuple[str, Buffer | Parts]], *, ttl_s: int | None = None

@@ -1,13 +1,17 @@
 """NodeStream: commands written to one node's connection as they come, every reply read after.
 
 What a pipeline does, without needing every command first: a caller can prepare the next value
-while this one is on its way (client.py's put_each). It sends and reads; it never retries, routes
-or decides what a failure means (the client does).
+while this one is on its way (client.py's put_each); ReplyStream reads the replies one at a time
+instead, as they arrive (get_batches). It sends and reads; it never retries, routes or decides
+what a failure means (the client does).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+from kvtier.tiers.remote.replies import ReplyReader
 
 try:
     from valkey.exceptions import ResponseError, ValkeyError
@@ -80,3 +84,65 @@ class NodeStream:
         if self._connection is not None:
             self.client.connection_pool.release(self._connection)
             self._connection = None
+
+
+class ReplyStream(NodeStream):
+    """A NodeStream whose replies are read one at a time as they arrive (`reply`), straight from
+    the socket (replies.py: each value copied once), so a caller can send more commands while
+    it reads (a window of MGETs) and use each reply before the next is read.
+
+    Values come back as bytearrays. `finish` only releases the connection: call it once every
+    command was answered (or the stream failed); a connection with replies unread is closed.
+    """
+
+    def __init__(self, client: Any) -> None:
+        super().__init__(client)
+        self._reader: ReplyReader | None = None
+        self._answered = 0
+
+    def reply(self) -> tuple[int, Any] | None:
+        """(index, reply) of the next command sent and not yet answered; None once the stream
+        failed (`error`), or when every command sent was answered."""
+        if self.error is not None or self._answered == len(self._sent):
+            return None
+        try:
+            if self._reader is None:
+                self._reader = ReplyReader(self._socket())
+            reply = self._reader.read()
+        except (ValkeyError, OSError) as error:
+            self._end(error)
+            return None
+        except BaseException:
+            self._end(None)
+            raise
+        index, _ = self._sent[self._answered]
+        self._answered += 1
+        return index, reply
+
+    def mget_batches(self, batches: Sequence[Sequence[str]], window: int) -> Iterator[Any]:
+        """One MGET per batch, up to `window` of them sent ahead of the reply being read: each
+        batch's reply in order (a list of values, an error reply, or None: the stream failed or
+        the batch is empty)."""
+        for i, keys in enumerate(batches[:window]):
+            if keys:
+                self.send(i, "MGET", *keys)
+        for i, keys in enumerate(batches):
+            answer = self.reply() if keys else None
+            if i + window < len(batches) and batches[i + window]:
+                self.send(i + window, "MGET", *batches[i + window])
+            yield answer[1] if answer is not None else None
+
+    def finish(self) -> list[tuple[int, Any]]:
+        """Release the connection (closed if a reply is unread); no replies: `reply` read them."""
+        if self.error is None and self._answered < len(self._sent):
+            self._end(None)
+        self._release()
+        return []
+
+    def _socket(self) -> Any:
+        """The connection's socket, checked to hold nothing valkey-py's Python parser read ahead
+        (libvalkey's reads only the replies it is asked for, and each in full)."""
+        unread = getattr(getattr(self._connection._parser, "_buffer", None), "unread_bytes", None)
+        if unread is not None and unread():
+            raise ValkeyError("a reply was left half read on this connection")
+        return self._connection._sock

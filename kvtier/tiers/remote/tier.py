@@ -10,6 +10,7 @@ raises for one. It stores; it never chooses what to keep.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -26,7 +27,7 @@ from kvtier.errors import KVTierError
 from kvtier.layout import KVGeometry
 from kvtier.tiers.base import SerializedEndpoints
 from kvtier.tiers.disk.blockio import check_tensors
-from kvtier.tiers.disk.format import ReadResult
+from kvtier.tiers.disk.format import HeaderTemplate, ReadResult
 from kvtier.tiers.remote.client import Parts, RemoteClient
 from kvtier.tiers.remote.clients import ThreadClients
 from kvtier.tiers.remote.connect import ServerUnavailable
@@ -39,6 +40,7 @@ from kvtier.tiers.remote.values import (
     head_bound,
     heads_end,
     locate,
+    signed_checksum,
 )
 
 log = logging.getLogger(__name__)
@@ -47,10 +49,9 @@ R = TypeVar("R")
 
 HEADER_CACHE = 4096  # verified block headers kept, so a layer read is one range read
 # Checks (hashing and the copy out, which release the GIL) run on these threads: a fetched
-# batch of values is verified while the next batch arrives (valkey-py's reply parser, ~0.7-1
-# GB/s on loopback, is the slower part; xxh3-128 runs at 10-14 GB/s a core, the copy at 2-5;
-# 2-core dev box). A signed save hashes its layers here (sha256, ~1.5 GB/s a core); an unsigned
-# one hashes in its own thread: 8 layers of 128 KiB take 80 us, less than handing them over.
+# batch is verified while the next one arrives (xxh3-128 10-14 GB/s a core, the copy 2-5; 2-core
+# dev box). A signed save hashes its layers here (sha256, ~1.5 GB/s a core); an unsigned one in
+# its own thread (hashing the next block here while one is sent gained nothing: docs/remote.md).
 CHECK_THREADS = 2
 BATCH_BYTES = 8 << 20  # values per MGET: about this many bytes (one value at least)
 
@@ -87,14 +88,16 @@ class RemoteTier(SerializedEndpoints):
         self._clients = ThreadClients(spec, client or self._connect(spec), self._warned)
         self._names = tuple(f"l{layer_id}.kv" for layer_id in geometry.layer_ids)
         labels = {"model_key": model_key, "tokens": geometry.block_tokens}
+        labels = {name: value for name, value in labels.items() if value}
+        shapes = dict.fromkeys(self._names, self.layer_buffer())
+        algorithm = signed_checksum(spec.hmac_key)
         self._encode = functools.partial(  # (server key, block id, tensors, *, parent_id, ...)
             encode_value,
             fingerprint=fingerprint,
-            labels={name: value for name, value in labels.items() if value},
+            labels=labels,
             hmac_key=spec.hmac_key,
+            template=HeaderTemplate(fingerprint, shapes, labels=labels, algorithm=algorithm),
         )
-        sample = self.layer_buffer()
-        shapes = dict.fromkeys(self._names, sample)
         self._head_bytes = head_bound("0" * 32, shapes, self._key("0" * 32))
         self._headers: OrderedDict[str, Located] = OrderedDict()
         self._lock = threading.Lock()
@@ -257,7 +260,7 @@ class RemoteTier(SerializedEndpoints):
         if isinstance(located, Located):
             start, end = located.span(name)
             result = self._read_range(key, located, name, start, end, out)
-        self._count(result, out.nbytes, started)
+        self._count_many([result], [out.nbytes], started)
         return result
 
     def _read_range(
@@ -305,28 +308,29 @@ class RemoteTier(SerializedEndpoints):
     def load_blocks(
         self, keys: Sequence[str], layers: Sequence[Sequence[torch.Tensor]]
     ) -> list[ReadResult]:
-        """load_block for many blocks, fetched in pipelined MGETs of about BATCH_BYTES (one
-        round trip per node each); a batch is verified on a check thread while the next one is
-        fetched."""
+        """load_block for many blocks, fetched in MGETs of about BATCH_BYTES, pipelined
+        (`RemoteClient.get_batches`: the next one already asked for); a batch is verified on a
+        check thread while the next one is fetched."""
         if any(len(per_block) != len(self._names) for per_block in layers):
             raise KVTierError(f"load_block needs {len(self._names)} layer tensors per block")
         started = time.perf_counter()
         client = self._clients.get()
         per_batch = max(1, BATCH_BYTES // max(1, self.geometry.block_bytes))
+        batches = [range(i, min(i + per_batch, len(keys))) for i in range(0, len(keys), per_batch)]
+        server_keys = [[self._key(keys[i]) for i in batch] for batch in batches]
+        fetched = client.get_batches(server_keys) if client else ([None] * len(b) for b in batches)
         results: list[ReadResult] = []
         checking: Future[list[ReadResult]] | None = None  # the previous batch's checks
-        for first in range(0, len(keys), per_batch):
-            batch = range(first, min(first + per_batch, len(keys)))
-            server_keys = [self._key(keys[i]) for i in batch]
-            values = client.get_many(server_keys) if client else [None] * len(batch)
-            if checking is not None:
-                results.extend(checking.result())
-            blocks = [(keys[i], value, layers[i]) for i, value in zip(batch, values, strict=True)]
-            if batch.stop == len(keys):  # the last batch: nothing left to overlap its checks with
-                checking = None
-                results.extend(self._decode_blocks(blocks))
-            else:
-                checking = self._submit_check(blocks)
+        with contextlib.closing(fetched):  # the connection goes back even if a check raises
+            for batch, values in zip(batches, fetched, strict=True):
+                if checking is not None:
+                    results.extend(checking.result())
+                blocks = [(keys[i], v, layers[i]) for i, v in zip(batch, values, strict=True)]
+                if batch.stop == len(keys):  # the last batch: no later one to overlap checks with
+                    checking = None
+                    results.extend(self._decode_blocks(blocks))
+                else:
+                    checking = self._submit_check(blocks)
         self._count_many(results, [sum(t.nbytes for t in outs) for outs in layers], started)
         if self.spec.ttl_s and client is not None:
             hits = [self._key(k) for k, r in zip(keys, results, strict=True) if r]
@@ -334,7 +338,7 @@ class RemoteTier(SerializedEndpoints):
         return results
 
     def _submit_check(
-        self, blocks: list[tuple[str, bytes | None, Sequence[torch.Tensor]]]
+        self, blocks: list[tuple[str, bytes | bytearray | None, Sequence[torch.Tensor]]]
     ) -> Future[list[ReadResult]]:
         """Decode and check `blocks` on a check thread; in this thread after close()."""
         try:
@@ -352,12 +356,12 @@ class RemoteTier(SerializedEndpoints):
             return map(function, items)
 
     def _decode_blocks(
-        self, blocks: Sequence[tuple[str, bytes | None, Sequence[torch.Tensor]]]
+        self, blocks: Sequence[tuple[str, bytes | bytearray | None, Sequence[torch.Tensor]]]
     ) -> list[ReadResult]:
         return [self._decode_block(key, value, outs) for key, value, outs in blocks]
 
     def _decode_block(
-        self, key: str, value: bytes | None, outs: Sequence[torch.Tensor]
+        self, key: str, value: bytes | bytearray | None, outs: Sequence[torch.Tensor]
     ) -> ReadResult:
         if not value:
             return ReadResult.MISSING
@@ -430,9 +434,6 @@ class RemoteTier(SerializedEndpoints):
     def _forget(self, key: str) -> None:
         with self._lock:
             self._headers.pop(key, None)
-
-    def _count(self, result: ReadResult, nbytes: int, started: float) -> None:
-        self._count_many([result], [nbytes], started)
 
     def _count_many(
         self, results: Sequence[ReadResult], sizes: Sequence[int], started: float
