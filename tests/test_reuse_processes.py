@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import worker_env
 
 WORKER = Path(__file__).with_name("reuse_worker.py")
 BLOCK_TOKENS = 16
@@ -25,6 +26,7 @@ def spawn(job: dict) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=worker_env(),
         cwd=WORKER.parent,
     )
 
