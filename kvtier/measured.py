@@ -90,14 +90,19 @@ def write_bench(results: dict[str, Any], path: Path | None = None) -> Path:
     nodes = {entry.get("nodes") for entry in servers}
     others = [entry for entry in previous.get("remote", []) if entry.get("nodes") not in nodes]
     data["remote"] = others + servers
+    _write_json(path, data)
+    forget_learned("loads", path.with_name("learned.json"))  # relative to the old figures
+    return path
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` to `path` atomically (a temp file in the same folder, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".bench-", suffix=".json", dir=path.parent)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".json", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as stream:
         stream.write(json.dumps(data, indent=2) + "\n")
     os.chmod(temp, 0o644)  # mkstemp makes it private; speeds are no secret
     os.replace(temp, path)
-    forget_learned("loads", path.with_name("learned.json"))  # relative to the old figures
-    return path
 
 
 def file_system_id(path: str | os.PathLike[str]) -> int:
@@ -189,14 +194,24 @@ def _read_learned(path: Path) -> dict[str, dict]:
     return {}
 
 
-def read_learned(section: str, key: str, path: Path | None = None) -> tuple[float, str] | None:
-    """(value, date measured) saved under `section` ("prefill": FLOP/s, "loads": measured over
-    predicted seconds) and `key`, or None."""
-    entry = _read_learned(learned_file() if path is None else path).get(section, {}).get(key)
+def learned(section: str, path: Path | None = None) -> dict[str, tuple[float, str]]:
+    """Every (value, date measured) saved under `section` ("prefill": FLOP/s, "loads":
+    measured over predicted seconds), by key; one read of the file."""
+    entries = _read_learned(learned_file() if path is None else path).get(section, {})
+    return {key: value for key, entry in entries.items() if (value := _entry(entry)) is not None}
+
+
+def _entry(entry: object) -> tuple[float, str] | None:
+    """(value, date) of one saved entry; None for a broken one (learned again by the next call)."""
     try:
-        return float(entry["value"]), str(entry["measured_at"])[:10]
+        return float(entry["value"]), str(entry["measured_at"])[:10]  # type: ignore[index]
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def read_learned(section: str, key: str, path: Path | None = None) -> tuple[float, str] | None:
+    """(value, date measured) saved under `section` and `key`, or None."""
+    return learned(section, path).get(key)
 
 
 def save_learned(
@@ -206,18 +221,13 @@ def save_learned(
     one); True if saved. Atomic; never raises: a learned figure is a hint."""
     path = learned_file() if path is None else path
     data = _read_learned(path)
-    saved = read_learned(section, key, path)
+    saved = _entry(data.get(section, {}).get(key))
     if only_if_higher and saved is not None and saved[0] >= value:
         return False
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     data.setdefault(section, {})[key] = {"value": value, "measured_at": now}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".learned-", suffix=".json", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            stream.write(json.dumps({"format": LEARNED_FORMAT, **data}, indent=2) + "\n")
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
+        _write_json(path, {"format": LEARNED_FORMAT, **data})
     except OSError as exc:
         log.debug("could not save %s to %s: %s", section, path, exc)
         return False
@@ -231,6 +241,6 @@ def forget_learned(section: str, path: Path | None = None) -> None:
     if data.pop(section, None) is None:
         return
     try:
-        path.write_text(json.dumps({"format": LEARNED_FORMAT, **data}, indent=2) + "\n")
+        _write_json(path, {"format": LEARNED_FORMAT, **data})
     except OSError as exc:
         log.debug("could not update %s: %s", path, exc)

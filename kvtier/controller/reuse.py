@@ -34,7 +34,7 @@ from kvtier.controller.lost import reason
 from kvtier.controller.persist import persisted_by
 from kvtier.layout import KVGeometry
 from kvtier.machine import device_name
-from kvtier.measured import load_key, prefill_key, read_learned, save_learned
+from kvtier.measured import learned, load_key, prefill_key, read_learned, save_learned
 from kvtier.tiers.base import Endpoint, Handle
 from kvtier.transfer import Lane
 
@@ -157,10 +157,10 @@ def _choose(
     if saved is not None and saved[0] > (measured or 0.0):
         measured, rate_source = saved[0], f"measured here on {saved[1]}"
     load_scale = INDEX.load_scale()
-    for tier in Tier:  # the calibration of earlier processes where this one has none yet
-        learned = None if tier in load_scale else read_learned("loads", load_key(device, tier.name))
-        if learned is not None:
-            load_scale[tier] = learned[0]
+    earlier = learned("loads")  # the calibration of earlier processes where this one has none
+    for tier in Tier:
+        if tier not in load_scale and load_key(device, tier.name) in earlier:
+            load_scale[tier] = earlier[load_key(device, tier.name)][0]
     choice = choose(
         [item.tier for item in found],
         block_bytes=g.block_bytes,
