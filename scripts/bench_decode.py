@@ -86,6 +86,8 @@ def sweep(args, model, out_dir: Path) -> list[dict]:
         torch.manual_seed(context)
         ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
         names = systems(context, device, args.chunk_from)
+        if args.systems:  # DynamicCache stays: its tokens are the reference
+            names = [n for n in names if n == "DynamicCache" or n in args.systems]
         runs: dict[str, list[dict]] = {name: [] for name in names}
         for round_index in range(rounds):
             for name in names:
@@ -188,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk, kvtier and HF")
     p.add_argument("--chunk-from", type=int, default=131072, help="chunked DynamicCache from")
     p.add_argument("--skip", default="", help="comma list of: fidelity,sweep,profile")
+    p.add_argument(
+        "--systems",
+        type=lambda s: set(s.split(",")),
+        default=None,
+        help='only these, comma-separated (e.g. "kvtier 100%%,kvtier 25%%"); DynamicCache always',
+    )
     p.add_argument("--prefetch-depth", type=int, default=1, help="kvtier's policy.prefetch_depth")
     p.add_argument("--out", default="bench-out")
     args = p.parse_args(argv)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     BLOCK_TOKENS,
+    PREFILL_CHUNK,
     generation_mismatches,
     random_prompt,
     reference_generate,
@@ -54,5 +55,6 @@ def test_every_sealed_block_reaches_the_server(
     INDEX.clear()
     fresh = tiered_config(config, tmp_path / "b", length + 40, **remote)
     got, stats = tiered_generate(model, fresh, prompt)
-    assert not generation_mismatches(reference_generate(model, prompt), got)
+    chunked = reference_generate(model, prompt, prefill_chunk_size=PREFILL_CHUNK)  # as `fresh`
+    assert not generation_mismatches(chunked, got)
     assert stats["prefix_hit_tokens"] == len(chain) * BLOCK_TOKENS, stats["reuse"]

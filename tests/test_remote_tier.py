@@ -806,7 +806,13 @@ def _remote_reuse_setup(
     the prompt, the second run's config (its own empty disk store: hits come from the server
     only; `host_blocks` of host room), the chain of the prompt's full blocks and the oracle's
     output."""
-    from conftest import BLOCK_TOKENS, random_prompt, reference_generate, tiered_config
+    from conftest import (
+        BLOCK_TOKENS,
+        PREFILL_CHUNK,
+        random_prompt,
+        reference_generate,
+        tiered_config,
+    )
 
     import kvtier
     from kvtier.controller.index import INDEX
@@ -831,7 +837,10 @@ def _remote_reuse_setup(
         blocks=length // BLOCK_TOKENS,
         fingerprint=kvtier_cache.spec.fingerprint,
     )
-    return model, prompt, second, chain, reference_generate(model, prompt)
+    # the first cache prefilled in tiered_config's chunks, the second computes the tail after
+    # the stored blocks: the oracle prefills in the same chunks
+    expected = reference_generate(model, prompt, prefill_chunk_size=PREFILL_CHUNK)
+    return model, prompt, second, chain, expected
 
 
 def _count_load_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:

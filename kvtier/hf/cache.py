@@ -234,6 +234,8 @@ class TieredCache(Cache):
                 controller.prefetch(index)
             elif controller.in_step:  # past the last layer: the next step's first layers
                 controller.prefetch(index - count, next_step=True)
+            else:  # the step just ended (its last layer appended): the next one's first layers
+                controller.prefetch(index - count)
 
     def _controller_for(self, key_states: torch.Tensor) -> TierController:
         if self.controller is None:

@@ -5,8 +5,10 @@ detach removes it). The model's forward is wrapped so kvtier sees each call's in
 split a long prompt into `prefill_chunk_tokens` chunks; the wrapper serves the cache passed in
 that call's `cache=` / `past_key_values=` keyword and runs any other call untouched. While a
 cache streams layers, forward pre-hooks on the decoder layers start the prefetch of the next
-`prefetch_depth` tiered layers for the cache of the call in progress, and the last layer's
-post-hook starts layer 0 of the next step. Caches are held weakly.
+`prefetch_depth` tiered layers for the cache of the call in progress, a post-hook on each tiered
+layer's attention (`self_attn`) starts the gather that reuses its staging buffer as soon as the
+attention is queued, and the last layer's post-hook starts layer 0 of the next step. Caches are
+held weakly.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class ModelHooks:
         self._next_tiered = [
             sum(1 for t in tiered_layers if t < i) for i in range(len(decoder_layers))
         ]
+        self._tiered = frozenset(tiered_layers)
         self._drivers: dict[int, weakref.ref] = {}  # token -> attached cache
         self._tokens = itertools.count(1)
         self.active: weakref.ref | None = None  # the cache of the forward call in progress
@@ -156,9 +159,17 @@ class ModelHooks:
             self._handles.clear()
             return
         ref = weakref.ref(self)
-        for layer, tiered_index in zip(self._layers, self._next_tiered, strict=True):
+        for i, (layer, tiered_index) in enumerate(
+            zip(self._layers, self._next_tiered, strict=True)
+        ):
             hook = functools.partial(_layer_pre_hook, ref, tiered_index)
             self._handles.append(layer.register_forward_pre_hook(hook))
+            attention = getattr(layer, "self_attn", None)
+            if i in self._tiered and isinstance(attention, torch.nn.Module):
+                # the layer's staging buffer is free (on the stream) once its attention is
+                # queued: the gather that reuses it starts now, not at the next layer's start
+                after = functools.partial(_attention_post_hook, ref, tiered_index + 1)
+                self._handles.append(attention.register_forward_hook(after))
         last = functools.partial(_last_post_hook, ref)
         self._handles.append(self._layers[-1].register_forward_hook(last))
 
@@ -182,6 +193,12 @@ def _active(ref: weakref.ref) -> StepDriver | None:
 
 
 def _layer_pre_hook(ref: weakref.ref, tiered_index: int, module, args) -> None:
+    cache = _active(ref)
+    if cache is not None:
+        cache.prefetch_from(tiered_index)
+
+
+def _attention_post_hook(ref: weakref.ref, tiered_index: int, module, args, output) -> None:
     cache = _active(ref)
     if cache is not None:
         cache.prefetch_from(tiered_index)
