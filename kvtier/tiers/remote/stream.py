@@ -20,8 +20,8 @@ except ImportError:  # pragma: no cover - RemoteClient.connect() refuses first w
 
 
 # put_each's writes: commands are written once this many bytes of them wait. One write per
-# 1 MiB value cost ~10 ms more client CPU per 128 values than one per two or four (more
-# syscalls and wake-ups of the server; docs/remote.md); larger values go out one by one.
+# 1 MiB value cost 7-11 ms more client CPU per 128 values than two or four a write (more
+# syscalls and context switches; 2-core dev box, docs/remote.md); larger values go one by one.
 WRITE_BYTES = 2 << 20
 
 
