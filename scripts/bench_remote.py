@@ -5,7 +5,9 @@ repeats of the throughput ratio within one repeat.
 Also times seal/open_value (signing.py) alone, and RemoteTier (the remote tier: block files,
 head-sealed, checksummed per tensor) against the raw pipeline for values of the same size:
 RemoteTier.save per block and from --threads threads, RemoteTier.save_blocks (every block in
-one pipeline, and one pipeline per thread on --threads threads), RemoteTier.load_blocks (MGETs of ~8 MiB, two at
+one pipeline, and one pipeline per thread on --threads threads), the same blocks saved as
+remote.persist saves a step's (Mover.submit_saves: save_blocks calls of SAVE_BATCH_BYTES on
+the mover's I/O threads, one per core from 4 to 12), RemoteTier.load_blocks (MGETs of ~8 MiB, two at
 the server at once) and load_block per block, and the raw pipeline with one pass per value of the
 tier's checksum (xxh3-128, sha256 with --hmac: the floor a checksummed format sets, as the tier
 hashes each byte once each way). Same work on the wire: each raw case is one valkey-py pipeline
@@ -40,11 +42,14 @@ import valkey
 import xxhash
 
 from kvtier.layout import CPU, KVGeometry
+from kvtier.machine import default_io_threads
+from kvtier.tiers.base import Stored
 from kvtier.tiers.remote.client import RemoteClient
 from kvtier.tiers.remote.signing import open_value, seal
 from kvtier.tiers.remote.tier import RemoteTier
 from kvtier.tiers.remote.url import parse_remote
 from kvtier.tiers.remote.values import signed_checksum
+from kvtier.transfer import SAVE_BATCH_BYTES, Mover
 
 MiB = 1 << 20
 HMAC_KEY = b"bench-hmac-key-of-thirty-two-byt"
@@ -284,6 +289,13 @@ def bench_tier(
 
         assert all(pool.map(save_share, shares))
 
+    mover = Mover()  # as persist has it: default_io_threads() I/O threads
+
+    def save_by_mover() -> None:  # as persist saves a step's blocks: SAVE_BATCH_BYTES a call
+        tickets = mover.submit_saves([(blocks[key], Stored(tier, key)) for key in ids])
+        for ticket in tickets:
+            mover.finish(ticket)  # raises if the server did not take a block
+
     def load_many() -> None:
         assert all(tier.load_blocks(ids, outs))
 
@@ -297,6 +309,11 @@ def bench_tier(
         ("put", f"RemoteTier.save x{threads} threads"): save_threads,
         ("put", "RemoteTier.save_blocks"): save_many,
         ("put", f"RemoteTier.save_blocks x{threads} threads"): save_many_threads,
+        (
+            "put",
+            f"Mover.submit_saves ({SAVE_BATCH_BYTES >> 20} MiB save_blocks calls on "
+            f"{default_io_threads()} I/O threads)",
+        ): save_by_mover,
         ("get", "raw"): raw_get,
         ("get", floor): raw_get_hashed,
         ("get", "RemoteTier.load_blocks"): load_many,
@@ -304,6 +321,7 @@ def bench_tier(
     }
     rows = _paired_rows(cases, repeats, count * geo.block_bytes, size)
     pool.shutdown()
+    mover.close()
     raw.delete(*(key for key, _ in items))
     return rows
 

@@ -345,8 +345,28 @@ def test_parts_are_stored_as_one_value_without_being_joined(
 def test_put_each_sends_each_value_before_taking_the_next(
     client: RemoteClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Scenario: put_each is one pipeline fed by a generator: value i is written to the socket
-    before value i + 1 is asked for, the replies are read after the last; one answer per key."""
+    """Scenario: put_each is one pipeline fed by a generator: value i (of WRITE_BYTES or more)
+    is written to the socket before value i + 1 is asked for, the replies are read after the
+    last; one answer per key."""
+    from kvtier.tiers.remote import stream
+
+    events = _record_writes(monkeypatch)
+    items = values(4, stream.WRITE_BYTES, tag="each")
+
+    def produced() -> Iterator[Parts]:
+        for key, value in items:
+            events.append(f"value {key}")
+            yield Parts([b"<", value, b">"])
+
+    assert client.put_each([key for key, _ in items], produced()) == [True] * 4
+    assert events == [e for key, _ in items for e in (f"value {key}", "send")] + ["replies"]
+    stored = client.get_many([key for key, _ in items])
+    assert stored == [b"<" + value + b">" for _, value in items]
+    assert client.put_each([], iter(())) == []
+
+
+def _record_writes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Events "send" (a write to the socket) and "replies" (finish called), in order."""
     from kvtier.tiers.remote import connect, stream
 
     events: list[str] = []
@@ -360,18 +380,29 @@ def test_put_each_sends_each_value_before_taking_the_next(
     monkeypatch.setattr(
         stream.NodeStream, "finish", lambda self: events.append("replies") or original_finish(self)
     )
-    items = values(4, 20_000, tag="each")
+    return events
+
+
+def test_put_each_writes_small_values_together(
+    client: RemoteClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: values under WRITE_BYTES share a write (two of half of it each here), and
+    finish writes what is left before it reads the replies; every value is stored."""
+    from kvtier.tiers.remote import stream
+
+    events = _record_writes(monkeypatch)
+    items = values(5, stream.WRITE_BYTES // 2, tag="small")
 
     def produced() -> Iterator[Parts]:
         for key, value in items:
             events.append(f"value {key}")
             yield Parts([b"<", value, b">"])
 
-    assert client.put_each([key for key, _ in items], produced()) == [True] * 4
-    assert events == [e for key, _ in items for e in (f"value {key}", "send")] + ["replies"]
+    assert client.put_each([key for key, _ in items], produced()) == [True] * 5
+    taken = [f"value {key}" for key, _ in items]
+    assert events == [*taken[:2], "send", *taken[2:4], "send", taken[4], "replies", "send"]
     stored = client.get_many([key for key, _ in items])
     assert stored == [b"<" + value + b">" for _, value in items]
-    assert client.put_each([], iter(())) == []
 
 
 def test_put_each_stops_reading_values_once_the_server_failed(server: ValkeyProcess) -> None:

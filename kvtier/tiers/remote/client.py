@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from kvtier.errors import KVTierError, RemoteError
 from kvtier.tiers.remote.connect import CAUSES, Parts, cause_of, scrub
 from kvtier.tiers.remote.opening import open_cluster, open_standalone
-from kvtier.tiers.remote.stream import NodeStream, ReplyStream
+from kvtier.tiers.remote.stream import WRITE_BYTES, NodeStream, ReplyStream
 from kvtier.tiers.remote.url import RemoteSpec
 
 try:
@@ -157,9 +157,9 @@ class RemoteClient:
     ) -> list[bool]:
         """Store the i-th of `values` under `keys[i]`; whether the server acknowledged each.
 
-        Pipelined as `values` yields them: each value is written to its node's connection
-        before the next is taken (so a generator can prepare the next one meanwhile), every
-        reply is read after the last. Values are sent without copies (Parts too, to a
+        Pipelined as `values` yields them: written to its node's connection once WRITE_BYTES
+        of values wait there (a large value before the next is taken, so a generator prepares
+        the next one meanwhile; small ones a few per write), every reply read after the last. Values are sent without copies (Parts too, to a
         standalone server; to a cluster they are joined first); each must stay unchanged until
         the call returns. `ttl_s` (default: the spec's ttl_s, None for no expiry) makes the keys
         expire. Never raises for a server problem: a value on a node that failed, was skipped
@@ -173,7 +173,7 @@ class RemoteClient:
         for name, client, slots in self._route(keys):
             if self._skipped(name):
                 continue
-            streams.append((name, NodeStream(client)))
+            streams.append((name, NodeStream(client, write_bytes=WRITE_BYTES)))
             for i in (i for group in slots for i in group):
                 node_of[i] = streams[-1][1]
         try:

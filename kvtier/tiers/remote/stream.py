@@ -19,6 +19,12 @@ except ImportError:  # pragma: no cover - RemoteClient.connect() refuses first w
     pass
 
 
+# put_each's writes: commands are written once this many bytes of them wait. One write per
+# 1 MiB value cost 7-11 ms more client CPU per 128 values than two or four a write (more
+# syscalls and context switches; 2-core dev box, docs/remote.md); larger values go one by one.
+WRITE_BYTES = 2 << 20
+
+
 class NodeStream:
     """Commands to one node on one connection of its pool: `send` each, then `finish`.
 
@@ -27,33 +33,48 @@ class NodeStream:
     closed if the stream ended early.
     """
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, *, write_bytes: int = 0) -> None:
+        """`write_bytes`: commands are written once this many bytes of them wait (0: each at
+        once), so small values share one write; the rest is written by `finish`."""
         self.client = client  # a valkey.Valkey of one node
         self.error: BaseException | None = None
         self._connection: Any = None
         self._sent: list[tuple[int, str]] = []  # (caller's index, command name), in order sent
+        self._write_bytes = write_bytes
+        self._unwritten: list[Any] = []  # packed commands waiting for `write_bytes`
+        self._unwritten_bytes = 0
 
     def send(self, index: int, *args: Any) -> None:
-        """Write one command (its arguments' buffers as they are); `index` names its result."""
+        """Send one command (its arguments' buffers as they are, written by `write_bytes`);
+        `index` names its result."""
         if self.error is not None:
             return
         try:
             if self._connection is None:
                 self._connection = self.client.connection_pool.get_connection(args[0])
-            self._connection.send_packed_command(self._connection.pack_command(*args))
+            packed = self._connection.pack_command(*args)
+            self._unwritten += packed
+            self._unwritten_bytes += sum(len(chunk) for chunk in packed)
+            self._sent.append((index, args[0]))
+            if self._unwritten_bytes >= self._write_bytes:
+                self._write()
         except (ValkeyError, OSError) as error:
             self._end(error)
-            return
         except BaseException:
             self._end(None)
             raise
-        self._sent.append((index, args[0]))
+
+    def _write(self) -> None:
+        unwritten, self._unwritten, self._unwritten_bytes = self._unwritten, [], 0
+        self._connection.send_packed_command(unwritten)
 
     def finish(self) -> list[tuple[int, Any]]:
         """(index, reply) of each command answered, in the order sent: the parsed reply (SET's is
         True) or its error reply. Commands the connection failed before answering are missing."""
         replies: list[tuple[int, Any]] = []
         try:
+            if self.error is None and self._unwritten:
+                self._write()
             for index, command in self._sent if self.error is None else ():
                 try:
                     reply = self.client.parse_response(self._connection, command)
@@ -76,6 +97,7 @@ class NodeStream:
     def _end(self, error: BaseException | None) -> None:
         """Stop: the connection is in an unknown state (a command half written or unread)."""
         self.error = error or RuntimeError("stream aborted")
+        self._unwritten, self._unwritten_bytes = [], 0
         if self._connection is not None:
             self._connection.disconnect()
         self._release()
