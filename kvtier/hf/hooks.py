@@ -168,9 +168,9 @@ class ModelHooks:
             if i in self._tiered and isinstance(attention, torch.nn.Module):
                 # the layer's staging buffer is free (on the stream) once its attention is
                 # queued: the gather that reuses it starts now, not at the next layer's start
-                after = functools.partial(_attention_post_hook, ref, tiered_index + 1)
+                after = functools.partial(_post_hook, ref, tiered_index + 1)
                 self._handles.append(attention.register_forward_hook(after))
-        last = functools.partial(_last_post_hook, ref)
+        last = functools.partial(_post_hook, ref, 0)  # the next step's first layers
         self._handles.append(self._layers[-1].register_forward_hook(last))
 
     def remove(self) -> None:
@@ -198,16 +198,10 @@ def _layer_pre_hook(ref: weakref.ref, tiered_index: int, module, args) -> None:
         cache.prefetch_from(tiered_index)
 
 
-def _attention_post_hook(ref: weakref.ref, tiered_index: int, module, args, output) -> None:
+def _post_hook(ref: weakref.ref, tiered_index: int, module, args, output) -> None:
     cache = _active(ref)
     if cache is not None:
         cache.prefetch_from(tiered_index)
-
-
-def _last_post_hook(ref: weakref.ref, module, args, output) -> None:
-    cache = _active(ref)
-    if cache is not None:
-        cache.prefetch_from(0)
 
 
 def _model_forward(ref: weakref.ref, original, *args: Any, **kwargs: Any):

@@ -159,9 +159,9 @@ class RemoteClient:
 
         Pipelined as `values` yields them: written to its node's connection once WRITE_BYTES
         of values wait there (a large value before the next is taken, so a generator prepares
-        the next one meanwhile; small ones a few per write), every reply read after the last. Values are sent without copies (Parts too, to a
-        standalone server; to a cluster they are joined first); each must stay unchanged until
-        the call returns. `ttl_s` (default: the spec's ttl_s, None for no expiry) makes the keys
+        the next one meanwhile; small ones a few per write), every reply read after the last.
+        Values are sent without copies (Parts too, to a standalone server; to a cluster they
+        are joined first); each must stay unchanged until the call returns. `ttl_s` (default: the spec's ttl_s, None for no expiry) makes the keys
         expire. Never raises for a server problem: a value on a node that failed, was skipped
         or refused it (out of memory) is False; once every node failed, `values` is not read on.
         """
