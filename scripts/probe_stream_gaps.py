@@ -98,7 +98,6 @@ def gaps(prof, *, min_us: float = 5.0) -> dict:
                 "next_launched_before_idle_us": (
                     round(a - launch.start_ns() * us, 1) if launch is not None else None
                 ),
-                "next_copy_mib": None if nxt is None else round(nxt.nbytes() / 2**20, 2),
                 "during": {k: round(v, 1) for k, v in during.most_common(4)},
             }
         )
@@ -112,9 +111,6 @@ def gaps(prof, *, min_us: float = 5.0) -> dict:
         "h2d_streams": dict(streams),
         "window_ms": round(window / 1e3, 2),
         "busy_ms": round(sum(b - a for a, b in busy) / 1e3, 2),
-        "h2d_gbps_while_busy": round(
-            sum(e.nbytes() for e in h2d) / (sum(b - a for a, b in busy) * 1e3), 2
-        ),
         "gap_ms": round(total / 1e3, 2),
         "gap_ms_host_late": round(sum(r["gap_us"] for r in late) / 1e3, 2),
         "gap_ms_within_3ms_after_lm_head": round(
@@ -147,6 +143,20 @@ def _histogram(values: list[float]) -> dict:
     return out
 
 
+def _decode(model, ids, cache, processors=()) -> None:
+    """Prefill `ids` and decode STEPS tokens greedily through `cache`."""
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        past_key_values=cache,
+        max_new_tokens=STEPS + 1,
+        min_new_tokens=STEPS + 1,
+        do_sample=False,
+        logits_processor=list(processors),
+        pad_token_id=0,
+    )
+
+
 def host_timeline(model, ids, cfg) -> dict:
     """No profiler: host clock at each decoder layer's pre-hook and the time spent in the
     cache's update() per layer, over STEPS decode steps. A host that runs ahead of the copy
@@ -177,15 +187,7 @@ def host_timeline(model, ids, cfg) -> dict:
                     in_update.append(time.perf_counter() - start)
 
             cache.update = timed
-            model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                past_key_values=cache,
-                max_new_tokens=STEPS + 1,
-                min_new_tokens=STEPS + 1,
-                do_sample=False,
-                pad_token_id=0,
-            )
+            _decode(model, ids, cache)
             stats = cache.stats() if cfg is not None else {}
     finally:
         for handle in handles:
@@ -222,16 +224,7 @@ def profile_decode(model, ids, cfg, trace: Path | None, *, cpu: bool) -> tuple[d
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     prof = torch.profiler.profile(activities=activities)
     with kvtier.TieredCache(model, cfg) as cache, torch.no_grad():
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
-            max_new_tokens=STEPS + 1,
-            min_new_tokens=STEPS + 1,
-            do_sample=False,
-            logits_processor=[StartProfiler(prof)],
-            pad_token_id=0,
-        )
+        _decode(model, ids, cache, [StartProfiler(prof)])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         prof.stop()
@@ -282,8 +275,7 @@ def main() -> int:
         if configs[text] is None or args.host_only:
             continue
         cfg = configs[text]
-        profiled = () if args.host_only else (False, True) if torch.cuda.is_available() else (True,)
-        for cpu in profiled:
+        for cpu in (False, True) if torch.cuda.is_available() else (True,):
             trace = out / f"trace_{text}_{'cpu' if cpu else 'cuda'}.json" if args.trace else None
             found, stats = profile_decode(model, ids, cfg, trace, cpu=cpu)
             found["h2d_bytes_total"] = stats["transfer"]["h2d_bytes"]
