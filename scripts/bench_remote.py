@@ -223,6 +223,21 @@ def tier_geometry(size: int) -> KVGeometry:
     return KVGeometry(tuple(range(TIER_LAYERS)), (CPU,) * 8, 1, kv_heads, 128, torch.bfloat16, 256)
 
 
+def tier_values(
+    geo: KVGeometry, total: int, prefix: str
+) -> tuple[dict[str, tuple[torch.Tensor, ...]], list[tuple[str, bytes]]]:
+    """`total` bytes of random blocks of `geo` (id -> per-layer tensors) and, for the raw
+    pipeline, as many random values of a block's size under keys starting with `prefix`."""
+    count = max(1, total // geo.block_bytes)
+    shape = (geo.block_tokens, *geo.token_shape)
+    blocks = {
+        f"{i:032x}": tuple(torch.randn(shape).to(torch.bfloat16) for _ in geo.layer_ids)
+        for i in range(count)
+    }
+    items = [(f"{prefix}:{i:05d}", os.urandom(geo.block_bytes)) for i in range(count)]
+    return blocks, items
+
+
 def bench_tier(
     raw: valkey.Valkey, tier: RemoteTier, size: int, total: int, repeats: int, threads: int
 ) -> list[dict[str, object]]:
@@ -232,14 +247,9 @@ def bench_tier(
     from concurrent.futures import ThreadPoolExecutor
 
     geo = tier.geometry
-    count = max(1, total // geo.block_bytes)
+    blocks, items = tier_values(geo, total, f"benchraw:{size}")
+    ids, count = list(blocks), len(blocks)
     shape = (geo.block_tokens, *geo.token_shape)
-    blocks = {
-        f"{i:032x}": tuple(torch.randn(shape).to(torch.bfloat16) for _ in geo.layer_ids)
-        for i in range(count)
-    }
-    ids = list(blocks)
-    items = [(f"benchraw:{size}:{i:05d}", os.urandom(geo.block_bytes)) for i in range(count)]
     outs = [[torch.empty(shape, dtype=geo.dtype) for _ in geo.layer_ids] for _ in ids]
     pool = ThreadPoolExecutor(threads)
 

@@ -19,9 +19,8 @@ import sys
 import time
 from collections.abc import Callable
 
-import torch
 import valkey
-from bench_remote import MiB, tier_geometry
+from bench_remote import MiB, tier_geometry, tier_values
 
 from kvtier.tiers.base import Stored
 from kvtier.tiers.remote import client as client_module
@@ -45,15 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = parse_remote({"url": f"valkey://{server.host}:{server.port}", "timeout_ms": 10_000})
         raw = valkey.Valkey(host=server.host, port=server.port, socket_timeout=10)
         tier = RemoteTier(spec, tier_geometry(args.size_mib * MiB), fingerprint="probe" + "0" * 27)
-        geo = tier.geometry
-        count = max(1, args.total_mib * MiB // geo.block_bytes)
-        shape = (geo.block_tokens, *geo.token_shape)
-        blocks = {
-            f"{i:032x}": tuple(torch.randn(shape).to(torch.bfloat16) for _ in geo.layer_ids)
-            for i in range(count)
-        }
-        ids = list(blocks)
-        items = [(f"proberaw:{i:05d}", os.urandom(geo.block_bytes)) for i in range(count)]
+        blocks, items = tier_values(tier.geometry, args.total_mib * MiB, "proberaw")
+        ids, count = list(blocks), len(blocks)
         mover = Mover()
 
         def raw_put() -> None:
