@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch-depth", type=int, default=1, help="kvtier's policy.prefetch_depth")
     p.add_argument("--out", default="bench-out")
     args = p.parse_args(argv)
+    known = {"DynamicCache", "DynamicCache chunked", "HF offloaded", *SHARES}
+    if args.systems and args.systems - known:
+        p.error(f"--systems: unknown {sorted(args.systems - known)}; choose from {sorted(known)}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
