@@ -15,7 +15,9 @@ torch.profiler summary of kvtier's all-fit decode. Writes sweep.json and prints 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import itertools
 import json
 import os
 import sys
@@ -29,8 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 import kvtier  # noqa: E402
+from kvtier.hf import attention  # noqa: E402
 
 SHARES = {"kvtier 100%": 1.0, "kvtier 25%": 0.25, "kvtier min": "min"}
+# kvtier all-fit with decode attention through SDPA (cuDNN on Hopper), as before departure 22
+SDPA_DECODE = "kvtier 100% sdpa-decode"
 
 
 def systems(context: int, device: torch.device, chunk_from: int) -> list[str]:
@@ -40,6 +45,25 @@ def systems(context: int, device: torch.device, chunk_from: int) -> list[str]:
     if device.type == "cuda":
         names.append("HF offloaded")
     return names + list(SHARES)
+
+
+@contextlib.contextmanager
+def decode_through_sdpa():
+    """kvtier's decode attention as SDPA with grouped heads, what it called before it called
+    flash itself (a benchmark-only switch)."""
+    original = attention.decode_attention
+
+    def sdpa_decode(query, key, value, *, scale):
+        groups = query.shape[1] != key.shape[1]
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, scale=scale, enable_gqa=groups
+        )
+
+    attention.decode_attention = sdpa_decode
+    try:
+        yield
+    finally:
+        attention.decode_attention = original
 
 
 def run_one(args, model, ids, name: str, store: str) -> dict:
@@ -56,16 +80,18 @@ def run_one(args, model, ids, name: str, store: str) -> dict:
         cfg = benchlib.kvtier_config(
             model,
             tokens,
-            SHARES[name],
+            SHARES.get(name, 1.0),
             store,
             chunk=args.chunk,
             policy_prefetch_depth=args.prefetch_depth,
         )
         cache = kvtier.TieredCache(model, cfg)
+    switch = decode_through_sdpa() if name == SDPA_DECODE else contextlib.nullcontext()
     try:
-        out, result = benchlib.timed_generate(
-            model, ids, cache, new_tokens, prefill_chunk_size=chunked
-        )
+        with switch:
+            out, result = benchlib.timed_generate(
+                model, ids, cache, new_tokens, prefill_chunk_size=chunked
+            )
     finally:
         if isinstance(cache, kvtier.TieredCache):
             cache.close()
@@ -83,25 +109,34 @@ def sweep(args, model, out_dir: Path) -> list[dict]:
     store = tempfile.mkdtemp(prefix="kvtier-bench-")
     rows = []
     for context, rounds in zip(args.contexts, args.rounds, strict=True):
-        torch.manual_seed(context)
-        ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
         names = systems(context, device, args.chunk_from)
         if args.systems:  # DynamicCache stays: its tokens are the reference
             names = [n for n in names if n == "DynamicCache" or n in args.systems]
+            names += [SDPA_DECODE] if SDPA_DECODE in args.systems else []  # only when asked
+        # --fresh-lengths: each run's prompt `step` tokens longer than the last's, past its
+        # decode lengths
+        step = 64 * (1 + args.new_tokens // 64) if args.fresh_lengths else 0
+        torch.manual_seed(context)
+        longest = context + step * rounds * len(names)
+        prompt = torch.randint(0, model.config.vocab_size, (1, longest), device=device)
         runs: dict[str, list[dict]] = {name: [] for name in names}
-        for round_index in range(rounds):
-            for name in names:
-                result = run_one(args, model, ids, name, store)
-                result["round"] = round_index
-                runs[name].append(result)
-                with (out_dir / "runs.jsonl").open("a") as log:  # survives a cut-short run
-                    row = {k: v for k, v in result.items() if k not in ("stats", "tokens")}
-                    log.write(json.dumps({"context": context, "system": name, **row}) + "\n")
-                print(
-                    f"{context} round {round_index} {name}: ttft {result['ttft_s']:.2f} s, "
-                    f"step {result['step_ms']:.1f} ms, peak {result['peak_gib']:.2f} GiB",
-                    flush=True,
-                )
+        for round_index, name in itertools.product(range(rounds), names):
+            # fresh lengths: every run its own prompt length, so no run meets a key length (an
+            # attention shape: a cuDNN plan) that an earlier run of the process built
+            done = sum(map(len, runs.values()))
+            ids = prompt[:, : context + step * done]
+            result = run_one(args, model, ids, name, store)
+            result |= {"round": round_index, "prompt_tokens": ids.shape[1]}
+            runs[name].append(result)
+            with (out_dir / "runs.jsonl").open("a") as log:  # survives a cut-short run
+                row = {k: v for k, v in result.items() if k not in ("stats", "tokens")}
+                log.write(json.dumps({"context": context, "system": name, **row}) + "\n")
+            print(
+                f"{context} round {round_index} {name} ({ids.shape[1]} tokens): ttft "
+                f"{result['ttft_s']:.2f} s, step {result['step_ms']:.1f} ms, peak "
+                f"{result['peak_gib']:.2f} GiB",
+                flush=True,
+            )
         reference = runs["DynamicCache"][0]["tokens"]
         for name, results in runs.items():
             best = {
@@ -111,7 +146,10 @@ def sweep(args, model, out_dir: Path) -> list[dict]:
                 "ttft_s": min(r["ttft_s"] for r in results),
                 "peak_over_weights_gib": min(r["peak_gib"] for r in results) - weights,
                 "rounds": [{k: r[k] for k in ("ttft_s", "step_ms", "peak_gib")} for r in results],
-                "tokens_match_dynamic": results[0]["tokens"] == reference,
+                # with fresh lengths every run had its own prompt: no tokens to compare
+                "tokens_match_dynamic": None
+                if args.fresh_lengths
+                else results[0]["tokens"] == reference,
             }
             if "stats" in results[0]:
                 stats = results[0]["stats"]
@@ -138,6 +176,11 @@ def summarize(rows: list[dict], h2d_gbps: float) -> dict:
         tag = f"{context // 1024}k"
         if fit and dyn:
             out[f"decode_ratio_all_fit_{tag}"] = dyn["step_ms"] / fit["step_ms"]
+            sdpa_decode = by.get((context, SDPA_DECODE))
+            if sdpa_decode:
+                out[f"decode_ratio_all_fit_sdpa_decode_{tag}"] = (
+                    dyn["step_ms"] / sdpa_decode["step_ms"]
+                )
             out[f"ttft_ratio_{tag}"] = fit["ttft_s"] / dyn["ttft_s"]
         for name, key in (("kvtier 25%", "25"), ("kvtier min", "0")):
             row = by.get((context, name))
@@ -196,10 +239,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help='only these, comma-separated (e.g. "kvtier 100%%,kvtier 25%%"); DynamicCache always',
     )
+    p.add_argument(
+        "--fresh-lengths",
+        action="store_true",
+        help="each run a new prompt length (as users see it: no attention shape seen before)",
+    )
     p.add_argument("--prefetch-depth", type=int, default=1, help="kvtier's policy.prefetch_depth")
     p.add_argument("--out", default="bench-out")
     args = p.parse_args(argv)
-    known = {"DynamicCache", "DynamicCache chunked", "HF offloaded", *SHARES}
+    known = {"DynamicCache", "DynamicCache chunked", "HF offloaded", SDPA_DECODE, *SHARES}
     if args.systems and args.systems - known:
         p.error(f"--systems: unknown {sorted(args.systems - known)}; choose from {sorted(known)}")
     out_dir = Path(args.out)

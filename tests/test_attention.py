@@ -200,6 +200,33 @@ def test_chunk_attention_kernels_on_gpu(past: int) -> None:
     assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
+def test_decode_attention_is_attention_over_every_key():
+    """Scenario: one query per sequence (decode), grouped heads, kvtier's strided token-major
+    K/V on the CPU: equals attention with repeated heads over all keys (fp32, 1e-5)."""
+    buffer = torch.randn(40, 2, 2, 2, 8)  # [tokens, K/V, batch, kv_heads, head_dim]
+    key, value = buffer[:, 0].permute(1, 2, 0, 3), buffer[:, 1].permute(1, 2, 0, 3)
+    query = torch.randn(2, 6, 1, 8)
+    got = attention.decode_attention(query, key, value, scale=0.3)
+    assert torch.allclose(got, _reference(query, key, value, 0.3), atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_attention_runs_flash_on_gpu(dtype: torch.dtype) -> None:
+    """Scenario: decode on CUDA in half precision: flash attention called directly on strided
+    token-major K/V with grouped heads (not declined), within half-precision noise of fp32."""
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    buffer = torch.randn(
+        5000, 2, 2, 2, 128, device="cuda", dtype=dtype, generator=generator
+    )  # a batch of 2, 2 KV heads
+    key, value = buffer[:, 0].permute(1, 2, 0, 3), buffer[:, 1].permute(1, 2, 0, 3)
+    query = torch.randn(2, 8, 1, 128, device="cuda", dtype=dtype, generator=generator)
+    got = attention.decode_attention(query, key, value, scale=None).float()
+    want = _reference(query.float(), key.float(), value.float(), 128**-0.5)
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
+    assert (query.device, dtype, 128, 8, 2) not in attention._FLASH_DECLINED
+
+
 @pytest.mark.gpu
 def test_sdpa_model_on_gpu_matches_dynamic_cache(tiny_model: Any, tmp_path: Any) -> None:
     """Scenario: an SDPA model on CUDA (fp32) through a TieredCache: chunked prefill on kvtier

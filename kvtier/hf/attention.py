@@ -88,13 +88,9 @@ def attention(
         and not kwargs.get("output_attentions")
         and key.shape[-1] == value.shape[-1] <= 256
     ):
-        # decode: what HF's SDPA does for one query and no mask (it reads no other keyword:
+        # decode: what HF's SDPA computes for one query and no mask (it reads no other keyword:
         # position_ids, use_cache, ... pass through), without its checks per layer
-        groups = query.shape[1] != key.shape[1]
-        output = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, scale=scaling, enable_gqa=groups
-        )
-        return output.transpose(1, 2).contiguous(), None
+        return decode_attention(query, key, value, scale=scaling).transpose(1, 2).contiguous(), None
     if attention_mask is not None or not causal or special or not 1 < q_length < kv_length:
         return sdpa_attention_forward(
             module,
@@ -113,6 +109,35 @@ def attention(
     else:  # no fused kernel to win (CPU, fp32): HF's own masked path, rounding as HF rounds
         output = masked_attention(query, key, value, scale=scale)
     return output.transpose(1, 2).contiguous(), None
+
+
+def decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float | None
+) -> torch.Tensor:
+    """One query per sequence against all its keys, no mask; [b, heads, 1, d].
+
+    On CUDA in half precision this calls flash attention itself (grouped heads natively).
+    SDPA would pick cuDNN on Hopper, and cuDNN builds an execution plan for every new key
+    length, so every decode step: tens of milliseconds a step that a repeated benchmark of the
+    same lengths never shows (docs/design.md, departure 22). Elsewhere, or where flash declines
+    the inputs, SDPA as HF calls it."""
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        signature = (query.device, query.dtype, query.shape[-1], query.shape[1], key.shape[1])
+        if signature not in _FLASH_DECLINED:
+            try:
+                return torch.ops.aten._scaled_dot_product_flash_attention(
+                    query, key, value, 0.0, False, False, scale=scale
+                )[0]
+            except RuntimeError as error:  # an old GPU, an odd head size: SDPA from now on
+                _FLASH_DECLINED.add(signature)
+                log.debug("flash attention declined decode inputs %s: %s", signature, error)
+    groups = query.shape[1] != key.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, scale=scale, enable_gqa=groups
+    )
+
+
+_FLASH_DECLINED: set[tuple] = set()  # decode input signatures flash refused once
 
 
 def masked_attention(
