@@ -34,8 +34,10 @@ import kvtier  # noqa: E402
 from kvtier.hf import attention  # noqa: E402
 
 SHARES = {"kvtier 100%": 1.0, "kvtier 25%": 0.25, "kvtier min": "min"}
-# kvtier all-fit with decode attention through SDPA (cuDNN on Hopper), as before departure 22
+# kvtier all-fit as before departure 22: decode attention through SDPA (cuDNN on Hopper), and
+# every prefill chunk on cuDNN first whether its plan pays or not
 SDPA_DECODE = "kvtier 100% sdpa-decode"
+CUDNN_PREFILL = "kvtier 100% cudnn-prefill"
 
 
 def systems(context: int, device: torch.device, chunk_from: int) -> list[str]:
@@ -47,23 +49,30 @@ def systems(context: int, device: torch.device, chunk_from: int) -> list[str]:
     return names + list(SHARES)
 
 
+def sdpa_decode(query, key, value, *, scale):
+    """kvtier's decode attention as it was: SDPA with grouped heads."""
+    groups = query.shape[1] != key.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, scale=scale, enable_gqa=groups
+    )
+
+
 @contextlib.contextmanager
-def decode_through_sdpa():
-    """kvtier's decode attention as SDPA with grouped heads, what it called before it called
-    flash itself (a benchmark-only switch)."""
-    original = attention.decode_attention
-
-    def sdpa_decode(query, key, value, *, scale):
-        groups = query.shape[1] != key.shape[1]
-        return torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, scale=scale, enable_gqa=groups
-        )
-
-    attention.decode_attention = sdpa_decode
+def switched(name: str):
+    """A benchmark-only switch of kvtier's attention for the systems that compare with it."""
+    replace = {
+        SDPA_DECODE: ("decode_attention", sdpa_decode),
+        CUDNN_PREFILL: ("_kernel_order", lambda *a: (attention._cudnn, attention._flash)),
+    }.get(name)
+    if replace is None:
+        yield
+        return
+    original = getattr(attention, replace[0])
+    setattr(attention, replace[0], replace[1])
     try:
         yield
     finally:
-        attention.decode_attention = original
+        setattr(attention, replace[0], original)
 
 
 def run_one(args, model, ids, name: str, store: str) -> dict:
@@ -86,9 +95,8 @@ def run_one(args, model, ids, name: str, store: str) -> dict:
             policy_prefetch_depth=args.prefetch_depth,
         )
         cache = kvtier.TieredCache(model, cfg)
-    switch = decode_through_sdpa() if name == SDPA_DECODE else contextlib.nullcontext()
     try:
-        with switch:
+        with switched(name):
             out, result = benchlib.timed_generate(
                 model, ids, cache, new_tokens, prefill_chunk_size=chunked
             )
@@ -112,7 +120,7 @@ def sweep(args, model, out_dir: Path) -> list[dict]:
         names = systems(context, device, args.chunk_from)
         if args.systems:  # DynamicCache stays: its tokens are the reference
             names = [n for n in names if n == "DynamicCache" or n in args.systems]
-            names += [SDPA_DECODE] if SDPA_DECODE in args.systems else []  # only when asked
+            names += [n for n in (SDPA_DECODE, CUDNN_PREFILL) if n in args.systems]  # if asked
         # --fresh-lengths: each run's prompt `step` tokens longer than the last's, past its
         # decode lengths
         step = 64 * (1 + args.new_tokens // 64) if args.fresh_lengths else 0
@@ -181,6 +189,9 @@ def summarize(rows: list[dict], h2d_gbps: float) -> dict:
                 out[f"decode_ratio_all_fit_sdpa_decode_{tag}"] = (
                     dyn["step_ms"] / sdpa_decode["step_ms"]
                 )
+            cudnn_prefill = by.get((context, CUDNN_PREFILL))
+            if cudnn_prefill:
+                out[f"ttft_ratio_cudnn_prefill_{tag}"] = cudnn_prefill["ttft_s"] / dyn["ttft_s"]
             out[f"ttft_ratio_{tag}"] = fit["ttft_s"] / dyn["ttft_s"]
         for name, key in (("kvtier 25%", "25"), ("kvtier min", "0")):
             row = by.get((context, name))
@@ -247,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch-depth", type=int, default=1, help="kvtier's policy.prefetch_depth")
     p.add_argument("--out", default="bench-out")
     args = p.parse_args(argv)
-    known = {"DynamicCache", "DynamicCache chunked", "HF offloaded", SDPA_DECODE, *SHARES}
+    known = {"DynamicCache", "DynamicCache chunked", "HF offloaded", *SHARES}
+    known |= {SDPA_DECODE, CUDNN_PREFILL}
     if args.systems and args.systems - known:
         p.error(f"--systems: unknown {sorted(args.systems - known)}; choose from {sorted(known)}")
     out_dir = Path(args.out)

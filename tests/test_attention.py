@@ -181,11 +181,35 @@ def test_two_caches_share_the_switch(tiny_model: Any) -> None:
     assert eager.config._attn_implementation == "eager"
 
 
+def _shape(*size: int) -> torch.Tensor:
+    return torch.empty(size, device="meta")
+
+
+def test_kernel_order_plans_shapes_that_recur_or_pay():
+    """Scenario: a chunk shape on its first forward (as many calls as layers) runs flash first
+    (no cuDNN plan for a shape that may not come back); from its next forward on, cuDNN first;
+    a shape big enough that flash would lose more than a plan costs takes cuDNN at once."""
+    attention._SHAPE_CALLS.clear()
+    query, key = _shape(1, 8, 4 * 3328, 128), _shape(1, 8, 29440, 128)  # a reused prefix's tail
+    orders = [attention._kernel_order(query, key, key, False, 32) for _ in range(33)]
+    assert orders[:32] == [(attention._flash, attention._cudnn)] * 32
+    assert orders[32] == (attention._cudnn, attention._flash)
+    big = _shape(1, 8, 4 * 4096, 128), _shape(1, 8, 512 * 1024, 128)  # a chunk at 512K
+    assert attention._kernel_order(*big, big[1], False, 32) == (attention._cudnn, attention._flash)
+    own = _shape(1, 32, 4096, 128)  # a chunk's own causal square: small, flash first
+    assert attention._kernel_order(own, own, own, True, 32)[0] is attention._flash
+    attention._SHAPE_CALLS.clear()
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("first", ["_cudnn", "_flash"])
 @pytest.mark.parametrize("past", [512, 5000])
-def test_chunk_attention_kernels_on_gpu(past: int) -> None:
-    """Scenario: on CUDA the split runs fused kernels (cuDNN or flash, with log-sum-exp) on
-    kvtier's strided token-major K/V and stays within bf16 noise of plain causal attention."""
+def test_chunk_attention_kernels_on_gpu(past: int, first: str, monkeypatch) -> None:
+    """Scenario: on CUDA the split runs fused kernels (cuDNN or flash, with log-sum-exp, either
+    first) on kvtier's strided token-major K/V within bf16 noise of plain causal attention."""
+    kernels = (attention._cudnn, attention._flash)
+    order = kernels if first == "_cudnn" else kernels[::-1]
+    monkeypatch.setattr(attention, "_kernel_order", lambda *args: order)
     generator = torch.Generator(device="cuda").manual_seed(past)
     chunk, heads, kv_heads, dim = 256, 8, 2, 64
     buffer = torch.randn(

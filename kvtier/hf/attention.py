@@ -105,7 +105,8 @@ def attention(
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        output = chunk_attention(query, key, value, scale=scale)
+        layers = getattr(getattr(module, "config", None), "num_hidden_layers", 1)
+        output = chunk_attention(query, key, value, scale=scale, layers=layers)
     else:  # no fused kernel to win (CPU, fp32): HF's own masked path, rounding as HF rounds
         output = masked_attention(query, key, value, scale=scale)
     return output.transpose(1, 2).contiguous(), None
@@ -156,15 +157,22 @@ def masked_attention(
 
 
 def chunk_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scale: float,
+    layers: int = 1,
 ) -> torch.Tensor:
     """Causal attention of `q` queries that are the last `q` of `k` keys: every query sees the
     first `k - q` keys (no mask) and the chunk's own keys up to itself. Returns [b, heads, q, d].
+    `layers`: how many calls of this shape one forward makes (the model's layers), for the
+    choice of kernel (`_kernel_order`).
     """
     q_length, kv_length = query.shape[2], key.shape[2]
     past = kv_length - q_length
-    past_out, past_lse = _past_part(query, key[:, :, :past], value[:, :, :past], scale)
-    own_out, own_lse = _own_part(query, key[:, :, past:], value[:, :, past:], scale)
+    past_out, past_lse = _past_part(query, key[:, :, :past], value[:, :, :past], scale, layers)
+    own_out, own_lse = _own_part(query, key[:, :, past:], value[:, :, past:], scale, layers)
     wide = _wide(query)
     past_lse, own_lse = past_lse.to(wide), own_lse.to(wide)
     top = torch.maximum(past_lse, own_lse)
@@ -183,7 +191,7 @@ def _wide(query: torch.Tensor) -> torch.dtype:
 
 
 def _past_part(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, layers: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries against past keys, no mask; (out [b, heads, q, d], lse [b, heads, q] float32).
 
@@ -193,28 +201,34 @@ def _past_part(
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     folded = query.reshape(batch, kv_heads, groups * q_length, dim)
-    out, lse = _attend_lse(folded, key, value, scale, causal=False)
+    out, lse = _attend_lse(folded, key, value, scale, causal=False, layers=layers)
     return out.reshape(batch, heads, q_length, -1), lse.reshape(batch, heads, q_length)
 
 
 def _own_part(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, layers: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries against the chunk's own keys, causal (a square: HF's top-left alignment holds)."""
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # the square is small: repeat its keys rather than fold causal rows
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    return _attend_lse(query, key, value, scale, causal=True)
+    return _attend_lse(query, key, value, scale, causal=True, layers=layers)
 
 
 def _attend_lse(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, *, causal: bool
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool,
+    layers: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention with its log-sum-exp, equal head counts: a fused kernel on CUDA (cuDNN, then
-    flash), plain math elsewhere or when no kernel takes these inputs."""
+    """Attention with its log-sum-exp, equal head counts: a fused kernel on CUDA (cuDNN or
+    flash, `_kernel_order`), plain math elsewhere or when no kernel takes these inputs."""
     if query.is_cuda:
-        for kernel in (_cudnn, _flash):
+        for kernel in _kernel_order(query, key, value, causal, layers):
             try:
                 out, lse = kernel(query, key, value, scale, causal)
             except Exception as error:  # noqa: BLE001 - a kernel refusing inputs: try the next
@@ -222,6 +236,40 @@ def _attend_lse(
                 continue
             return out, lse.reshape(query.shape[:3]).float()
     return _math(query, key, value, scale, causal)
+
+
+# cuDNN builds an execution plan on its first call of each shape (H200: 72-80 ms, 1.24 s for the
+# process's first; flash none) and then runs 1.7-1.9x faster than flash (580-650 TFLOP/s against
+# 320-360 on chunks against a 29K past; docs/results/h200/attention_first_shape.json)
+PLAN_S = 0.075
+FLASH_EXTRA_S_PER_FLOP = 1 / 340e12 - 1 / 620e12
+_SHAPE_CALLS: dict[tuple, int] = {}  # calls per attention shape in this process
+_SHAPES_KEPT = 4096  # forget the counts past this many shapes (a long, varied process)
+
+
+def _kernel_order(query, key, value, causal: bool, layers: int) -> tuple:
+    """cuDNN first for a shape whose plan pays: one seen in an earlier forward (more calls than
+    the `layers` one forward makes: it recurs, as chunks at the same past lengths do) or one big
+    enough that a forward on flash loses more than a plan costs; else flash first. A prompt of a
+    new length, a reused prefix's tail and a process's first prompt then build no plan for
+    shapes that may never come back."""
+    signature = (
+        query.shape,
+        query.stride(),
+        key.shape,
+        key.stride(),
+        value.stride(),
+        causal,
+        query.dtype,
+    )
+    if len(_SHAPE_CALLS) >= _SHAPES_KEPT and signature not in _SHAPE_CALLS:
+        _SHAPE_CALLS.clear()
+    calls = _SHAPE_CALLS[signature] = _SHAPE_CALLS.get(signature, 0) + 1
+    batch, heads, q_length, dim = query.shape
+    flops = 4 * batch * heads * q_length * key.shape[2] * dim // (2 if causal else 1)
+    if calls > layers or flops * layers * FLASH_EXTRA_S_PER_FLOP > PLAN_S:
+        return _cudnn, _flash
+    return _flash, _cudnn
 
 
 def _cudnn(query, key, value, scale, causal):
