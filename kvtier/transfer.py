@@ -10,8 +10,10 @@ Without CUDA the same calls copy synchronously. The mover moves; it never decide
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -88,6 +90,9 @@ class Mover:
     def __init__(self, *, workers: int | None = None) -> None:
         workers = workers or default_io_threads()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvtier-io")
+        # per store with `save_writers`: its save_blocks batches waiting, and how many run
+        self._save_queues: dict[int, tuple[collections.deque, list[int]]] = {}
+        self._save_lock = threading.Lock()
         self._streams: dict[tuple[Lane, torch.device], torch.cuda.Stream] = {}
         self.copies = 0
         self.h2d_bytes = 0
@@ -188,9 +193,10 @@ class Mover:
 
         A source is a block's host layers (CPU tensors; they must stay until the ticket is
         done), or a `Stored` block, read and verified first (relayed). Copies to a store with
-        `save_blocks` (the remote tier) go in one pipelined call per SAVE_BATCH_BYTES; others
-        are saved one by one. A save the store did not take (0 bytes: a server down, slow or
-        full, which the store warned about) fails its ticket with NotStored.
+        `save_blocks` (the remote tier) go in one pipelined call per SAVE_BATCH_BYTES, at most
+        the store's `save_writers` of them at once, in order (the rest wait in a queue, not on
+        I/O threads); others are saved one by one. A save the store did not take (0 bytes: a
+        server down, slow or full, which the store warned about) fails its ticket with NotStored.
         """
         tickets = [Ticket() for _ in copies]
         batches: dict[int, list[tuple[Endpoint, Stored, Future]]] = {}  # by store, filling
@@ -203,13 +209,43 @@ class Mover:
                 self.pool.submit(_save_batch, store, [(source, destination, future)])
                 continue
             if filled.get(id(store), 0) >= SAVE_BATCH_BYTES:
-                self.pool.submit(_save_batch, store, batches.pop(id(store)))
+                self._queue_saves(store, batches.pop(id(store)))
                 filled[id(store)] = 0
             batches.setdefault(id(store), []).append((source, destination, future))
             filled[id(store)] = filled.get(id(store), 0) + _block_bytes(source)
         for batch in batches.values():
-            self.pool.submit(_save_batch, batch[0][1].store, batch)
+            self._queue_saves(batch[0][1].store, batch)
         return tickets
+
+    def _queue_saves(self, store: SerializedStore, batch: list) -> None:
+        """Run one save_blocks batch now, or after the store's running ones (`save_writers`:
+        a Valkey server takes commands on one thread, and more pipelines than it can keep busy
+        only contend; H200 host, docs/remote.md)."""
+        writers = getattr(store, "save_writers", 0)
+        if writers:
+            with self._save_lock:
+                pending, running = self._save_queues.setdefault(
+                    id(store), (collections.deque(), [0])
+                )
+                if running[0] >= writers:
+                    pending.append(batch)
+                    return
+                running[0] += 1
+        self.pool.submit(self._run_saves, store, batch, writers)
+
+    def _run_saves(self, store: SerializedStore, batch: list | None, writers: int) -> None:
+        """An I/O task: save `batch`, then the store's queued batches while there are any."""
+        while batch is not None:
+            _save_batch(store, batch)
+            if not writers:
+                return
+            with self._save_lock:
+                pending, running = self._save_queues[id(store)]
+                batch = pending.popleft() if pending else None
+                if batch is None:
+                    running[0] -= 1
+                    if not running[0]:
+                        del self._save_queues[id(store)]
 
     def retire(self, tensors: list[torch.Tensor]) -> None:
         """Tensors about to be freed: their memory is not reused before the copies already

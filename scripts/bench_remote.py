@@ -306,6 +306,13 @@ def bench_tier(
         for ticket in tickets:
             mover.finish(ticket)  # raises if the server did not take a block
 
+    def save_by_mover_unlimited() -> None:  # the same, every call at once (before save_writers)
+        tier.save_writers = 0
+        try:
+            save_by_mover()
+        finally:
+            del tier.save_writers
+
     def load_many() -> None:
         assert all(tier.load_blocks(ids, outs))
 
@@ -324,6 +331,7 @@ def bench_tier(
             f"Mover.submit_saves ({SAVE_BATCH_BYTES >> 20} MiB save_blocks calls on "
             f"{default_io_threads()} I/O threads)",
         ): save_by_mover,
+        ("put", "Mover.submit_saves, every call at once"): save_by_mover_unlimited,
         ("get", "raw"): raw_get,
         ("get", floor): raw_get_hashed,
         ("get", "RemoteTier.load_blocks"): load_many,

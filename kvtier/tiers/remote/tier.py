@@ -4,9 +4,8 @@ Handles are block ids; values are block files, head-sealed (values.py), under ke
 the model fingerprint. A shared cache, not room: the server may drop any value (maxmemory
 eviction, ttl_s, a restart), so the tier never takes a block's only copy (`allocate` is None,
 `adopt` is None). It serves `save` and `save_blocks` (write-through with persist, from the
-mover's I/O threads) and the reuse calls. A server problem is a miss or a failed save and one warning: the data path never
-raises for one. It stores; it never chooses what to keep.
-"""
+mover's I/O threads) and the reuse calls. A server problem is a miss or a failed save and one
+warning: the data path never raises for one. It stores; it never chooses what to keep."""
 
 from __future__ import annotations
 
@@ -68,6 +67,7 @@ class RemoteTier(SerializedEndpoints):
     tier = Tier.REMOTE
     holds_open_blocks = False  # keyed by content id: sealed blocks only
     limit_bytes = 0  # never a block's only copy: the server may drop any value
+    save_writers = 2  # save_blocks calls the mover runs at once: a server takes them on one thread
 
     def __init__(
         self,
