@@ -86,6 +86,11 @@ def main() -> int:
     rows = best_rows(runs, args.new_tokens)
     summary = summarize(rows, args.h2d_gbps)
     result: dict = {"device": args.device, "model": "Llama-3-8B shape, random bf16 weights"}
+    lengths = {(r["context"], r.get("prompt_tokens", r["context"])) for r in runs}
+    fresh = len(lengths) > len({context for context, _ in lengths})  # bench_decode --fresh-lengths
+    result["prompt_lengths"] = (
+        "fresh: every run its own" if fresh else "repeated: every run the same"
+    )
     result |= {
         "decode_ratio_all_fit": summary.get("decode_ratio_all_fit_32k"),
         "step_over_floor_25": summary.get("step_over_floor_25_32k"),
