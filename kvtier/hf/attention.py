@@ -4,8 +4,10 @@ HF builds no mask when a mask would be plain causal; its SDPA then assumes the q
 at key 0. A prefill chunk after a cached past starts later, so HF materializes a [chunk, past +
 chunk] mask and runs a slower kernel. Registered as "kvtier" for both HF interfaces, the mask
 function returns None for plain causal masks (no padding, no window) and the attention attends
-over the whole past without a mask and causally within the chunk, merged by log-sum-exp. Every
-other case goes to HF's own SDPA functions unchanged. It only computes; it never moves KV.
+over the whole past without a mask and causally within the chunk, merged by log-sum-exp; on
+CUDA a chunk runs cuDNN or flash, whichever pays for this shape (`_kernel_order`), and a decode
+step flash (`decode_attention`: no cuDNN plan per key length). Every other case goes to HF's
+own SDPA functions unchanged. It only computes; it never moves KV.
 """
 
 from __future__ import annotations
