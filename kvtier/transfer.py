@@ -91,7 +91,8 @@ class Mover:
         workers = workers or default_io_threads()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvtier-io")
         # per store with `save_writers`: its save_blocks batches waiting, and how many run
-        self._save_queues: dict[int, tuple[collections.deque, list[int]]] = {}
+        self._saves_waiting: dict[int, collections.deque] = {}
+        self._saves_running: collections.Counter[int] = collections.Counter()
         self._save_lock = threading.Lock()
         self._streams: dict[tuple[Lane, torch.device], torch.cuda.Stream] = {}
         self.copies = 0
@@ -224,13 +225,10 @@ class Mover:
         writers = getattr(store, "save_writers", 0)
         if writers:
             with self._save_lock:
-                pending, running = self._save_queues.setdefault(
-                    id(store), (collections.deque(), [0])
-                )
-                if running[0] >= writers:
-                    pending.append(batch)
+                if self._saves_running[id(store)] >= writers:
+                    self._saves_waiting.setdefault(id(store), collections.deque()).append(batch)
                     return
-                running[0] += 1
+                self._saves_running[id(store)] += 1
         self.pool.submit(self._run_saves, store, batch, writers)
 
     def _run_saves(self, store: SerializedStore, batch: list | None, writers: int) -> None:
@@ -240,12 +238,14 @@ class Mover:
             if not writers:
                 return
             with self._save_lock:
-                pending, running = self._save_queues[id(store)]
-                batch = pending.popleft() if pending else None
+                waiting = self._saves_waiting.get(id(store))
+                batch = waiting.popleft() if waiting else None
+                if not waiting:
+                    self._saves_waiting.pop(id(store), None)
                 if batch is None:
-                    running[0] -= 1
-                    if not running[0]:
-                        del self._save_queues[id(store)]
+                    self._saves_running[id(store)] -= 1
+                    if not self._saves_running[id(store)]:
+                        del self._saves_running[id(store)]
 
     def retire(self, tensors: list[torch.Tensor]) -> None:
         """Tensors about to be freed: their memory is not reused before the copies already

@@ -38,6 +38,10 @@ SHARES = {"kvtier 100%": 1.0, "kvtier 25%": 0.25, "kvtier min": "min"}
 # every prefill chunk on cuDNN first whether its plan pays or not
 SDPA_DECODE = "kvtier 100% sdpa-decode"
 CUDNN_PREFILL = "kvtier 100% cudnn-prefill"
+SWITCHES = {  # system -> (attribute of kvtier.hf.attention, what replaces it for that run)
+    SDPA_DECODE: ("decode_attention", attention.sdpa_decode),
+    CUDNN_PREFILL: ("_kernel_order", lambda *args: (attention._cudnn, attention._flash)),
+}
 
 
 def systems(context: int, device: torch.device, chunk_from: int) -> list[str]:
@@ -49,30 +53,19 @@ def systems(context: int, device: torch.device, chunk_from: int) -> list[str]:
     return names + list(SHARES)
 
 
-def sdpa_decode(query, key, value, *, scale):
-    """kvtier's decode attention as it was: SDPA with grouped heads."""
-    groups = query.shape[1] != key.shape[1]
-    return torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, scale=scale, enable_gqa=groups
-    )
-
-
 @contextlib.contextmanager
 def switched(name: str):
     """A benchmark-only switch of kvtier's attention for the systems that compare with it."""
-    replace = {
-        SDPA_DECODE: ("decode_attention", sdpa_decode),
-        CUDNN_PREFILL: ("_kernel_order", lambda *a: (attention._cudnn, attention._flash)),
-    }.get(name)
-    if replace is None:
+    if name not in SWITCHES:
         yield
         return
-    original = getattr(attention, replace[0])
-    setattr(attention, replace[0], replace[1])
+    attribute, replacement = SWITCHES[name]
+    original = getattr(attention, attribute)
+    setattr(attention, attribute, replacement)
     try:
         yield
     finally:
-        setattr(attention, replace[0], original)
+        setattr(attention, attribute, original)
 
 
 def run_one(args, model, ids, name: str, store: str) -> dict:
@@ -120,7 +113,7 @@ def sweep(args, model, out_dir: Path) -> list[dict]:
         names = systems(context, device, args.chunk_from)
         if args.systems:  # DynamicCache stays: its tokens are the reference
             names = [n for n in names if n == "DynamicCache" or n in args.systems]
-            names += [n for n in (SDPA_DECODE, CUDNN_PREFILL) if n in args.systems]  # if asked
+            names += [n for n in SWITCHES if n in args.systems]  # only when asked
         # --fresh-lengths: each run's prompt `step` tokens longer than the last's, past its
         # decode lengths
         step = 64 * (1 + args.new_tokens // 64) if args.fresh_lengths else 0
@@ -258,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch-depth", type=int, default=1, help="kvtier's policy.prefetch_depth")
     p.add_argument("--out", default="bench-out")
     args = p.parse_args(argv)
-    known = {"DynamicCache", "DynamicCache chunked", "HF offloaded", *SHARES}
-    known |= {SDPA_DECODE, CUDNN_PREFILL}
+    known = {"DynamicCache", "DynamicCache chunked", "HF offloaded", *SHARES, *SWITCHES}
     if args.systems and args.systems - known:
         p.error(f"--systems: unknown {sorted(args.systems - known)}; choose from {sorted(known)}")
     out_dir = Path(args.out)

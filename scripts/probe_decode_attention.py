@@ -28,7 +28,7 @@ HEADS, KV_HEADS, DIM, LAYERS = 32, 8, 128, 32
 
 
 def sdpa(query, key, value):
-    return torch.nn.functional.scaled_dot_product_attention(query, key, value, enable_gqa=True)
+    return attention.sdpa_decode(query, key, value, scale=None)  # as HF calls it
 
 
 def sdpa_flash_only(query, key, value):

@@ -125,19 +125,31 @@ def decode_attention(
     same lengths never shows (docs/design.md, departure 22). Elsewhere, or where flash declines
     the inputs, SDPA as HF calls it."""
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        signature = (query.device, query.dtype, query.shape[-1], query.shape[1], key.shape[1])
-        if signature not in _FLASH_DECLINED:
+        # the signature is built only once flash has refused something (a per-layer cost)
+        if not _FLASH_DECLINED or _decode_signature(query, key) not in _FLASH_DECLINED:
             try:
                 return torch.ops.aten._scaled_dot_product_flash_attention(
                     query, key, value, 0.0, False, False, scale=scale
                 )[0]
             except RuntimeError as error:  # an old GPU, an odd head size: SDPA from now on
+                signature = _decode_signature(query, key)
                 _FLASH_DECLINED.add(signature)
                 log.debug("flash attention declined decode inputs %s: %s", signature, error)
+    return sdpa_decode(query, key, value, scale=scale)
+
+
+def sdpa_decode(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float | None
+) -> torch.Tensor:
+    """Decode attention through SDPA, grouped heads as HF passes them (cuDNN on Hopper)."""
     groups = query.shape[1] != key.shape[1]
     return torch.nn.functional.scaled_dot_product_attention(
         query, key, value, scale=scale, enable_gqa=groups
     )
+
+
+def _decode_signature(query: torch.Tensor, key: torch.Tensor) -> tuple:
+    return (query.device, query.dtype, query.shape[-1], query.shape[1], key.shape[1])
 
 
 _FLASH_DECLINED: set[tuple] = set()  # decode input signatures flash refused once
