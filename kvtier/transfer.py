@@ -10,10 +10,8 @@ Without CUDA the same calls copy synchronously. The mover moves; it never decide
 
 from __future__ import annotations
 
-import collections
 import enum
 import logging
-import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -24,6 +22,7 @@ import torch
 
 from kvtier.errors import KVTierError, NotStored
 from kvtier.machine import default_io_threads
+from kvtier.save_queue import SaveQueue
 from kvtier.tiers.base import Endpoint, SerializedStore, Stored
 
 log = logging.getLogger(__name__)
@@ -90,10 +89,7 @@ class Mover:
     def __init__(self, *, workers: int | None = None) -> None:
         workers = workers or default_io_threads()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvtier-io")
-        # per store with `save_writers`: its save_blocks batches waiting, and how many run
-        self._saves_waiting: dict[int, collections.deque] = {}
-        self._saves_running: collections.Counter[int] = collections.Counter()
-        self._save_lock = threading.Lock()
+        self._saves = SaveQueue(self.pool, _save_batch)  # save_blocks batches, per store
         self._streams: dict[tuple[Lane, torch.device], torch.cuda.Stream] = {}
         self.copies = 0
         self.h2d_bytes = 0
@@ -210,42 +206,13 @@ class Mover:
                 self.pool.submit(_save_batch, store, [(source, destination, future)])
                 continue
             if filled.get(id(store), 0) >= SAVE_BATCH_BYTES:
-                self._queue_saves(store, batches.pop(id(store)))
+                self._saves.submit(store, batches.pop(id(store)))
                 filled[id(store)] = 0
             batches.setdefault(id(store), []).append((source, destination, future))
             filled[id(store)] = filled.get(id(store), 0) + _block_bytes(source)
         for batch in batches.values():
-            self._queue_saves(batch[0][1].store, batch)
+            self._saves.submit(batch[0][1].store, batch)
         return tickets
-
-    def _queue_saves(self, store: SerializedStore, batch: list) -> None:
-        """Run one save_blocks batch now, or after the store's running ones (`save_writers`:
-        a Valkey server takes commands on one thread, and more pipelines than it can keep busy
-        only contend; H200 host, docs/remote.md)."""
-        writers = getattr(store, "save_writers", 0)
-        if writers:
-            with self._save_lock:
-                if self._saves_running[id(store)] >= writers:
-                    self._saves_waiting.setdefault(id(store), collections.deque()).append(batch)
-                    return
-                self._saves_running[id(store)] += 1
-        self.pool.submit(self._run_saves, store, batch, writers)
-
-    def _run_saves(self, store: SerializedStore, batch: list | None, writers: int) -> None:
-        """An I/O task: save `batch`, then the store's queued batches while there are any."""
-        while batch is not None:
-            _save_batch(store, batch)
-            if not writers:
-                return
-            with self._save_lock:
-                waiting = self._saves_waiting.get(id(store))
-                batch = waiting.popleft() if waiting else None
-                if not waiting:
-                    self._saves_waiting.pop(id(store), None)
-                if batch is None:
-                    self._saves_running[id(store)] -= 1
-                    if not self._saves_running[id(store)]:
-                        del self._saves_running[id(store)]
 
     def retire(self, tensors: list[torch.Tensor]) -> None:
         """Tensors about to be freed: their memory is not reused before the copies already

@@ -66,7 +66,7 @@ def test_saves_run_at_most_the_stores_writers_at_once(small_batches):
         assert store.most == 2
         assert [key for call in store.calls for key in call] == [f"k{i}" for i in range(12)]
         assert all(ticket.saves[0].result() == 512 for ticket in tickets)
-        assert not mover._saves_waiting and not mover._saves_running  # emptied, dropped
+        assert not mover._saves._waiting and not mover._saves._running  # emptied, dropped
     finally:
         mover.close()
 

@@ -23,6 +23,7 @@ FLOORS = {
     "kvtier._version": 0,
     "kvtier.errors": 0,
     "kvtier.sizes": 1,
+    "kvtier.save_queue": 1,  # the mover's per-store save batches (stdlib only)
     "kvtier.data": 1,
     "kvtier.machine": 2,
     "kvtier.registry": 2,
