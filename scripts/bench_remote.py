@@ -313,6 +313,16 @@ def bench_tier(
         finally:
             del tier.save_writers
 
+    def in_series(save: Callable[[], None]) -> Callable[[], None]:  # before hash_on_checks_bytes
+        def run() -> None:
+            tier.hash_on_checks_bytes = 1 << 62
+            try:
+                save()
+            finally:
+                del tier.hash_on_checks_bytes
+
+        return run
+
     def load_many() -> None:
         assert all(tier.load_blocks(ids, outs))
 
@@ -332,6 +342,8 @@ def bench_tier(
             f"{default_io_threads()} I/O threads)",
         ): save_by_mover,
         ("put", "Mover.submit_saves, every call at once"): save_by_mover_unlimited,
+        ("put", "RemoteTier.save_blocks, layers hashed in series"): in_series(save_many),
+        ("put", "Mover.submit_saves, layers hashed in series"): in_series(save_by_mover),
         ("get", "raw"): raw_get,
         ("get", floor): raw_get_hashed,
         ("get", "RemoteTier.load_blocks"): load_many,

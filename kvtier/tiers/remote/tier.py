@@ -49,8 +49,7 @@ R = TypeVar("R")
 HEADER_CACHE = 4096  # verified block headers kept, so a layer read is one range read
 # Checks (hashing and the copy out, which release the GIL) run on these threads: a fetched
 # batch is verified while the next one arrives (xxh3-128 10-14 GB/s a core, the copy 2-5; 2-core
-# dev box). A signed save hashes its layers here (sha256, ~1.5 GB/s a core); an unsigned one in
-# its own thread (hashing the next block here while one is sent gained nothing: docs/remote.md).
+# dev box). A signed save (sha256, ~1.5 GB/s a core) or a big block hashes its layers here.
 CHECK_THREADS = 2
 BATCH_BYTES = 8 << 20  # values per MGET: about this many bytes (one value at least)
 
@@ -68,6 +67,7 @@ class RemoteTier(SerializedEndpoints):
     holds_open_blocks = False  # keyed by content id: sealed blocks only
     limit_bytes = 0  # never a block's only copy: the server may drop any value
     save_writers = 2  # save_blocks calls the mover runs at once: a server takes them on one thread
+    hash_on_checks_bytes = 8 << 20  # blocks this big hash their layers on the check threads
 
     def __init__(
         self,
@@ -218,8 +218,7 @@ class RemoteTier(SerializedEndpoints):
         it (the server takes in one while the next is encoded), every reply read after the last.
         Per block the bytes sent, or 0 when the server did not acknowledge it (down, slow, full:
         warned once per cause; a miss later). Never raises for a server problem; KVTierError,
-        before anything is sent, for blocks that do not fit. (Encoding on a check thread
-        meanwhile gained nothing on the 2-core dev box: docs/remote.md.)"""
+        before anything is sent, for blocks that do not fit."""
         started = time.perf_counter()
         if not len(keys) == len(layers) == len(parent_ids):
             raise KVTierError("save_blocks needs one block of layers and one parent id per key")
@@ -228,7 +227,8 @@ class RemoteTier(SerializedEndpoints):
         blocks = [dict(zip(self._names, block, strict=True)) for block in layers]
         for key, tensors in zip(keys, blocks, strict=True):
             check_tensors(key, tensors)
-        hash_map = self._check_map if self.spec.hmac_key is not None else map  # sha256: 2 cores
+        big = self.geometry.block_bytes >= self.hash_on_checks_bytes
+        hash_map = self._check_map if big or self.spec.hmac_key is not None else map
         sizes: list[int] = []  # of each value sent, in order
 
         def values() -> Iterator[Parts]:  # the layers' own memory, sent before this returns
