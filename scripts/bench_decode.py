@@ -42,6 +42,8 @@ SWITCHES = {  # system -> (attribute of kvtier.hf.attention, what replaces it fo
     SDPA_DECODE: ("decode_attention", attention.sdpa_decode),
     CUDNN_PREFILL: ("_kernel_order", lambda *args: (attention._cudnn, attention._flash)),
 }
+DEPTHS = {"kvtier 25% depth 2": ("kvtier 25%", 2)}  # system -> (share of SHARES, prefetch depth)
+A_B = (*SWITCHES, *DEPTHS)  # the controls of one change: run only when asked, not plotted
 
 
 def systems(context: int, device: torch.device, chunk_from: int) -> list[str]:
@@ -79,13 +81,14 @@ def run_one(args, model, ids, name: str, store: str) -> dict:
         cache = DynamicCache(offloading=True)
     else:
         tokens = ids.shape[1] + new_tokens
+        share, depth = DEPTHS.get(name, (name, args.prefetch_depth))
         cfg = benchlib.kvtier_config(
             model,
             tokens,
-            SHARES.get(name, 1.0),
+            SHARES.get(share, 1.0),
             store,
             chunk=args.chunk,
-            policy_prefetch_depth=args.prefetch_depth,
+            policy_prefetch_depth=depth,
         )
         cache = kvtier.TieredCache(model, cfg)
     try:
@@ -113,7 +116,7 @@ def sweep(args, model, out_dir: Path) -> list[dict]:
         names = systems(context, device, args.chunk_from)
         if args.systems:  # DynamicCache stays: its tokens are the reference
             names = [n for n in names if n == "DynamicCache" or n in args.systems]
-            names += [n for n in SWITCHES if n in args.systems]  # only when asked
+            names += [n for n in A_B if n in args.systems]  # only when asked
         # --fresh-lengths: each run's prompt `step` tokens longer than the last's, past its
         # decode lengths
         step = 64 * (1 + args.new_tokens // 64) if args.fresh_lengths else 0
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch-depth", type=int, default=1, help="kvtier's policy.prefetch_depth")
     p.add_argument("--out", default="bench-out")
     args = p.parse_args(argv)
-    known = {"DynamicCache", "DynamicCache chunked", "HF offloaded", *SHARES, *SWITCHES}
+    known = {"DynamicCache", "DynamicCache chunked", "HF offloaded", *SHARES, *A_B}
     if args.systems and args.systems - known:
         p.error(f"--systems: unknown {sorted(args.systems - known)}; choose from {sorted(known)}")
     out_dir = Path(args.out)

@@ -123,12 +123,13 @@ def kvtier_config(model, tokens: int, share: float | str, store: str, *, chunk: 
     budget that streams them); the host holds every block; no disk unless given."""
     kv = geometry(model, block_tokens=over.pop("block_tokens", 256))
     blocks = kv.blocks_for(tokens)
+    buffers = over.get("policy_prefetch_depth", 1) + 1  # staging buffers of one layer each
     if share == "min":
-        gpu = min_gpu_bytes(kv, buffers=2, tokens=tokens)
+        gpu = min_gpu_bytes(kv, buffers=buffers, tokens=tokens)
     elif share >= 1.0:
         gpu = blocks * kv.block_bytes
     else:
-        staging = 2 * kv.blocks_for(tokens) * kv.block_tokens * kv.token_bytes
+        staging = buffers * kv.blocks_for(tokens) * kv.block_tokens * kv.token_bytes
         gpu = staging + max(2, int(share * blocks)) * kv.block_bytes
     options = {
         "block_tokens": kv.block_tokens,

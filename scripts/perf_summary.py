@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import SWITCHES, summarize  # noqa: E402
+from bench_decode import A_B, summarize  # noqa: E402
 
 WEIGHTS_GIB = 14.957527160644531  # the 8B shape's bf16 weights (bench_long.py reports them)
 KV_BYTES_PER_TOKEN = 128 << 10  # 2 x 32 layers x 8 KV heads x 128 x 2 bytes
@@ -55,8 +55,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # the A/B controls of one change (SWITCHES) are in the table only
-    systems = sorted({r["system"] for r in rows} - set(SWITCHES))
+    # the A/B controls of one change (A_B) are in the table only
+    systems = sorted({r["system"] for r in rows} - set(A_B))
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
     for system in systems:
         mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["context"])
