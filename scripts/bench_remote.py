@@ -24,6 +24,7 @@ added up. Writes JSON and tables; prints the load average (the dev box is shared
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -306,22 +307,20 @@ def bench_tier(
         for ticket in tickets:
             mover.finish(ticket)  # raises if the server did not take a block
 
-    def save_by_mover_unlimited() -> None:  # the same, every call at once (before save_writers)
-        tier.save_writers = 0
-        try:
-            save_by_mover()
-        finally:
-            del tier.save_writers
+    def with_tier(attribute: str, value: int, save: Callable[[], None]) -> Callable[[], None]:
+        """`save` with one of the tier's class settings overridden for its calls: the A/B rows."""
 
-    def in_series(save: Callable[[], None]) -> Callable[[], None]:  # before hash_on_checks_bytes
         def run() -> None:
-            tier.hash_on_checks_bytes = 1 << 62
+            setattr(tier, attribute, value)
             try:
                 save()
             finally:
-                del tier.hash_on_checks_bytes
+                delattr(tier, attribute)
 
         return run
+
+    save_by_mover_unlimited = with_tier("save_writers", 0, save_by_mover)  # before save_writers
+    in_series = functools.partial(with_tier, "hash_on_checks_bytes", 1 << 62)  # hashed in series
 
     def load_many() -> None:
         assert all(tier.load_blocks(ids, outs))

@@ -129,7 +129,7 @@ def kvtier_config(model, tokens: int, share: float | str, store: str, *, chunk: 
     elif share >= 1.0:
         gpu = blocks * kv.block_bytes
     else:
-        staging = buffers * kv.blocks_for(tokens) * kv.block_tokens * kv.token_bytes
+        staging = buffers * blocks * kv.block_tokens * kv.token_bytes
         gpu = staging + max(2, int(share * blocks)) * kv.block_bytes
     options = {
         "block_tokens": kv.block_tokens,
