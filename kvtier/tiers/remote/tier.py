@@ -191,7 +191,7 @@ class RemoteTier(SerializedEndpoints):
             figures: dict[str, object] = dict(self._counters)
         load_s = float(figures["load_s"])
         bandwidth = self.load_bandwidth()
-        figures["load_gbps"] = round(bandwidth / 1e9, 3) if bandwidth else None
+        figures["load_gbps"] = bandwidth / 1e9 if bandwidth else None
         figures["io_s"] = figures["save_s"] + load_s
         figures["errors"] = self._clients.error_counts()
         return figures
