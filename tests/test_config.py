@@ -779,3 +779,14 @@ def test_gpu_devices_from_set_flags():
 
     overrides = parse_sets(["gpu.devices.cpu:1=2GiB", "gpu.budget=1GiB"])
     assert load_config(None, **overrides).gpu.devices == {"cpu:1": 2 << 30}
+
+
+def test_admit_after_hits_needs_a_persistent_target():
+    """disk.admit_after_hits counts reuses before a block goes to disk or to the server: with
+    neither persisting it would mean nothing, so it is a one-line error; either one is enough."""
+    message = config_error(None, disk={"admit_after_hits": 2})
+    assert "disk.persist" in message and "remote.persist" in message and "\n" not in message
+    remote = {"url": "valkey://127.0.0.1:6379", "persist": True}
+    assert load_config(None, disk={"admit_after_hits": 2}, remote=remote).disk.admit_after_hits == 2
+    on_disk = load_config(None, disk={"admit_after_hits": 1, "persist": True})
+    assert on_disk.disk.admit_after_hits == 1

@@ -1,5 +1,6 @@
 """`remote.persist` writes every sealed block through to the server, even when the host tier is
-too small to hold a block until its save runs: the block's disk file is relayed instead."""
+too small to hold a block until its save runs (the block's disk file is relayed instead), and
+with `disk.admit_after_hits` only once it was reused."""
 
 from __future__ import annotations
 
@@ -58,3 +59,45 @@ def test_every_sealed_block_reaches_the_server(
     chunked = reference_generate(model, prompt, prefill_chunk_size=PREFILL_CHUNK)  # as `fresh`
     assert not generation_mismatches(chunked, got)
     assert stats["prefix_hit_tokens"] == len(chain) * BLOCK_TOKENS, stats["reuse"]
+
+
+def test_admit_after_hits_holds_blocks_back_from_the_server_until_reused(
+    tiny_model,
+    tmp_path: Path,
+    server: ValkeyProcess,  # noqa: F811
+) -> None:
+    """Scenario: remote.persist with disk.admit_after_hits = 1 (and no disk persist): a prompt
+    seen once sends nothing to the server; a second cache that reuses it from the first (still
+    open) sends every full block, and a third cache with an empty store loads them, exactly."""
+    INDEX.clear()
+    model, config = tiny_model("llama")
+    length = 200
+    prompt = random_prompt(length, seed=7)
+    remote = {"remote_url": f"valkey://{server.node}", "remote_persist": True}
+    cfg = tiered_config(
+        config, tmp_path / "a", length + 40, gpu_blocks=16, host_blocks=16,
+        disk_admit_after_hits=1, **remote,
+    )  # fmt: skip
+    holder = kvtier.TieredCache(model, cfg)
+    try:
+        model.generate(prompt, past_key_values=holder, max_new_tokens=2, do_sample=False)
+        held = holder.controller.stores[Tier.REMOTE]
+        reuser = kvtier.TieredCache(model, cfg)
+        try:
+            model.generate(prompt, past_key_values=reuser, max_new_tokens=2, do_sample=False)
+            reused = reuser.stats()["prefix_hit_tokens"]
+            sent = reuser.controller.stores[Tier.REMOTE]
+        finally:
+            reuser.close()  # waits for its saves
+    finally:
+        holder.close()
+    blocks = length // BLOCK_TOKENS
+    assert reused == blocks * BLOCK_TOKENS
+    assert held.stats()["saves"] == 0  # seen once: nothing sent, also not on close
+    assert sent.stats()["saves"] == blocks and sent.stats()["failed_saves"] == 0
+    INDEX.clear()
+    fresh = tiered_config(config, tmp_path / "b", length + 40, **remote)
+    got, stats = tiered_generate(model, fresh, prompt)
+    assert stats["reuse"]["loaded_blocks"]["remote"] == blocks, stats["reuse"]
+    chunked = reference_generate(model, prompt, prefill_chunk_size=PREFILL_CHUNK)
+    assert not generation_mismatches(chunked, got)

@@ -203,12 +203,12 @@ def _sized(parse: Callable[..., object], value: object, *, key: str, hint: str, 
 
 
 def as_admit_after_hits(layers: Layers) -> int:
-    """disk.admit_after_hits, which only means something with disk.persist = true."""
+    """disk.admit_after_hits, which only means something with disk.persist or remote.persist."""
     hits = as_int(layers, "disk.admit_after_hits", "an integer >= 0 (e.g. 2)", 0)
-    if hits and not as_bool(layers, "disk.persist"):
+    if hits and not (as_bool(layers, "disk.persist") or as_bool(layers, "remote.persist")):
         fail(
-            f"disk.admit_after_hits = {hits} is set but disk.persist is false; set disk.persist "
-            "= true, or drop disk.admit_after_hits",
+            f"disk.admit_after_hits = {hits} is set but neither disk.persist nor remote.persist "
+            "is true; set one of them to true, or drop disk.admit_after_hits",
             layers["disk.admit_after_hits"][1],
         )
     return hits

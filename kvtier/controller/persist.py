@@ -1,9 +1,9 @@
 """Persist write-through: sealed blocks copied to the shared disk area and the remote server.
 
-With `disk.persist` every sealed block with known tokens is saved to disk (once it was reused
-`disk.admit_after_hits` times, when that is above 0: saved privately, then published), and with
+With `disk.persist` every sealed block with known tokens is saved to disk and with
 `remote.persist` sent to the server, both from a host copy in the mover's I/O threads, off the
-decode path. A failed persist copy is a warning, never an error: the block keeps its copies.
+decode path; with `disk.admit_after_hits` above 0, only once this process reused it that many
+times (to disk: saved privately, then published; to the server: not sent before). A failed persist copy is a warning, never an error: the block keeps its copies.
 It decides nothing about placement; Placement settles the saves it submits.
 """
 
@@ -70,7 +70,7 @@ class Persister:
             if not block.token_ids:
                 continue  # an anonymous id is never looked up again
             for tier in self.targets:
-                if tier in skip or (tier is Tier.DISK and not self._admitted(block)):
+                if tier in skip or not self._admitted(block):
                     continue
                 self._queue.append((block, tier))
         return len(self._queue) - queued
