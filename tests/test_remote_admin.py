@@ -152,3 +152,38 @@ def test_a_dead_server_is_one_line(server: ValkeyProcess, client: RemoteClient) 
     server.kill()
     with pytest.raises(RemoteError, match="valkey at"):
         admin.list_blocks(client)
+
+
+def test_the_acl_the_warnings_name_is_enough_for_every_call(tmp_path: Path) -> None:
+    """Scenario: a user granted exactly the commands kvtier's permission hints name, on kvtier's
+    keys only (docs/remote.md's user; a standalone server, db 1), saves, finds, loads, renews the TTL of and administers blocks:
+    following the hint never leaves reuse silently broken."""
+    from test_remote_tier import empty_layers
+
+    from kvtier.tiers.disk.format import ReadResult
+    from kvtier.tiers.remote.connect import ACL_COMMANDS
+
+    server = valkey_servers.start_server(
+        tmp_path / "acl", {"user": f"default off\nalice on >s3cret ~kvtier:* -@all {ACL_COMMANDS}"}
+    )
+    try:
+        url = {"url": f"valkey://alice:s3cret@{server.node}/1", "ttl_s": 600}
+        tier = RemoteTier(parse_remote(url), geometry(), fingerprint=FINGERPRINT)
+        try:
+            ids = [f"{i:032x}" for i in range(3)]
+            saved = tier.save_blocks(
+                ids, [block_layers(tier.geometry, i) for i in range(3)], parent_ids=[None] * 3
+            )
+            assert all(saved) and tier.stored_prefix(ids) == 3
+            assert tier.probe(ids[0]) is ReadResult.OK
+            results = tier.load_blocks(ids, [empty_layers(tier.geometry) for _ in ids])
+            assert results == [ReadResult.OK] * 3
+            assert tier.stats()["errors"] == {}, tier.stats()["errors"]
+        finally:
+            tier.close()
+        with admin.connect(parse_remote(url)) as client:
+            assert len(admin.list_blocks(client)) == 3
+            assert admin.verify(client) == (3, [])
+            assert admin.collect(client, max_bytes=0).removed_blocks == 3
+    finally:
+        server.kill()

@@ -36,13 +36,20 @@ try:
 except ImportError:  # pragma: no cover - RemoteClient.connect() refuses first without the extra
     pass
 
+# Every command kvtier sends, as ACL rules: the permission hints name exactly these (a test
+# runs every call as a user granted only them, docs/remote.md shows it). A cluster's user
+# also needs +cluster|slots +cluster|shards; +select is for a url with a /db.
+ACL_COMMANDS = (
+    "+get +set +mget +getrange +strlen +del +expire +object|idletime +scan +info +ping +select"
+)
+
 # Why each cause of a failed call matters to the user; the first of each is a warning.
 CAUSES = {
     "unreachable": "is unreachable; reads miss and writes are dropped until it answers",
     "timeout": "did not answer within remote.timeout_ms = {timeout_ms}; reads miss, writes dropped",
     "out of memory": "is out of memory; writes fail: raise its maxmemory or use an eviction "
     "policy such as allkeys-lru",
-    "no permission": "denied a command to this user; grant it +get +set +del +scan +info",
+    "no permission": f"denied a command to this user; grant it {ACL_COMMANDS}",
     "moved": "moved slots to other nodes; refreshing the slot map (reads miss meanwhile)",
     "cluster down": "reports the cluster down; reads miss and writes are dropped until it is up",
     "read-only": "is a read-only replica; list the primaries in remote.url",
@@ -222,8 +229,7 @@ def connect_error(spec: RemoteSpec, node: RemoteNode, exc: BaseException) -> Rem
         )
     if isinstance(exc, NoPermissionError):
         return RemoteError(
-            f"valkey at {node} denied user '{user}' a command ({text}); grant it "
-            "+get +set +del +scan +info +ping"
+            f"valkey at {node} denied user '{user}' a command ({text}); grant it {ACL_COMMANDS}"
         )
     cause = exc.__cause__ or exc.__context__
     if (
