@@ -108,6 +108,23 @@ def test_in_place_edits_and_loaded_weights_refresh_the_cached_fingerprint():
     assert fingerprint(model) == fingerprint(_model(seed=3)) != edited
 
 
+@pytest.mark.parametrize("edit", ["scale", "merge"])
+def test_edits_through_data_refresh_the_cached_fingerprint(edit: str):
+    """Scenario: `.data` edits bump no version counter (PEFT merges adapters this way); the
+    cached fingerprint's sample of every tensor still sees a rescaled or merged matrix."""
+    model = _model()
+    before = fingerprint(model)
+    weight = model.get_parameter("model.layers.1.self_attn.v_proj.weight")
+    version = weight._version
+    if edit == "scale":
+        weight.data.mul_(1.5)
+    else:  # a rank-1 update, as merging a LoRA adapter adds B @ A
+        weight.data += torch.randn(weight.shape[0], 1) @ torch.randn(1, weight.shape[1]) * 1e-3
+    assert weight._version == version  # what the cache keyed on alone would not have seen
+    assert fingerprint(model) != before
+    assert fingerprint(model) == fingerprint(model)  # and it is cached again
+
+
 def test_digest_is_pinned():
     """Scenario: the recipe gives the same bytes on every machine and version (no torch RNG), so
     a store outlives upgrades; a deliberate change of recipe must change FORMAT_VERSION."""

@@ -284,6 +284,23 @@ def test_damaged_stored_block_is_a_miss(damage: str, tiny_model, tmp_path, caplo
         assert any((store / "quarantine").iterdir())
 
 
+def test_weights_edited_through_data_never_reuse_the_old_blocks(tiny_model, tmp_path) -> None:
+    """Scenario: a persisted prompt, then the model's weights changed through `.data` (as a LoRA
+    merge does; no version counter moves): the next generate reuses nothing, tokens exact."""
+    import copy
+
+    shared, config = tiny_model("llama")
+    model = copy.deepcopy(shared)  # the session's model stays as it was
+    ids = random_prompt(PROMPT)
+    cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, disk_persist=True)
+    _, first = tiered_generate(model, cfg, ids)
+    assert first["prefix_hit_tokens"] == 0
+    model.get_parameter("model.layers.0.self_attn.v_proj.weight").data.mul_(1.5)
+    got, stats = tiered_generate(model, cfg, ids)
+    assert stats["prefix_hit_tokens"] == 0, stats["reuse"]
+    assert_same_generation(reference_generate(model, ids), got)
+
+
 def test_admit_after_hits_shares_a_block_once_reused(tiny_model: Any, tmp_path: Path) -> None:
     """Scenario: persist with admit_after_hits = 1: a prompt seen once writes nothing shared;
     once a second cache reuses it (from the first, still open), its blocks are shared, and a

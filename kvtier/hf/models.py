@@ -71,11 +71,17 @@ def fingerprint(model: torch.nn.Module, *, model_key: str = "") -> str:
     on an H200, scripts/bench_fingerprint.py), so models that differ in one bit of one weight
     never share blocks. `model_key` (`disk.model_key`, e.g. "org/model@rev") names
     the weights instead and skips the checksum. Cached on the model until a parameter changes
-    in place or is replaced (its version counter or storage); an edit through `.data` is not
-    seen: pass a new `model_key` or use a new model object then.
+    in place or is replaced (its version counter or storage) or a sample of its elements
+    changes (`_tripwire`: an edit through `.data`, which no version counter sees, such as a
+    merged LoRA or a rescaled matrix); an edit through `.data` of elements outside the sample
+    is not seen: pass a new `model_key` or use a new model object then.
     """
     tensors = [*model.named_parameters(), *model.named_buffers()]
-    stamp = (model_key, tuple((name, t.data_ptr(), t._version) for name, t in tensors))
+    stamp = (
+        model_key,
+        tuple((name, t.data_ptr(), t._version) for name, t in tensors),
+        _tripwire(tensors),
+    )
     cached = getattr(model, "_kvtier_fingerprint", None)
     if cached is not None and cached[0] == stamp:
         return cached[1]
@@ -100,6 +106,25 @@ _UNSHAPING_CONFIG = frozenset({"_name_or_path", "_commit_hash", "dtype", "torch_
 _ROW = 1 << 16  # words per checksum row
 _ROWS_PER_PASS = 64  # rows converted at once: bounds the float64 temporary to 32 MiB
 _LANES = 4  # independent multiplier columns
+
+
+_SAMPLE = 1024  # elements of each tensor the cached fingerprint's tripwire reads
+
+
+def _tripwire(tensors: list[tuple[str, torch.Tensor]]) -> bytes:
+    """Two sums over `_SAMPLE` evenly spaced elements of each tensor (plain and position
+    weighted, in float64), read back in one copy per device. It runs on every lookup of the
+    cached fingerprint: 6-7 ms against 0.87 s for the full checksum of SmolLM2-135M's 275
+    tensors on the 2-core CPU box (not timed on a GPU yet)."""
+    sums: dict[torch.device, list[torch.Tensor]] = {}
+    for _, tensor in tensors:
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE].to(torch.float64)
+        weights = torch.arange(1, sample.numel() + 1, device=sample.device, dtype=torch.float64)
+        sums.setdefault(tensor.device, []).append(torch.stack([sample.sum(), sample @ weights]))
+    return b"".join(torch.cat(parts).cpu().numpy().tobytes() for parts in sums.values())
 
 
 def _weights_digest(tensors: list[tuple[str, torch.Tensor]]) -> bytes:
