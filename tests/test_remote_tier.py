@@ -3,9 +3,11 @@ reuse calls, and every way a value can be wrong or a server can fail (a miss, ne
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import struct
 import time
 from collections.abc import Iterator
@@ -751,6 +753,56 @@ def test_a_server_down_at_build_is_a_warning_then_misses_then_works(
     finally:
         remote.close()
         server.kill()
+
+
+@pytest.mark.parametrize(
+    ("number", "why"),
+    [
+        (errno.EHOSTUNREACH, "no route to host"),
+        (errno.ENETUNREACH, "network unreachable"),
+        (errno.ECONNRESET, "connection reset"),
+    ],
+)
+def test_a_network_down_at_build_is_a_warning_then_misses(
+    number: int, why: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scenario: the server's host or network is down (no route, reset), not just its port
+    closed: the tier builds with one warning and reads miss; generation is never stopped."""
+    import valkey.connection
+
+    def down(self):
+        raise OSError(number, os.strerror(number))
+
+    monkeypatch.setattr(valkey.connection.Connection, "_connect", down)
+    caplog.set_level(logging.DEBUG)
+    remote = make_tier(parse_remote({"url": "valkey://10.255.255.1:6379", "timeout_ms": 200}))
+    try:
+        assert remote.save(BLOCK, block_layers(remote.geometry), parent_id=None) == 0
+        assert remote.load_block(BLOCK, empty_layers(remote.geometry)) is ReadResult.MISSING
+    finally:
+        remote.close()
+    warnings = warnings_from(caplog)
+    assert len(warnings) == 1 and f"is not serving now ({why})" in warnings[0], warnings
+
+
+@pytest.mark.parametrize(
+    ("error", "why"),
+    [
+        ("BusyLoadingError", "loading its dataset"),
+        ("MasterDownError", "its primary is down"),
+    ],
+)
+def test_a_server_not_serving_yet_is_unavailable_not_fatal(error: str, why: str) -> None:
+    """A restarted server still loading its data, or a replica without its primary, will serve
+    again: ServerUnavailable (a warning and misses), never a RemoteError that stops the run."""
+    import valkey.exceptions
+
+    from kvtier.tiers.remote.connect import ServerUnavailable, connect_error
+
+    spec = parse_remote({"url": "valkey://127.0.0.1:6379"})
+    exc = getattr(valkey.exceptions, error)("the server's own words")
+    found = connect_error(spec, spec.nodes[0], exc)
+    assert isinstance(found, ServerUnavailable) and why in str(found) and "\n" not in str(found)
 
 
 def test_unknown_host_is_one_line_at_build() -> None:

@@ -265,11 +265,52 @@ def connect_error(spec: RemoteSpec, node: RemoteNode, exc: BaseException) -> Rem
             f"nothing listens at valkey {node} (connection refused): start the server or fix "
             "the port in remote.url"
         )
+    transient = _transient(exc, lowered)
+    if transient:
+        return ServerUnavailable(
+            f"valkey at {node} is not serving now ({transient}): check the server and the "
+            "network to it"
+        )
     if "closed by server" in lowered and not spec.tls:
         return RemoteError(
             f"valkey at {node} closed the connection at once: if it serves TLS, use valkeys://"
         )
     return RemoteError(f"cannot use valkey at {node}: {text}; check remote.url and the server log")
+
+
+# Socket errors of a server or network that may come back (a host rebooting, a route flapping)
+_TRANSIENT_ERRNOS = {
+    errno.EHOSTUNREACH: "no route to host",
+    errno.ENETUNREACH: "network unreachable",
+    errno.EHOSTDOWN: "host down",
+    errno.ENETDOWN: "network down",
+    errno.ECONNRESET: "connection reset",
+    errno.ECONNABORTED: "connection aborted",
+    errno.EPIPE: "connection broken",
+}
+# Replies of a server that is up but cannot serve yet: loading its data after a restart, or a
+# replica whose primary is down
+_TRANSIENT_REPLIES = {
+    "loading": "loading its dataset",
+    "masterdown": "its primary is down",
+    "primarydown": "its primary is down",
+}
+
+
+def _transient(exc: BaseException, lowered: str) -> str | None:
+    """What makes `exc` a server or network that may come back, or None."""
+    for error in (exc, exc.__cause__, exc.__context__):
+        number = getattr(error, "errno", None)
+        if number in _TRANSIENT_ERRNOS:
+            return _TRANSIENT_ERRNOS[number]
+    for number, reason in _TRANSIENT_ERRNOS.items():
+        if f"error {number} " in lowered or reason in lowered:
+            return reason
+    if isinstance(exc, valkey_errors.BusyLoadingError):
+        return "loading its dataset"
+    if isinstance(exc, valkey_errors.MasterDownError):
+        return "its primary is down"
+    return next((why for word, why in _TRANSIENT_REPLIES.items() if lowered.startswith(word)), None)
 
 
 def cause_of(error: BaseException) -> str:
@@ -282,6 +323,8 @@ def cause_of(error: BaseException) -> str:
         return "moved"
     if isinstance(error, ClusterDownError):
         return "cluster down"
+    if isinstance(error, valkey_errors.MasterDownError):
+        return "unreachable"
     if isinstance(error, ReadOnlyError):
         return "read-only"
     if isinstance(error, valkey_errors.TimeoutError | TimeoutError):
