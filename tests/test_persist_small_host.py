@@ -101,3 +101,28 @@ def test_admit_after_hits_holds_blocks_back_from_the_server_until_reused(
     assert stats["reuse"]["loaded_blocks"]["remote"] == blocks, stats["reuse"]
     chunked = reference_generate(model, prompt, prefill_chunk_size=PREFILL_CHUNK)
     assert not generation_mismatches(chunked, got)
+
+
+def test_blocks_from_the_server_persist_to_the_local_disk_and_are_found_there_first(
+    tiny_model,
+    tmp_path: Path,
+    server: ValkeyProcess,  # noqa: F811
+) -> None:
+    """Scenario: a host with an empty store loads a prefix from the server with disk.persist on:
+    the blocks are written to its shared disk area too, and its next process finds them on
+    disk first (disk before remote in the lookup order), token-exact."""
+    INDEX.clear()
+    model, config = tiny_model("llama")
+    length = 200
+    prompt = random_prompt(length, seed=9)
+    remote = {"remote_url": f"valkey://{server.node}", "remote_persist": True}
+    tiered_generate(model, tiered_config(config, tmp_path / "a", length + 40, **remote), prompt)
+    blocks = length // BLOCK_TOKENS
+    local = tiered_config(config, tmp_path / "b", length + 40, disk_persist=True, **remote)
+    chunked = reference_generate(model, prompt, prefill_chunk_size=PREFILL_CHUNK)
+    for source in ("remote", "disk"):
+        INDEX.clear()  # a new process: nothing in memory
+        got, stats = tiered_generate(model, local, prompt)
+        loaded = stats["reuse"]["loaded_blocks"]
+        assert loaded[source] == blocks and sum(loaded.values()) == blocks, stats["reuse"]
+        assert not generation_mismatches(chunked, got)

@@ -283,6 +283,28 @@ def test_save_blocks_round_trips_through_load_blocks_bit_exact(
     remote.close()
 
 
+def test_a_reused_prefix_has_its_ttl_renewed(server: ValkeyProcess) -> None:
+    """Scenario: with remote.ttl_s, loading blocks renews their expiry (a prefix in use stays on
+    the server); misses and blocks not loaded keep theirs."""
+    remote = make_tier(spec_for(server, ttl_s=100))
+    try:
+        chain = chain_of(3)
+        remote.save_blocks(
+            chain, [block_layers(remote.geometry, i) for i in range(3)], parent_ids=[None] * 3
+        )
+        raw = server.client()
+        keys = [block_key(FINGERPRINT, block_id) for block_id in chain]
+        for key in keys:
+            raw.expire(key, 5)
+        outs = [empty_layers(remote.geometry) for _ in range(3)]
+        assert remote.load_blocks([*chain[:2], "f" * 32], outs) == [
+            ReadResult.OK, ReadResult.OK, ReadResult.MISSING,
+        ]  # fmt: skip
+        assert [raw.ttl(key) > 50 for key in keys] == [True, True, False]
+    finally:
+        remote.close()
+
+
 def test_big_blocks_hash_on_the_check_threads_to_the_same_bytes(
     server: ValkeyProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
