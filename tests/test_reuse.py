@@ -350,6 +350,7 @@ def test_only_copy_lost_mid_decode(damage: str, tiny_model: Any, tmp_path: Path)
             model(step, past_key_values=cache)
         assert ("failed verification" if damage == "flip" else "missing") in str(caught.value)
         assert cache.stats()["lost_blocks"] == 1
+        controller.check_invariants()  # consistent at once, before any crop
         with pytest.raises(StoreCorruptError, match="crop the cache"):
             model(step, past_key_values=cache)
         start = victim.index * BLOCK_TOKENS

