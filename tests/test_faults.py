@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import torch
 
@@ -90,3 +92,81 @@ def test_tiered_cache_rejects_a_bad_config_type(tiny_model):
     model, _ = tiny_model("llama")
     with pytest.raises(kvtier.KVTierError, match="kvtier.load_config"):
         kvtier.TieredCache(model, {"gpu": {"budget": "1GiB"}})
+
+
+def _disk_fails_after(monkeypatch, writes: int, number: int) -> list[int]:
+    """Every block file write after the first `writes` raises OSError(`number`), as a disk that
+    fills up (ENOSPC) or turns read-only (EROFS) mid-run does; the count of writes tried."""
+    import os
+
+    from kvtier.tiers.disk import files
+
+    original, tried = files._write_all, [0]
+
+    def failing(fd, buffer):
+        tried[0] += 1
+        if tried[0] > writes:
+            raise OSError(number, os.strerror(number))
+        return original(fd, buffer)
+
+    monkeypatch.setattr(files, "_write_all", failing)
+    return tried
+
+
+@pytest.mark.parametrize("number", [errno.ENOSPC, errno.EROFS], ids=["full", "read-only"])
+def test_a_disk_failing_mid_generate_stops_with_one_line(number, tiny_model, tmp_path, monkeypatch):
+    """Scenario: the KV streams through disk (one host block) and the disk fills up or turns
+    read-only mid-run: generate stops with one KVTierError line naming the cause, the cache stays
+    consistent, close() does not raise, and the files written before still verify."""
+    from click.testing import CliRunner
+    from conftest import random_prompt, tiered_config
+
+    from kvtier import cli
+
+    model, config = tiny_model("llama")
+    ids = random_prompt(200)
+    cfg = tiered_config(config, tmp_path / "store", 240, host_blocks=1, disk_persist=True)
+    tried = _disk_fails_after(monkeypatch, 6, number)
+    cache = kvtier.TieredCache(model, cfg)
+    try:
+        with pytest.raises(kvtier.KVTierError) as raised:
+            model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+        assert tried[0] > 6 and "\n" not in str(raised.value)
+        assert os_reason(number) in str(raised.value), str(raised.value)
+        cache.controller.check_invariants()
+    finally:
+        cache.close()  # never raises
+    monkeypatch.undo()
+    verified = CliRunner().invoke(cli.main, ["store", "verify", str(tmp_path / "store")])
+    assert verified.exit_code == 0, verified.output
+
+
+@pytest.mark.parametrize("number", [errno.ENOSPC, errno.EROFS], ids=["full", "read-only"])
+def test_a_failing_persist_write_is_a_warning_and_generation_goes_on(
+    number, tiny_model, tmp_path, monkeypatch
+):
+    """Scenario: the KV fits in memory and only persist writes it through to disk; the disk
+    fails mid-run: generation finishes token-exact and the failed saves are counted."""
+    from conftest import (
+        assert_same_generation,
+        random_prompt,
+        reference_generate,
+        tiered_config,
+        tiered_generate,
+    )
+
+    model, config = tiny_model("llama")
+    ids = random_prompt(200)
+    cfg = tiered_config(
+        config, tmp_path / "store", 240, gpu_blocks=16, host_blocks=16, disk_persist=True
+    )
+    _disk_fails_after(monkeypatch, 4, number)
+    got, stats = tiered_generate(model, cfg, ids)
+    assert_same_generation(reference_generate(model, ids), got)
+    assert stats["persist"]["failed"] > 0, stats["persist"]
+
+
+def os_reason(number: int) -> str:
+    import os
+
+    return os.strerror(number)
