@@ -49,6 +49,17 @@ def _own_cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> No
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
 
 
+@pytest.fixture(autouse=True)
+def _no_remembered_outages() -> Iterator[None]:
+    """A server one test paused or killed must not be skipped by the next test's tiers, as the
+    process-wide memory of down servers (kvtier.tiers.remote.clients.DOWN) would do."""
+    from kvtier.tiers.remote.clients import DOWN
+
+    DOWN.clear()
+    yield
+    DOWN.clear()
+
+
 def worker_env() -> dict[str, str]:
     """The environment for a worker process of a multi-process test: an empty XDG_CACHE_HOME of
     its own, so no worker starts from speeds another one learned (learned.json). Those tests

@@ -827,6 +827,38 @@ def test_a_server_not_serving_yet_is_unavailable_not_fatal(error: str, why: str)
     assert isinstance(found, ServerUnavailable) and why in str(found) and "\n" not in str(found)
 
 
+def test_caches_built_while_the_server_hangs_pay_one_timeout_and_one_warning(
+    server: ValkeyProcess, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: a process builds a cache (a tier) per request while its server hangs: the first
+    waits timeout_ms and warns; the next ones, within the backoff, neither wait nor warn; once
+    the server answers and the backoff passed, a new tier connects and works."""
+    from kvtier.tiers.remote import clients
+
+    caplog.set_level(logging.DEBUG)
+    server.pause()
+    try:
+        started = time.monotonic()
+        tiers = [make_tier(spec_for(server))]
+        first_s = time.monotonic() - started
+        started = time.monotonic()
+        tiers += [make_tier(spec_for(server)) for _ in range(5)]
+        rest_s = time.monotonic() - started
+    finally:
+        server.resume()
+    assert first_s >= TIMEOUT_MS / 1000 * 0.9 and rest_s < TIMEOUT_MS / 1000, (first_s, rest_s)
+    assert all(t.save(BLOCK, block_layers(t.geometry), parent_id=None) == 0 for t in tiers)
+    assert len(warnings_from(caplog)) == 1, warnings_from(caplog)
+    for remote in tiers:
+        remote.close()
+    monkeypatch.setattr(clients.DOWN, "wait_s", lambda spec: 0.0)  # the backoff passed
+    remote = make_tier(spec_for(server))
+    try:
+        assert remote.save(BLOCK, block_layers(remote.geometry), parent_id=None) > 0
+    finally:
+        remote.close()
+
+
 def test_unknown_host_is_one_line_at_build() -> None:
     spec = parse_remote({"url": "valkey://no-such-host.invalid:6379", "timeout_ms": 500})
     with pytest.raises(RemoteError, match="cannot resolve valkey host 'no-such-host.invalid'"):

@@ -1,6 +1,10 @@
 """ThreadClients: one RemoteClient per thread for a tier (a client is not thread-safe).
 
 Connects lazily in each thread; a thread that cannot connect reads misses and tries again later.
+Which servers could not be reached is remembered for the whole process (`DOWN`): a cache built
+while its server is down connects no sooner than the last failure's backoff allows (1 s, then
+doubling to 30 s), so a process that builds a cache per request pays a connect timeout once a
+backoff, not once a request, and warns once an outage, not once a cache.
 """
 
 from __future__ import annotations
@@ -11,9 +15,65 @@ import time
 
 from kvtier.errors import KVTierError
 from kvtier.tiers.remote.client import RETRY_AFTER_S, RemoteClient
+from kvtier.tiers.remote.connect import ServerUnavailable
 from kvtier.tiers.remote.url import RemoteSpec
 
 log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 30.0
+
+
+class DownServers:
+    """Servers this process could not connect to: when it may try again, and how long it waited
+    last. Thread-safe; one per process (`DOWN`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._down: dict[str, tuple[float, float]] = {}  # server -> (retry at, backoff s)
+
+    def wait_s(self, spec: RemoteSpec) -> float:
+        """Seconds until the server may be tried again (0: now)."""
+        with self._lock:
+            retry_at, _ = self._down.get(spec.redacted(), (0.0, 0.0))
+        return max(0.0, retry_at - time.monotonic())
+
+    def failed(self, spec: RemoteSpec) -> bool:
+        """Note a failed connect; True if it starts an outage (the one to warn about)."""
+        with self._lock:
+            _, backoff = self._down.get(spec.redacted(), (0.0, 0.0))
+            backoff = min(MAX_BACKOFF_S, max(RETRY_AFTER_S, 2 * backoff))
+            self._down[spec.redacted()] = (time.monotonic() + backoff, backoff)
+            return backoff == RETRY_AFTER_S
+
+    def up(self, spec: RemoteSpec) -> None:
+        with self._lock:
+            self._down.pop(spec.redacted(), None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._down.clear()
+
+
+DOWN = DownServers()
+
+
+def connect_first(spec: RemoteSpec, warned: set[str]) -> RemoteClient | None:
+    """A tier's first client; None (a warning at an outage's start) when the server is down or
+    was down moments ago: it may come up. Credentials, host names and certificates raise
+    RemoteError: they will not."""
+    if DOWN.wait_s(spec) > 0:
+        warned.add("connect")
+        log.debug("remote tier: valkey at %s was down moments ago; not tried yet", spec)
+        return None
+    try:
+        client = RemoteClient.connect(spec, warned=warned)
+    except ServerUnavailable as error:
+        warned.add("connect")
+        level = logging.WARNING if DOWN.failed(spec) else logging.DEBUG
+        log.log(level, "remote tier: %s; reads miss and writes are dropped until it answers", error)
+        return None
+    DOWN.up(spec)
+    return client
 
 
 class ThreadClients:
@@ -34,14 +94,22 @@ class ThreadClients:
         client = getattr(self._local, "client", None)
         if client is not None or time.monotonic() - self._failed_at < RETRY_AFTER_S:
             return client
+        if DOWN.wait_s(self.spec) > 0:
+            return None  # another tier of this process failed to connect moments ago
         try:
             client = RemoteClient.connect(self.spec, warned=self._warned)
         except KVTierError as error:
             self._failed_at = time.monotonic()
-            level = logging.DEBUG if "connect" in self._warned else logging.WARNING
+            outage = DOWN.failed(self.spec)
+            quiet = "connect" in self._warned or not outage
             self._warned.add("connect")
-            log.log(level, "remote tier: %s; reads miss and writes are dropped meanwhile", error)
+            log.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "remote tier: %s; reads miss and writes are dropped meanwhile",
+                error,
+            )
             return None
+        DOWN.up(self.spec)
         with self._lock:
             self._all.append(client)
         self._local.client = client

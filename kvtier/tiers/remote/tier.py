@@ -28,8 +28,7 @@ from kvtier.tiers.base import SerializedEndpoints
 from kvtier.tiers.disk.blockio import check_tensors
 from kvtier.tiers.disk.format import HeaderTemplate, ReadResult
 from kvtier.tiers.remote.client import Parts, RemoteClient
-from kvtier.tiers.remote.clients import ThreadClients
-from kvtier.tiers.remote.connect import ServerUnavailable
+from kvtier.tiers.remote.clients import ThreadClients, connect_first
 from kvtier.tiers.remote.url import RemoteSpec
 from kvtier.tiers.remote.values import (
     Located,
@@ -85,7 +84,9 @@ class RemoteTier(SerializedEndpoints):
         self.persist = persist
         self.model_key = model_key
         self._warned: set[str] = set()
-        self._clients = ThreadClients(spec, client or self._connect(spec), self._warned)
+        self._clients = ThreadClients(
+            spec, client or connect_first(spec, self._warned), self._warned
+        )
         self._names = tuple(f"l{layer_id}.kv" for layer_id in geometry.layer_ids)
         labels = {"model_key": model_key, "tokens": geometry.block_tokens}
         labels = {name: value for name, value in labels.items() if value}
@@ -113,18 +114,6 @@ class RemoteTier(SerializedEndpoints):
             "save_s": 0.0,
             "load_s": 0.0,
         }
-
-    def _connect(self, spec: RemoteSpec) -> RemoteClient | None:
-        """The first client; None (and a warning) when the server is down: it may come up.
-        Credentials, host names and certificates raise RemoteError: they will not."""
-        try:
-            return RemoteClient.connect(spec, warned=self._warned)
-        except ServerUnavailable as error:
-            self._warned.add("connect")
-            log.warning(
-                "remote tier: %s; reads miss and writes are dropped until it answers", error
-            )
-            return None
 
     # -- TierStore: no room of its own --------------------------------------------------------
     @property
