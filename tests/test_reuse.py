@@ -284,6 +284,35 @@ def test_damaged_stored_block_is_a_miss(damage: str, tiny_model, tmp_path, caplo
         assert any((store / "quarantine").iterdir())
 
 
+@pytest.mark.parametrize(
+    ("name", "index"),
+    [
+        ("model.layers.0.mlp.down_proj.weight", (5, 9)),
+        ("model.layers.0.self_attn.q_proj.weight", (3, 2)),
+        ("lm_head.weight", (7, 4)),
+    ],
+    ids=["mlp", "q_proj", "lm_head"],
+)
+def test_models_differing_in_one_weight_never_share_a_store(name, index, tiny_model, tmp_path):
+    """Scenario: one persistent store, a model and a copy differing in one element of one MLP
+    matrix, one q_proj, or only the LM head: the copy reuses nothing of what the first stored,
+    and its tokens are its own (DynamicCache on the copy)."""
+    import copy
+
+    shared, config = tiny_model("llama")
+    variant = copy.deepcopy(shared)
+    with torch.no_grad():
+        variant.get_parameter(name)[index] += 0.5
+    ids = random_prompt(PROMPT)
+    cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, disk_persist=True)
+    tiered_generate(shared, cfg, ids)
+    got, stats = tiered_generate(variant, cfg, ids)
+    assert stats["prefix_hit_tokens"] == 0, stats["reuse"]
+    assert_same_generation(reference_generate(variant, ids), got)
+    _, again = tiered_generate(shared, cfg, ids)
+    assert again["prefix_hit_tokens"] > 0  # the store itself was reusable
+
+
 def test_weights_edited_through_data_never_reuse_the_old_blocks(tiny_model, tmp_path) -> None:
     """Scenario: a persisted prompt, then the model's weights changed through `.data` (as a LoRA
     merge does; no version counter moves): the next generate reuses nothing, tokens exact."""
