@@ -146,3 +146,32 @@ def test_fleet_of_four_through_a_cluster(cluster: LocalCluster, tmp_path: Path) 
     assert [a["prefix_hit_tokens"] for a in answers[:2]] == [144, 144]
     assert answers[2]["prefix_hit_tokens"] == 112
     assert answers[0]["tokens"] == answers[1]["tokens"] == first["tokens"]
+
+
+def test_fleet_on_a_damaged_cluster_recomputes_and_stays_exact(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """Scenario: after a first process wrote a prompt to a 3-node cluster, one value is tampered
+    with (its length kept) and one node is killed: two processes at once still produce exactly
+    DynamicCache's tokens, reusing only the chain before the first block they cannot trust or
+    find; a process with a wrong password fails with one line."""
+    first = result(spawn(_remote_job(tmp_path, cluster.url, "first")))
+    alive, dead = cluster.nodes[0], cluster.nodes[2]
+    raw = alive.client()
+    keys = sorted(raw.keys("kvtier:*"))
+    assert keys and sorted(dead.client().keys("kvtier:*"))  # both nodes hold some blocks
+    value = bytearray(raw.get(keys[0]))
+    value[len(value) // 2] ^= 0x20
+    raw.set(keys[0], bytes(value))
+    dead.kill()
+    jobs = [_remote_job(tmp_path, cluster.url, f"p{n}") for n in range(2)]
+    answers = [result(process) for process in [spawn(job) for job in jobs]]
+    for answer in answers:
+        assert answer["tokens"] == first["tokens"]  # and each matched DynamicCache itself
+        assert answer["prefix_hit_tokens"] < 144
+    wrong = _remote_job(tmp_path, cluster.url.replace("valkey://", "valkey://:nope@"), "w")
+    process = spawn(wrong)
+    _, err = process.communicate(timeout=240)
+    assert process.returncode != 0
+    last = err.strip().splitlines()[-1]
+    assert "RemoteError" in last and "nope" not in err, last
