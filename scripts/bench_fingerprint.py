@@ -2,6 +2,7 @@
 
 Random bf16 tensors of a Llama-3-8B (or SmolLM2-135M) layout, on the GPU when there is one;
 best of a few runs after one warm-up, and whether one ulp in one element changes the digest.
+Also times `_tripwire`, the sample every lookup of the cached fingerprint reads.
 Writes JSON and prints a table.
 
   python scripts/bench_fingerprint.py --shape 8b --out bench-out
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from kvtier.hf.models import _weights_digest
+from kvtier.hf.models import _tripwire, _weights_digest
 
 # name: (vocab, hidden, kv width, intermediate, layers)
 SHAPES = {"8b": (128256, 4096, 1024, 14336, 32), "135m": (49152, 576, 192, 1536, 30)}
@@ -54,6 +55,12 @@ def main() -> None:
         start = time.perf_counter()
         _weights_digest(tensors)  # ends in .cpu() copies: the device work is done
         seconds.append(time.perf_counter() - start)
+    _tripwire(tensors)  # warm-up
+    tripwire = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        _tripwire(tensors)  # ends in .cpu() copies too
+        tripwire.append(time.perf_counter() - start)
     flat = tensors[len(tensors) // 2][1].view(-1)
     flat[12345] = torch.nextafter(flat[12345], flat[12345] + 1)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -64,13 +71,15 @@ def main() -> None:
         "best_s": min(seconds),
         "runs_s": seconds,
         "one_ulp_changes_digest": _weights_digest(tensors) != digest,
+        "tripwire_best_s": min(tripwire),
+        "tripwire_runs_s": tripwire,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"fingerprint_{args.shape}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'shape':<6} {'device':<16} {'params':>8} {'best s':>8}  ulp seen")
+    print(f"{'shape':<6} {'device':<16} {'params':>8} {'best s':>8}  ulp seen  tripwire ms")
     print(
         f"{args.shape:<6} {name:<16} {params / 1e9:7.2f}B {min(seconds):8.3f}  "
-        f"{result['one_ulp_changes_digest']}"
+        f"{result['one_ulp_changes_digest']!s:<8}  {min(tripwire) * 1e3:.2f}"
     )
 
 
