@@ -921,13 +921,14 @@ def test_generation_with_a_remote_tier_is_exact(tiny_model, tmp_path: Path, serv
     wrong = tiered_config(
         config, tmp_path / "store", 216, remote_url=f"valkey://:nope@{server.node}"
     )
-    cache = kvtier.TieredCache(model, wrong)
-    try:
-        with pytest.raises(RemoteError) as error:
-            model.generate(prompt, past_key_values=cache, max_new_tokens=2, do_sample=False)
-    finally:
-        cache.close()
+    with pytest.raises(RemoteError) as error:  # when the cache is made, before any forward
+        kvtier.TieredCache(model, wrong)
     assert "\n" not in str(error.value) and "nope" not in str(error.value)
+    assert "refused the password" in str(error.value) or "no password" in str(error.value)
+    again = model.generate(  # nothing of the refused cache stays on the model
+        prompt, past_key_values=DynamicCache(config=config), max_new_tokens=16, do_sample=False
+    )
+    assert torch.equal(expected, again)
 
 
 def _remote_reuse_setup(

@@ -7,5 +7,6 @@ Internal: users reach it through kvtier.TieredCache.
 from __future__ import annotations
 
 from kvtier.controller.controller import TierController
+from kvtier.tiers import check_servers
 
-__all__ = ["TierController"]
+__all__ = ["TierController", "check_servers"]

@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from kvtier.config import Config, load_config
-from kvtier.controller import TierController
+from kvtier.controller import TierController, check_servers
 from kvtier.errors import KVTierError
 from kvtier.hf import attention, reuse
 from kvtier.hf.hooks import ModelHooks
@@ -52,6 +52,7 @@ class TieredCache(Cache):
                 "use kvtier.load_config(...)"
             )
         self.cfg = config
+        check_servers(config)  # a wrong remote password or host is one line here, not later
         self.spec = describe(model, model_key=config.disk.model_key)
         layers: list[CacheLayerMixin] = []
         for window in self.spec.sliding_windows:

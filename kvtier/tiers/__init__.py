@@ -64,6 +64,15 @@ def build_stores(
     return stores
 
 
+def check_servers(cfg: Config) -> None:
+    """RemoteError now if the configured remote server rejects us for good (password, host
+    name, certificate); a server that is down only warns. Nothing without [remote] url."""
+    if cfg.remote.spec is not None:
+        from kvtier.tiers.remote.clients import check_now
+
+        check_now(cfg.remote.spec)
+
+
 def configured_budgets(cfg: Config) -> dict[Tier, int]:
     """The KV budget the config gives each tier, in bytes (the GPU's includes staging, and is
     per device: see `configured_device_budgets`)."""

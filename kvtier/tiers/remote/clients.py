@@ -52,9 +52,25 @@ class DownServers:
     def clear(self) -> None:
         with self._lock:
             self._down.clear()
+        _CHECKED.clear()
 
 
 DOWN = DownServers()
+
+
+_CHECKED: set[str] = set()  # servers this process has connected to (guarded by the GIL)
+
+
+def check_now(spec: RemoteSpec) -> None:
+    """Connect once when a cache is made, so what will not fix itself (a wrong password, an
+    unknown host, an untrusted certificate) is one RemoteError line there, not at the first
+    forward; a server that is down only warns (and is remembered). Once per server a process."""
+    if spec.redacted() in _CHECKED:
+        return
+    client = connect_first(spec, set())
+    if client is not None:
+        _CHECKED.add(spec.redacted())
+        client.close()
 
 
 def connect_first(spec: RemoteSpec, warned: set[str]) -> RemoteClient | None:
