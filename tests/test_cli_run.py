@@ -135,6 +135,23 @@ def test_a_job_that_cannot_fit_is_refused_before_the_weights_load(checkpoint, mo
     assert "cannot stream 100050 tokens" in result.stderr
 
 
+def test_a_remote_that_refuses_us_is_one_line_before_the_weights_load(
+    checkpoint, monkeypatch, server
+):
+    """Scenario: [remote] url with a password the server does not take: one line, exit 2, and
+    the weights are never loaded."""
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(zoo, "load", no_weights)
+    url = f"remote.url=valkey://:wrong@{server.node}"
+    result = run(checkpoint, "--prompt", word_prompt(50), "--set", url)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("kvtier: error: ") and result.stderr.count("\n") == 1
+    assert "remote.url" in result.stderr and "wrong" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [

@@ -89,6 +89,7 @@ def _prepare(model: str, options: dict) -> dict:
     from transformers import AutoTokenizer
 
     from kvtier import planner, runner, zoo
+    from kvtier.controller import check_servers
 
     cfg = load_cli_config(options["config_path"], options["sets"])
     text = read_prompt(options["prompt"], options["prompt_files"])
@@ -99,6 +100,7 @@ def _prepare(model: str, options: dict) -> dict:
     tokens = prompt_ids.shape[1] + int(options["max_new_tokens"])
     chosen = planner.plan_model(model, cfg, tokens=tokens, dtype=dtype)
     planner.require(chosen)  # refused here, before the weights or a single prefill chunk
+    check_servers(cfg)  # a wrong remote password or host too
     return {"model": model, "cfg": cfg, "dtype": dtype, "prompt_ids": prompt_ids, "plan": chosen}
 
 
