@@ -226,7 +226,6 @@ def remote_plan(geometry: KVGeometry, plan: ContextPlan, cfg: Config) -> RemoteP
         cuda=torch.cuda.is_available(),
         layer_bytes=geometry.layer_block_bytes,
         disk_path=cfg.disk.path,
-        remote_gbps=None,
         remote_spec=spec,
     )
     gbps = speeds.gbps[Tier.REMOTE]

@@ -975,6 +975,22 @@ def _remote_reuse_setup(
     return model, prompt, second, chain, expected
 
 
+def test_measured_remote_loads_scale_the_next_choice(
+    tiny_model, tmp_path: Path, server: ValkeyProcess
+) -> None:
+    """Scenario (issue 13: the choice uses the measured remote bandwidth): a second cache of the
+    process predicts its remote load from what the first one's load took, and says so."""
+    from conftest import assert_same_generation, tiered_generate
+
+    model, prompt, cfg, chain, expected = _remote_reuse_setup(tiny_model, tmp_path, server, 200)
+    _, first = tiered_generate(model, cfg, prompt)
+    assert "remote 0.3 GB/s (assumed)" in first["reuse"]["reason"], first["reuse"]
+    got, second = tiered_generate(model, cfg, prompt)  # its own empty tier, a measured scale
+    assert_same_generation(expected, got)
+    assert second["reuse"]["loaded_blocks"]["remote"] == len(chain)
+    assert "remote 0.3 GB/s (assumed; loads here took x" in second["reuse"]["reason"]
+
+
 def _count_load_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = RemoteTier.load_blocks

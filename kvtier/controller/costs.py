@@ -43,21 +43,20 @@ def bandwidths(
     cuda: bool,
     layer_bytes: int,
     disk_path: object,
-    remote_gbps: float | None,
     remote_spec: RemoteSpec | None = None,
 ) -> Bandwidths:
     """The load bandwidth of every tier: copies at `layer_bytes` per copy (one block layer).
-    The remote tier's is `remote_gbps` (the tier's own measurement in this process), else what
-    `kvtier bench` measured on the server `remote_spec` names, else ASSUMED_REMOTE_GBPS."""
+    The disk's is what `kvtier bench` measured on it, the remote tier's what it measured on the
+    server `remote_spec` names, else the assumed speeds. Measured loads of this process (and
+    earlier ones) scale these predictions (`choose`'s `load_scale`), the same way for every
+    tier; a tier's own raw figure is not swapped in, or the scale learned on the other base
+    would count twice."""
     kind = "pinned_h2d" if cuda else "host_memcpy"
     copy = copy_speed(layer_bytes, kind=kind)
     disk = disk_speeds(disk_path).load  # the mover reads a prefix's blocks in parallel
-    if remote_gbps:
-        remote, remote_source = remote_gbps, "measured by this process's remote tier"
-    else:
-        saved = remote_speed(remote_spec) if remote_spec is not None else None
-        remote = saved.gbps if saved is not None else ASSUMED_REMOTE_GBPS
-        remote_source = saved.source if saved is not None else "assumed"
+    saved = remote_speed(remote_spec) if remote_spec is not None else None
+    remote = saved.gbps if saved is not None else ASSUMED_REMOTE_GBPS
+    remote_source = saved.source if saved is not None else "assumed"
     # a disk or remote block lands in host memory, then goes up: both legs count on CUDA
     up = 1 / (copy.gbps) if cuda else 0.0
     gbps = {

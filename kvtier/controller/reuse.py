@@ -149,7 +149,6 @@ def _choose(
     g = controller.geometry
     cuda = any(device.type == "cuda" for device in g.devices)
     remote = controller.stores.get(Tier.REMOTE)
-    remote_gbps = remote.stats().get("load_gbps") if remote is not None else None
     device = device_name(g.devices[0])
     measured, rate_source = INDEX.prefill_flops(controller.fingerprint), "measured in this process"
     # the fastest any process timed on this machine: a new process has timed a warm-up at most
@@ -169,7 +168,6 @@ def _choose(
             cuda=cuda,
             layer_bytes=g.layer_block_bytes,
             disk_path=controller.cfg.disk.path,
-            remote_gbps=remote_gbps,
             remote_spec=remote.spec if remote is not None else None,
         ),
         flops=flops,
