@@ -3,8 +3,9 @@
 With `disk.persist` every sealed block with known tokens is saved to disk and with
 `remote.persist` sent to the server, both from a host copy in the mover's I/O threads, off the
 decode path; with `disk.admit_after_hits` above 0, only once this process reused it that many
-times (to disk: saved privately, then published; to the server: not sent before). A failed persist copy is a warning, never an error: the block keeps its copies.
-It decides nothing about placement; Placement settles the saves it submits.
+times (to disk: saved privately, then published; to the server: not sent before). A failed
+persist copy is a warning, never an error: the block keeps its copies. It decides nothing about
+placement; Placement settles the saves it submits.
 """
 
 from __future__ import annotations

@@ -24,12 +24,13 @@ MAX_BACKOFF_S = 30.0
 
 
 class DownServers:
-    """Servers this process could not connect to: when it may try again, and how long it waited
-    last. Thread-safe; one per process (`DOWN`)."""
+    """Servers this process could not connect to (when it may try again, how long it waited
+    last) and those it has reached. Thread-safe; one per process (`DOWN`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._down: dict[str, tuple[float, float]] = {}  # server -> (retry at, backoff s)
+        self._reached: set[str] = set()
 
     def wait_s(self, spec: RemoteSpec) -> float:
         """Seconds until the server may be tried again (0: now)."""
@@ -48,44 +49,48 @@ class DownServers:
     def up(self, spec: RemoteSpec) -> None:
         with self._lock:
             self._down.pop(spec.redacted(), None)
+            self._reached.add(spec.redacted())
+
+    def reached(self, spec: RemoteSpec) -> bool:
+        """Whether a connect to the server succeeded in this process."""
+        with self._lock:
+            return spec.redacted() in self._reached
 
     def clear(self) -> None:
         with self._lock:
             self._down.clear()
-        _CHECKED.clear()
+            self._reached.clear()
 
 
 DOWN = DownServers()
-
-
-_CHECKED: set[str] = set()  # servers this process has connected to (guarded by the GIL)
 
 
 def check_now(spec: RemoteSpec) -> None:
     """Connect once when a cache is made, so what will not fix itself (a wrong password, an
     unknown host, an untrusted certificate) is one RemoteError line there, not at the first
     forward; a server that is down only warns (and is remembered). Once per server a process."""
-    if spec.redacted() in _CHECKED:
-        return
-    client = connect_first(spec, set())
-    if client is not None:
-        _CHECKED.add(spec.redacted())
-        client.close()
+    if not DOWN.reached(spec):
+        client = try_connect(spec, set())
+        if client is not None:
+            client.close()
 
 
-def connect_first(spec: RemoteSpec, warned: set[str]) -> RemoteClient | None:
-    """A tier's first client; None (a warning at an outage's start) when the server is down or
-    was down moments ago: it may come up. Credentials, host names and certificates raise
-    RemoteError: they will not."""
+def try_connect(
+    spec: RemoteSpec, warned: set[str], *, survive: type[Exception] = ServerUnavailable
+) -> RemoteClient | None:
+    """A new client; None when the server is down or was down moments ago (DOWN's backoff), or
+    the connect raised `survive`: it may come up. One warning an outage (and none once `warned`
+    holds "connect"). Other errors raise: by default credentials, host names and certificates,
+    which will not fix themselves."""
     if DOWN.wait_s(spec) > 0:
         warned.add("connect")
-        log.debug("remote tier: valkey at %s was down moments ago; not tried yet", spec)
         return None
     try:
         client = RemoteClient.connect(spec, warned=warned)
-    except ServerUnavailable as error:
+    except survive as error:
+        outage = DOWN.failed(spec)
+        level = logging.WARNING if outage and "connect" not in warned else logging.DEBUG
         warned.add("connect")
-        level = logging.WARNING if DOWN.failed(spec) else logging.DEBUG
         log.log(level, "remote tier: %s; reads miss and writes are dropped until it answers", error)
         return None
     DOWN.up(spec)
@@ -110,22 +115,11 @@ class ThreadClients:
         client = getattr(self._local, "client", None)
         if client is not None or time.monotonic() - self._failed_at < RETRY_AFTER_S:
             return client
-        if DOWN.wait_s(self.spec) > 0:
-            return None  # another tier of this process failed to connect moments ago
-        try:
-            client = RemoteClient.connect(self.spec, warned=self._warned)
-        except KVTierError as error:
+        # mid-run nothing raises: a password changed on the server is misses too
+        client = try_connect(self.spec, self._warned, survive=KVTierError)
+        if client is None:
             self._failed_at = time.monotonic()
-            outage = DOWN.failed(self.spec)
-            quiet = "connect" in self._warned or not outage
-            self._warned.add("connect")
-            log.log(
-                logging.DEBUG if quiet else logging.WARNING,
-                "remote tier: %s; reads miss and writes are dropped meanwhile",
-                error,
-            )
             return None
-        DOWN.up(self.spec)
         with self._lock:
             self._all.append(client)
         self._local.client = client

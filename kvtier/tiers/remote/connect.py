@@ -288,13 +288,6 @@ _TRANSIENT_ERRNOS = {
     errno.ECONNABORTED: "connection aborted",
     errno.EPIPE: "connection broken",
 }
-# Replies of a server that is up but cannot serve yet: loading its data after a restart, or a
-# replica whose primary is down
-_TRANSIENT_REPLIES = {
-    "loading": "loading its dataset",
-    "masterdown": "its primary is down",
-    "primarydown": "its primary is down",
-}
 
 
 def _transient(exc: BaseException, lowered: str) -> str | None:
@@ -306,11 +299,12 @@ def _transient(exc: BaseException, lowered: str) -> str | None:
     for number, reason in _TRANSIENT_ERRNOS.items():
         if f"error {number} " in lowered or reason in lowered:
             return reason
+    # a server up but not serving yet (valkey-py maps the LOADING and MASTERDOWN replies)
     if isinstance(exc, valkey_errors.BusyLoadingError):
         return "loading its dataset"
     if isinstance(exc, valkey_errors.MasterDownError):
         return "its primary is down"
-    return next((why for word, why in _TRANSIENT_REPLIES.items() if lowered.startswith(word)), None)
+    return None
 
 
 def cause_of(error: BaseException) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -28,7 +27,7 @@ from kvtier.tiers.base import SerializedEndpoints
 from kvtier.tiers.disk.blockio import check_tensors
 from kvtier.tiers.disk.format import HeaderTemplate, ReadResult
 from kvtier.tiers.remote.client import Parts, RemoteClient
-from kvtier.tiers.remote.clients import ThreadClients, connect_first
+from kvtier.tiers.remote.clients import ThreadClients, try_connect
 from kvtier.tiers.remote.url import RemoteSpec
 from kvtier.tiers.remote.values import (
     Located,
@@ -41,7 +40,6 @@ from kvtier.tiers.remote.values import (
     signed_checksum,
 )
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -84,9 +82,7 @@ class RemoteTier(SerializedEndpoints):
         self.persist = persist
         self.model_key = model_key
         self._warned: set[str] = set()
-        self._clients = ThreadClients(
-            spec, client or connect_first(spec, self._warned), self._warned
-        )
+        self._clients = ThreadClients(spec, client or try_connect(spec, self._warned), self._warned)
         self._names = tuple(f"l{layer_id}.kv" for layer_id in geometry.layer_ids)
         labels = {"model_key": model_key, "tokens": geometry.block_tokens}
         labels = {name: value for name, value in labels.items() if value}
