@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 import torch
+from click.testing import CliRunner
+from conftest import (
+    assert_same_generation,
+    random_prompt,
+    reference_generate,
+    tiered_config,
+    tiered_generate,
+)
 
 import kvtier
+from kvtier import cli
 from kvtier.blocks import Tier
 from kvtier.controller import TierController
 from kvtier.layout import KVGeometry
@@ -97,8 +107,6 @@ def test_tiered_cache_rejects_a_bad_config_type(tiny_model):
 def _disk_fails_after(monkeypatch, writes: int, number: int) -> list[int]:
     """Every block file write after the first `writes` raises OSError(`number`), as a disk that
     fills up (ENOSPC) or turns read-only (EROFS) mid-run does; the count of writes tried."""
-    import os
-
     from kvtier.tiers.disk import files
 
     original, tried = files._write_all, [0]
@@ -118,11 +126,6 @@ def test_a_disk_failing_mid_generate_stops_with_one_line(number, tiny_model, tmp
     """Scenario: the KV streams through disk (one host block) and the disk fills up or turns
     read-only mid-run: generate stops with one KVTierError line naming the cause, the cache stays
     consistent, close() does not raise, and the files written before still verify."""
-    from click.testing import CliRunner
-    from conftest import random_prompt, tiered_config
-
-    from kvtier import cli
-
     model, config = tiny_model("llama")
     ids = random_prompt(200)
     cfg = tiered_config(config, tmp_path / "store", 240, host_blocks=1, disk_persist=True)
@@ -132,7 +135,7 @@ def test_a_disk_failing_mid_generate_stops_with_one_line(number, tiny_model, tmp
         with pytest.raises(kvtier.KVTierError) as raised:
             model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
         assert tried[0] > 6 and "\n" not in str(raised.value)
-        assert os_reason(number) in str(raised.value), str(raised.value)
+        assert os.strerror(number) in str(raised.value), str(raised.value)
         cache.controller.check_invariants()
     finally:
         cache.close()  # never raises
@@ -147,14 +150,6 @@ def test_a_failing_persist_write_is_a_warning_and_generation_goes_on(
 ):
     """Scenario: the KV fits in memory and only persist writes it through to disk; the disk
     fails mid-run: generation finishes token-exact and the failed saves are counted."""
-    from conftest import (
-        assert_same_generation,
-        random_prompt,
-        reference_generate,
-        tiered_config,
-        tiered_generate,
-    )
-
     model, config = tiny_model("llama")
     ids = random_prompt(200)
     cfg = tiered_config(
@@ -164,9 +159,3 @@ def test_a_failing_persist_write_is_a_warning_and_generation_goes_on(
     got, stats = tiered_generate(model, cfg, ids)
     assert_same_generation(reference_generate(model, ids), got)
     assert stats["persist"]["failed"] > 0, stats["persist"]
-
-
-def os_reason(number: int) -> str:
-    import os
-
-    return os.strerror(number)
