@@ -116,8 +116,8 @@ def _tripwire(tensors: list[tuple[str, torch.Tensor]]) -> bytes:
     weighted, in float64), read back in one copy per device. It runs on every lookup of the
     cached fingerprint: 16 ms against 0.11 s for the full checksum of the 8B shape's 291
     tensors on an H200 (scripts/bench_fingerprint.py, measured with the position weights made
-    per tensor; they are made once per device now), 5-7 ms against 0.25-0.87 s for SmolLM2-135M
-    on the 2-core CPU box."""
+    per tensor; they are made once per device now), 4.7-5.1 ms against 0.25-0.70 s for the
+    SmolLM2-135M shape on the 2-core CPU box (`--shape 135m --device cpu`)."""
     sums: dict[torch.device, list[torch.Tensor]] = {}
     weights: dict[torch.device, torch.Tensor] = {}
     for _, tensor in tensors:
