@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvtier.copies import Sorted, coalesce, sort_copies
 from kvtier.errors import KVTierError, NotStored
 from kvtier.machine import default_io_threads
 from kvtier.save_queue import SaveQueue
@@ -86,6 +87,10 @@ class Ticket:
 class Mover:
     """Moves bytes: staging gathers, write-through, promotions, and serialized-store I/O."""
 
+    # a gather's copies of GPU-resident blocks run on a second copy stream (False: in series
+    # with its host-to-GPU copies, the A/B switch of scripts/bench_decode.py)
+    SPLIT_DEVICE_COPIES = True
+
     def __init__(self, *, workers: int | None = None) -> None:
         workers = workers or default_io_threads()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvtier-io")
@@ -98,24 +103,33 @@ class Mover:
         self.wait_s = 0.0
         self._d2h_dirty: set[torch.device] = set()
         # buffers whose stream use is recorded, held weakly so a dropped buffer is freed
-        self._recorded: weakref.WeakValueDictionary[int, torch.Tensor] = (
+        self._recorded: weakref.WeakValueDictionary[tuple[int, int], torch.Tensor] = (
             weakref.WeakValueDictionary()
         )
 
     # -- the two verbs -------------------------------------------------------------------------
     def submit(
-        self, copies: Sequence[Copy], *, lane: Lane, target: torch.Tensor | None = None
+        self,
+        copies: Sequence[Copy] | Sorted,
+        *,
+        lane: Lane,
+        target: torch.Tensor | None = None,
     ) -> Ticket:
-        """Start `copies`; returns at once on CUDA.
+        """Start `copies` (or tensor copies sorted once by `sort_copies`, reused every step);
+        returns at once on CUDA.
 
         PREFETCH copies queue on each device's copy stream behind its compute stream's current
         work, so a buffer attention still reads is not overwritten; `target` is the buffer they
         write (marked in use by that stream once). WRITE_BACK copies go on the D2H stream; NOW
-        copies in compute-stream order. Loads from a serialized store run in the I/O pool (on
-        CUDA into pinned bounce buffers, uploaded in `wait`); saves run there too.
+        copies in compute-stream order, those that continue one another merged. Loads from a
+        serialized store run in the I/O pool (on CUDA into pinned bounce buffers, uploaded in
+        `wait`); saves run there too.
         """
         ticket = Ticket()
-        by_device: dict[torch.device | None, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        if isinstance(copies, Sorted):
+            self._launch(ticket, copies, lane, target)
+            return ticket
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for source, destination in copies:
             for src, dst in _per_layer(source, destination):
                 if isinstance(dst, Stored) and isinstance(src, Stored):
@@ -125,21 +139,34 @@ class Mover:
                 elif isinstance(src, Stored):
                     self._load(ticket, src, dst, now=lane is Lane.NOW)
                 else:
-                    by_device.setdefault(_cuda_device(src, dst), []).append((src, dst))
-        for device, tensor_copies in by_device.items():
-            if device is None:  # CPU only: synchronous
-                for src, dst in tensor_copies:
-                    dst.copy_(src)
-                    self._count(src, dst)
-            elif lane is Lane.NOW:
-                for src, dst in tensor_copies:
-                    dst.copy_(src, non_blocking=dst.is_cuda and not src.is_cuda)
-                    self._count(src, dst)
-            else:
-                ticket.events.append(self._on_stream(lane, device, tensor_copies, target))
+                    pairs.append((src, dst))
+        if lane is Lane.NOW and len(pairs) > 1:  # whole blocks slot by slot: runs are one copy
+            pairs = coalesce(pairs)
+        self._launch(ticket, sort_copies(pairs), lane, target)
         if lane is Lane.NOW:
             self._upload(ticket)
         return ticket
+
+    def _launch(
+        self, ticket: Ticket, copies: Sorted, lane: Lane, target: torch.Tensor | None
+    ) -> None:
+        self.copies += copies.count
+        self.h2d_bytes += copies.h2d_bytes
+        self.d2h_bytes += copies.d2h_bytes
+        self.d2d_bytes += copies.d2d_bytes
+        for device, pairs in copies.by_device.items():
+            if device is None:  # CPU only: synchronous
+                for src, dst in pairs:
+                    dst.copy_(src)
+            elif lane is Lane.NOW:
+                for src, dst in pairs:
+                    dst.copy_(src, non_blocking=dst.is_cuda and not src.is_cuda)
+            else:
+                groups = [pairs]
+                if lane is Lane.PREFETCH and self.SPLIT_DEVICE_COPIES:
+                    split = [copies.off_device.get(device), copies.on_device.get(device)]
+                    groups = split if all(split) else groups
+                ticket.events.extend(self._on_streams(lane, device, groups, target))
 
     def submit_reads(self, reads: Sequence[tuple[Stored, tuple[torch.Tensor, ...]]]) -> Ticket:
         """Read whole stored blocks (`Stored` with no `tiered_index`) into CPU tensors, one per
@@ -220,7 +247,7 @@ class Mover:
         for tensor in tensors:
             if not tensor.is_cuda:
                 continue
-            for (_, device), stream in self._streams.items():
+            for (_, device, _), stream in self._streams.items():
                 if device == tensor.device:
                     tensor.record_stream(stream)
 
@@ -237,34 +264,48 @@ class Mover:
         }
 
     # -- internals -----------------------------------------------------------------------------
-    def _on_stream(
+    def _on_streams(
         self,
         lane: Lane,
         device: torch.device,
-        copies: list[tuple[torch.Tensor, torch.Tensor]],
+        groups: list[list[tuple[torch.Tensor, torch.Tensor]]],
         target: torch.Tensor | None,
-    ) -> torch.cuda.Event:
-        stream = self._stream(lane, device)
-        stream.wait_stream(torch.cuda.current_stream(device))
+    ) -> list[torch.cuda.Event]:
+        """Queue each group of copies on a stream of the lane on `device`, one event each: a
+        PREFETCH split in two (host-to-GPU copies, then those of resident blocks) runs its
+        on-device copies on a stream of their own, beside the PCIe copies instead of holding
+        them back (SPLIT_DEVICE_COPIES)."""
+        # the streams start after the compute stream's current work (one event for them all)
+        after = [torch.cuda.current_stream(device).record_event()]
         if lane is Lane.PREFETCH and device in self._d2h_dirty:
-            # staging buffers are also read by D2H writes of fresh tokens: do not overwrite early
             self._d2h_dirty.discard(device)
-            stream.wait_stream(self._stream(Lane.WRITE_BACK, device))
-        if target is not None and target.device == device and id(target) not in self._recorded:
-            # once per buffer: its memory is not reused while this stream may still write it
-            target.record_stream(stream)
-            self._recorded[id(target)] = target
-        with torch.cuda.stream(stream):
-            for src, dst in copies:
-                dst.copy_(src, non_blocking=True)
-                if lane is Lane.WRITE_BACK:
-                    src.record_stream(stream)
-                self._count(src, dst)
-            event = torch.cuda.Event()
-            event.record(stream)
+            # staging buffers are also read by D2H writes of fresh tokens: not overwritten early
+            after.append(self._stream(Lane.WRITE_BACK, device).record_event())
+        events = []
+        for resident, group in enumerate(groups):
+            stream = self._stream(lane, device, resident=bool(resident))
+            for event in after:
+                stream.wait_event(event)
+            if target is not None and target.device == device:
+                self._record_use(target, stream)
+            with torch.cuda.stream(stream):
+                for src, dst in group:
+                    dst.copy_(src, non_blocking=True)
+                    if lane is Lane.WRITE_BACK:
+                        src.record_stream(stream)
+                event = torch.cuda.Event()
+                event.record(stream)
+            events.append(event)
         if lane is Lane.WRITE_BACK:
             self._d2h_dirty.add(device)
-        return event
+        return events
+
+    def _record_use(self, target: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        """Once per buffer and stream: its memory is not reused while the stream may write it."""
+        key = (id(target), stream.stream_id)
+        if key not in self._recorded:
+            target.record_stream(stream)
+            self._recorded[key] = target
 
     def _load(self, ticket: Ticket, src: Stored, dst: torch.Tensor, *, now: bool) -> None:
         if dst.device.type == "cpu" and dst.is_contiguous():
@@ -288,8 +329,10 @@ class Mover:
                 dst.copy_(landed, non_blocking=dst.is_cuda)
                 self._count(landed, dst)
 
-    def _stream(self, lane: Lane, device: torch.device) -> torch.cuda.Stream:
-        key = (lane, device)
+    def _stream(
+        self, lane: Lane, device: torch.device, *, resident: bool = False
+    ) -> torch.cuda.Stream:
+        key = (lane, device, resident)
         if key not in self._streams:
             self._streams[key] = torch.cuda.Stream(device)
         return self._streams[key]
@@ -303,14 +346,6 @@ class Mover:
             self.d2h_bytes += nbytes
         else:
             self.h2d_bytes += nbytes
-
-
-def _cuda_device(src: torch.Tensor, dst: torch.Tensor) -> torch.device | None:
-    """The CUDA device a copy runs on (the destination's first), or None for a CPU copy."""
-    for tensor in (dst, src):
-        if tensor.is_cuda:
-            return tensor.device
-    return None
 
 
 def _per_layer(source: Endpoint, destination: Endpoint) -> list[tuple[Endpoint, Endpoint]]:

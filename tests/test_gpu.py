@@ -10,6 +10,7 @@ from conftest import random_prompt, reference_generate, tiered_config, tiered_ge
 
 import kvtier
 from kvtier.blocks import Tier
+from kvtier.transfer import Lane, Mover
 
 pytestmark = pytest.mark.gpu
 
@@ -38,6 +39,25 @@ def test_tiny_matrix_on_gpu(tiny_model, tmp_path, kind, dtype):
     if kind != "mistral_sliding":  # every layer sliding: a bounded cache, nothing tiered
         for tier in ("gpu", "host", "disk"):
             assert stats[tier]["blocks"] > 0, stats
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_resident_blocks_copy_beside_the_pcie_copies(tiny_model, tmp_path, monkeypatch, split):
+    """Scenario: a streamed step's gathers copy GPU-resident blocks on a stream of their own
+    (beside the host-to-GPU copies, not after them) and the tokens stay exact; the A/B switch
+    puts them back in series on one stream."""
+    monkeypatch.setattr(Mover, "SPLIT_DEVICE_COPIES", split)
+    model, config = tiny_model("llama")
+    model = copy.deepcopy(model).cuda()
+    ids = random_prompt(300).cuda()
+    expected = reference_generate(model, ids, max_new_tokens=16)
+    cfg = tiered_config(config, tmp_path, 316, gpu_blocks=6, host_blocks=8)
+    with kvtier.TieredCache(model, cfg) as cache:
+        got = reference_generate(model, ids, cache=cache, max_new_tokens=16)
+        streams = cache.controller.mover._streams
+        assert torch.equal(expected.sequences, got.sequences)
+        assert cache.stats()["transfer"]["d2d_bytes"] > 0
+        assert ((Lane.PREFETCH, torch.device("cuda", 0), True) in streams) is split, streams
 
 
 def test_host_slabs_are_pinned_exactly(tiny_model, tmp_path):

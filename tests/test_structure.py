@@ -24,6 +24,7 @@ FLOORS = {
     "kvtier.errors": 0,
     "kvtier.sizes": 1,
     "kvtier.save_queue": 1,  # the mover's per-store save batches (stdlib only)
+    "kvtier.copies": 1,  # copies merged and sorted for the mover (torch only)
     "kvtier.data": 1,
     "kvtier.machine": 2,
     "kvtier.registry": 2,

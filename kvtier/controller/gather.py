@@ -13,6 +13,7 @@ import torch
 
 from kvtier.blocks import BlockTable, Tier
 from kvtier.controller.stats import Counters
+from kvtier.copies import Sorted, sort_copies
 from kvtier.layout import KVGeometry
 from kvtier.tiers.base import Handle, TierStore
 from kvtier.transfer import Copy
@@ -37,6 +38,8 @@ class _LayerPlan:
     key: tuple
     copies: list[Copy]
     nbytes: dict[Tier, int]
+    # the copies sorted once for the mover when they are all tensor copies (memory tiers)
+    sorted: Sorted | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +121,9 @@ class Gather:
 
     def copies(
         self, tiered_index: int, stage: torch.Tensor, tokens: int, version: int
-    ) -> list[Copy]:
-        """The copies that fill `stage[:tokens]` for tiered layer `tiered_index`; counts the bytes."""
+    ) -> list[Copy] | Sorted:
+        """The copies that fill `stage[:tokens]` for tiered layer `tiered_index` (sorted for the
+        mover once per plan when all are tensor copies); counts the bytes."""
         bt = self.geometry.block_tokens
         runs = self.runs(tokens, version)
         open_run = runs[-1] if runs and runs[-1].tokens < runs[-1].blocks * bt else None
@@ -133,13 +137,14 @@ class Gather:
                 nbytes[run.tier] += run.tokens * self.geometry.token_bytes
                 source = self.stores[run.tier].source(run.first, tiered_index, run.blocks)
                 copies.append((source, stage[run.start : run.start + run.tokens]))
-            plan = _LayerPlan(key, copies, nbytes)
+            tensors = all(isinstance(source, torch.Tensor) for source, _ in copies)
+            plan = _LayerPlan(key, copies, nbytes, sort_copies(copies) if tensors else None)
             self._layers[tiered_index] = plan
         for tier, count in plan.nbytes.items():
             self.counters.tiers[tier].bytes_read += count
         self.counters.gathers += 1
         if open_run is None:
-            return plan.copies
+            return plan.copies if plan.sorted is None else plan.sorted
         open_key = (version, open_run.tier, open_run.first)
         view = self._open.get(tiered_index)
         if view is None or view.key != open_key:
@@ -150,4 +155,5 @@ class Gather:
         count = open_run.tokens
         self.counters.tiers[open_run.tier].bytes_read += count * self.geometry.token_bytes
         start = open_run.start
-        return [*plan.copies, (view.source[:count], stage[start : start + count])]
+        last = (view.source[:count], stage[start : start + count])
+        return [*plan.copies, last] if plan.sorted is None else plan.sorted.plus(last)
