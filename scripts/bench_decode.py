@@ -32,18 +32,29 @@ import benchlib  # noqa: E402
 
 import kvtier  # noqa: E402
 from kvtier.hf import attention  # noqa: E402
+from kvtier.transfer import Mover  # noqa: E402
 
 SHARES = {"kvtier 100%": 1.0, "kvtier 25%": 0.25, "kvtier min": "min"}
 # kvtier all-fit as before departure 22: decode attention through SDPA (cuDNN on Hopper), and
 # every prefill chunk on cuDNN first whether its plan pays or not
 SDPA_DECODE = "kvtier 100% sdpa-decode"
 CUDNN_PREFILL = "kvtier 100% cudnn-prefill"
-SWITCHES = {  # system -> (attribute of kvtier.hf.attention, what replaces it for that run)
-    SDPA_DECODE: ("decode_attention", attention.sdpa_decode),
-    CUDNN_PREFILL: ("_kernel_order", lambda *args: (attention._cudnn, attention._flash)),
+# kvtier 25% as before departure 23: a gather's copies of GPU-resident blocks in series with its
+# host-to-GPU copies, on one copy stream
+SERIAL_D2D = "kvtier 25% serial-d2d"
+SWITCHES = {  # system -> (object, its attribute, what replaces it for that run)
+    SDPA_DECODE: (attention, "decode_attention", attention.sdpa_decode),
+    CUDNN_PREFILL: (
+        attention,
+        "_kernel_order",
+        lambda *args: (attention._cudnn, attention._flash),
+    ),
+    SERIAL_D2D: (Mover, "SPLIT_DEVICE_COPIES", False),
 }
-DEPTHS = {"kvtier 25% depth 2": ("kvtier 25%", 2)}  # system -> (share of SHARES, prefetch depth)
-A_B = (*SWITCHES, *DEPTHS)  # the controls of one change: run only when asked, not plotted
+# system -> (share of SHARES, prefetch depth; None: --prefetch-depth)
+DEPTHS = {"kvtier 25% depth 2": ("kvtier 25%", 2), SERIAL_D2D: ("kvtier 25%", None)}
+# the controls of one change: run only when asked, not plotted
+A_B = tuple(dict.fromkeys((*SWITCHES, *DEPTHS)))
 
 
 def systems(context: int, device: torch.device, chunk_from: int) -> list[str]:
@@ -61,13 +72,13 @@ def switched(name: str):
     if name not in SWITCHES:
         yield
         return
-    attribute, replacement = SWITCHES[name]
-    original = getattr(attention, attribute)
-    setattr(attention, attribute, replacement)
+    owner, attribute, replacement = SWITCHES[name]
+    original = getattr(owner, attribute)
+    setattr(owner, attribute, replacement)
     try:
         yield
     finally:
-        setattr(attention, attribute, original)
+        setattr(owner, attribute, original)
 
 
 def run_one(args, model, ids, name: str, store: str) -> dict:
@@ -81,7 +92,8 @@ def run_one(args, model, ids, name: str, store: str) -> dict:
         cache = DynamicCache(offloading=True)
     else:
         tokens = ids.shape[1] + new_tokens
-        share, depth = DEPTHS.get(name, (name, args.prefetch_depth))
+        share, depth = DEPTHS.get(name, (name, None))
+        depth = args.prefetch_depth if depth is None else depth
         cfg = benchlib.kvtier_config(
             model,
             tokens,

@@ -8,6 +8,7 @@ kernels or copies ran during it. A streamed step at the PCIe floor keeps that en
 the gaps are what a step spends above it.
 
     python scripts/probe_stream_gaps.py --out $OUT
+    python scripts/probe_stream_gaps.py --host-only --events --rounds 3 --out $OUT  # no profiler
     python scripts/probe_stream_gaps.py --tiny --device cpu --context 2048 --out /tmp/g  # smoke
 """
 
@@ -218,6 +219,61 @@ def host_timeline(model, ids, cfg) -> dict:
     }
 
 
+def copy_timeline(model, ids, cfg) -> dict:
+    """No profiler: a CUDA event at the end of each gather's host-to-GPU copies and at each
+    step's logits, read after generate(). The copy stream runs the gathers in order, so the time
+    between two gathers' ends beyond what the later one's bytes take at the best rate seen is
+    the engine's idle time before it (or on-device copies queued in series with it). Reported
+    per step by the layer each gather is for: where in the step the copy engine waits."""
+    from kvtier.controller.streaming import Streamer
+    from kvtier.transfer import Lane, Mover
+
+    marks: list[tuple[int, torch.cuda.Event, int]] = []  # (tiered layer, event, H2D bytes)
+    layer = [None]
+    submit, on_streams = Streamer._submit, Mover._on_streams
+
+    def timed_submit(self, tiered_index, tokens):
+        layer[0] = tiered_index
+        try:
+            return submit(self, tiered_index, tokens)
+        finally:
+            layer[0] = None
+
+    def timed_streams(self, lane, device, groups, target):
+        events = on_streams(self, lane, device, groups, target)
+        h2d = sum(src.nbytes for group in groups for src, _ in group if not src.is_cuda)
+        if lane is Lane.PREFETCH and h2d and layer[0] is not None:
+            end = torch.cuda.Event(enable_timing=True)  # behind the host-to-GPU group's copies
+            end.record(self._stream(lane, device, resident=False))
+            marks.append((layer[0], end, h2d))
+        return events
+
+    Streamer._submit, Mover._on_streams = timed_submit, timed_streams
+    try:
+        with kvtier.TieredCache(model, cfg) as cache, torch.no_grad():
+            _decode(model, ids, cache)
+            torch.cuda.synchronize()
+    finally:
+        Streamer._submit, Mover._on_streams = submit, on_streams
+    layers = len(cache.spec.tiered_layers)
+    decode = marks[-STEPS * layers :]
+    ends = [event for _, event, _ in decode]
+    spans = [a.elapsed_time(b) for a, b in zip(ends, ends[1:], strict=False)]  # ms
+    best_gbps = max(n / 1e6 / ms for (_, _, n), ms in zip(decode[1:], spans, strict=True) if ms)
+    by_layer = collections.defaultdict(list)
+    for (index, _, nbytes), ms in zip(decode[1:], spans, strict=True):
+        by_layer[index].append(ms - nbytes / 1e6 / best_gbps)
+    idle = {i: round(sum(v) / len(v), 3) for i, v in sorted(by_layer.items())}
+    total = ends[0].elapsed_time(ends[-1])
+    return {
+        "gathers": len(decode),
+        "best_gbps": round(best_gbps, 2),
+        "copy_ms_per_step": round(total / (len(decode) - 1) * layers, 3),
+        "idle_ms_per_step": round(sum(idle.values()), 3),
+        "idle_ms_before_gather_of_layer": idle,
+    }
+
+
 def profile_decode(model, ids, cfg, trace: Path | None, *, cpu: bool) -> tuple[dict, dict]:
     activities = [torch.profiler.ProfilerActivity.CPU] if cpu else []
     if torch.cuda.is_available():
@@ -244,6 +300,7 @@ def main() -> int:
     p.add_argument("--trace", action="store_true", help="also write each chrome trace")
     p.add_argument("--host-only", action="store_true", help="the host timeline, no profiles")
     p.add_argument("--rounds", type=int, default=1, help="interleaved host-timeline rounds")
+    p.add_argument("--events", action="store_true", help="also the event-timed copy timeline")
     p.add_argument("--out", default="probe-out")
     args = p.parse_args()
     out = Path(args.out)
@@ -271,6 +328,10 @@ def main() -> int:
             found = host_timeline(model, ids, configs[text])
             results.setdefault(text, {}).setdefault("host_rounds", []).append(found)
             print(f"round {round_} {text} host: " + json.dumps(found)[:400])
+            if args.events and configs[text] is not None and torch.cuda.is_available():
+                found = copy_timeline(model, ids, configs[text])
+                results[text].setdefault("copy_rounds", []).append(found)
+                print(f"round {round_} {text} copies: " + json.dumps(found))
     for text in shares:
         if configs[text] is None or args.host_only:
             continue
