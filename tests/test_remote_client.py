@@ -30,6 +30,7 @@ from valkey_servers import (  # noqa: E402
     start_cluster,
     start_server,
     tls_server,
+    wait_cluster_ok,
     write_secret,
 )
 
@@ -861,7 +862,7 @@ def test_cluster_node_hung_costs_one_timeout(cluster: LocalCluster) -> None:
     remote.close()
 
 
-# -- cluster with an ACL user ------------------------------------------------------------------
+# -- cluster with an ACL user, and over TLS ----------------------------------------------------
 
 # The nodes' users: alice may run everything, bob only what a standalone server's user needs
 # (ACL_COMMANDS: no CLUSTER SLOTS, no COMMAND); the default user is off.
@@ -878,6 +879,24 @@ def acl_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClust
         tmp_path_factory.mktemp("acl-cluster"),
         config={"user": CLUSTER_USERS + ACL_COMMANDS},
         client_options=ALICE,
+    )
+    try:
+        yield nodes
+    finally:
+        nodes.kill()
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(
+    tmp_path_factory: pytest.TempPathFactory, tls_files: TlsFiles
+) -> Iterator[LocalCluster]:
+    """A 3-node cluster reached only through TLS (one proxy per node, whose port the node
+    announces), every node wanting alice's password."""
+    nodes = start_cluster(
+        tmp_path_factory.mktemp("tls-cluster"),
+        config=acl_config("alice", "s3cret"),
+        client_options=ALICE,
+        tls=tls_files,
     )
     try:
         yield nodes
@@ -964,6 +983,68 @@ def test_acl_cluster_user_without_cluster_commands_is_told_what_to_grant(
     assert "denied user 'bob' a command" in message and "cluster|slots" in message
     assert message.endswith(CLUSTER_ACL_COMMANDS) and "\n" not in message
     assert "s3cret" not in message
+
+
+@pytest.mark.slow
+def test_tls_cluster_round_trip(tls_cluster: LocalCluster, tls_files: TlsFiles) -> None:
+    """Scenario: a cluster whose nodes speak only TLS (and want a password): valkeys:// with
+    remote.ca_file reaches every node, the ones listed and the ones CLUSTER SLOTS names."""
+    url = tls_cluster.url.replace("valkeys://", "valkeys://alice:s3cret@")
+    spec = parse_remote({"url": url, "ca_file": str(tls_files.ca_file), "timeout_ms": TIMEOUT_MS})
+    with RemoteClient.connect(spec) as remote:
+        _round_trip_on_every_node(remote, tls_cluster, "tls")
+    seed = f"valkeys://alice:s3cret@127.0.0.1:{tls_cluster.proxies[1].port}"
+    one = parse_remote({"url": seed, "ca_file": str(tls_files.ca_file), "cluster": True})
+    with RemoteClient.connect(one) as remote:  # the other nodes only from CLUSTER SLOTS
+        _round_trip_on_every_node(remote, tls_cluster, "seed")
+
+
+@pytest.mark.slow
+def test_tls_cluster_follows_a_moved_slot_to_its_tls_port(
+    tls_cluster: LocalCluster, tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scenario: a slot moves to another node after the client read the slot map: the MOVED
+    reply names the new node's TLS port, and after one failed put the client stores and reads
+    that slot's keys there."""
+    from valkey.crc import key_slot
+
+    url = tls_cluster.url.replace("valkeys://", "valkeys://alice:s3cret@")
+    spec = parse_remote({"url": url, "ca_file": str(tls_files.ca_file), "timeout_ms": TIMEOUT_MS})
+    source, target = tls_cluster.nodes[0], tls_cluster.nodes[1]
+    key = next(f"moved{i}" for i in range(10_000) if key_slot(f"moved{i}".encode()) < 100)
+    slot = key_slot(key.encode())
+    with source.client() as raw:
+        source_id = raw.execute_command("CLUSTER", "MYID").decode()
+    with target.client() as raw:
+        target_id = raw.execute_command("CLUSTER", "MYID").decode()
+    remote = RemoteClient.connect(spec, retry_after_s=0)
+    try:
+        caplog.set_level(logging.DEBUG, CLIENT_LOG)
+        for node in (target, source, tls_cluster.nodes[2]):
+            with node.client() as raw:
+                raw.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        assert remote.put_many([(key, b"here")]) is False  # sent to the old owner: MOVED
+        warnings = warnings_from(caplog)
+        assert len(warnings) == 1 and f"127.0.0.1:{tls_cluster.proxies[1].port}" in warnings[0]
+        assert remote.put_many([(key, b"here")]) and remote.get_many([key]) == [b"here"]
+        assert target.client().get(key) == b"here"
+        assert remote.delete_many([key]) == 1
+    finally:
+        remote.close()
+        for node in (source, target, tls_cluster.nodes[2]):
+            with node.client() as raw:
+                raw.execute_command("CLUSTER", "SETSLOT", slot, "NODE", source_id)
+        wait_cluster_ok(tls_cluster.nodes)
+
+
+@pytest.mark.slow
+def test_tls_cluster_untrusted_certificate_is_one_line(
+    tls_cluster: LocalCluster, tls_files: TlsFiles
+) -> None:
+    url = tls_cluster.url.replace("valkeys://", "valkeys://alice:s3cret@")
+    spec = parse_remote({"url": url, "ca_file": str(tls_files.other_ca_file)})
+    with pytest.raises(RemoteError, match="TLS certificate we do not trust.*remote.ca_file"):
+        RemoteClient.connect(spec)
 
 
 # -- sealed values -----------------------------------------------------------------------------
