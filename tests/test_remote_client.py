@@ -652,6 +652,24 @@ def test_wrong_credentials_are_one_line(tmp_path: Path, userinfo: str, expected:
         server.kill()
 
 
+def test_user_denied_a_command_at_connect_is_told_what_to_grant(tmp_path: Path) -> None:
+    """Scenario: a user without +info (which connect sends) gets one line naming every rule."""
+    from kvtier.tiers.remote.connect import ACL_COMMANDS
+
+    rules = ACL_COMMANDS.replace(" +info", "")
+    server = start_server(
+        tmp_path / "acl", {"user": f"default off\ncarol on >s3cret -@all {rules}"}
+    )
+    try:
+        with pytest.raises(RemoteError) as info:
+            RemoteClient.connect(spec_for(f"carol:s3cret@{server.node}"))
+        message = str(info.value)
+        assert "denied user 'carol' a command" in message and "'info'" in message
+        assert message.endswith(f"grant it {ACL_COMMANDS}") and "s3cret" not in message
+    finally:
+        server.kill()
+
+
 def test_wrong_password_file_names_the_file(tmp_path: Path) -> None:
     server = start_server(tmp_path / "acl", acl_config("alice", "s3cret"))
     try:
