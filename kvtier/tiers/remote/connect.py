@@ -37,11 +37,14 @@ except ImportError:  # pragma: no cover - RemoteClient.connect() refuses first w
     pass
 
 # Every command kvtier sends, as ACL rules: the permission hints name exactly these (a test
-# runs every call as a user granted only them, docs/remote.md shows it). A cluster's user
-# also needs +cluster|slots +cluster|shards; +select is for a url with a /db.
+# runs every call as a user granted only them, docs/remote.md shows it); +select is for a url
+# with a /db.
 ACL_COMMANDS = (
     "+get +set +mget +getrange +strlen +del +expire +object|idletime +scan +info +ping +select"
 )
+# What a cluster client sends besides: valkey-py's ValkeyCluster reads the slot map with
+# CLUSTER SLOTS and, when it is made, the command table with COMMAND (its CommandsParser).
+CLUSTER_ACL_COMMANDS = "+cluster|slots +command"
 
 # Why each cause of a failed call matters to the user; the first of each is a warning.
 CAUSES = {
@@ -49,13 +52,24 @@ CAUSES = {
     "timeout": "did not answer within remote.timeout_ms = {timeout_ms}; reads miss, writes dropped",
     "out of memory": "is out of memory; writes fail: raise its maxmemory or use an eviction "
     "policy such as allkeys-lru",
-    "no permission": f"denied a command to this user; grant it {ACL_COMMANDS}",
+    "no permission": "denied a command to this user; grant it {acl}",
     "moved": "moved slots to other nodes; refreshing the slot map (reads miss meanwhile)",
     "cluster down": "reports the cluster down; reads miss and writes are dropped until it is up",
     "read-only": "is a read-only replica; list the primaries in remote.url",
     "slot not covered": "has no node serving some hash slots; those keys miss",
     "credentials": "no longer accepts our user or password; check remote.password_file",
 }
+
+
+def acl_rules(spec: RemoteSpec) -> str:
+    """The ACL rules a user needs for `spec`'s server or cluster: what permission hints name."""
+    return f"{ACL_COMMANDS} {CLUSTER_ACL_COMMANDS}" if spec.cluster else ACL_COMMANDS
+
+
+def reason_for(cause: str, spec: RemoteSpec) -> str:
+    """Why a failed call of `cause` matters, for the log line (CAUSES, filled in for `spec`)."""
+    reason = CAUSES.get(cause, "answered an error; the call reads as misses / a failed put")
+    return reason.format(timeout_ms=spec.timeout_ms, acl=acl_rules(spec))
 
 
 def connection_options(spec: RemoteSpec) -> dict[str, Any]:
@@ -229,7 +243,7 @@ def connect_error(spec: RemoteSpec, node: RemoteNode, exc: BaseException) -> Rem
         )
     if isinstance(exc, NoPermissionError):
         return RemoteError(
-            f"valkey at {node} denied user '{user}' a command ({text}); grant it {ACL_COMMANDS}"
+            f"valkey at {node} denied user '{user}' a command ({text}); grant it {acl_rules(spec)}"
         )
     cause = exc.__cause__ or exc.__context__
     if (

@@ -22,7 +22,7 @@ from kvtier.tiers.remote.url import RemoteSpec
 try:
     import valkey
     from valkey.cluster import ClusterNode, ValkeyCluster
-    from valkey.exceptions import ValkeyClusterException, ValkeyError
+    from valkey.exceptions import NoPermissionError, ValkeyClusterException, ValkeyError
 except ImportError:  # pragma: no cover - RemoteClient.connect() refuses first without the extra
     pass
 
@@ -87,6 +87,9 @@ def open_cluster(spec: RemoteSpec) -> Any:
             **options,
         )
     except (ValkeyError, ValkeyClusterException) as exc:
+        denied = _denied(exc)
+        if denied is not None:  # valkey-py reports a CLUSTER SLOTS denied as "not enabled"
+            raise connect_error(spec, spec.nodes[0], denied) from None
         if "Cluster mode is not enabled" in str(exc):
             raise RemoteError(
                 f"valkey at {spec.nodes[0]} is not a cluster node; name one node in "
@@ -94,3 +97,16 @@ def open_cluster(spec: RemoteSpec) -> Any:
             ) from None
         raise connect_error(spec, spec.nodes[0], exc) from None
     return cluster
+
+
+def _denied(exc: BaseException) -> BaseException | None:
+    """The NOPERM reply behind `exc` (ValkeyCluster wraps the one its CLUSTER SLOTS got in two
+    exceptions of its own), or None."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        if isinstance(error, NoPermissionError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
