@@ -385,7 +385,10 @@ class RemoteClient:
 
     def _note(self, cause: str, where: str, detail: str) -> None:
         self._error_counts[cause] = self._error_counts.get(cause, 0) + 1
-        first = cause not in self._warned
+        # a connect that failed (clients.try_connect) warned of the same outage already
+        first = cause not in self._warned and not (
+            cause == "unreachable" and "connect" in self._warned
+        )
         self._warned.add(cause)
         log.log(
             logging.WARNING if first else logging.DEBUG,

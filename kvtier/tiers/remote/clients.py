@@ -80,7 +80,7 @@ def try_connect(
 ) -> RemoteClient | None:
     """A new client; None when the server is down or was down moments ago (DOWN's backoff), or
     the connect raised `survive`: it may come up. One warning an outage (and none once `warned`
-    holds "connect"). Other errors raise: by default credentials, host names and certificates,
+    holds "connect" or a client's "unreachable"). Other errors raise: by default credentials, host names and certificates,
     which will not fix themselves."""
     if DOWN.wait_s(spec) > 0:
         warned.add("connect")
@@ -89,7 +89,9 @@ def try_connect(
         client = RemoteClient.connect(spec, warned=warned)
     except survive as error:
         outage = DOWN.failed(spec)
-        level = logging.WARNING if outage and "connect" not in warned else logging.DEBUG
+        # one warning an outage, whether a connect or a call (client "unreachable") saw it first
+        told = warned & {"connect", "unreachable"}
+        level = logging.WARNING if outage and not told else logging.DEBUG
         warned.add("connect")
         log.log(level, "remote tier: %s; reads miss and writes are dropped until it answers", error)
         return None
