@@ -96,6 +96,25 @@ def config(args: argparse.Namespace, model_key: str) -> kvtier.Config:
     )
 
 
+def _phase_hooks(model, marks: dict[str, float]) -> list:
+    """Hooks that note (after a sync) when the first decoder layer first starts and when the
+    last one last ends: where a TTFT's time went, at the cost of two syncs."""
+    layers = model.model.layers
+
+    def now() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def first(module, args) -> None:
+        marks.setdefault("first_layer", now())
+
+    def last(module, args, output) -> None:
+        marks["last_layer"] = now()
+
+    return [layers[0].register_forward_pre_hook(first), layers[-1].register_forward_hook(last)]
+
+
 def timed(
     model, cfg, ids: torch.Tensor, *, keep_open: bool = False, profile: str | None = None
 ) -> tuple[dict, object]:
@@ -106,10 +125,18 @@ def timed(
     if device.type == "cuda":
         torch.cuda.synchronize()
     profiler = cProfile.Profile() if profile else None
+    marks: dict[str, float] = {}
+    hooks = _phase_hooks(model, marks)
     started = time.perf_counter()
     if profiler is not None:
         profiler.enable()
-    out = model.generate(ids.to(device), past_key_values=cache, max_new_tokens=1, do_sample=False)
+    try:
+        out = model.generate(
+            ids.to(device), past_key_values=cache, max_new_tokens=1, do_sample=False
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
     if device.type == "cuda":
         torch.cuda.synchronize()
     ttft = time.perf_counter() - started
@@ -121,8 +148,16 @@ def timed(
         stats.sort_stats("tottime").print_stats(25)
         Path(profile).write_text(f"TTFT {ttft:.3f} s (profiled)\n{text.getvalue()}")
     stats = cache.stats()
+    first, last = marks.get("first_layer", started), marks.get("last_layer", started)
     row = {
         "ttft_s": round(ttft, 4),
+        # until the first decoder layer runs (generate's set-up, lookup, load), the layers of
+        # the prompt's computed part (every chunk), the rest (LM head, sampling)
+        "phases_s": {
+            "before_layers": round(first - started, 4),
+            "layers": round(last - first, 4),
+            "after_layers": round(started + ttft - last, 4),
+        },
         "prefix_hit_tokens": stats["prefix_hit_tokens"],
         "reuse": stats["reuse"],
         "first_token": int(out[0, -1]),
@@ -243,12 +278,19 @@ def main() -> None:
     report(args, rows)
 
 
+def _phases(row: dict) -> str:
+    phases = row.get("phases_s")
+    if not phases:
+        return "-"
+    return "/".join(f"{phases[k]:.3f}" for k in ("before_layers", "layers", "after_layers"))
+
+
 def report(args: argparse.Namespace, rows: dict) -> None:
     cold = rows["cold"]["ttft_s"]
     print(f"prompt {args.tokens} tokens, {args.shared:.0%} shared, blocks of {args.block_tokens}")
     print(
         f"{'case':<6} {'ttft_s':>9} {'vs cold':>8} {'hit':>7} {'decision':>10} "
-        f"{'pred_load_s':>12} {'load_s':>9} {'pred_recompute_s':>17}"
+        f"{'pred_load_s':>12} {'load_s':>9} {'pred_recompute_s':>17}  before/layers/after s"
     )
     for name in ("dynamic", "cold", "first", "host", "disk", "fresh"):
         row = rows[name]
@@ -257,7 +299,7 @@ def report(args: argparse.Namespace, rows: dict) -> None:
             f"{name:<6} {row['ttft_s']:>9.3f} {cold / row['ttft_s']:>7.2f}x "
             f"{row['prefix_hit_tokens']:>7} {reuse.get('decision', '-'):>10} "
             f"{reuse.get('predicted_load_s', 0):>12.4f} {reuse.get('load_s', 0):>9.4f} "
-            f"{reuse.get('predicted_recompute_s', 0):>17.4f}"
+            f"{reuse.get('predicted_recompute_s', 0):>17.4f}  {_phases(row)}"
         )
     fresh = rows["fresh"]["ttft_s"]
     print(
