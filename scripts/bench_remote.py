@@ -320,7 +320,7 @@ def bench_tier(
         return run
 
     save_by_mover_unlimited = with_tier("save_writers", 0, save_by_mover)  # before save_writers
-    in_series = functools.partial(with_tier, "hash_on_checks_bytes", 1 << 62)  # hashed in series
+    in_series = functools.partial(with_tier, "hash_on_threads_bytes", 1 << 62)  # hashed in series
 
     def load_many() -> None:
         assert all(tier.load_blocks(ids, outs))

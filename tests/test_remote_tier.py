@@ -305,27 +305,28 @@ def test_a_reused_prefix_has_its_ttl_renewed(server: ValkeyProcess) -> None:
         remote.close()
 
 
-def test_big_blocks_hash_on_the_check_threads_to_the_same_bytes(
+def test_big_blocks_hash_on_the_hash_threads_to_the_same_bytes(
     server: ValkeyProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Scenario: a block at least hash_on_checks_bytes big has its layers hashed on the check
-    threads (16-core host: save_blocks 0.87-0.88x of raw at 8 MiB against 0.79-0.80x in
-    series, docs/remote.md); the values are byte for byte those hashed in series."""
+    """Scenario: a block whose hashing costs at least hash_on_threads_bytes of xxh3-128 has its
+    layers hashed on the hash threads (16-core host: save_blocks 0.87-0.88x of raw at 8 MiB
+    against 0.79-0.80x in series, docs/remote.md); the values are byte for byte those hashed in
+    series."""
     remote = make_tier(spec_for(server))
     chain = chain_of(3)
     stored = [block_layers(remote.geometry, seed=i) for i in range(len(chain))]
     keys = [block_key(FINGERPRINT, block_id) for block_id in chain]
     raw = server.client()
     maps: list[str] = []
-    check_map = remote._check_map
-    monkeypatch.setattr(remote, "_check_map", lambda *a: maps.append("checks") or check_map(*a))
+    hash_map = remote._hashes.map
+    monkeypatch.setattr(remote._hashes, "map", lambda *a: maps.append("threads") or hash_map(*a))
     values = []
     for threshold in (1 << 62, remote.geometry.block_bytes):
-        remote.hash_on_checks_bytes = threshold
+        remote.hash_on_threads_bytes = threshold
         assert all(remote.save_blocks(chain, stored, parent_ids=[None, *chain[:-1]]))
         values.append(raw.mget(keys))
         raw.delete(*keys)
-    assert maps == ["checks"] * len(chain)  # in series first, then one map per block
+    assert maps == ["threads"] * len(chain)  # in series first, then one map per block
     assert values[0] == values[1]
     remote.close()
 
