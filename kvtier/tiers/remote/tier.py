@@ -353,14 +353,20 @@ class RemoteTier(SerializedEndpoints):
         located = self._locate(key, value, len(value))
         if located is None:
             return ReadResult.CORRUPT
-        view = memoryview(value)
-        for name, out in zip(self._names, outs, strict=True):
-            start, end = located.span(name)
-            if not decode_tensor(
-                self._key(key), located, name, view[start:end], out, warned=self._warned
-            ):
-                self._forget(key)
-                return ReadResult.CORRUPT
+        view, server_key, warned = memoryview(value), self._key(key), self._warned
+
+        def check(layer: tuple[str, torch.Tensor]) -> bool:  # copy out one layer, check its bytes
+            (name, out), (start, end) = layer, located.span(layer[0])
+            return decode_tensor(server_key, located, name, view[start:end], out, warned=warned)
+
+        layers = zip(self._names, outs, strict=True)
+        if self._hash_on_threads(located.header.algorithm):
+            intact = all(self._hashes.map(check, layers))  # every layer checked, then the verdict
+        else:
+            intact = all(map(check, layers))  # stops at the first bad layer
+        if not intact:
+            self._forget(key)
+            return ReadResult.CORRUPT
         return ReadResult.OK
 
     def adopt(self, key: str) -> str | None:
