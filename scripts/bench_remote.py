@@ -322,6 +322,7 @@ def bench_tier(
 
     save_by_mover_unlimited = with_tier("save_writers", 0, save_by_mover)  # before save_writers
     in_series = functools.partial(with_tier, "hash_on_threads_bytes", 1 << 62)  # hashed in series
+    checked_in_series = functools.partial(with_tier, "check_on_threads_bytes", 1 << 62)
 
     def load_many() -> None:
         assert all(tier.load_blocks(ids, outs))
@@ -348,8 +349,8 @@ def bench_tier(
         ("get", floor): raw_get_hashed,
         ("get", "RemoteTier.load_blocks"): load_many,
         ("get", "RemoteTier.load_block"): load_each,
-        ("get", "RemoteTier.load_blocks, layers checked in series"): in_series(load_many),
-        ("get", "RemoteTier.load_block, layers checked in series"): in_series(load_each),
+        ("get", "RemoteTier.load_blocks, layers checked in series"): checked_in_series(load_many),
+        ("get", "RemoteTier.load_block, layers checked in series"): checked_in_series(load_each),
     }
     rows = _paired_rows(cases, repeats, count * geo.block_bytes, size)
     pool.shutdown()

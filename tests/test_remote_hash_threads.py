@@ -1,5 +1,6 @@
 """HashThreads and the rule for when a block's layers use them: the digests, their order and the
-stored bytes are those of one thread; only big blocks (signed ones from 1 MiB) go to the threads.
+stored bytes are those of one thread; only big blocks go to the threads (signed ones from 1 MiB
+when saved, from 8 MiB when loaded).
 No server: the tier's own use of the threads is in tests/test_remote_tier.py."""
 
 from __future__ import annotations
@@ -67,16 +68,21 @@ def test_a_value_hashed_on_threads_is_byte_identical(
 
 
 def test_only_blocks_that_cost_enough_to_hash_use_the_threads() -> None:
-    """Scenario: the tier's threshold: xxh3-128 blocks from 8 MiB, sha256 ones from 1 MiB (a
-    sha256 byte costs 8 of xxh3), tiny blocks of either never (the hand-off costs more)."""
-    threshold = RemoteTier.hash_on_threads_bytes
-    assert threshold == 8 << 20
-    assert worth_threads(Checksum.SHA256, 1 << 20, threshold)
-    assert not worth_threads(Checksum.SHA256, (1 << 20) - 1, threshold)
-    assert not worth_threads(Checksum.XXH3_128, 1 << 20, threshold)
-    assert worth_threads(Checksum.XXH3_128, 8 << 20, threshold)
+    """Scenario: the tier's thresholds: saves hash xxh3-128 blocks on the threads from 8 MiB,
+    sha256 ones from 1 MiB (a sha256 byte costs 8 of xxh3); loads check sha256 blocks there from
+    8 MiB (smaller ones lost on the 2-core dev box); tiny blocks never (the hand-off costs more)."""
+    save, check = RemoteTier.hash_on_threads_bytes, RemoteTier.check_on_threads_bytes
+    assert (save, check) == (8 << 20, 64 << 20)
+    assert worth_threads(Checksum.SHA256, 1 << 20, save)
+    assert not worth_threads(Checksum.SHA256, (1 << 20) - 1, save)
+    assert not worth_threads(Checksum.XXH3_128, 1 << 20, save)
+    assert worth_threads(Checksum.XXH3_128, 8 << 20, save)
+    assert worth_threads(Checksum.SHA256, 8 << 20, check)
+    assert not worth_threads(Checksum.SHA256, 4 << 20, check)
+    assert not worth_threads(Checksum.XXH3_128, 32 << 20, check)
     for algorithm in Checksum:
-        assert not worth_threads(algorithm, 1536, threshold)  # a tiny test model's block
+        for threshold in (save, check):
+            assert not worth_threads(algorithm, 1536, threshold)  # a tiny test model's block
 
 
 def test_every_call_runs_on_a_hash_thread(threads: HashThreads) -> None:

@@ -169,8 +169,13 @@ def test_missing_blocks_and_prefix(tier: RemoteTier) -> None:
 
 
 IN_SERIES_OR_ON_THREADS = pytest.mark.parametrize(
-    "hash_on_threads_bytes", [1 << 62, 0], ids=["layers in series", "layers on hash threads"]
+    "on_threads", [False, True], ids=["layers in series", "layers on hash threads"]
 )
+
+
+def hash_layers_on_threads(remote: RemoteTier, on_threads: bool) -> None:
+    """Every block's layers hashed and checked on the hash threads, or none's, whatever its size."""
+    remote.hash_on_threads_bytes = remote.check_on_threads_bytes = 0 if on_threads else 1 << 62
 
 
 @IN_SERIES_OR_ON_THREADS
@@ -178,12 +183,12 @@ def test_batched_loads_keep_order_and_verify_every_block(
     server: ValkeyProcess,
     tier: RemoteTier,
     monkeypatch: pytest.MonkeyPatch,
-    hash_on_threads_bytes: int,
+    on_threads: bool,
 ) -> None:
     """Scenario: blocks fetched one MGET per block, each checked on a thread while the next one
     arrives: every result is its own block's, a corrupt one and a missing one mid-chain fail."""
     monkeypatch.setattr(tier_module, "BATCH_BYTES", 1)  # one block per batch: many batches
-    tier.hash_on_threads_bytes = hash_on_threads_bytes
+    hash_layers_on_threads(tier, on_threads)
     chain = [f"{i:032x}" for i in range(7)]
     stored = {block_id: block_layers(tier.geometry, seed=i) for i, block_id in enumerate(chain)}
     assert tier.load_bandwidth() is None
@@ -217,8 +222,8 @@ def test_a_closed_tier_still_saves_and_loads(
     remote.close()
     layers = block_layers(remote.geometry)
     monkeypatch.setattr(tier_module, "BATCH_BYTES", 1)  # two batches: the overlapped path
-    for threshold in (1 << 62, 0):  # layers hashed in series, then on the (closed) hash threads
-        remote.hash_on_threads_bytes = threshold
+    for on_threads in (False, True):  # layers hashed in series, then on the closed hash threads
+        hash_layers_on_threads(remote, on_threads)
         assert remote.save(BLOCK, layers, parent_id=None)
         outs = [empty_layers(remote.geometry) for _ in range(2)]
         assert remote.load_blocks([BLOCK, BLOCK], outs) == [ReadResult.OK] * 2
@@ -359,12 +364,13 @@ def _random_block(geo: KVGeometry, seed: int) -> tuple[torch.Tensor, ...]:
 def test_a_big_signed_block_is_hashed_and_checked_on_the_hash_threads(
     server: ValkeyProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Scenario: a 2 MiB signed block (sha256) has every layer hashed on the tier's hash threads
+    """Scenario: an 8 MiB signed block (sha256) has every layer hashed on the tier's hash threads
     when saved and checked there when loaded, one block (in the caller's thread) or a batch at a
-    time (on a check thread): a silent fall back to one thread fails here."""
+    time (on a check thread), at the tier's own thresholds: a silent fall back to one thread
+    fails here."""
     from kvtier.tiers.remote.hash_threads import THREAD_PREFIX
 
-    geo = KVGeometry((0, 1, 2, 3), (CPU,) * 4, 1, 8, 128, torch.bfloat16, 128)  # 512 KiB a layer
+    geo = KVGeometry((0, 1, 2, 3), (CPU,) * 4, 1, 8, 128, torch.bfloat16, 512)  # 2 MiB a layer
     key_file = write_secret(tmp_path, "hmac.key", HMAC_KEY)
     remote = make_tier(spec_for(server, hmac_key_file=str(key_file)), geo)
     layer_bytes = geo.block_bytes // len(geo.layer_ids)
@@ -488,10 +494,10 @@ def _flip_payload_byte(value: bytes) -> bytearray:
 
 @IN_SERIES_OR_ON_THREADS
 def test_corrupt_values_are_rejected(
-    server: ValkeyProcess, tier: RemoteTier, hash_on_threads_bytes: int
+    server: ValkeyProcess, tier: RemoteTier, on_threads: bool
 ) -> None:
     """Scenario: a flipped payload bit, a flipped header bit, a truncated value: all misses."""
-    tier.hash_on_threads_bytes = hash_on_threads_bytes
+    hash_layers_on_threads(tier, on_threads)
     raw = server.client()
     key = block_key(FINGERPRINT, BLOCK)
     tier.save(BLOCK, block_layers(tier.geometry), parent_id=None)

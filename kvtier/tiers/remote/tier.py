@@ -24,7 +24,6 @@ from kvtier.errors import KVTierError
 from kvtier.layout import KVGeometry
 from kvtier.machine import default_hash_threads
 from kvtier.tiers.base import SerializedEndpoints
-from kvtier.tiers.codec import Checksum
 from kvtier.tiers.disk.blockio import check_tensors
 from kvtier.tiers.disk.format import HeaderTemplate, ReadResult
 from kvtier.tiers.remote.client import Parts, RemoteClient
@@ -64,8 +63,11 @@ class RemoteTier(SerializedEndpoints):
     limit_bytes = 0  # never a block's only copy: the server may drop any value
     save_writers = 2  # save_blocks calls the mover runs at once: a server takes them on one thread
     # Blocks that cost as much to hash as this many bytes of xxh3-128 hash their layers on the
-    # hash threads (hash_threads.worth_threads: a signed block's sha256 from 1 MiB).
+    # hash threads when saved (hash_threads.worth_threads: signed, sha256, from 1 MiB) ...
     hash_on_threads_bytes = 8 << 20
+    # ... and check them there when loaded: signed from 8 MiB (2-core dev box, docs/remote.md:
+    # 1-4 MiB lost, 8 and 32 MiB paid; a batch of smaller blocks already overlaps its fetch).
+    check_on_threads_bytes = 64 << 20
 
     def __init__(
         self,
@@ -216,7 +218,9 @@ class RemoteTier(SerializedEndpoints):
         for key, tensors in zip(keys, blocks, strict=True):
             check_tensors(key, tensors)
         algorithm = signed_checksum(self.spec.hmac_key)
-        hash_map = self._hashes.map if self._hash_on_threads(algorithm) else map
+        hash_map = map
+        if worth_threads(algorithm, self.geometry.block_bytes, self.hash_on_threads_bytes):
+            hash_map = self._hashes.map
         sizes: list[int] = []  # of each value sent, in order
 
         def values() -> Iterator[Parts]:  # the layers' own memory, sent before this returns
@@ -336,10 +340,6 @@ class RemoteTier(SerializedEndpoints):
             done.set_result(self._decode_blocks(blocks))
             return done
 
-    def _hash_on_threads(self, algorithm: Checksum) -> bool:
-        """Whether a block's layers are hashed (or checked) on the hash threads."""
-        return worth_threads(algorithm, self.geometry.block_bytes, self.hash_on_threads_bytes)
-
     def _decode_blocks(
         self, blocks: Sequence[tuple[str, bytes | bytearray | None, Sequence[torch.Tensor]]]
     ) -> list[ReadResult]:
@@ -360,7 +360,8 @@ class RemoteTier(SerializedEndpoints):
             return decode_tensor(server_key, located, name, view[start:end], out, warned=warned)
 
         layers = zip(self._names, outs, strict=True)
-        if self._hash_on_threads(located.header.algorithm):
+        threshold = self.check_on_threads_bytes
+        if worth_threads(located.header.algorithm, self.geometry.block_bytes, threshold):
             intact = all(self._hashes.map(check, layers))  # every layer checked, then the verdict
         else:
             intact = all(map(check, layers))  # stops at the first bad layer
