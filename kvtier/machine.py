@@ -40,6 +40,16 @@ def default_io_threads() -> int:
     return min(IO_THREADS_MAX, max(4, os.cpu_count() or 4))
 
 
+HASH_THREADS_MAX = 8  # a remote tier's hash threads at most
+
+
+def default_hash_threads() -> int:
+    """Threads that hash one block's layers side by side: one per core, 2 to HASH_THREADS_MAX
+    (hashlib and xxhash release the GIL; the socket, the server and the other writers need
+    cores too, and a block of 8 layers has no work for more)."""
+    return min(HASH_THREADS_MAX, max(2, os.cpu_count() or 2))
+
+
 def device_name(device) -> str:
     """A torch device as measured speeds are filed under it: the GPU's name, or "cpu"."""
     import torch

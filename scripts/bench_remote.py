@@ -8,7 +8,8 @@ RemoteTier.save per block and from --threads threads, RemoteTier.save_blocks (ev
 one pipeline, and one pipeline per thread on --threads threads), the same blocks saved as
 remote.persist saves a step's (Mover.submit_saves: save_blocks calls of SAVE_BATCH_BYTES on
 the mover's I/O threads, one per core from 4 to 12), RemoteTier.load_blocks (MGETs of ~8 MiB, two at
-the server at once) and load_block per block, and the raw pipeline with one pass per value of the
+the server at once) and load_block per block (each also with a block's layers hashed and
+checked in series instead of on the tier's hash threads: A/B rows), and the raw pipeline with one pass per value of the
 tier's checksum (xxh3-128, sha256 with --hmac: the floor a checksummed format sets, as the tier
 hashes each byte once each way). Same work on the wire: each raw case is one valkey-py pipeline
 (every command written, then every reply read: one round trip), as save_blocks and load_blocks
@@ -43,7 +44,7 @@ import valkey
 import xxhash
 
 from kvtier.layout import CPU, KVGeometry
-from kvtier.machine import default_io_threads
+from kvtier.machine import default_hash_threads, default_io_threads
 from kvtier.tiers.base import Stored
 from kvtier.tiers.remote.client import RemoteClient
 from kvtier.tiers.remote.signing import open_value, seal
@@ -320,7 +321,8 @@ def bench_tier(
         return run
 
     save_by_mover_unlimited = with_tier("save_writers", 0, save_by_mover)  # before save_writers
-    in_series = functools.partial(with_tier, "hash_on_checks_bytes", 1 << 62)  # hashed in series
+    in_series = functools.partial(with_tier, "hash_on_threads_bytes", 1 << 62)  # hashed in series
+    checked_in_series = functools.partial(with_tier, "check_on_threads_bytes", 1 << 62)
 
     def load_many() -> None:
         assert all(tier.load_blocks(ids, outs))
@@ -347,6 +349,8 @@ def bench_tier(
         ("get", floor): raw_get_hashed,
         ("get", "RemoteTier.load_blocks"): load_many,
         ("get", "RemoteTier.load_block"): load_each,
+        ("get", "RemoteTier.load_blocks, layers checked in series"): checked_in_series(load_many),
+        ("get", "RemoteTier.load_block, layers checked in series"): checked_in_series(load_each),
     }
     rows = _paired_rows(cases, repeats, count * geo.block_bytes, size)
     pool.shutdown()
@@ -490,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         "parser": parser,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "tier_hash_threads": default_hash_threads(),
         "total_mib_per_call": args.total_mib,
         "repeats": args.repeats,
         "rows": rows,
@@ -510,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"RemoteTier ({'HMAC-signed' if args.hmac else 'checksums only'}), bf16 blocks of 8 layers"
+        f", {default_hash_threads()} hash threads"
     )
     print(tier_table(tier_rows))
     print()

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,12 +168,27 @@ def test_missing_blocks_and_prefix(tier: RemoteTier) -> None:
     assert stats["load_gbps"] > 0 and stats["io_s"] >= stats["load_s"] > 0
 
 
+IN_SERIES_OR_ON_THREADS = pytest.mark.parametrize(
+    "on_threads", [False, True], ids=["layers in series", "layers on hash threads"]
+)
+
+
+def hash_layers_on_threads(remote: RemoteTier, on_threads: bool) -> None:
+    """Every block's layers hashed and checked on the hash threads, or none's, whatever its size."""
+    remote.hash_on_threads_bytes = remote.check_on_threads_bytes = 0 if on_threads else 1 << 62
+
+
+@IN_SERIES_OR_ON_THREADS
 def test_batched_loads_keep_order_and_verify_every_block(
-    server: ValkeyProcess, tier: RemoteTier, monkeypatch: pytest.MonkeyPatch
+    server: ValkeyProcess,
+    tier: RemoteTier,
+    monkeypatch: pytest.MonkeyPatch,
+    on_threads: bool,
 ) -> None:
     """Scenario: blocks fetched one MGET per block, each checked on a thread while the next one
     arrives: every result is its own block's, a corrupt one and a missing one mid-chain fail."""
     monkeypatch.setattr(tier_module, "BATCH_BYTES", 1)  # one block per batch: many batches
+    hash_layers_on_threads(tier, on_threads)
     chain = [f"{i:032x}" for i in range(7)]
     stored = {block_id: block_layers(tier.geometry, seed=i) for i, block_id in enumerate(chain)}
     assert tier.load_bandwidth() is None
@@ -201,15 +217,17 @@ def test_a_closed_tier_still_saves_and_loads(
     server: ValkeyProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Scenario: a mover thread's late save or load after close() is served in that thread
-    (the check threads are gone), not a RuntimeError from the stopped pool."""
+    (the check and hash threads are gone), not a RuntimeError from the stopped pool."""
     remote = make_tier(spec_for(server))
     remote.close()
     layers = block_layers(remote.geometry)
-    assert remote.save(BLOCK, layers, parent_id=None)
-    outs = [empty_layers(remote.geometry) for _ in range(2)]
     monkeypatch.setattr(tier_module, "BATCH_BYTES", 1)  # two batches: the overlapped path
-    assert remote.load_blocks([BLOCK, BLOCK], outs) == [ReadResult.OK] * 2
-    assert all(same_bits(a, b) for a, b in zip(layers, outs[0], strict=True))
+    for on_threads in (False, True):  # layers hashed in series, then on the closed hash threads
+        hash_layers_on_threads(remote, on_threads)
+        assert remote.save(BLOCK, layers, parent_id=None)
+        outs = [empty_layers(remote.geometry) for _ in range(2)]
+        assert remote.load_blocks([BLOCK, BLOCK], outs) == [ReadResult.OK] * 2
+        assert all(same_bits(a, b) for a, b in zip(layers, outs[0], strict=True))
     remote.close()
 
 
@@ -305,29 +323,81 @@ def test_a_reused_prefix_has_its_ttl_renewed(server: ValkeyProcess) -> None:
         remote.close()
 
 
-def test_big_blocks_hash_on_the_check_threads_to_the_same_bytes(
+def test_big_blocks_hash_on_the_hash_threads_to_the_same_bytes(
     server: ValkeyProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Scenario: a block at least hash_on_checks_bytes big has its layers hashed on the check
-    threads (16-core host: save_blocks 0.87-0.88x of raw at 8 MiB against 0.79-0.80x in
-    series, docs/remote.md); the values are byte for byte those hashed in series."""
+    """Scenario: a block whose hashing costs at least hash_on_threads_bytes of xxh3-128 has its
+    layers hashed on the hash threads (16-core host: save_blocks 0.87-0.88x of raw at 8 MiB
+    against 0.79-0.80x in series, docs/remote.md); the values are byte for byte those hashed in
+    series."""
     remote = make_tier(spec_for(server))
     chain = chain_of(3)
     stored = [block_layers(remote.geometry, seed=i) for i in range(len(chain))]
     keys = [block_key(FINGERPRINT, block_id) for block_id in chain]
     raw = server.client()
     maps: list[str] = []
-    check_map = remote._check_map
-    monkeypatch.setattr(remote, "_check_map", lambda *a: maps.append("checks") or check_map(*a))
+    hash_map = remote._hashes.map
+    monkeypatch.setattr(remote._hashes, "map", lambda *a: maps.append("threads") or hash_map(*a))
     values = []
     for threshold in (1 << 62, remote.geometry.block_bytes):
-        remote.hash_on_checks_bytes = threshold
+        remote.hash_on_threads_bytes = threshold
         assert all(remote.save_blocks(chain, stored, parent_ids=[None, *chain[:-1]]))
         values.append(raw.mget(keys))
         raw.delete(*keys)
-    assert maps == ["checks"] * len(chain)  # in series first, then one map per block
+    assert maps == ["threads"] * len(chain)  # in series first, then one map per block
     assert values[0] == values[1]
     remote.close()
+
+
+def _random_block(geo: KVGeometry, seed: int) -> tuple[torch.Tensor, ...]:
+    """Random bytes in every layer; cheaper than block_layers for blocks of megabytes."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (geo.block_tokens, *geo.token_shape)
+    nbytes = torch.Size(shape).numel() * geo.dtype.itemsize
+    return tuple(
+        torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen).view(geo.dtype)
+        .reshape(shape)
+        for _ in geo.layer_ids
+    )  # fmt: skip
+
+
+def test_a_big_signed_block_is_hashed_and_checked_on_the_hash_threads(
+    server: ValkeyProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: an 8 MiB signed block (sha256) has every layer hashed on the tier's hash threads
+    when saved and checked there when loaded, one block (in the caller's thread) or a batch at a
+    time (on a check thread), at the tier's own thresholds: a silent fall back to one thread
+    fails here."""
+    from kvtier.tiers.remote.hash_threads import THREAD_PREFIX
+
+    geo = KVGeometry((0, 1, 2, 3), (CPU,) * 4, 1, 8, 128, torch.bfloat16, 512)  # 2 MiB a layer
+    key_file = write_secret(tmp_path, "hmac.key", HMAC_KEY)
+    remote = make_tier(spec_for(server, hmac_key_file=str(key_file)), geo)
+    layer_bytes = geo.block_bytes // len(geo.layer_ids)
+    hashed: list[str] = []  # the thread each layer-sized buffer was hashed on
+    of = Checksum.of
+
+    def recording_of(algorithm: Checksum, buffer: object) -> str:
+        nbytes = buffer.nbytes if isinstance(buffer, torch.Tensor) else memoryview(buffer).nbytes
+        if nbytes == layer_bytes:  # a layer, not one of the header's own checksums
+            hashed.append(threading.current_thread().name)
+        return of(algorithm, buffer)
+
+    monkeypatch.setattr(Checksum, "of", recording_of)
+    monkeypatch.setattr(tier_module, "BATCH_BYTES", 1)  # one block a batch: overlapped checks
+    chain = chain_of(3)
+    stored = [_random_block(geo, seed) for seed in range(len(chain))]
+    outs = [empty_layers(geo) for _ in chain]
+    try:
+        assert all(remote.save_blocks(chain, stored, parent_ids=[None] * len(chain)))
+        assert remote.load_block(chain[0], outs[0]) == ReadResult.OK
+        assert remote.load_blocks(chain, outs) == [ReadResult.OK] * len(chain)
+    finally:
+        remote.close()
+    assert len(hashed) == len(geo.layer_ids) * (len(chain) + 1 + len(chain))  # saved, loaded
+    assert all(name.startswith(THREAD_PREFIX) for name in hashed), set(hashed)
+    for block, loaded in zip(stored, outs, strict=True):
+        assert all(same_bits(a, b) for a, b in zip(block, loaded, strict=True))
 
 
 def test_save_blocks_checks_every_block_before_sending(tier: RemoteTier) -> None:
@@ -422,8 +492,12 @@ def _flip_payload_byte(value: bytes) -> bytearray:
     return damaged
 
 
-def test_corrupt_values_are_rejected(server: ValkeyProcess, tier: RemoteTier) -> None:
+@IN_SERIES_OR_ON_THREADS
+def test_corrupt_values_are_rejected(
+    server: ValkeyProcess, tier: RemoteTier, on_threads: bool
+) -> None:
     """Scenario: a flipped payload bit, a flipped header bit, a truncated value: all misses."""
+    hash_layers_on_threads(tier, on_threads)
     raw = server.client()
     key = block_key(FINGERPRINT, BLOCK)
     tier.save(BLOCK, block_layers(tier.geometry), parent_id=None)

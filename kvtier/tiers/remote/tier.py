@@ -14,20 +14,21 @@ import functools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
 
 import torch
 
 from kvtier.blocks import BlockMeta, Tier
 from kvtier.errors import KVTierError
 from kvtier.layout import KVGeometry
+from kvtier.machine import default_hash_threads
 from kvtier.tiers.base import SerializedEndpoints
 from kvtier.tiers.disk.blockio import check_tensors
 from kvtier.tiers.disk.format import HeaderTemplate, ReadResult
 from kvtier.tiers.remote.client import Parts, RemoteClient
 from kvtier.tiers.remote.clients import ThreadClients, try_connect
+from kvtier.tiers.remote.hash_threads import HashThreads, worth_threads
 from kvtier.tiers.remote.url import RemoteSpec
 from kvtier.tiers.remote.values import (
     Located,
@@ -40,13 +41,10 @@ from kvtier.tiers.remote.values import (
     signed_checksum,
 )
 
-T = TypeVar("T")
-R = TypeVar("R")
-
 HEADER_CACHE = 4096  # verified block headers kept, so a layer read is one range read
 # Checks (hashing and the copy out, which release the GIL) run on these threads: a fetched
 # batch is verified while the next one arrives (xxh3-128 10-14 GB/s a core, the copy 2-5; 2-core
-# dev box). A signed save (sha256, ~1.5 GB/s a core) or a big block hashes its layers here.
+# dev box). A big block's layers, a save's or a check's, go on to the hash threads.
 CHECK_THREADS = 2
 BATCH_BYTES = 8 << 20  # values per MGET: about this many bytes (one value at least)
 
@@ -64,7 +62,12 @@ class RemoteTier(SerializedEndpoints):
     holds_open_blocks = False  # keyed by content id: sealed blocks only
     limit_bytes = 0  # never a block's only copy: the server may drop any value
     save_writers = 2  # save_blocks calls the mover runs at once: a server takes them on one thread
-    hash_on_checks_bytes = 8 << 20  # blocks this big hash their layers on the check threads
+    # Blocks that cost as much to hash as this many bytes of xxh3-128 hash their layers on the
+    # hash threads when saved (hash_threads.worth_threads: signed, sha256, from 1 MiB) ...
+    hash_on_threads_bytes = 8 << 20
+    # ... and check them there when loaded: signed from 8 MiB (2-core dev box, docs/remote.md:
+    # 1-4 MiB lost, 8 and 32 MiB paid; a batch of smaller blocks already overlaps its fetch).
+    check_on_threads_bytes = 64 << 20
 
     def __init__(
         self,
@@ -99,6 +102,7 @@ class RemoteTier(SerializedEndpoints):
         self._headers: OrderedDict[str, Located] = OrderedDict()
         self._lock = threading.Lock()
         self._checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="kvtier-remote-check")
+        self._hashes = HashThreads(default_hash_threads())
         self._counters = {
             "saved_bytes": 0,
             "loaded_bytes": 0,
@@ -182,9 +186,10 @@ class RemoteTier(SerializedEndpoints):
         return figures
 
     def close(self) -> None:
-        """Close every connection and the check threads; never raises."""
+        """Close every connection, the check and the hash threads; never raises."""
         self._clients.close()
         self._checks.shutdown(wait=True)
+        self._hashes.close()
 
     # -- SerializedStore (the mover's I/O threads; any thread) --------------------------------
     def save(self, key: str, layers: tuple[torch.Tensor, ...], *, parent_id: str | None) -> int:
@@ -212,8 +217,10 @@ class RemoteTier(SerializedEndpoints):
         blocks = [dict(zip(self._names, block, strict=True)) for block in layers]
         for key, tensors in zip(keys, blocks, strict=True):
             check_tensors(key, tensors)
-        big = self.geometry.block_bytes >= self.hash_on_checks_bytes
-        hash_map = self._check_map if big or self.spec.hmac_key is not None else map
+        algorithm = signed_checksum(self.spec.hmac_key)
+        hash_map = map
+        if worth_threads(algorithm, self.geometry.block_bytes, self.hash_on_threads_bytes):
+            hash_map = self._hashes.map
         sizes: list[int] = []  # of each value sent, in order
 
         def values() -> Iterator[Parts]:  # the layers' own memory, sent before this returns
@@ -333,13 +340,6 @@ class RemoteTier(SerializedEndpoints):
             done.set_result(self._decode_blocks(blocks))
             return done
 
-    def _check_map(self, function: Callable[[T], R], items: Iterable[T]) -> Iterable[R]:
-        """The check threads' map; the calling thread's after close() (a late save still works)."""
-        try:
-            return self._checks.map(function, items)
-        except RuntimeError:
-            return map(function, items)
-
     def _decode_blocks(
         self, blocks: Sequence[tuple[str, bytes | bytearray | None, Sequence[torch.Tensor]]]
     ) -> list[ReadResult]:
@@ -353,14 +353,21 @@ class RemoteTier(SerializedEndpoints):
         located = self._locate(key, value, len(value))
         if located is None:
             return ReadResult.CORRUPT
-        view = memoryview(value)
-        for name, out in zip(self._names, outs, strict=True):
-            start, end = located.span(name)
-            if not decode_tensor(
-                self._key(key), located, name, view[start:end], out, warned=self._warned
-            ):
-                self._forget(key)
-                return ReadResult.CORRUPT
+        view, server_key, warned = memoryview(value), self._key(key), self._warned
+
+        def check(layer: tuple[str, torch.Tensor]) -> bool:  # copy out one layer, check its bytes
+            (name, out), (start, end) = layer, located.span(layer[0])
+            return decode_tensor(server_key, located, name, view[start:end], out, warned=warned)
+
+        layers = zip(self._names, outs, strict=True)
+        threshold = self.check_on_threads_bytes
+        if worth_threads(located.header.algorithm, self.geometry.block_bytes, threshold):
+            intact = all(self._hashes.map(check, layers))  # every layer checked, then the verdict
+        else:
+            intact = all(map(check, layers))  # stops at the first bad layer
+        if not intact:
+            self._forget(key)
+            return ReadResult.CORRUPT
         return ReadResult.OK
 
     def adopt(self, key: str) -> str | None:
