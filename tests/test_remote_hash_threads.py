@@ -120,3 +120,66 @@ def test_default_hash_threads_follow_the_cores(monkeypatch: pytest.MonkeyPatch) 
     for cores, expected in [(None, 2), (1, 2), (2, 2), (6, 6), (16, machine.HASH_THREADS_MAX)]:
         monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
         assert machine.default_hash_threads() == expected
+
+
+def test_map_ahead_yields_in_order_from_the_threads(threads: HashThreads) -> None:
+    """Scenario: whole items on the threads, results in the items' order, each on a hash
+    thread, never more than `window` submitted and not yet taken."""
+    submitted: list[int] = []
+
+    def work(item: int) -> tuple[int, str]:
+        submitted.append(item)
+        time.sleep(0.002 * (item % 3))  # later items may finish first
+        return item, threading.current_thread().name
+
+    taken = []
+    for item, name in threads.map_ahead(work, range(20), window=3):
+        assert len(submitted) <= item + 3
+        taken.append(item)
+        assert name.startswith(THREAD_PREFIX)
+    assert taken == list(range(20))
+
+
+def test_map_ahead_closed_early_waits_for_its_running_calls(threads: HashThreads) -> None:
+    """Scenario: the caller stops after two results (a failed server): closing the generator
+    returns only once no call still runs, so the items' memory may be reused."""
+    running: list[int] = []
+
+    def work(item: int) -> int:
+        running.append(item)
+        time.sleep(0.02)
+        running.remove(item)
+        return item
+
+    ahead = threads.map_ahead(work, range(50), window=8)
+    assert [next(ahead), next(ahead)] == [0, 1]
+    ahead.close()
+    assert running == []
+
+
+def test_map_ahead_raises_a_calls_error_at_its_own_item(threads: HashThreads) -> None:
+    """Scenario: item 2's call raises: items 0 and 1 are yielded, the error comes when item 2
+    is taken, and by then no later call still runs."""
+    running: list[int] = []
+
+    def work(item: int) -> int:
+        if item == 2:
+            raise ValueError("bad block")
+        running.append(item)
+        time.sleep(0.01)
+        running.remove(item)
+        return item
+
+    taken: list[int] = []
+    with pytest.raises(ValueError, match="bad block"):
+        for item in threads.map_ahead(work, range(10), window=4):
+            taken.append(item)
+    assert taken == [0, 1] and running == []
+
+
+def test_map_ahead_after_close_runs_in_the_calling_thread() -> None:
+    """Scenario: a late save after the tier closed still encodes, in its own thread."""
+    pool = HashThreads(2)
+    pool.close()
+    names = list(pool.map_ahead(lambda _: threading.current_thread().name, range(3), window=4))
+    assert names == [threading.current_thread().name] * 3

@@ -1,13 +1,15 @@
 """The remote tier's hash threads: one block's layers hashed (a save) or copied out and checked (a
-load) side by side, as hashlib, xxhash and numpy's copies release the GIL on large buffers.
-Leaf work only: a task never waits on another task, so a caller may itself be a pool thread (the
-tier's check threads). Scheduling only: the digests and their order are those of a serial pass.
+load) side by side, or a batch's small blocks encoded whole side by side (a save), as hashlib,
+xxhash and numpy's copies release the GIL on large buffers. Leaf work only: a task never waits on
+another task, so a caller may itself be a pool thread (the tier's check threads). Scheduling
+only: the digests, the values and their order are those of a serial pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 from kvtier.tiers.codec import Checksum
@@ -53,6 +55,40 @@ class HashThreads:
         for future in futures:  # all of them: no task still reads an item after an error
             future.exception()
         return [future.result() for future in futures]
+
+    def map_ahead(
+        self, function: Callable[[T], R], items: Iterable[T], *, window: int
+    ) -> Iterator[R]:
+        """`function(item)` for each item, on the hash threads, yielded in order as they are
+        taken, with at most `window` calls submitted and not yet taken (what bounds the
+        finished results that wait); in the calling thread after close().
+
+        A call's exception is raised when its result is taken. Closing the generator (or an
+        error) cancels the calls not started and waits for the running ones: once it is closed
+        no thread still reads an item. Close it (contextlib.closing) when not run to the end."""
+        pending: deque[Future[R]] = deque()
+        try:
+            for item in items:
+                pending.append(self._submit(function, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+            wait(pending)
+
+    def _submit(self, function: Callable[[T], R], item: T) -> Future[R]:
+        try:
+            return self._pool.submit(function, item)
+        except RuntimeError:  # shut down by close(): run it here
+            done: Future[R] = Future()
+            try:
+                done.set_result(function(item))
+            except Exception as error:
+                done.set_exception(error)
+            return done
 
     def close(self) -> None:
         """Stop the threads once their calls are done; never raises."""
