@@ -21,7 +21,7 @@ from conftest import (
 from kvtier import transfer
 from kvtier.controller.index import INDEX
 from kvtier.controller.reuse import prompt_chain
-from kvtier.tiers.remote import tier as tier_module
+from kvtier.tiers.remote import encoder as encoder_module
 from kvtier.tiers.remote.client import RemoteClient
 from kvtier.tiers.remote.tier import RemoteTier
 from kvtier.tiers.remote.values import block_key
@@ -128,7 +128,7 @@ def test_a_server_that_fails_mid_batch_costs_no_exception_and_no_wrong_kv(
             config, tmp_path / "a", LENGTH + 40, host_blocks=16, prefill_chunk_tokens=256, **remote
         )
         raw = target.client()
-        encode_value = tier_module.encode_value
+        encode_value = encoder_module.encode_value
         encoded: list[str] = []
 
         def failing(key: str, block_id: str, *args: object, **options: object) -> object:
@@ -137,7 +137,7 @@ def test_a_server_that_fails_mid_batch_costs_no_exception_and_no_wrong_kv(
             encoded.append(block_id)
             return encode_value(key, block_id, *args, **options)
 
-        monkeypatch.setattr(tier_module, "encode_value", failing)
+        monkeypatch.setattr(encoder_module, "encode_value", failing)
         caplog.set_level(logging.DEBUG)
         expected = reference_generate(model, prompt)
         got, stats = tiered_generate(model, cfg, prompt)

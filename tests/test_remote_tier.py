@@ -24,6 +24,7 @@ from kvtier.layout import CPU, KVGeometry
 from kvtier.tiers.base import SerializedStore, TierStore
 from kvtier.tiers.codec import Checksum
 from kvtier.tiers.disk.format import ReadResult
+from kvtier.tiers.remote import encoder as encoder_module
 from kvtier.tiers.remote import signing, values
 from kvtier.tiers.remote import tier as tier_module
 from kvtier.tiers.remote.tier import RemoteTier
@@ -331,6 +332,7 @@ def test_big_blocks_hash_on_the_hash_threads_to_the_same_bytes(
     against 0.79-0.80x in series, docs/remote.md); the values are byte for byte those hashed in
     series."""
     remote = make_tier(spec_for(server))
+    remote.encode_whole_below_bytes = 0  # every block big: its layers on the threads
     chain = chain_of(3)
     stored = [block_layers(remote.geometry, seed=i) for i in range(len(chain))]
     keys = [block_key(FINGERPRINT, block_id) for block_id in chain]
@@ -347,6 +349,102 @@ def test_big_blocks_hash_on_the_hash_threads_to_the_same_bytes(
     assert maps == ["threads"] * len(chain)  # in series first, then one map per block
     assert values[0] == values[1]
     remote.close()
+
+
+def recorded_encodes(monkeypatch: pytest.MonkeyPatch, *, fail: str | None = None) -> list[str]:
+    """The thread each block is encoded on, in the order the encodes start (before the tier is
+    made); block `fail`'s encode raises instead."""
+    encode_value, threads = encoder_module.encode_value, []
+
+    def recording(key: str, block_id: str, *args: object, **options: object) -> object:
+        threads.append(threading.current_thread().name)
+        if block_id == fail:
+            raise ValueError(f"cannot encode {block_id}")
+        return encode_value(key, block_id, *args, **options)
+
+    monkeypatch.setattr(encoder_module, "encode_value", recording)
+    return threads
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["checksums", "hmac"])
+@pytest.mark.parametrize("count", [2, 9, 40], ids=lambda n: f"{n} blocks")
+def test_small_blocks_encoded_side_by_side_are_byte_identical(
+    server: ValkeyProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signed: bool, count
+) -> None:
+    """Scenario: a batch's blocks encoded whole on the hash threads, many at once (more than
+    the window of two a thread, too), are stored byte for byte as the serial path stores them,
+    each under its own key, and every encode ran on a hash thread."""
+    from kvtier.tiers.remote.hash_threads import THREAD_PREFIX
+
+    options = {"hmac_key_file": str(write_secret(tmp_path, "k", HMAC_KEY))} if signed else {}
+    threads = recorded_encodes(monkeypatch)
+    remote = make_tier(spec_for(server, **options))
+    chain = chain_of(count)
+    stored = [block_layers(remote.geometry, seed=i) for i in range(count)]
+    parents = [None, *chain[:-1]]
+    keys = [block_key(FINGERPRINT, block_id) for block_id in chain]
+    raw, values_sent = server.client(), []
+    try:
+        for threshold in (1 << 62, 0):  # in series, then every block worth the threads
+            remote.hash_on_threads_bytes = threshold
+            threads.clear()
+            sizes = remote.save_blocks(chain, stored, parent_ids=parents)
+            values_sent.append(raw.mget(keys))
+            assert [len(value) for value in values_sent[-1]] == sizes
+            raw.delete(*keys)
+    finally:
+        remote.close()
+    assert values_sent[0] == values_sent[1]
+    assert len(threads) == count and all(n.startswith(THREAD_PREFIX) for n in threads), threads
+
+
+def test_a_batch_of_one_mib_signed_blocks_encodes_on_the_hash_threads(
+    server: ValkeyProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: at the tier's own thresholds, a batch of 1 MiB signed blocks (a small model's)
+    is encoded whole on the hash threads, and one such block alone or an 8 MiB one hashes its
+    layers there from the calling thread: a silent fall back to one block at a time fails here."""
+    from kvtier.tiers.remote.hash_threads import THREAD_PREFIX
+
+    key_file = write_secret(tmp_path, "hmac.key", HMAC_KEY)
+    threads = recorded_encodes(monkeypatch)
+    for tokens, count, on_threads in [(128, 6, True), (128, 1, False), (1024, 2, False)]:
+        geo = KVGeometry((0, 1, 2, 3), (CPU,) * 4, 1, 4, 128, torch.bfloat16, tokens)
+        remote = make_tier(spec_for(server, hmac_key_file=str(key_file)), geo)
+        chain = chain_of(count)
+        stored = [_random_block(geo, seed) for seed in range(count)]
+        threads.clear()
+        try:
+            assert all(remote.save_blocks(chain, stored, parent_ids=[None] * count))
+            outs = [empty_layers(geo) for _ in chain]
+            assert remote.load_blocks(chain, outs) == [ReadResult.OK] * count
+        finally:
+            remote.close()
+        assert [n.startswith(THREAD_PREFIX) for n in threads] == [on_threads] * count, threads
+        for block, loaded in zip(stored, outs, strict=True):
+            assert all(same_bits(a, b) for a, b in zip(block, loaded, strict=True))
+
+
+def test_a_block_that_fails_to_encode_side_by_side_raises_as_in_series(
+    server: ValkeyProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: block 3 of 12, encoded on the hash threads, raises: save_blocks raises that
+    error, as in series (the mover fails that call's tickets), no encode still runs once it
+    has, and the tier saves the next batch."""
+    threads = recorded_encodes(monkeypatch, fail=chain_of(12)[3])
+    key_file = write_secret(tmp_path, "hmac.key", HMAC_KEY)
+    remote = make_tier(spec_for(server, hmac_key_file=str(key_file)))
+    remote.hash_on_threads_bytes = 0
+    stored = [block_layers(remote.geometry, seed=i) for i in range(12)]
+    try:
+        with pytest.raises(ValueError, match="cannot encode"):
+            remote.save_blocks(chain_of(12), stored, parent_ids=[None] * 12)
+        started = len(threads)
+        time.sleep(0.05)
+        assert len(threads) == started <= 3 + 1 + 2 * remote._hashes.threads  # cancelled after
+        assert all(remote.save_blocks(chain_of(12)[4:], stored[4:], parent_ids=[None] * 8))
+    finally:
+        remote.close()
 
 
 def _random_block(geo: KVGeometry, seed: int) -> tuple[torch.Tensor, ...]:
@@ -447,7 +545,7 @@ def test_save_blocks_to_a_server_that_fails_mid_batch(
 ) -> None:
     """Scenario: the server dies (or hangs) while block 3 of 8 is encoded: no exception, within
     a timeout or two; no block from 3 on is reported saved, each one a miss afterwards."""
-    encode_value = tier_module.encode_value
+    encode_value = encoder_module.encode_value
     encoded: list[str] = []
 
     def failing(key: str, block_id: str, *args: object, **options: object) -> object:
@@ -456,7 +554,7 @@ def test_save_blocks_to_a_server_that_fails_mid_batch(
         encoded.append(block_id)
         return encode_value(key, block_id, *args, **options)
 
-    monkeypatch.setattr(tier_module, "encode_value", failing)  # before the tier takes it
+    monkeypatch.setattr(encoder_module, "encode_value", failing)  # before the tier takes it
     remote = make_tier(spec_for(server))
     chain = chain_of(8)
     stored = [block_layers(remote.geometry, seed=i) for i in range(len(chain))]

@@ -10,7 +10,6 @@ warning: the data path never raises for one. It stores; it never chooses what to
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 import time
 from collections import OrderedDict
@@ -25,20 +24,19 @@ from kvtier.layout import KVGeometry
 from kvtier.machine import default_hash_threads
 from kvtier.tiers.base import SerializedEndpoints
 from kvtier.tiers.disk.blockio import check_tensors
-from kvtier.tiers.disk.format import HeaderTemplate, ReadResult
+from kvtier.tiers.disk.format import ReadResult
 from kvtier.tiers.remote.client import Parts, RemoteClient
 from kvtier.tiers.remote.clients import ThreadClients, try_connect
+from kvtier.tiers.remote.encoder import BlockEncoder
 from kvtier.tiers.remote.hash_threads import HashThreads, worth_threads
 from kvtier.tiers.remote.url import RemoteSpec
 from kvtier.tiers.remote.values import (
     Located,
     block_key,
     decode_tensor,
-    encode_value,
     head_bound,
     heads_end,
     locate,
-    signed_checksum,
 )
 
 HEADER_CACHE = 4096  # verified block headers kept, so a layer read is one range read
@@ -65,6 +63,9 @@ class RemoteTier(SerializedEndpoints):
     # Blocks that cost as much to hash as this many bytes of xxh3-128 hash their layers on the
     # hash threads when saved (hash_threads.worth_threads: signed, sha256, from 1 MiB) ...
     hash_on_threads_bytes = 8 << 20
+    # ... or, below this size and more than one to a save_blocks call, are encoded whole there,
+    # side by side (a 1 MiB block's 32 layers of 32 KiB are too small to spread: docs/remote.md)
+    encode_whole_below_bytes = 8 << 20
     # ... and check them there when loaded: signed from 8 MiB (2-core dev box, docs/remote.md:
     # 1-4 MiB lost, 8 and 32 MiB paid; a batch of smaller blocks already overlaps its fetch).
     check_on_threads_bytes = 64 << 20
@@ -90,19 +91,19 @@ class RemoteTier(SerializedEndpoints):
         labels = {"model_key": model_key, "tokens": geometry.block_tokens}
         labels = {name: value for name, value in labels.items() if value}
         shapes = dict.fromkeys(self._names, self.layer_buffer())
-        algorithm = signed_checksum(spec.hmac_key)
-        self._encode = functools.partial(  # (server key, block id, tensors, *, parent_id, ...)
-            encode_value,
-            fingerprint=fingerprint,
-            labels=labels,
-            hmac_key=spec.hmac_key,
-            template=HeaderTemplate(fingerprint, shapes, labels=labels, algorithm=algorithm),
-        )
         self._head_bytes = head_bound("0" * 32, shapes, self._key("0" * 32))
         self._headers: OrderedDict[str, Located] = OrderedDict()
         self._lock = threading.Lock()
         self._checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="kvtier-remote-check")
         self._hashes = HashThreads(default_hash_threads())
+        self._encoder = BlockEncoder(
+            fingerprint=fingerprint,
+            labels=labels,
+            hmac_key=spec.hmac_key,
+            shapes=shapes,
+            key_of=self._key,
+            hashes=self._hashes,
+        )
         self._counters = {
             "saved_bytes": 0,
             "loaded_bytes": 0,
@@ -205,7 +206,8 @@ class RemoteTier(SerializedEndpoints):
         parent_ids: Sequence[str | None],
     ) -> list[int]:
         """save for many blocks in one pipeline: each value is encoded when the client asks for
-        it (the server takes in one while the next is encoded), every reply read after the last.
+        it, or ahead on the hash threads (a batch of small signed blocks: BlockEncoder), so the
+        server takes in one while the next is encoded; every reply read after the last.
         Per block the bytes sent, or 0 when the server did not acknowledge it (down, slow, full:
         warned once per cause; a miss later). Never raises for a server problem; KVTierError,
         before anything is sent, for blocks that do not fit."""
@@ -217,22 +219,22 @@ class RemoteTier(SerializedEndpoints):
         blocks = [dict(zip(self._names, block, strict=True)) for block in layers]
         for key, tensors in zip(keys, blocks, strict=True):
             check_tensors(key, tensors)
-        algorithm = signed_checksum(self.spec.hmac_key)
-        hash_map = map
-        if worth_threads(algorithm, self.geometry.block_bytes, self.hash_on_threads_bytes):
-            hash_map = self._hashes.map
+        encoded = self._encoder.values(  # closed below: no hash thread reads a tensor after
+            list(zip(keys, blocks, parent_ids, strict=True)),
+            block_bytes=self.geometry.block_bytes,
+            threads_from_bytes=self.hash_on_threads_bytes,
+            whole_below_bytes=self.encode_whole_below_bytes,
+        )
         sizes: list[int] = []  # of each value sent, in order
 
         def values() -> Iterator[Parts]:  # the layers' own memory, sent before this returns
-            for key, tensors, parent in zip(keys, blocks, parent_ids, strict=True):
-                value = Parts(
-                    self._encode(self._key(key), key, tensors, parent_id=parent, hash_map=hash_map)
-                )
+            for value in encoded:
                 sizes.append(value.nbytes)
                 yield value
 
         client = self._clients.get() if keys else None
-        stored = client.put_each([self._key(key) for key in keys], values()) if client else []
+        with contextlib.closing(encoded):
+            stored = client.put_each([self._key(k) for k in keys], values()) if client else []
         sent = [size if ok else 0 for size, ok in zip(sizes, stored, strict=False)]
         sent += [0] * (len(keys) - len(sent))  # not encoded: the server had failed meanwhile
         with self._lock:
