@@ -9,7 +9,9 @@ one pipeline, and one pipeline per thread on --threads threads), the same blocks
 remote.persist saves a step's (Mover.submit_saves: save_blocks calls of SAVE_BATCH_BYTES on
 the mover's I/O threads, one per core from 4 to 12), RemoteTier.load_blocks (MGETs of ~8 MiB, two at
 the server at once) and load_block per block (each also with a block's layers hashed and
-checked in series instead of on the tier's hash threads: A/B rows), and the raw pipeline with one pass per value of the
+checked in series instead of on the tier's hash threads, and saves with one block encoded at a
+time, its layers on the threads, not a batch's small blocks side by side: A/B rows), and the raw
+pipeline with one pass per value of the
 tier's checksum (xxh3-128, sha256 with --hmac: the floor a checksummed format sets, as the tier
 hashes each byte once each way). Same work on the wire: each raw case is one valkey-py pipeline
 (every command written, then every reply read: one round trip), as save_blocks and load_blocks
@@ -323,6 +325,7 @@ def bench_tier(
     save_by_mover_unlimited = with_tier("save_writers", 0, save_by_mover)  # before save_writers
     in_series = functools.partial(with_tier, "hash_on_threads_bytes", 1 << 62)  # hashed in series
     checked_in_series = functools.partial(with_tier, "check_on_threads_bytes", 1 << 62)
+    one_at_a_time = functools.partial(with_tier, "encode_whole_below_bytes", 0)  # layers only
 
     def load_many() -> None:
         assert all(tier.load_blocks(ids, outs))
@@ -345,6 +348,8 @@ def bench_tier(
         ("put", "Mover.submit_saves, every call at once"): save_by_mover_unlimited,
         ("put", "RemoteTier.save_blocks, layers hashed in series"): in_series(save_many),
         ("put", "Mover.submit_saves, layers hashed in series"): in_series(save_by_mover),
+        ("put", "RemoteTier.save_blocks, one block encoded at a time"): one_at_a_time(save_many),
+        ("put", "Mover.submit_saves, one block encoded at a time"): one_at_a_time(save_by_mover),
         ("get", "raw"): raw_get,
         ("get", floor): raw_get_hashed,
         ("get", "RemoteTier.load_blocks"): load_many,
