@@ -447,6 +447,42 @@ def test_a_block_that_fails_to_encode_side_by_side_raises_as_in_series(
         remote.close()
 
 
+def test_a_failed_encode_through_the_mover_fails_only_its_own_call(
+    server: ValkeyProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario: remote.persist's saves through the mover, blocks encoded side by side, block 5
+    of 12 raises: the tickets of its save_blocks call (blocks 4-7) raise that error, as in
+    series; the other calls' blocks are stored and load back exact."""
+    from kvtier import transfer
+    from kvtier.tiers.base import Stored
+
+    chain = chain_of(12)
+    recorded_encodes(monkeypatch, fail=chain[5])
+    key_file = write_secret(tmp_path, "hmac.key", HMAC_KEY)
+    remote = make_tier(spec_for(server, hmac_key_file=str(key_file)))
+    remote.hash_on_threads_bytes = 0
+    monkeypatch.setattr(transfer, "SAVE_BATCH_BYTES", 4 * remote.geometry.block_bytes)
+    stored = [block_layers(remote.geometry, seed=i) for i in range(12)]
+    mover = transfer.Mover(workers=4)
+    try:
+        copies = [(s, Stored(remote, k)) for s, k in zip(stored, chain, strict=True)]
+        tickets = mover.submit_saves(copies)
+        for i, ticket in enumerate(tickets):
+            if 4 <= i < 8:
+                with pytest.raises(ValueError, match="cannot encode"):
+                    mover.finish(ticket)
+            else:
+                mover.finish(ticket)
+        kept = [i for i in range(12) if not 4 <= i < 8]
+        outs = [empty_layers(remote.geometry) for _ in kept]
+        assert remote.load_blocks([chain[i] for i in kept], outs) == [ReadResult.OK] * 8
+        for i, loaded in zip(kept, outs, strict=True):
+            assert all(same_bits(a, b) for a, b in zip(stored[i], loaded, strict=True))
+    finally:
+        mover.close()
+        remote.close()
+
+
 def _random_block(geo: KVGeometry, seed: int) -> tuple[torch.Tensor, ...]:
     """Random bytes in every layer; cheaper than block_layers for blocks of megabytes."""
     gen = torch.Generator().manual_seed(seed)
