@@ -347,6 +347,28 @@ def _geometry(layers: int = 2) -> KVGeometry:
     )
 
 
+def test_a_layer_load_after_another_quarantined_the_block_says_corrupt(tmp_path: Path) -> None:
+    """Scenario: a streamed step loads a block's layers on several I/O threads; the first to
+    find a flipped byte moves the file aside and the others find no file. The tier reports
+    them CORRUPT as well, so the step's error says "failed verification" whichever layer it
+    waited on first (it said "missing" when the other thread won); the store itself still
+    reads the moved block as a plain miss."""
+    store = _store(tmp_path)
+    tier = DiskTier(store, _geometry(), persist=False)
+    layers = tuple(torch.randn(16, 2, 1, 2, 8) for _ in range(2))
+    tier.save(_id(1), layers, parent_id=None)
+    path = store.area / f"{_id(1)}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # inside layer 1
+    path.write_bytes(bytes(data))
+    out = torch.empty(16, 2, 1, 2, 8)
+    assert tier.load_into(_id(1), 1, out) is ReadResult.CORRUPT
+    assert not path.exists()
+    assert tier.load_into(_id(1), 0, out) is ReadResult.CORRUPT  # the file is gone: it was bad
+    assert store.read_tensor_into(_id(1), "l0.kv", out) is ReadResult.MISSING
+    assert tier.load_into(_id(2), 0, out) is ReadResult.MISSING  # never stored: a miss
+
+
 def test_tier_finds_and_loads_blocks_another_process_persisted(tmp_path: Path) -> None:
     """Scenario: process A persists a chain of blocks; process B asks how much of its chain is
     stored, loads one whole block into its own tensors, and adopts another as its disk copy."""

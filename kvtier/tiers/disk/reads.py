@@ -37,6 +37,7 @@ class BlockReader:
         self._once = once
         self._lock = threading.Lock()
         self._counters = {"bytes_read": 0, "read_s": 0.0, "quarantined": 0, "missing": 0}
+        self._quarantined: set[str] = set()  # blocks this reader moved aside
 
     def stats(self) -> dict[str, object]:
         with self._lock:
@@ -68,6 +69,11 @@ class BlockReader:
             self._counters["bytes_read"] += bytes_read(header, tensors)
             self._counters["read_s"] += time.perf_counter() - started
         return ReadResult.OK, tensors
+
+    def was_quarantined(self, block_id: str) -> bool:
+        """Whether this reader moved a file of `block_id` aside (it failed verification)."""
+        with self._lock:
+            return block_id in self._quarantined
 
     def probe(self, block_id: str) -> ReadResult:
         """Header-only check of the file a read would use."""
@@ -133,6 +139,7 @@ class BlockReader:
             release_bytes(self.layout, opened.st_size)
         with self._lock:
             self._counters["quarantined"] += target is not None
+            self._quarantined.add(block_id)
         first = self._once.first(f"corrupt: {error.cause}")
         log.log(
             logging.WARNING if first else logging.DEBUG,

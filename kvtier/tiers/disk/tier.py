@@ -136,8 +136,15 @@ class DiskTier(SerializedEndpoints):
     # -- SerializedStore (the mover runs these in its I/O threads) -----------------------------
     def load_into(self, key: str, tiered_index: int, out: torch.Tensor) -> ReadResult:
         """Tiered layer `tiered_index` of block `key` into `out`; works for any stored block,
-        also one written by another process. Falsy (MISSING or CORRUPT) when it cannot."""
-        return self.store.read_tensor_into(key, self._names[tiered_index], out)
+        also one written by another process. Falsy (MISSING or CORRUPT) when it cannot.
+
+        A step reads a block's layers on several I/O threads: the first to find it corrupt moves
+        the file aside and the others find none. They say CORRUPT too, so the error a step
+        raises says why the block is gone whichever layer it waited on first."""
+        result = self.store.read_tensor_into(key, self._names[tiered_index], out)
+        if result is ReadResult.MISSING and self.store.reader.was_quarantined(key):
+            return ReadResult.CORRUPT
+        return result
 
     def save(
         self,
