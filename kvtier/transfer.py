@@ -150,10 +150,7 @@ class Mover:
     def _launch(
         self, ticket: Ticket, copies: Sorted, lane: Lane, target: torch.Tensor | None
     ) -> None:
-        self.copies += copies.count
-        self.h2d_bytes += copies.h2d_bytes
-        self.d2h_bytes += copies.d2h_bytes
-        self.d2d_bytes += copies.d2d_bytes
+        self._count(copies)
         for device, pairs in copies.by_device.items():
             if device is None:  # CPU only: synchronous
                 for src, dst in pairs:
@@ -324,10 +321,14 @@ class Mover:
         if ticket.uploaded:
             return
         ticket.uploaded = True
-        for future, landed, dst in ticket.loads:
-            if dst is not None and future.result():
-                dst.copy_(landed, non_blocking=dst.is_cuda)
-                self._count(landed, dst)
+        pairs = [
+            (landed, dst)
+            for future, landed, dst in ticket.loads
+            if dst is not None and future.result()
+        ]
+        for landed, dst in pairs:
+            dst.copy_(landed, non_blocking=dst.is_cuda)
+        self._count(sort_copies(pairs))
 
     def _stream(
         self, lane: Lane, device: torch.device, *, resident: bool = False
@@ -337,15 +338,11 @@ class Mover:
             self._streams[key] = torch.cuda.Stream(device)
         return self._streams[key]
 
-    def _count(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        nbytes = src.numel() * src.element_size()
-        self.copies += 1
-        if src.device.type == dst.device.type:
-            self.d2d_bytes += nbytes
-        elif dst.device.type == "cpu":
-            self.d2h_bytes += nbytes
-        else:
-            self.h2d_bytes += nbytes
+    def _count(self, copies: Sorted) -> None:
+        self.copies += copies.count
+        self.h2d_bytes += copies.h2d_bytes
+        self.d2h_bytes += copies.d2h_bytes
+        self.d2d_bytes += copies.d2d_bytes
 
 
 def _per_layer(source: Endpoint, destination: Endpoint) -> list[tuple[Endpoint, Endpoint]]:
