@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from kvtier.errors import KVTierError, RemoteError
-from kvtier.tiers.remote.connect import Parts, cause_of, reason_for, scrub
+from kvtier.tiers.remote.connect import Parts, cause_of, reason_for, repeats_outage, scrub
 from kvtier.tiers.remote.opening import open_cluster, open_standalone
 from kvtier.tiers.remote.stream import WRITE_BYTES, NodeStream, ReplyStream
 from kvtier.tiers.remote.url import RemoteSpec
@@ -385,10 +385,7 @@ class RemoteClient:
 
     def _note(self, cause: str, where: str, detail: str) -> None:
         self._error_counts[cause] = self._error_counts.get(cause, 0) + 1
-        # a connect that failed (clients.try_connect) warned of the same outage already
-        first = cause not in self._warned and not (
-            cause == "unreachable" and "connect" in self._warned
-        )
+        first = cause not in self._warned and not repeats_outage(cause, self._warned)
         self._warned.add(cause)
         log.log(
             logging.WARNING if first else logging.DEBUG,

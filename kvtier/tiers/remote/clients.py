@@ -15,7 +15,7 @@ import time
 
 from kvtier.errors import KVTierError
 from kvtier.tiers.remote.client import RETRY_AFTER_S, RemoteClient
-from kvtier.tiers.remote.connect import ServerUnavailable
+from kvtier.tiers.remote.connect import ServerUnavailable, repeats_outage
 from kvtier.tiers.remote.url import RemoteSpec
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,7 @@ def try_connect(
         client = RemoteClient.connect(spec, warned=warned)
     except survive as error:
         outage = DOWN.failed(spec)
-        # one warning an outage, whether a connect or a call (client "unreachable") saw it first
-        told = warned & {"connect", "unreachable"}
+        told = repeats_outage("connect", warned)  # or a call ("unreachable") saw it first
         level = logging.WARNING if outage and not told else logging.DEBUG
         warned.add("connect")
         log.log(level, "remote tier: %s; reads miss and writes are dropped until it answers", error)

@@ -61,6 +61,13 @@ CAUSES = {
 }
 
 
+def repeats_outage(cause: str, warned: set[str]) -> bool:
+    """Whether a warning of `cause` would tell of an outage told already: a failed connect
+    ("connect", clients.try_connect) and a failed call ("unreachable") are the same outage."""
+    outage = {"connect", "unreachable"}
+    return cause in outage and bool(warned & outage)
+
+
 def acl_rules(spec: RemoteSpec) -> str:
     """The ACL rules a user needs for `spec`'s server or cluster: what permission hints name."""
     return f"{ACL_COMMANDS} {CLUSTER_ACL_COMMANDS}" if spec.cluster else ACL_COMMANDS
