@@ -284,6 +284,53 @@ def test_damaged_stored_block_is_a_miss(damage: str, tiny_model, tmp_path, caplo
         assert any((store / "quarantine").iterdir())
 
 
+def test_lookup_reads_no_file_and_a_bad_header_stops_the_load(
+    tiny_model, tmp_path, monkeypatch
+) -> None:
+    """Scenario: a persisted prefix whose block 3 has a flipped header byte. The lookup counts
+    every file (one stat each, no header read: a new process that then recomputes must not pay
+    for reading them); the load verifies, quarantines block 3, reuses 0-2, computes the rest."""
+    from kvtier.controller.reuse import prompt_chain
+    from kvtier.tiers.disk.reads import BlockReader
+
+    model, config = tiny_model("llama")
+    ids = random_prompt(PROMPT)
+    store = tmp_path / "store"
+    cfg = tiered_config(config, store, PROMPT + 40, disk_persist=True)
+    first, _ = tiered_generate(model, cfg, ids)
+    probe = kvtier.TieredCache(model, cfg)
+    probe.close()
+    chain = prompt_chain(
+        ids.tolist(), block_tokens=BLOCK_TOKENS, blocks=6, fingerprint=probe.spec.fingerprint
+    )
+    target = StoreLayout(store).shared(chain[3])
+    data = bytearray(target.read_bytes())
+    data[12] ^= 0x01  # inside the safetensors JSON header
+    target.write_bytes(bytes(data))
+    parsed: list[str] = []
+    parse = BlockReader._parse
+    find_prefix = reuse.find_prefix
+
+    def counted(self, file, block_id):
+        parsed.append(block_id)
+        return parse(self, file, block_id)
+
+    def lookup(*args):
+        found = find_prefix(*args)
+        assert not parsed, "the lookup read a block file"
+        return found
+
+    monkeypatch.setattr(BlockReader, "_parse", counted)
+    monkeypatch.setattr(reuse, "find_prefix", lookup)
+    got, stats = tiered_generate(model, cfg, ids)
+    assert_same_generation(reference_generate(model, ids), got)
+    assert stats["reuse"]["stored_tokens"] >= 6 * BLOCK_TOKENS
+    assert stats["prefix_hit_tokens"] == 3 * BLOCK_TOKENS
+    assert f"stopped: disk block {chain[3]} failed verification" in stats["reuse"]["reason"]
+    assert any((store / "quarantine").iterdir())  # the bad file; the recomputed block is
+    assert target.read_bytes() != bytes(data)  # persisted again under its name, whole
+
+
 @pytest.mark.parametrize(
     ("name", "index"),
     [

@@ -43,9 +43,6 @@ log = logging.getLogger(__name__)
 # Bounce-buffer bytes one round may take (pinned host memory, for stored blocks headed to a CUDA
 # GPU slot): a long prefix loads in rounds of about this much instead of pinning all at once.
 BOUNCE_BYTES = 256 << 20
-# stored blocks' headers read at once when a prompt is looked up (a 32K prompt of 256-token
-# blocks is 128): one open and a few KiB each, on the I/O threads instead of one after another
-PROBE_BATCH = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,20 +92,13 @@ def find_prefix(controller: Any, chain: list[str]) -> list[Found]:
             held[block.block_id] = Found(block.block_id, tier, block.slots[tier], other)
     disk, remote = controller.stores.get(Tier.DISK), controller.stores.get(Tier.REMOTE)
     found: list[Found] = []
-    probed: dict[str, bool] = {}  # disk headers read PROBE_BATCH at a time in the I/O pool
-    for index, key in enumerate(chain):
+    for key in chain:  # a stored file is looked at (one stat), not read: verified when loaded
         if key in held:
             found.append(held[key])
-            continue
-        if disk is None:
+        elif disk is not None and disk.contains(key):
+            found.append(Found(key, Tier.DISK, key))
+        else:
             break
-        if key not in probed:
-            batch = [k for k in chain[index : index + PROBE_BATCH] if k not in held]
-            probes = controller.mover.pool.map(lambda k: bool(disk.probe(k)), batch)
-            probed.update(zip(batch, probes, strict=True))
-        if not probed[key]:
-            break
-        found.append(Found(key, Tier.DISK, key))
     rest = chain[len(found) :]
     if remote is not None and rest:
         found += [Found(key, Tier.REMOTE, key) for key in rest[: remote.stored_prefix(rest)]]

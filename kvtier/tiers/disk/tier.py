@@ -175,9 +175,13 @@ class DiskTier(SerializedEndpoints):
         return self.store.probe(key)
 
     def stored_prefix(self, keys: Sequence[str]) -> int:
-        """How many of `keys` (a chain of block ids, first to last) are stored, from the first."""
+        """How many of `keys` (a chain of block ids, first to last) have a file, from the first:
+        one stat each, as the remote tier asks STRLEN. A file that then fails its checks is a
+        failed load (quarantined): the reuse stops there. Parsing each header here instead cost
+        ~0.3 ms a block of 32 layers under the GIL, paid again by the load, and in full when the
+        cost model then chose to recompute."""
         for count, key in enumerate(keys):
-            if not self.store.probe(key):
+            if not self.store.contains(key):
                 return count
         return len(keys)
 
