@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 
 from kvtier.blocks import Tier
-from kvtier.controller.costs import BLOCK_OVERHEAD_S, Bandwidths, PrefillFlops, choose
+from kvtier.controller.costs import (
+    BLOCK_OVERHEAD_S,
+    PAGE_CACHE,
+    Bandwidths,
+    PrefillFlops,
+    choose,
+)
 
 # Llama-3-8B's shape: ~7.0e9 weights outside the embedding, 32 layers x 32 query heads x 128
 LLAMA_8B = PrefillFlops(per_token=2 * 7.0e9, per_pair=4 * 32 * 32 * 128)
@@ -94,3 +100,31 @@ def test_loads_slower_than_predicted_here_scale_the_prediction() -> None:
     assert plain.decision == "load" and scaled.decision == "recompute"
     assert scaled.predicted_load_s == pytest.approx(4 * plain.predicted_load_s)
     assert "loads here took x4 that" in scaled.reason
+
+
+def test_a_prefix_in_the_page_cache_loads_where_a_cold_one_recomputes() -> None:
+    """Scenario: 32K tokens of an 8B model stored on a disk read at 1.6 GB/s (21 ms a block,
+    over the 9-10 ms a block computes): recompute; the same files held by the page cache (5 GB/s,
+    6.7 ms a block): load, and the reason names the page cache's speed. A calibration learned on
+    cold disk loads does not scale page-cache predictions (their own source)."""
+    speeds = Bandwidths(
+        {Tier.DISK: 1.6, PAGE_CACHE: 5.0},
+        {Tier.DISK: "measured in the test", PAGE_CACHE: "measured in the test, page cache"},
+    )
+    common = dict(
+        block_bytes=BLOCK_BYTES,
+        block_tokens=BLOCK_TOKENS,
+        bandwidth=speeds,
+        flops=LLAMA_8B,
+        flops_per_s=RATE,
+        rate_source="measured in this process",
+    )
+    cold = choose([Tier.DISK] * 128, **common)
+    cached = choose([PAGE_CACHE] * 128, **common, load_scale={Tier.DISK: 4.0})
+    assert cold.decision == "recompute" and cached.decision == "load"
+    per_block = BLOCK_OVERHEAD_S[PAGE_CACHE] + BLOCK_BYTES / 5.0e9
+    assert cached.predicted_load_s == pytest.approx(128 * per_block)
+    assert "page_cache 5 GB/s (measured in the test, page cache)" in cached.reason
+    assert "loads here took" not in cached.reason
+    mixed = choose([PAGE_CACHE] * 64 + [Tier.DISK] * 64, **common)
+    assert 64 <= mixed.blocks < 128  # the cached run loads; the cold rest is not worth it all

@@ -459,3 +459,24 @@ def test_adopt_over_budget_or_of_a_corrupt_block_leaves_no_link(tmp_path: Path) 
     assert roomy.adopt(_id(2)) is None and list(roomy.area.iterdir()) == []
     assert not path.exists() and len(list((tmp_path / "quarantine").iterdir())) == 1
     assert roomy.adopt(_id(1)) == size and roomy.adopt(_id(1)) == size
+
+
+def test_page_cache_probe_tells_cached_from_cold_files(tmp_path: Path) -> None:
+    """Scenario: a block just persisted is in the page cache; after its pages are dropped
+    (fsync'd, POSIX_FADV_DONTNEED) it is not; a block never stored has no file (None)."""
+    writer = DiskTier(_store(tmp_path), _geometry(), persist=True, owns_store=True)
+    writer.save(_id(0), tuple(_block(0).values()), parent_id=None)
+    assert writer.page_cached(_id(0)) is True
+    assert writer.page_cached(_id(1)) is None
+    path = StoreLayout(tmp_path).shared(_id(0))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if disk_files.in_page_cache(path):
+        writer.close()
+        pytest.skip("this file system keeps the pages (tmpfs?): nothing to tell apart")
+    assert writer.page_cached(_id(0)) is False and disk_files.in_page_cache(path) is False
+    assert disk_files.in_page_cache(tmp_path / "missing.safetensors") is None
+    writer.close()

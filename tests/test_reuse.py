@@ -24,6 +24,7 @@ from conftest import (
 import kvtier
 from kvtier.blocks import Tier
 from kvtier.controller import reuse
+from kvtier.controller.costs import PAGE_CACHE
 from kvtier.controller.index import INDEX
 from kvtier.errors import StoreCorruptError
 from kvtier.tiers.disk.areas import StoreLayout
@@ -591,12 +592,40 @@ def test_a_disk_load_calibrates_the_next_prediction(tiny_model: Any, tmp_path: P
     tiered_generate(model, cfg, ids)
     _, first = tiered_generate(model, cfg, ids)
     assert first["reuse"]["loaded_blocks"]["disk"] > 0
-    scale = INDEX.load_scale()[Tier.DISK]
+    # the disk's or, when the page cache holds the files just written, the page cache's
+    (source,) = INDEX.load_scale()
+    assert source in (Tier.DISK, PAGE_CACHE)
+    scale = INDEX.load_scale()[source]
     measured = first["reuse"]["load_s"] / first["reuse"]["predicted_load_s"]
     assert scale == pytest.approx(measured, rel=1e-3)  # the stats round to microseconds
     got, second = tiered_generate(model, cfg, ids)
     assert_same_generation(reference_generate(model, ids), got)
     assert "loads here took" in second["reuse"]["reason"], second["reuse"]
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["page-cache", "cold"])
+def test_the_choice_weighs_a_cached_file_at_the_page_caches_speed(
+    cached: bool, tiny_model: Any, tmp_path: Path, monkeypatch
+) -> None:
+    """Scenario: a persisted prefix read back from files the page cache holds, or (as the
+    probe says) does not: the reason names the page cache's speed or the disk's, the cold
+    prediction is the slower one, and the tokens are exact either way."""
+    model, config = tiny_model("llama")
+    ids = random_prompt(PROMPT)
+    cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, disk_persist=True)
+    tiered_generate(model, cfg, ids)
+    probe = DiskTier.page_cached  # None (no file) stays None
+
+    def page_cached(self, key: str) -> bool | None:
+        return None if probe(self, key) is None else cached
+
+    monkeypatch.setattr(DiskTier, "page_cached", page_cached)
+    got, stats = tiered_generate(model, cfg, ids)
+    assert_same_generation(reference_generate(model, ids), got)
+    reason = stats["reuse"]["reason"]
+    assert ("page_cache 3 GB/s (assumed)" in reason) == cached, reason
+    assert ("disk 1.9 GB/s (assumed)" in reason) != cached, reason
+    assert stats["reuse"]["loaded_blocks"]["disk"] > 0 and "stopped" not in reason
 
 
 def test_the_fastest_prefill_call_sets_the_speed() -> None:

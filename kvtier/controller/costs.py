@@ -1,7 +1,8 @@
 """Load or recompute: the predicted seconds of loading a stored prefix against computing it.
 
 Loading a block costs a fixed overhead per block plus its bytes over the source's bandwidth
-(measured by `kvtier bench` or by the remote tier itself, else assumed); computing costs its
+(measured by `kvtier bench` or by the remote tier itself, else assumed; a disk block whose file
+the page cache holds comes at the page cache's speed, its own source); computing costs its
 FLOPs (the matmuls' per position, plus attention's over every earlier position, so a block
 deep in the prompt costs more than the first) over the model's prefill FLOP/s (measured in
 this process with the same FLOP count, else a conservative default that makes loading look
@@ -25,6 +26,18 @@ if TYPE_CHECKING:
 # open, a header parse and a checksum pass set-up for a block file; a round trip to the server.
 # Assumed, not measured (a 64-token fp32 SmolLM2 block took ~1 ms from disk on the 2-core VM).
 BLOCK_OVERHEAD_S = {Tier.GPU: 20e-6, Tier.HOST: 20e-6, Tier.DISK: 300e-6, Tier.REMOTE: 500e-6}
+# A disk block whose file the page cache holds (DiskTier.page_cached): read at memory speed, so
+# a source of its own, with its own load calibration; otherwise a disk block.
+PAGE_CACHE = "page_cache"
+Source = Tier | str  # a Tier, or PAGE_CACHE
+BLOCK_OVERHEAD_S[PAGE_CACHE] = BLOCK_OVERHEAD_S[Tier.DISK]
+
+
+def source_name(source: Source) -> str:
+    """How a source is named in reasons and in the learned load calibration."""
+    return source if isinstance(source, str) else source.name.lower()
+
+
 # Prefill FLOP/s assumed before a prefill ran in this process: low on purpose (a few percent of
 # an H100's bf16 peak, a slow laptop core), so an unmeasured model prefers loading.
 ASSUMED_PREFILL_FLOPS = {"cuda": 50e12, "cpu": 10e9}
@@ -32,10 +45,10 @@ ASSUMED_PREFILL_FLOPS = {"cuda": 50e12, "cpu": 10e9}
 
 @dataclass(frozen=True, slots=True)
 class Bandwidths:
-    """GB/s a block comes into the cache from each tier, and where each figure comes from."""
+    """GB/s a block comes into the cache from each source, and where each figure comes from."""
 
-    gbps: dict[Tier, float]
-    sources: dict[Tier, str]
+    gbps: dict[Source, float]
+    sources: dict[Source, str]
 
 
 def bandwidths(
@@ -53,7 +66,8 @@ def bandwidths(
     would count twice."""
     kind = "pinned_h2d" if cuda else "host_memcpy"
     copy = copy_speed(layer_bytes, kind=kind)
-    disk = disk_speeds(disk_path).load  # the mover reads a prefix's blocks in parallel
+    speeds = disk_speeds(disk_path)
+    disk, cached = speeds.load, speeds.cached  # the mover reads a prefix's blocks in parallel
     saved = remote_speed(remote_spec) if remote_spec is not None else None
     remote = saved.gbps if saved is not None else ASSUMED_REMOTE_GBPS
     remote_source = saved.source if saved is not None else "assumed"
@@ -63,9 +77,11 @@ def bandwidths(
         Tier.GPU: copy.gbps * (10 if cuda else 1),  # device to device, or a host memcpy
         Tier.HOST: copy.gbps,
         Tier.DISK: 1 / (1 / disk.gbps + up),
+        PAGE_CACHE: 1 / (1 / cached.gbps + up),
         Tier.REMOTE: 1 / (1 / remote + up),
     }
     sources = {Tier.GPU: copy.source, Tier.HOST: copy.source, Tier.DISK: disk.source}
+    sources[PAGE_CACHE] = cached.source
     return Bandwidths(gbps, sources | {Tier.REMOTE: remote_source})
 
 
@@ -107,7 +123,7 @@ class Choice:
 
 
 def choose(
-    tiers: list[Tier],
+    tiers: list[Source],
     *,
     block_bytes: int,
     block_tokens: int,
@@ -116,10 +132,11 @@ def choose(
     flops_per_s: float,
     rate_source: str,
     batch: int = 1,
-    load_scale: Mapping[Tier, float] | None = None,
+    load_scale: Mapping[Source, float] | None = None,
 ) -> Choice:
     """The cut that minimises load time of blocks [0, m) plus recompute time of [m, n), where
-    `tiers[i]` is where stored block i would come from and recomputing block i costs its
+    `tiers[i]` is where stored block i would come from (a Tier, or PAGE_CACHE for a disk block
+    whose file the page cache holds) and recomputing block i costs its
     `batch` rows' FLOPs at its positions over `flops_per_s`. `load_scale[t]`: how much longer
     than predicted this process's loads from tier t took (ReuseIndex.load_scale). Ties go to
     loading."""
@@ -140,9 +157,9 @@ def choose(
             best, best_cost = count, loaded + left
     compared = best or len(tiers)  # the blocks both predictions are about
     load_s, recompute_s = sum(per_block[:compared]), sum(compute[:compared])
-    used = sorted(set(tiers[:compared]))
+    used = sorted(set(tiers[:compared]), key=lambda t: (str(type(t)), t))
     speeds = ", ".join(
-        f"{t.name.lower()} {bandwidth.gbps[t]:.3g} GB/s ({_short(bandwidth.sources[t])}"
+        f"{source_name(t)} {bandwidth.gbps[t]:.3g} GB/s ({_short(bandwidth.sources[t])}"
         + (f"; loads here took x{scale[t]:.2g} that" if t in scale else "")
         + ")"
         for t in used

@@ -23,11 +23,14 @@ import torch
 
 from kvtier.blocks import BlockMeta, Tier, block_id
 from kvtier.controller.costs import (
+    PAGE_CACHE,
     Choice,
     PrefillFlops,
+    Source,
     assumed_prefill_flops,
     bandwidths,
     choose,
+    source_name,
 )
 from kvtier.controller.index import INDEX
 from kvtier.controller.lost import reason
@@ -53,6 +56,12 @@ class Found:
     tier: Tier
     handle: Handle
     owner: Any = None  # another controller whose copy it is; None: this controller's store
+    cached: bool = False  # a disk block whose file the page cache holds (memory speed)
+
+    @property
+    def source(self) -> Source:
+        """Where the cost model's load figures for it come from."""
+        return PAGE_CACHE if self.cached else self.tier
 
 
 def prompt_chain(rows: list[list[int]], *, block_tokens: int, blocks: int, fingerprint: str):
@@ -92,11 +101,11 @@ def find_prefix(controller: Any, chain: list[str]) -> list[Found]:
             held[block.block_id] = Found(block.block_id, tier, block.slots[tier], other)
     disk, remote = controller.stores.get(Tier.DISK), controller.stores.get(Tier.REMOTE)
     found: list[Found] = []
-    for key in chain:  # a stored file is looked at (one stat), not read: verified when loaded
-        if key in held:
+    for key in chain:  # a stored file is opened, not read (verified when loaded); whether
+        if key in held:  # the page cache holds it: a few 4 KiB reads that must not wait
             found.append(held[key])
-        elif disk is not None and disk.contains(key):
-            found.append(Found(key, Tier.DISK, key))
+        elif disk is not None and (cached := disk.page_cached(key)) is not None:
+            found.append(Found(key, Tier.DISK, key, cached=cached))
         else:
             break
     rest = chain[len(found) :]
@@ -131,20 +140,25 @@ def load_prefix(
     _after_load(controller, loaded)
     controller.counters.reuse = _record(choice, found, loaded, failure, started, g.block_tokens)
     if loaded and failure is None and landed == len(chosen):  # the cost model learns from it
-        tiers = Counter(item.tier for item in chosen)
-        tier = tiers.most_common(1)[0][0]
-        scale = load_scale.get(tier, 1.0)
+        source = Counter(item.source for item in chosen).most_common(1)[0][0]
+        scale = load_scale.get(source, 1.0)
         INDEX.record_load(
-            tier, choice.predicted_load_s / scale, controller.counters.reuse["load_s"]
+            source, choice.predicted_load_s / scale, controller.counters.reuse["load_s"]
         )
         device = device_name(controller.geometry.devices[0])
-        save_learned("loads", load_key(device, tier.name), INDEX.load_scale()[tier])
+        key = load_key(device, _learned_name(source))
+        save_learned("loads", key, INDEX.load_scale()[source])
     return controller.tokens
+
+
+def _learned_name(source: Source) -> str:
+    """A source's name in learned.json (tiers as before: DISK, HOST, ...)."""
+    return source.name if isinstance(source, Tier) else source_name(source)
 
 
 def _choose(
     controller: Any, found: list[Found], flops: PrefillFlops
-) -> tuple[Choice, dict[Tier, float]]:
+) -> tuple[Choice, dict[Source, float]]:
     """The choice, and the load calibration per tier it scaled the predictions by."""
     g = controller.geometry
     cuda = any(device.type == "cuda" for device in g.devices)
@@ -157,11 +171,12 @@ def _choose(
         measured, rate_source = saved[0], f"measured here on {saved[1]}"
     load_scale = INDEX.load_scale()
     earlier = learned("loads")  # the calibration of earlier processes where this one has none
-    for tier in Tier:
-        if tier not in load_scale and load_key(device, tier.name) in earlier:
-            load_scale[tier] = earlier[load_key(device, tier.name)][0]
+    for source in [*Tier, PAGE_CACHE]:
+        key = load_key(device, _learned_name(source))
+        if source not in load_scale and key in earlier:
+            load_scale[source] = earlier[key][0]
     choice = choose(
-        [item.tier for item in found],
+        [item.source for item in found],
         block_bytes=g.block_bytes,
         block_tokens=g.block_tokens,
         bandwidth=bandwidths(

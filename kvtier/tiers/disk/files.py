@@ -126,6 +126,29 @@ def read_exact_into(file: BinaryIO, offset: int, buffer: object) -> None:
         view = view[count:]
 
 
+def in_page_cache(path: Path) -> bool | None:
+    """Whether the page cache holds the first, middle and last pages of the file at `path` (a
+    4 KiB read of each that must not wait for the disk: RWF_NOWAIT), so reading it whole runs at
+    memory speed; None when there is no such file. False where the kernel cannot tell."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        page = bytearray(4096)
+        for offset in dict.fromkeys((0, size // 2 & ~4095, max(size - 1, 0) & ~4095)):
+            if os.preadv(fd, [page], offset, os.RWF_NOWAIT) <= 0:
+                return False
+        return True
+    except OSError:  # BlockingIOError: not cached; EOPNOTSUPP/EINVAL: cannot tell
+        return False
+    finally:
+        os.close(fd)
+
+
 def quarantine(
     path: Path, file: BinaryIO, folder: Path, *, other_names: Iterable[Path] = ()
 ) -> Path | None:

@@ -22,7 +22,13 @@ from kvtier.errors import BudgetError, ConfigError, KVTierError
 from kvtier.tiers.codec import Codec, CodecChoice
 from kvtier.tiers.disk.areas import Owner, StoreLayout, check_format, temp_name
 from kvtier.tiers.disk.blockio import check_tensors, encode_block
-from kvtier.tiers.disk.files import link_durable, replace_link, touch, write_atomic
+from kvtier.tiers.disk.files import (
+    in_page_cache,
+    link_durable,
+    replace_link,
+    touch,
+    write_atomic,
+)
 from kvtier.tiers.disk.format import ReadResult
 from kvtier.tiers.disk.holdings import Held, Holdings, OnceLog
 from kvtier.tiers.disk.ledger import collect, release_bytes, reserve_bytes
@@ -293,6 +299,17 @@ class DiskStore:
         shared = self.layout.shared(block_id)
         held = self.holdings.get(block_id)
         return (held is not None and held.path.is_file()) or shared.is_file()
+
+    def in_page_cache(self, block_id: str) -> bool | None:
+        """None when neither this store nor the shared area has a file of `block_id`; else
+        whether the page cache holds it (files.in_page_cache): a read then runs at memory
+        speed. Not verified, as `contains`."""
+        held = self.holdings.get(block_id)
+        for path in dict.fromkeys([*([held.path] if held else []), self.layout.shared(block_id)]):
+            cached = in_page_cache(path)
+            if cached is not None:
+                return cached
+        return None
 
     def delete(self, block_id: str) -> None:
         """Drop this store's copy; never raises. A persisted block stays in the shared area

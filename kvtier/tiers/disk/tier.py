@@ -126,6 +126,10 @@ class DiskTier(SerializedEndpoints):
     def contains(self, key: str) -> bool:
         return self.store.contains(key)
 
+    def page_cached(self, key: str) -> bool | None:
+        """None: block `key` has no file; else whether the page cache holds it (DiskStore)."""
+        return self.store.in_page_cache(key)
+
     def close(self) -> None:
         """Drop the reservations; close the store if this tier created it. Never raises."""
         with self._lock:
