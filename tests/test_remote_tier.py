@@ -1184,11 +1184,15 @@ def _remote_reuse_setup(
 
 
 def test_measured_remote_loads_scale_the_next_choice(
-    tiny_model, tmp_path: Path, server: ValkeyProcess
+    tiny_model, tmp_path: Path, server: ValkeyProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Scenario (issue 13: the choice uses the measured remote bandwidth): a second cache of the
     process predicts its remote load from what the first one's load took, and says so."""
     from conftest import assert_same_generation, tiered_generate
+
+    from kvtier.controller import calibration
+
+    monkeypatch.setattr(calibration, "CALIBRATION_BYTES", 0)  # the tiny model's loads teach
 
     model, prompt, cfg, chain, expected = _remote_reuse_setup(tiny_model, tmp_path, server, 200)
     _, first = tiered_generate(model, cfg, prompt)

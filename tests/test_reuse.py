@@ -23,7 +23,7 @@ from conftest import (
 
 import kvtier
 from kvtier.blocks import Tier
-from kvtier.controller import reuse
+from kvtier.controller import calibration, reuse
 from kvtier.controller.costs import PAGE_CACHE
 from kvtier.controller.index import INDEX
 from kvtier.errors import StoreCorruptError
@@ -185,10 +185,11 @@ def test_recompute_when_measured_prefill_is_faster(tiny_model: Any, tmp_path: Pa
 
 
 def test_a_new_process_starts_from_the_prefill_speed_measured_here_before(
-    tiny_model: Any, tmp_path: Path
+    tiny_model: Any, tmp_path: Path, monkeypatch
 ) -> None:
     """Scenario: a process timed the model's prefill; the next (its index empty, as a new
     process's is) weighs that speed, saved on this machine, instead of an assumed one."""
+    monkeypatch.setattr(calibration, "CALIBRATION_BYTES", 0)  # the tiny model's loads teach
     model, config = tiny_model("llama")
     ids = random_prompt(PROMPT)
     cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, disk_persist=True)
@@ -583,9 +584,12 @@ def test_bad_block_in_a_later_round_stops_reuse_there(
     assert quarantined == (damage == "flip")
 
 
-def test_a_disk_load_calibrates_the_next_prediction(tiny_model: Any, tmp_path: Path) -> None:
+def test_a_disk_load_calibrates_the_next_prediction(
+    tiny_model: Any, tmp_path: Path, monkeypatch
+) -> None:
     """Scenario: a prefix loaded from disk records how long it took against the prediction;
     the next choice from disk scales its prediction by that and says so; output exact."""
+    monkeypatch.setattr(calibration, "CALIBRATION_BYTES", 0)  # the tiny model's loads teach
     model, config = tiny_model("llama")
     ids = random_prompt(PROMPT)
     cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, disk_persist=True)
@@ -626,6 +630,21 @@ def test_the_choice_weighs_a_cached_file_at_the_page_caches_speed(
     assert ("page_cache 3 GB/s (assumed)" in reason) == cached, reason
     assert ("disk 1.9 GB/s (assumed)" in reason) != cached, reason
     assert stats["reuse"]["loaded_blocks"]["disk"] > 0 and "stopped" not in reason
+
+
+def test_a_small_load_teaches_the_cost_model_nothing(tiny_model: Any, tmp_path: Path) -> None:
+    """Scenario: the tiny model's whole prefix (KiBs, under CALIBRATION_BYTES) loads from disk:
+    its time, mostly what a process pays once, scales no later prediction, in this process or
+    (learned.json) the next."""
+    model, config = tiny_model("llama")
+    ids = random_prompt(PROMPT)
+    cfg = tiered_config(config, tmp_path / "store", PROMPT + 40, disk_persist=True)
+    tiered_generate(model, cfg, ids)
+    _, first = tiered_generate(model, cfg, ids)
+    assert first["reuse"]["loaded_blocks"]["disk"] > 0 and not INDEX.load_scale()
+    INDEX.clear()
+    _, second = tiered_generate(model, cfg, ids)
+    assert "loads here took" not in second["reuse"]["reason"], second["reuse"]
 
 
 def test_the_fastest_prefill_call_sets_the_speed() -> None:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kvtier.blocks import BlockMeta, Tier, block_id
+from kvtier.controller import calibration
 from kvtier.controller.costs import (
     PAGE_CACHE,
     Choice,
@@ -30,14 +30,13 @@ from kvtier.controller.costs import (
     assumed_prefill_flops,
     bandwidths,
     choose,
-    source_name,
 )
 from kvtier.controller.index import INDEX
 from kvtier.controller.lost import reason
 from kvtier.controller.persist import persisted_by
 from kvtier.layout import KVGeometry
 from kvtier.machine import device_name
-from kvtier.measured import learned, load_key, prefill_key, read_learned, save_learned
+from kvtier.measured import prefill_key, read_learned
 from kvtier.tiers.base import Endpoint, Handle
 from kvtier.transfer import Lane
 
@@ -140,20 +139,15 @@ def load_prefix(
     _after_load(controller, loaded)
     controller.counters.reuse = _record(choice, found, loaded, failure, started, g.block_tokens)
     if loaded and failure is None and landed == len(chosen):  # the cost model learns from it
-        source = Counter(item.source for item in chosen).most_common(1)[0][0]
-        scale = load_scale.get(source, 1.0)
-        INDEX.record_load(
-            source, choice.predicted_load_s / scale, controller.counters.reuse["load_s"]
+        calibration.record(
+            device_name(g.devices[0]),
+            choice,
+            [item.source for item in chosen],
+            loaded_bytes=len(chosen) * g.block_bytes,
+            load_s=controller.counters.reuse["load_s"],
+            scales=load_scale,
         )
-        device = device_name(controller.geometry.devices[0])
-        key = load_key(device, _learned_name(source))
-        save_learned("loads", key, INDEX.load_scale()[source])
     return controller.tokens
-
-
-def _learned_name(source: Source) -> str:
-    """A source's name in learned.json (tiers as before: DISK, HOST, ...)."""
-    return source.name if isinstance(source, Tier) else source_name(source)
 
 
 def _choose(
@@ -169,12 +163,7 @@ def _choose(
     saved = read_learned("prefill", prefill_key(device, controller.fingerprint))
     if saved is not None and saved[0] > (measured or 0.0):
         measured, rate_source = saved[0], f"measured here on {saved[1]}"
-    load_scale = INDEX.load_scale()
-    earlier = learned("loads")  # the calibration of earlier processes where this one has none
-    for source in [*Tier, PAGE_CACHE]:
-        key = load_key(device, _learned_name(source))
-        if source not in load_scale and key in earlier:
-            load_scale[source] = earlier[key][0]
+    load_scale = calibration.load_scales(device)
     choice = choose(
         [item.source for item in found],
         block_bytes=g.block_bytes,
