@@ -452,3 +452,39 @@ def test_header_template_writes_build_headers_bytes(algorithm: Checksum, labels:
     assert HeaderTemplate('"', tensors).build("ab", None, layers, digests) is None
     lookalike = {"model_key": "kvtierslotbx"}  # a label that reads like a slot
     assert HeaderTemplate("f", tensors, labels=lookalike).build("ab", None, layers, digests) is None
+
+
+def _many_layers(layers: int = 40) -> dict[str, torch.Tensor]:
+    """A raw block of 64 KiB tensors: several of blockio.READ_GROUP_BYTES' groups."""
+    generator = torch.Generator().manual_seed(3)
+    return {
+        f"l{layer}.kv": torch.randn(16, 2, 8, 128, generator=generator).to(torch.bfloat16)
+        for layer in range(layers)
+    }
+
+
+@pytest.mark.parametrize("where", [0.02, 0.5, 0.98], ids=["first-group", "middle", "last"])
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_grouped_raw_reads_catch_damage_in_any_group(
+    tmp_path: Path, where: float, damage: str
+) -> None:
+    """Scenario: raw payloads read a group at a time (one preadv each, then checked): a block
+    of 40 tensors (2.5 MiB) round-trips into given buffers; a flipped byte or a cut in the
+    first, a middle or the last group is a miss (quarantined), never returned data."""
+    from kvtier.tiers.disk import blockio
+
+    tensors = _many_layers()
+    assert sum(t.nbytes for t in tensors.values()) > 2 * blockio.READ_GROUP_BYTES
+    store = _store(tmp_path, Codec.RAW)
+    store.write_block(BLOCK_ID, tensors, parent_id=None)
+    outs = {name: torch.empty_like(tensor) for name, tensor in tensors.items()}
+    assert store.read_into(BLOCK_ID, outs) and _same(outs, tensors)
+    path = _path(tmp_path)
+    start = _header_bytes(path)
+    offset = start + int((path.stat().st_size - start) * where)
+    if damage == "flip":
+        _flip(path, offset)
+    else:
+        path.write_bytes(path.read_bytes()[:offset])
+    assert not store.read_into(BLOCK_ID, outs)
+    assert not path.exists() and any((tmp_path / "quarantine").iterdir())

@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
+_IOV_MAX = 1024  # buffers one preadv takes (Linux's limit)
 _MKDIR_ATTEMPTS = 4  # a sweep may remove an empty shard folder between our mkdir and our create
 
 
@@ -124,6 +125,21 @@ def read_exact_into(file: BinaryIO, offset: int, buffer: object) -> None:
         if not count:
             raise EOFError(f"ends before byte {offset + len(view)}")
         view = view[count:]
+
+
+def read_views(fd: int, offset: int, views: list[memoryview]) -> None:
+    """Fill `views` (flat byte views, in file order) from `offset` of the open file `fd`, back
+    to back, with as few `preadv` calls as the kernel allows (one, from the page cache); the
+    list is consumed. EOFError if the file ends first."""
+    while views:
+        count = os.preadv(fd, views[:_IOV_MAX], offset)
+        if not count:
+            raise EOFError(f"ends before byte {offset + sum(len(v) for v in views)}")
+        offset += count
+        while views and count >= len(views[0]):
+            count -= len(views.pop(0))
+        if count:
+            views[0] = views[0][count:]
 
 
 def in_page_cache(path: Path) -> bool | None:
