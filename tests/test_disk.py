@@ -488,3 +488,17 @@ def test_grouped_raw_reads_catch_damage_in_any_group(
         path.write_bytes(path.read_bytes()[:offset])
     assert not store.read_into(BLOCK_ID, outs)
     assert not path.exists() and any((tmp_path / "quarantine").iterdir())
+
+
+def test_reads_and_the_page_cache_probe_work_without_preadv(tmp_path: Path, monkeypatch) -> None:
+    """Scenario: a platform without os.preadv / RWF_NOWAIT (macOS before 11): grouped raw reads
+    fall back to a seek and readv, exact; the page-cache probe says "not cached" for a file and
+    None for no file, so the cost model uses the disk's speed."""
+    monkeypatch.setattr(disk_files, "_preadv", None)
+    tensors = _many_layers()
+    store = _store(tmp_path, Codec.RAW)
+    store.write_block(BLOCK_ID, tensors, parent_id=None)
+    outs = {name: torch.empty_like(tensor) for name, tensor in tensors.items()}
+    assert store.read_into(BLOCK_ID, outs) and _same(outs, tensors)
+    assert store.in_page_cache(BLOCK_ID) is False
+    assert store.in_page_cache("cd" + "0" * 30) is None

@@ -18,6 +18,8 @@ from typing import BinaryIO
 log = logging.getLogger(__name__)
 
 _IOV_MAX = 1024  # buffers one preadv takes (Linux's limit)
+_preadv = getattr(os, "preadv", None)  # Linux, FreeBSD, macOS 11+
+_NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux 4.14+
 _MKDIR_ATTEMPTS = 4  # a sweep may remove an empty shard folder between our mkdir and our create
 
 
@@ -132,7 +134,11 @@ def read_views(fd: int, offset: int, views: list[memoryview]) -> None:
     to back, with as few `preadv` calls as the kernel allows (one, from the page cache); the
     list is consumed. EOFError if the file ends first."""
     while views:
-        count = os.preadv(fd, views[:_IOV_MAX], offset)
+        if _preadv is None:  # no preadv (macOS before 11): a seek and a readv
+            os.lseek(fd, offset, os.SEEK_SET)
+            count = os.readv(fd, views[:_IOV_MAX])
+        else:
+            count = _preadv(fd, views[:_IOV_MAX], offset)
         if not count:
             raise EOFError(f"ends before byte {offset + sum(len(v) for v in views)}")
         offset += count
@@ -146,6 +152,8 @@ def in_page_cache(path: Path) -> bool | None:
     """Whether the page cache holds the first, middle and last pages of the file at `path` (a
     4 KiB read of each that must not wait for the disk: RWF_NOWAIT), so reading it whole runs at
     memory speed; None when there is no such file. False where the kernel cannot tell."""
+    if _preadv is None or _NOWAIT is None:
+        return None if not path.exists() else False
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -156,7 +164,7 @@ def in_page_cache(path: Path) -> bool | None:
         size = os.fstat(fd).st_size
         page = bytearray(4096)
         for offset in dict.fromkeys((0, size // 2 & ~4095, max(size - 1, 0) & ~4095)):
-            if os.preadv(fd, [page], offset, os.RWF_NOWAIT) <= 0:
+            if _preadv(fd, [page], offset, _NOWAIT) <= 0:
                 return False
         return True
     except OSError:  # BlockingIOError: not cached; EOPNOTSUPP/EINVAL: cannot tell
