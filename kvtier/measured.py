@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -205,6 +207,7 @@ def _read_learned(path: Path) -> dict[str, dict]:
 def learned(section: str, path: Path | None = None) -> dict[str, tuple[float, str]]:
     """Every (value, date measured) saved under `section` ("prefill": FLOP/s, "loads":
     measured over predicted seconds), by key; one read of the file."""
+    flush_learned()  # this process's own figures first
     entries = _read_learned(learned_file() if path is None else path).get(section, {})
     return {key: value for key, entry in entries.items() if (value := _entry(entry)) is not None}
 
@@ -242,8 +245,47 @@ def save_learned(
     return True
 
 
+_LEARNED_WRITER: ThreadPoolExecutor | None = None  # one thread: writes land in order
+_LEARNED_PENDING: list[Future] = []
+_LEARNED_LOCK = threading.Lock()
+
+
+def save_learned_soon(
+    section: str, key: str, value: float, *, only_if_higher: bool = False
+) -> None:
+    """`save_learned` on a thread of its own, so a prefix load or a prefill does not wait for
+    the file system (on the H200 a rename of learned.json waited 0.4 s behind the store's
+    fsyncs, inside a reused prompt's time to first token). `flush_learned` waits for it; the
+    readers here do, and so does a closing cache; the interpreter does at exit."""
+    global _LEARNED_WRITER
+    path = learned_file()  # where it belongs now ($XDG_CACHE_HOME may change later)
+    with _LEARNED_LOCK:
+        if _LEARNED_WRITER is None:
+            _LEARNED_WRITER = ThreadPoolExecutor(1, thread_name_prefix="kvtier-learned")
+        try:
+            pending = _LEARNED_WRITER.submit(
+                save_learned, section, key, value, only_if_higher=only_if_higher, path=path
+            )
+        except RuntimeError:  # the interpreter is shutting down: write it here
+            pending = None
+        _LEARNED_PENDING[:] = [f for f in _LEARNED_PENDING if not f.done()]
+        if pending is not None:
+            _LEARNED_PENDING.append(pending)
+            return
+    save_learned(section, key, value, only_if_higher=only_if_higher, path=path)
+
+
+def flush_learned() -> None:
+    """Wait for the figures `save_learned_soon` queued (save_learned never raises)."""
+    with _LEARNED_LOCK:
+        pending, _LEARNED_PENDING[:] = list(_LEARNED_PENDING), []
+    for future in pending:
+        future.result()
+
+
 def forget_learned(section: str, path: Path | None = None) -> None:
     """Drop a section (a new `kvtier bench` makes the saved load calibrations stale)."""
+    flush_learned()  # a figure still queued would come back after the drop
     path = learned_file() if path is None else path
     data = _read_learned(path)
     if data.pop(section, None) is None:

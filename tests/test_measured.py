@@ -136,3 +136,30 @@ def test_learned_figures_keep_the_fastest_prefill_and_the_latest_load_scale(cach
     assert measured.read_learned("prefill", key) is None
     assert measured.save_learned("prefill", key, 1e12, only_if_higher=True)
     assert measured.read_learned("prefill", key)[0] == 1e12
+
+
+def test_figures_saved_soon_are_written_off_the_callers_thread_and_in_order(
+    cache_home, monkeypatch
+) -> None:
+    """Scenario: a prefix load queues its calibration (save_learned_soon) while the file system
+    is slow: the caller does not wait; the readers (and a closing cache) wait for the write;
+    queued figures land in the order given; a new `kvtier bench` drops queued load figures."""
+    import threading
+
+    gate = threading.Event()
+    save = measured.save_learned
+
+    def slow_save(*args, **kwargs):
+        gate.wait(5)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(measured, "save_learned", slow_save)
+    disk = measured.load_key("NVIDIA H200", "DISK")
+    measured.save_learned_soon("loads", disk, 0.4)
+    measured.save_learned_soon("loads", disk, 0.7)
+    assert not measured.learned_file().exists()  # queued, not written: the caller went on
+    gate.set()
+    assert measured.read_learned("loads", disk)[0] == 0.7  # the reader waited for both
+    measured.save_learned_soon("loads", disk, 0.9)
+    measured.write_bench({"disk": []})  # forgets the load figures, the queued one too
+    assert measured.read_learned("loads", disk) is None

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from kvtier.blocks import Tier
 from kvtier.controller.costs import PAGE_CACHE, Choice, Source, source_name
 from kvtier.controller.index import INDEX
-from kvtier.measured import learned, load_key, save_learned
+from kvtier.measured import learned, load_key, save_learned_soon
 
 # A load teaches the model only from this many bytes: below it, its time is mostly what a
 # process pays once (on the H200 a new process's warm-up load of 3 blocks of 32 MiB took 4.4x
@@ -50,4 +50,4 @@ def record(
         return
     source = Counter(sources).most_common(1)[0][0]
     INDEX.record_load(source, choice.predicted_load_s / scales.get(source, 1.0), load_s)
-    save_learned("loads", load_key(device, learned_name(source)), INDEX.load_scale()[source])
+    save_learned_soon("loads", load_key(device, learned_name(source)), INDEX.load_scale()[source])

@@ -28,6 +28,7 @@ from kvtier.hf.layer import TieredLayer, warn_if_long
 from kvtier.hf.models import describe, estimated_geometry
 from kvtier.hf.reuse import ReuseState
 from kvtier.layout import ContextPlan, KVGeometry, plan_context
+from kvtier.measured import flush_learned
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +388,7 @@ class _Held:
             self.attention_model = None
         if self.controller is not None:
             reuse.record_completed(wait=True)  # this cache's last prefill speeds
+            flush_learned()  # and what it learned, on file before the next process looks
             self.final_stats = self.controller.stats()
             self.controller.close()
             self.controller = None

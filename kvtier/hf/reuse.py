@@ -25,7 +25,7 @@ from kvtier.controller.index import INDEX
 from kvtier.hf import prefill
 from kvtier.hf.models import estimated_geometry
 from kvtier.machine import device_name
-from kvtier.measured import prefill_key, save_learned
+from kvtier.measured import prefill_key, save_learned_soon
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,11 @@ def record_completed(*, wait: bool = False) -> None:
 
 def _record(device: torch.device, fingerprint: str, flops: float, seconds: float) -> None:
     """One timed call; a new fastest one is also saved for later processes on this machine
-    (measured.save_learned), which would otherwise start from an assumed speed."""
+    (measured.save_learned_soon), which would otherwise start from an assumed speed."""
     fastest = INDEX.record_prefill(fingerprint, flops, seconds)
     if fastest is not None:
         key = prefill_key(device_name(device), fingerprint)
-        save_learned("prefill", key, fastest, only_if_higher=True)
+        save_learned_soon("prefill", key, fastest, only_if_higher=True)
 
 
 def prefill_flops(model: torch.nn.Module) -> PrefillFlops:
