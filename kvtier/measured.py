@@ -53,12 +53,15 @@ class Speed:
     measured: bool
 
 
+ASSUMED_CACHED_READ = Speed(ASSUMED_PAGE_CACHE_GBPS, ASSUMED, False)
+
+
 @dataclass(frozen=True, slots=True)
 class DiskSpeeds:
     write: Speed
     read: Speed  # one file after another, cold
     load: Speed  # as a prefix load reads: one file per I/O thread at once, cold
-    cached: Speed = Speed(ASSUMED_PAGE_CACHE_GBPS, ASSUMED, False)  # from the page cache
+    cached: Speed = ASSUMED_CACHED_READ  # from the page cache
 
 
 def bench_file() -> Path:
@@ -134,7 +137,7 @@ def disk_speeds(store: str | os.PathLike[str], *, bench: dict | None = None) -> 
     if entry.get("parallel_read_gbps"):  # bench files before it have none
         threads = f"{source}, {entry.get('read_threads')} threads"
         load = Speed(float(entry["parallel_read_gbps"]), threads, True)
-    cached = DiskSpeeds.__dataclass_fields__["cached"].default
+    cached = ASSUMED_CACHED_READ
     if entry.get("cached_read_gbps"):
         cached = Speed(float(entry["cached_read_gbps"]), f"{source}, page cache", True)
     return DiskSpeeds(Speed(float(entry["write_gbps"]), source, True), read, load, cached)

@@ -25,12 +25,17 @@ if TYPE_CHECKING:
 # Per-block overhead of a load, seconds: a copy's Python and launch cost for memory tiers; an
 # open, a header parse and a checksum pass set-up for a block file; a round trip to the server.
 # Assumed, not measured (a 64-token fp32 SmolLM2 block took ~1 ms from disk on the 2-core VM).
-BLOCK_OVERHEAD_S = {Tier.GPU: 20e-6, Tier.HOST: 20e-6, Tier.DISK: 300e-6, Tier.REMOTE: 500e-6}
 # A disk block whose file the page cache holds (DiskTier.page_cached): read at memory speed, so
-# a source of its own, with its own load calibration; otherwise a disk block.
+# a source of its own, with its own load calibration; otherwise a disk block (its overhead).
 PAGE_CACHE = "page_cache"
 Source = Tier | str  # a Tier, or PAGE_CACHE
-BLOCK_OVERHEAD_S[PAGE_CACHE] = BLOCK_OVERHEAD_S[Tier.DISK]
+BLOCK_OVERHEAD_S: dict[Source, float] = {
+    Tier.GPU: 20e-6,
+    Tier.HOST: 20e-6,
+    Tier.DISK: 300e-6,
+    PAGE_CACHE: 300e-6,
+    Tier.REMOTE: 500e-6,
+}
 
 
 def source_name(source: Source) -> str:

@@ -102,11 +102,16 @@ class BlockReader:
     def _parse(self, file: BinaryIO, block_id: str) -> Header:
         return read_header(file, os.fstat(file.fileno()).st_size, block_id, self._fingerprint)
 
+    def paths(self, block_id: str) -> list[Path]:
+        """Where a file of the block may be, in the order reads look: our copy if we hold one,
+        then the shared one."""
+        held = self.holdings.get(block_id)
+        return list(dict.fromkeys([*([held.path] if held else []), self.layout.shared(block_id)]))
+
     def _open(self, block_id: str) -> tuple[BinaryIO, Path] | None:
         """Our copy of the block if we hold one, else the shared one; None if neither exists."""
-        shared = self.layout.shared(block_id)
         held = self.holdings.get(block_id)
-        for path in dict.fromkeys([*([held.path] if held else []), shared]):
+        for path in self.paths(block_id):
             try:
                 return open(path, "rb", buffering=0), path
             except FileNotFoundError:

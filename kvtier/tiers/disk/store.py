@@ -296,16 +296,13 @@ class DiskStore:
     def contains(self, block_id: str) -> bool:
         """Whether this store holds `block_id` or the shared area has it (not verified: a read
         may still miss)."""
-        shared = self.layout.shared(block_id)
-        held = self.holdings.get(block_id)
-        return (held is not None and held.path.is_file()) or shared.is_file()
+        return any(path.is_file() for path in self.reader.paths(block_id))
 
     def in_page_cache(self, block_id: str) -> bool | None:
         """None when neither this store nor the shared area has a file of `block_id`; else
         whether the page cache holds it (files.in_page_cache): a read then runs at memory
         speed. Not verified, as `contains`."""
-        held = self.holdings.get(block_id)
-        for path in dict.fromkeys([*([held.path] if held else []), self.layout.shared(block_id)]):
+        for path in self.reader.paths(block_id):
             cached = in_page_cache(path)
             if cached is not None:
                 return cached
