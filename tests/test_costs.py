@@ -22,12 +22,22 @@ DISK = Bandwidths({Tier.DISK: 3.0}, {Tier.DISK: "measured in the test"})  # 11.2
 RATE = 4e14  # FLOP/s: 9.0 ms a block of matmuls, plus attention's 0.3 ms a block deep
 
 
-def _choose(flops: PrefillFlops, blocks: int, *, rate: float = RATE, batch: int = 1, **more):
+def _choose(
+    flops: PrefillFlops,
+    blocks: int,
+    *,
+    rate: float = RATE,
+    batch: int = 1,
+    sources: list | None = None,
+    bandwidth: Bandwidths = DISK,
+    **more,
+):
+    """The choice over `blocks` disk blocks (or those `sources`), the test's figures."""
     return choose(
-        [Tier.DISK] * blocks,
+        [Tier.DISK] * blocks if sources is None else sources,
         block_bytes=BLOCK_BYTES,
         block_tokens=BLOCK_TOKENS,
-        bandwidth=DISK,
+        bandwidth=bandwidth,
         flops=flops,
         flops_per_s=rate,
         rate_source="measured in this process",
@@ -111,20 +121,14 @@ def test_a_prefix_in_the_page_cache_loads_where_a_cold_one_recomputes() -> None:
         {Tier.DISK: 1.6, PAGE_CACHE: 5.0},
         {Tier.DISK: "measured in the test", PAGE_CACHE: "measured in the test, page cache"},
     )
-    common = dict(
-        block_bytes=BLOCK_BYTES,
-        block_tokens=BLOCK_TOKENS,
-        bandwidth=speeds,
-        flops=LLAMA_8B,
-        flops_per_s=RATE,
-        rate_source="measured in this process",
+    cold = _choose(LLAMA_8B, 128, bandwidth=speeds)
+    cached = _choose(
+        LLAMA_8B, 128, sources=[PAGE_CACHE] * 128, bandwidth=speeds, load_scale={Tier.DISK: 4.0}
     )
-    cold = choose([Tier.DISK] * 128, **common)
-    cached = choose([PAGE_CACHE] * 128, **common, load_scale={Tier.DISK: 4.0})
     assert cold.decision == "recompute" and cached.decision == "load"
     per_block = BLOCK_OVERHEAD_S[PAGE_CACHE] + BLOCK_BYTES / 5.0e9
     assert cached.predicted_load_s == pytest.approx(128 * per_block)
     assert "page_cache 5 GB/s (measured in the test, page cache)" in cached.reason
     assert "loads here took" not in cached.reason
-    mixed = choose([PAGE_CACHE] * 64 + [Tier.DISK] * 64, **common)
+    mixed = _choose(LLAMA_8B, 128, sources=[PAGE_CACHE] * 64 + [Tier.DISK] * 64, bandwidth=speeds)
     assert 64 <= mixed.blocks < 128  # the cached run loads; the cold rest is not worth it all

@@ -253,23 +253,29 @@ def kvtier_free_cache(config: Any) -> Any:
     return DynamicCache(config=config)
 
 
+def _persisted_prompt(tiny_model, store: Path):
+    """A prompt computed once with persist on: (model, ids, cfg, the ids of its first 6 blocks)."""
+    from kvtier.controller.reuse import prompt_chain
+
+    model, config = tiny_model("llama")
+    ids = random_prompt(PROMPT)
+    cfg = tiered_config(config, store, PROMPT + 40, disk_persist=True)
+    tiered_generate(model, cfg, ids)
+    probe = kvtier.TieredCache(model, cfg)
+    probe.close()
+    chain = prompt_chain(
+        ids.tolist(), block_tokens=BLOCK_TOKENS, blocks=6, fingerprint=probe.spec.fingerprint
+    )
+    return model, ids, cfg, chain
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_damaged_stored_block_is_a_miss(damage: str, tiny_model, tmp_path, caplog) -> None:
     """Scenario: between two runs the file of block 3 of a persisted prefix is bit-flipped,
     truncated or deleted: the second run loads blocks 0-2, computes the rest, exact; a corrupt
     file is quarantined."""
-    model, config = tiny_model("llama")
-    ids = random_prompt(PROMPT)
     store = tmp_path / "store"
-    cfg = tiered_config(config, store, PROMPT + 40, disk_persist=True)
-    first, _ = tiered_generate(model, cfg, ids)
-    probe = kvtier.TieredCache(model, cfg)
-    probe.close()
-    from kvtier.controller.reuse import prompt_chain
-
-    chain = prompt_chain(
-        ids.tolist(), block_tokens=BLOCK_TOKENS, blocks=6, fingerprint=probe.spec.fingerprint
-    )
+    model, ids, cfg, chain = _persisted_prompt(tiny_model, store)
     target = StoreLayout(store).shared(chain[3])
     data = bytearray(target.read_bytes())
     if damage == "flip":
@@ -292,19 +298,10 @@ def test_lookup_reads_no_file_and_a_bad_header_stops_the_load(
     """Scenario: a persisted prefix whose block 3 has a flipped header byte. The lookup counts
     every file (one stat each, no header read: a new process that then recomputes must not pay
     for reading them); the load verifies, quarantines block 3, reuses 0-2, computes the rest."""
-    from kvtier.controller.reuse import prompt_chain
     from kvtier.tiers.disk.reads import BlockReader
 
-    model, config = tiny_model("llama")
-    ids = random_prompt(PROMPT)
     store = tmp_path / "store"
-    cfg = tiered_config(config, store, PROMPT + 40, disk_persist=True)
-    first, _ = tiered_generate(model, cfg, ids)
-    probe = kvtier.TieredCache(model, cfg)
-    probe.close()
-    chain = prompt_chain(
-        ids.tolist(), block_tokens=BLOCK_TOKENS, blocks=6, fingerprint=probe.spec.fingerprint
-    )
+    model, ids, cfg, chain = _persisted_prompt(tiny_model, store)
     target = StoreLayout(store).shared(chain[3])
     data = bytearray(target.read_bytes())
     data[12] ^= 0x01  # inside the safetensors JSON header
